@@ -58,21 +58,25 @@ if [[ ! -x "$venv_dir/bin/python" ]]; then
     "$python_bin" -m venv "$venv_dir"
 fi
 pip=("$venv_dir/bin/python" -m pip --disable-pip-version-check)
+# Run pip quietly, dropping the notices this workplace's pip.conf prints for its local index mirrors.
+pip_install() {
+    "${pip[@]}" install --quiet "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
 if ! "$venv_dir/bin/python" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)'; then
     echo "[setup] error: existing $venv_dir is not Python >= 3.11; remove it and rerun" >&2
     exit 1
 fi
 
 echo "[setup] installing torch==$torch_version"
-"${pip[@]}" install --quiet "torch==$torch_version"
+pip_install "torch==$torch_version"
 
 echo "[setup] installing megatron_hapo[cpu,dev] (editable)"
-"${pip[@]}" install --quiet -e "$repo_root[cpu,dev]"
+pip_install -e "$repo_root[cpu,dev]"
 
 echo "[setup] installing megatron-core==$megatron_core_version (--no-deps: see header)"
-"${pip[@]}" install --quiet --no-deps --ignore-requires-python "megatron-core==$megatron_core_version"
+pip_install --no-deps --ignore-requires-python "megatron-core==$megatron_core_version"
 
-"$venv_dir/bin/python" - <<'EOF'
+"$venv_dir/bin/python" -W ignore - <<'EOF'
 import megatron.core
 import torch
 

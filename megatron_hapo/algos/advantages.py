@@ -105,7 +105,7 @@ def hapo_advantages(
 
     has_tokens = w > 0
     worst = torch.zeros(num_groups, dtype=torch.float64, device=r.device)
-    worst = worst.index_reduce_(0, index, torch.where(has_tokens, adv.abs(), 0.0), "amax")
+    worst = worst.scatter_reduce(0, index, torch.where(has_tokens, adv.abs(), 0.0), reduce="amax")
     if padded_length is not None:
         has_padding = group_sum((w < padded_length).double(), index, num_groups) > 0
         pad_value = (mu / scale).abs()

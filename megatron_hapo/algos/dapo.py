@@ -49,12 +49,9 @@ def filter_groups(metric: torch.Tensor, group_ids: GroupIds) -> torch.Tensor:
     check_finite("metric", metric)
     index, num_groups = group_index(group_ids, metric.device)
     values = metric.double()
-    high = torch.full((num_groups,), float("-inf"), dtype=torch.float64, device=metric.device)
-    low = torch.full((num_groups,), float("inf"), dtype=torch.float64, device=metric.device)
-    high = high.index_reduce_(0, index, values, "amax")
-    low = low.index_reduce_(0, index, values, "amin")
-    size = torch.zeros(num_groups, dtype=torch.long, device=metric.device).index_add_(
-        0, index, torch.ones_like(index)
-    )
+    empty = torch.zeros(num_groups, dtype=torch.float64, device=metric.device)
+    high = empty.scatter_reduce(0, index, values, reduce="amax", include_self=False)
+    low = empty.scatter_reduce(0, index, values, reduce="amin", include_self=False)
+    size = torch.zeros(num_groups, dtype=torch.long, device=metric.device).index_add_(0, index, torch.ones_like(index))
     keep_group = (high > low) | (size == 1)
     return keep_group[index]

@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from megatron_hapo.algos._checks import as_mask, check_finite, check_same_shape, group_index
+from megatron_hapo.algos._checks import as_mask, check_finite, group_index
 from megatron_hapo.algos.advantages import GroupIds, grpo_advantages
 
 GtpoNorm = Literal["joint", "per_polarity"]
@@ -81,7 +81,9 @@ def gtpo_token_rewards(
     return (token_pos + token_neg).to(torch.float32)
 
 
-def _zscore_within(values: torch.Tensor, member: torch.Tensor, index: torch.Tensor, num_groups: int, eps: float):
+def _zscore_within(
+    values: torch.Tensor, member: torch.Tensor, index: torch.Tensor, num_groups: int, eps: float
+) -> torch.Tensor:
     """Z-score ``values [B, L]`` over the ``member`` tokens of each group (population std + eps)."""
     m = member.double()
     count = _group_position_sum(m, index, num_groups).sum(-1).clamp_min(1)

@@ -1,0 +1,184 @@
+"""YAML loading with dotted command-line overrides, strict keys and strict types.
+
+``load_config("configs/algo/hapo.yaml", ["algo.clip.eps_high=0.28"])`` reads the file (and any files named by its
+``base:`` key, merged first, paths relative to the file), applies the overrides (values parsed as YAML), builds
+the typed dataclasses and validates them. An unknown key raises :class:`ConfigError` naming the key and the
+closest valid one; a wrong type names the key, the expected type and the value.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import functools
+import inspect
+import itertools
+import textwrap
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from megatron_hapo.config.errors import ConfigError
+from megatron_hapo.config.run import Config
+from megatron_hapo.config.validation import no_effect_warnings, validate
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"algo.clip.eps_high=0.28"`` -> ``(["algo", "clip", "eps_high"], 0.28)`` (value parsed as YAML)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not of the form dotted.key=value (e.g. algo.clip.eps_high=0.28)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: cannot parse value {raw!r}: {err}") from None
+    return key.strip().split("."), value
+
+
+def _set_dotted(tree: dict[str, Any], path: list[str], value: Any, origin: str) -> None:
+    node = tree
+    for depth, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{origin}: '{'.'.join(path[: depth + 1])}' is a value, not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_yaml_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML config file as a nested dict, resolving its ``base:`` files (merged first, in order)."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: 'base' files form a cycle: {' -> '.join(map(str, (*_seen, path)))}")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {err}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(tree).__name__}")
+    bases = tree.pop("base", [])
+    merged: dict[str, Any] = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        merged = _deep_merge(merged, read_yaml_tree(path.parent / base, (*_seen, path)))
+    return _deep_merge(merged, tree)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (ints widen to floats); raise ConfigError otherwise."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {_type_name(tp)}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a config dataclass (parsed from its source)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for stmt, nxt in itertools.pairwise(body):
+        is_field = isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+        is_doc = isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)
+        if is_field and is_doc:
+            docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def build_dataclass(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Instantiate config dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean '{where + '.' if where else ''}{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown config key '{dotted}'{hint} (valid keys here: {', '.join(names)})")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = build_dataclass(tp, value, dotted)
+        else:
+            kwargs[key] = _coerce(value, tp, dotted)
+    return cls(**kwargs)
+
+
+def to_tree(obj: Any) -> Any:
+    """A config dataclass as plain nested dicts / lists (YAML-ready)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_tree(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return list(obj)
+    return obj
+
+
+def resolve_tree(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The merged nested dict of a config file plus overrides (not yet typed)."""
+    tree = read_yaml_tree(path) if path is not None else {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        _set_dotted(tree, keys, value, f"override {text!r}")
+    return tree
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *, warn: bool = True
+) -> Config:
+    """Load, override, type-check and validate a configuration.
+
+    Args:
+        path: a YAML file (``None``: defaults only).
+        overrides: ``dotted.key=value`` strings applied after the file.
+        warn: emit :class:`ConfigWarning` for knobs that have no effect in the chosen composition.
+
+    Raises:
+        ConfigError: unknown key, wrong type, out-of-range value or inconsistent combination.
+    """
+    config = build_dataclass(Config, resolve_tree(path, overrides))
+    validate(config)
+    if warn:
+        no_effect_warnings(config, emit=True)
+    return config
