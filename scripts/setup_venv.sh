@@ -4,7 +4,7 @@
 # Idempotent: the installed state is keyed by a hash of everything that decides what gets installed
 # (this script, setup.py). When the key matches, nothing is installed and the script returns at once.
 #
-# What it installs, and why in this order (see docs/INSTALL.md and ../shared/spec/CPU_STACK.md):
+# What it installs, and why in this order (see README "Installing elsewhere" and ../shared/spec/CPU_STACK.md):
 #   1. torch==2.13.0 first: on the CPU machines it is a local CPU wheel; letting another package pull
 #      "torch" unpinned would fetch a multi-GB CUDA build.
 #   2. megatron-core==0.19.2 with --no-deps --ignore-requires-python: the wheel is cp311 and works on 3.11,

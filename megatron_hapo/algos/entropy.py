@@ -68,17 +68,21 @@ class EntropyStats:
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Full-vocabulary entropy (natural log) of ``softmax(logits)``, in float32.
 
+    Computed as ``H = log Z - sum_v e_v z_v / Z`` with ``z = logits - max``, ``e = exp(z)``, ``Z = sum e``: one
+    exponential and no ``[N, V]`` log-softmax (benchmarks/bench_algos.py). ``z`` is floored at -1e4, where
+    ``exp`` is exactly 0 in float32, so ``-inf`` logits (banned tokens) contribute 0 instead of ``0 * -inf``.
+
     Args:
-        logits: ``[N, V]`` any float dtype; ``-inf`` entries (banned tokens) are allowed and contribute 0.
+        logits: ``[N, V]`` any float dtype.
 
     Returns:
         ``[N]`` float32 entropies.
     """
-    logits = logits.float()
-    log_p = torch.log_softmax(logits, dim=-1)
-    p = log_p.exp()
-    # p * log p is 0 where p == 0 (also where log p == -inf); the published code would give NaN there.
-    return -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(dim=-1)
+    z = logits.float()
+    z = (z - z.amax(dim=-1, keepdim=True)).clamp_min_(-1e4)
+    e = z.exp()
+    total = e.sum(dim=-1)
+    return total.log() - torch.linalg.vecdot(e, z) / total
 
 
 def nearest_rank_index(num_values: int, quantile: float) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_hapo.algos._checks import check_no_nan, check_range
+from megatron_hapo.algos._checks import check_finite, check_no_nan, check_range
 from megatron_hapo.algos.entropy import EntropyStats, apply_entropy_stats, entropy_from_logits
 
 #: Entropy floor and RMS epsilon of the published vLLM sampler (differs from the trainer's 1e-8 / 0).
@@ -46,4 +46,6 @@ def adaptive_temperature(
     check_no_nan("logits", logits)
     log_entropy = torch.log(entropy_from_logits(logits).clamp_min(SAMPLER_EPS))
     h_hat = apply_entropy_stats(log_entropy, stats, rms_eps=SAMPLER_EPS, clamp=True)
-    return base * (1.0 + tau * h_hat)
+    temperatures = base * (1.0 + tau * h_hat)
+    check_finite("adaptive temperatures (a row of logits is all -inf?)", temperatures)
+    return temperatures

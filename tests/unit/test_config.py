@@ -47,7 +47,8 @@ def test_dotted_override_sets_nested_value_and_int_widens_to_float():
 
 
 def test_unknown_key_names_the_key_and_closest_valid_one():
-    with pytest.raises(ConfigError, match=r"unknown config key 'algo\.clip\.eps_hihg'; did you mean 'algo\.clip\.eps_high'"):
+    expected = r"unknown config key 'algo\.clip\.eps_hihg'; did you mean 'algo\.clip\.eps_high'"
+    with pytest.raises(ConfigError, match=expected):
         load_config(None, ["algo.clip.eps_hihg=0.3"])
     with pytest.raises(ConfigError, match=r"'algo\.advantge'; did you mean 'algo\.advantage'"):
         load_config(None, ["algo.advantge.kind=grpo"])
@@ -89,7 +90,8 @@ def test_range_errors_are_all_listed_at_once():
 
 
 def test_unknown_kind_lists_valid_kinds():
-    with pytest.raises(ConfigError, match=r"algo\.advantage\.kind='ppo' is not a known kind; valid kinds: grpo, hapo_token"):
+    expected = r"algo\.advantage\.kind='ppo' is not a known kind; valid kinds: grpo, hapo_token"
+    with pytest.raises(ConfigError, match=expected):
         load_config(None, ["algo.advantage.kind=ppo"])
 
 

@@ -180,7 +180,9 @@ def test_normalized_entropy_matches_loop_reference(entropy, mask_bits, quantile,
     h_hat, stats = normalized_entropy(ent, mask, pivot_quantile=quantile, sign=sign)
     expected, (pivot, rms, scale_pos, scale_neg) = reference_normalized_entropy(ent, mask, quantile, sign)
     valid = mask.bool()
-    torch.testing.assert_close(h_hat.double()[valid], torch.tensor(expected, dtype=torch.float64)[valid], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        h_hat.double()[valid], torch.tensor(expected, dtype=torch.float64)[valid], atol=1e-4, rtol=1e-4
+    )
     got = stats.as_floats()
     assert got["pivot"] == pytest.approx(pivot, abs=1e-6)
     assert got["rms"] == pytest.approx(rms, rel=1e-4)
@@ -320,7 +322,9 @@ def test_entropy_from_logits_matches_loop_reference_and_any_dtype():
         z = sum(math.exp(v - top) for v in finite)
         probs = [math.exp(v - top) / z for v in finite]
         expected.append(-sum(p * math.log(p) for p in probs if p > 0))
-    torch.testing.assert_close(entropy_from_logits(logits).double(), torch.tensor(expected, dtype=torch.float64), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        entropy_from_logits(logits).double(), torch.tensor(expected, dtype=torch.float64), atol=1e-5, rtol=1e-5
+    )
     bf16 = entropy_from_logits(logits.to(torch.bfloat16))
     assert bf16.dtype == torch.float32
     torch.testing.assert_close(bf16.double(), torch.tensor(expected, dtype=torch.float64), atol=0.1, rtol=0.05)
