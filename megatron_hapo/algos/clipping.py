@@ -65,7 +65,9 @@ def redistribute_advantages(
         advantages = advantages.expand_as(h_hat)
         ratio = ratio.detach()
         scaled = advantages * (1.0 + beta * h_hat)
-        inside = (ratio > 1.0 - torch.as_tensor(eps_low_t) / 2) & (ratio < 1.0 + torch.as_tensor(eps_high_t) / 2)
+        low_edge = 1.0 - torch.as_tensor(eps_low_t, dtype=ratio.dtype, device=ratio.device) / 2
+        high_edge = 1.0 + torch.as_tensor(eps_high_t, dtype=ratio.dtype, device=ratio.device) / 2
+        inside = (ratio > low_edge) & (ratio < high_edge)
         high_side = torch.where(inside, advantages, scaled)
         low_side = torch.where(inside, scaled, advantages)
         return torch.where(h_hat > 0, high_side, low_side)

@@ -84,7 +84,9 @@ def clipped_surrogate_from_ratio(
     advantages = advantages.detach().expand_as(ratio)
     check_finite("advantages", advantages)
     valid = as_mask(mask, ratio)
-    low, high = 1.0 - torch.as_tensor(eps_low), 1.0 + torch.as_tensor(eps_high)
+    # bounds in the ratio's dtype: float32 copies of 0.2 would move the clip edges of a float64 ratio
+    low = 1.0 - torch.as_tensor(eps_low, dtype=ratio.dtype, device=ratio.device)
+    high = 1.0 + torch.as_tensor(eps_high, dtype=ratio.dtype, device=ratio.device)
     loss_unclipped = -advantages * ratio
     loss_clipped = -advantages * torch.clamp(ratio, low, high)
     loss = torch.maximum(loss_unclipped, loss_clipped)

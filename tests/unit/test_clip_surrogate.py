@@ -87,11 +87,6 @@ def test_redistribute_high_entropy_open_neutral_zone():
     torch.testing.assert_close(got, torch.tensor([[3.0, 2.0, 3.0, 3.0, 3.0]]))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="float64 ratios are compared with float32-rounded zone edges: torch.as_tensor(0.2) is float32, so the "
-    "edges are 0.89999997616 / 1.10000002384, so float64 ratios of exactly 0.9 and 1.1 count as inside",
-)
 def test_redistribute_neutral_zone_edges_exact_in_float64():
     ratio = t64([[0.9, 1.1]])  # exactly on the edges of the open zone (0.9, 1.1) -> outside -> A' = 3
     got = redistribute_advantages(t64([2.0]), torch.full((1, 2), 0.5, dtype=F64), ratio, 0.2, 0.2, beta=1.0)
@@ -146,7 +141,9 @@ def test_surrogate_hand_values_clip_higher_and_dual_clip():
     # eps_low 0.2 -> lower bound 0.8, eps_high 0.28 -> upper bound 1.28, c = 3.
     ratio = t64([[1.5, 0.5, 5.0, 1.0, 0.5, 1.5, 5.0]])
     adv = t64([[1.0, -1.0, -1.0, 1.0, 1.0, -1.0, 1.0]])
-    loss, metrics = clipped_surrogate_from_ratio(ratio, adv, ones_mask(1, 7), eps_low=0.2, eps_high=0.28, dual_clip_c=3.0)
+    loss, metrics = clipped_surrogate_from_ratio(
+        ratio, adv, ones_mask(1, 7), eps_low=0.2, eps_high=0.28, dual_clip_c=3.0
+    )
     expected = t64([[
         -1.28,  # A=+1, r=1.5: max(-1.5, -1.28)          clipped high
         0.8,  # A=-1, r=0.5: max(0.5, 0.8)               clipped low
@@ -289,11 +286,6 @@ def test_surrogate_matches_loop_reference(log_ratio, adv, eps_low, eps_high, c):
         assert got == pytest.approx(expected, rel=1e-5, abs=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="float64 ratios are clipped at float32-rounded bounds: torch.as_tensor(0.2) is float32, so the lower "
-    "bound becomes 1 - 0.2f = 0.80000001192 instead of 0.8 (published code uses the Python float)",
-)
 def test_surrogate_float64_bounds_are_exact():
     # r = 0.8 + 5e-9 lies inside [0.8, 1.2]: A = -1 -> loss = max(r, clip(r)) = r, gradient d loss / d r = 1.
     ratio = t64([[0.8 + 5e-9]]).requires_grad_()

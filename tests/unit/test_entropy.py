@@ -328,3 +328,15 @@ def test_entropy_from_logits_matches_loop_reference_and_any_dtype():
     bf16 = entropy_from_logits(logits.to(torch.bfloat16))
     assert bf16.dtype == torch.float32
     torch.testing.assert_close(bf16.double(), torch.tensor(expected, dtype=torch.float64), atol=0.1, rtol=0.05)
+
+
+@given(seed=st.integers(0, 100_000), log_scale=st.floats(-3.0, 3.0), vocab=st.integers(2, 64))
+@SETTINGS
+def test_entropy_from_logits_in_zero_to_log_vocab(seed, log_scale, vocab):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(16, vocab, generator=gen, dtype=torch.float64) * 10.0**log_scale
+    got = entropy_from_logits(logits)
+    assert bool((got >= -1e-6).all()) and bool((got <= math.log(vocab) + 1e-5).all())
+    log_p = torch.log_softmax(logits, dim=-1)
+    expected = -(log_p.exp() * log_p).sum(-1)
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)

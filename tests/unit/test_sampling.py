@@ -152,3 +152,7 @@ def test_rejects_bad_inputs():
     bad[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         adaptive_temperature(bad, 1.0, stats, tau=0.05)
+    banned = LOGITS.clone()
+    banned[0] = NINF  # every token banned: no entropy, no temperature -> a clear error, not a NaN temperature
+    with pytest.raises(ValueError):
+        adaptive_temperature(banned, 1.0, stats, tau=0.05)
