@@ -7,18 +7,13 @@ import uuid
 
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from helpers import F64, SETTINGS, t64
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from megatron_hapo.algos import grpo_advantages, hapo_advantages
 
-SETTINGS = settings(max_examples=50, deadline=None)
 EPS = 1e-6
-F64 = torch.float64
-
-
-def t64(values) -> torch.Tensor:
-    return torch.tensor(values, dtype=F64)
 
 
 # ---------------------------------------------------------------------------------------------------------------

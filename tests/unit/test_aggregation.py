@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from helpers import F64, SETTINGS
+from hypothesis import given
 from hypothesis import strategies as st
 
 from megatron_hapo.algos import AGGREGATION_MODES, aggregate_loss, aggregation_terms
-
-SETTINGS = settings(max_examples=40, deadline=None)
-F64 = torch.float64
 
 # Two sequences (3 and 2 valid tokens), an empty third one; masked positions carry 100 to catch leaks.
 LOSS = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 8.0, 100.0, 100.0], [100.0, 100.0, 100.0, 100.0]], dtype=F64)

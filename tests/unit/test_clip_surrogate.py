@@ -7,7 +7,8 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from helpers import F64, SETTINGS, ones_mask, t64
+from hypothesis import given
 from hypothesis import strategies as st
 
 from megatron_hapo.algos import (
@@ -17,17 +18,6 @@ from megatron_hapo.algos import (
     importance_ratio,
     redistribute_advantages,
 )
-
-SETTINGS = settings(max_examples=40, deadline=None)
-F64 = torch.float64
-
-
-def t64(values) -> torch.Tensor:
-    return torch.tensor(values, dtype=F64)
-
-
-def ones_mask(*shape: int) -> torch.Tensor:
-    return torch.ones(*shape, dtype=torch.bool)
 
 
 # ---------------------------------------------------------------------------------------------------------------

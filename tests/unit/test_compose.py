@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import F64
 
 from megatron_hapo.algos import (
     ADVANTAGE,
@@ -43,8 +44,6 @@ from megatron_hapo.algos import (
     shape_rewards,
     token_policy_loss,
 )
-
-F64 = torch.float64
 
 PLAIN = {
     "sampling": {"kind": "fixed", "temperature": 1.0, "top_p": 1.0, "top_k": -1, "tau": 0.05},

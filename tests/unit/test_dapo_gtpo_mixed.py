@@ -7,7 +7,8 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from helpers import F64, SETTINGS, t64
+from hypothesis import given
 from hypothesis import strategies as st
 
 from megatron_hapo.algos import (
@@ -23,13 +24,6 @@ from megatron_hapo.algos import (
     overlong_penalty,
     zero_reward_groups,
 )
-
-SETTINGS = settings(max_examples=40, deadline=None)
-F64 = torch.float64
-
-
-def t64(values) -> torch.Tensor:
-    return torch.tensor(values, dtype=F64)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from helpers import SETTINGS
+from hypothesis import given
 from hypothesis import strategies as st
 
 from megatron_hapo.algos import (
@@ -18,8 +19,6 @@ from megatron_hapo.algos import (
     nearest_rank_quantile,
     normalized_entropy,
 )
-
-SETTINGS = settings(max_examples=40, deadline=None)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from helpers import SETTINGS
+from hypothesis import given
 from hypothesis import strategies as st
 
 from megatron_hapo.algos import EntropyStats, adaptive_temperature, normalized_entropy
 
-SETTINGS = settings(max_examples=40, deadline=None)
 NINF = float("-inf")
 
 # Three decode rows with known entropies: uniform over 4 (H = ln 4), uniform over 2 (H = ln 2), one allowed
