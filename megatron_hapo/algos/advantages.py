@@ -43,7 +43,14 @@ def grpo_advantages(
     """
     _check_rewards(rewards)
     index, num_groups = group_index(group_ids, rewards.device)
-    r = rewards.double()
+    adv = _grpo_on_index(rewards.double(), index, num_groups, std_norm=std_norm, eps=eps)
+    return adv.to(rewards.dtype if rewards.is_floating_point() else torch.float32)
+
+
+def _grpo_on_index(
+    r: torch.Tensor, index: torch.Tensor, num_groups: int, *, std_norm: bool, eps: float
+) -> torch.Tensor:
+    """GRPO advantages of float64 rewards ``r [B]`` grouped by dense ``index [B]``; see :func:`grpo_advantages`."""
     count = group_sum(torch.ones_like(r), index, num_groups)
     mean = group_sum(r, index, num_groups) / count
     centred = r - mean[index]
@@ -52,9 +59,7 @@ def grpo_advantages(
     mean = torch.where(singleton, torch.zeros_like(mean), mean)
     std = torch.where(singleton, torch.ones_like(var), var.sqrt())
     adv = r - mean[index]
-    if std_norm:
-        adv = adv / (std[index] + eps)
-    return adv.to(rewards.dtype if rewards.is_floating_point() else torch.float32)
+    return adv / (std[index] + eps) if std_norm else adv
 
 
 def hapo_advantages(
@@ -111,6 +116,6 @@ def hapo_advantages(
         pad_value = (mu / scale).abs()
         worst = torch.where(has_padding, torch.maximum(worst, pad_value), worst)
     fallback = (worst >= fallback_threshold) | (num_tokens == 0)
-    grpo = grpo_advantages(rewards, group_ids, std_norm=std_norm, eps=eps).double()
+    grpo = _grpo_on_index(r, index, num_groups, std_norm=std_norm, eps=eps)
     out = torch.where(fallback[index], grpo, adv)
     return out.to(rewards.dtype if rewards.is_floating_point() else torch.float32)
