@@ -1,0 +1,134 @@
+"""Log-prob of the sampled token and full-vocabulary entropy over vocabulary-sharded logits.
+
+Placement contract: ``logits`` is sharded on the vocabulary over ``tp_group`` (rank ``r`` holds global ids
+``[r * V_local, (r + 1) * V_local)``, Megatron's ``VocabParallelEmbedding`` layout); ``targets``, ``temperature``
+and ``mask`` are replicated across the group; both outputs are replicated.
+
+Built like Megatron's ``tensor_parallel/cross_entropy.py``: the local steps on a ``[T, V_local]`` chunk are kept
+apart from the two all-reduces per chunk (a MAX of the row maxima, then one SUM of the stacked
+``[sum exp, sum exp * z, target logit]``). Tokens are processed in chunks of ``chunk_size`` rows, so beside the
+logits (and their gradient) only ``[chunk_size, V_local]`` float32 temporaries are alive; the logits are never
+cloned nor converted to float32 as a whole. The backward recomputes the chunk's softmax from the saved per-token
+statistics (max, sum, entropy: ``O(N)`` float32) and needs no communication.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+#: Rows per chunk: 4096 x (152k / tp) float32 temporaries stay around 2.5 GB / tp.
+DEFAULT_CHUNK_SIZE = 4096
+
+
+def _group_rank_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    if group is None:
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _all_reduce(tensor: torch.Tensor, op: dist.ReduceOp, group: dist.ProcessGroup | None) -> torch.Tensor:
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(tensor, op=op, group=group)
+    return tensor
+
+
+def _chunk_forward(
+    z: torch.Tensor, local_targets: torch.Tensor, group: dist.ProcessGroup | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One chunk. ``z``: ``[T, V_local]`` float32 scaled logits; ``local_targets``: ``[T]`` local id or -1.
+
+    Returns ``(log_prob, entropy, row_max, sum_exp)``, each ``[T]`` float32 and replicated.
+    """
+    row_max = _all_reduce(z.amax(dim=-1), dist.ReduceOp.MAX, group)
+    shifted = (z - row_max.unsqueeze(-1)).clamp_min_(-1e4)
+    exp = shifted.exp()
+    on_shard = local_targets >= 0
+    target_logit = shifted.gather(-1, local_targets.clamp_min(0).unsqueeze(-1)).squeeze(-1) * on_shard
+    sums = torch.stack([exp.sum(dim=-1), torch.linalg.vecdot(exp, shifted), target_logit])
+    sum_exp, sum_exp_z, target_logit = _all_reduce(sums, dist.ReduceOp.SUM, group)
+    log_sum = sum_exp.log()
+    return target_logit - log_sum, log_sum - sum_exp_z / sum_exp, row_max, sum_exp
+
+
+class _VocabParallelLogProbEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, temperature, rows, group, chunk_size, with_entropy_grad):  # noqa: ANN001, ANN205, PLR0917
+        rank, _ = _group_rank_size(group)
+        vocab_local = logits.shape[-1]
+        local = targets - rank * vocab_local
+        local = torch.where((local >= 0) & (local < vocab_local), local, torch.full_like(local, -1))
+        num = logits.shape[0]
+        log_prob, entropy = (torch.zeros(num, dtype=torch.float32, device=logits.device) for _ in range(2))
+        row_max, sum_exp = torch.zeros_like(log_prob), torch.ones_like(log_prob)
+        for chunk in rows.split(chunk_size):
+            z = logits.index_select(0, chunk).float() / temperature.index_select(0, chunk).unsqueeze(-1)
+            outs = _chunk_forward(z, local.index_select(0, chunk), group)
+            for out, value in zip((log_prob, entropy, row_max, sum_exp), outs, strict=True):
+                out.index_copy_(0, chunk, value)
+        ctx.save_for_backward(logits, local, temperature, rows, row_max, sum_exp, entropy)
+        ctx.chunk_size, ctx.with_entropy_grad = chunk_size, with_entropy_grad
+        if not with_entropy_grad:
+            ctx.mark_non_differentiable(entropy)
+        return log_prob, entropy
+
+    @staticmethod
+    def backward(ctx, grad_log_prob, grad_entropy):  # noqa: ANN001, ANN205
+        logits, local, temperature, rows, row_max, sum_exp, entropy = ctx.saved_tensors
+        grad_logits = torch.zeros_like(logits)
+        use_entropy = ctx.with_entropy_grad and grad_entropy is not None
+        for chunk in rows.split(ctx.chunk_size):
+            temp = temperature.index_select(0, chunk).unsqueeze(-1)
+            shifted = logits.index_select(0, chunk).float() / temp - row_max.index_select(0, chunk).unsqueeze(-1)
+            log_p = shifted.clamp_min_(-1e4) - sum_exp.index_select(0, chunk).log().unsqueeze(-1)
+            p = log_p.exp()
+            grad_z = torch.zeros_like(p)
+            if grad_log_prob is not None:
+                g = grad_log_prob.index_select(0, chunk).float().unsqueeze(-1)
+                targets = local.index_select(0, chunk)
+                on_shard = (targets >= 0).float().unsqueeze(-1)
+                grad_z -= g * p
+                grad_z.scatter_add_(-1, targets.clamp_min(0).unsqueeze(-1), g * on_shard)
+            if use_entropy:
+                g = grad_entropy.index_select(0, chunk).float().unsqueeze(-1)
+                grad_z -= g * p * (log_p + entropy.index_select(0, chunk).unsqueeze(-1))
+            grad_logits.index_copy_(0, chunk, (grad_z / temp).to(logits.dtype))
+        return grad_logits, None, None, None, None, None, None
+
+
+def vocab_parallel_logprob_entropy(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    tp_group: dist.ProcessGroup | None,
+    temperature: float | torch.Tensor = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    with_entropy_grad: bool = False,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of ``targets`` and full-vocabulary entropy of ``softmax(logits / temperature)``.
+
+    Args:
+        logits: ``[N, V / tp]`` local vocabulary shard, any float dtype (math in float32).
+        targets: ``[N]`` global vocabulary ids, replicated over ``tp_group``.
+        tp_group: the tensor-parallel group the vocabulary is sharded over; ``None`` on one rank.
+        temperature: a float or ``[N]`` per-token temperatures (> 0), replicated.
+        chunk_size: tokens per chunk (bounds the float32 temporaries to ``[chunk_size, V / tp]``).
+        with_entropy_grad: let gradients flow through the entropy (off: the entropy is a detached metric).
+        mask: ``[N]`` bool, replicated; tokens outside it are skipped (outputs 0, gradient 0).
+
+    Returns:
+        ``(log_prob [N] float32, entropy [N] float32)``, replicated over ``tp_group``.
+    """
+    if logits.dim() != 2 or targets.shape != logits.shape[:1]:
+        raise ValueError(f"need logits [N, V_local] and targets [N]; got {tuple(logits.shape)}, {tuple(targets.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    temp = torch.as_tensor(temperature, dtype=torch.float32, device=logits.device).expand(logits.shape[0])
+    if bool((temp <= 0).any()):
+        raise ValueError("temperature must be > 0 for log-probs and entropy")
+    keep = torch.ones_like(targets, dtype=torch.bool) if mask is None else mask.bool()
+    rows = keep.nonzero().squeeze(-1)
+    return _VocabParallelLogProbEntropy.apply(
+        logits, targets.long(), temp.contiguous(), rows, tp_group, chunk_size, with_entropy_grad
+    )
