@@ -1,5 +1,15 @@
 """The only layer that knows about process groups: every function takes its group explicitly."""
 
+from megatron_hapo.parallel.stats import (
+    distributed_entropy_stats,
+    distributed_kth_smallest,
+    distributed_normalized_entropy,
+)
 from megatron_hapo.parallel.vocab_parallel import vocab_parallel_logprob_entropy
 
-__all__ = ["vocab_parallel_logprob_entropy"]
+__all__ = [
+    "distributed_entropy_stats",
+    "distributed_kth_smallest",
+    "distributed_normalized_entropy",
+    "vocab_parallel_logprob_entropy",
+]

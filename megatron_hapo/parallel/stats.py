@@ -1,0 +1,109 @@
+"""EntropyStats (spec 2.1) over the valid tokens of several ranks, equal to the single-process result.
+
+The pivot is the exact nearest-rank quantile of log-entropy over the concatenated tokens of ``group`` (e.g. the
+data-parallel group, or DP x CP), found without gathering tokens: float32 values are mapped to order-preserving
+int32 keys and a bisection over the key range counts ``key <= mid`` with one scalar all-reduce per step (32
+steps). Memory stays ``O(local tokens)`` however many tokens the step has. The RMS, the positive maximum and the
+negative minimum are one all-reduce each; sums are accumulated in float64.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megatron_hapo.algos import EntropyStats, apply_entropy_stats, nearest_rank_index
+from megatron_hapo.algos.entropy import ENTROPY_EPS, EntropySign, side_scales
+
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+
+
+def _all_reduce(tensor: torch.Tensor, op: dist.ReduceOp, group: dist.ProcessGroup | None) -> torch.Tensor:
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(tensor, op=op, group=group)
+    return tensor
+
+
+def _sortable_keys(values: torch.Tensor) -> torch.Tensor:
+    """float32 ``[N]`` -> int64 keys ordered like the floats (negative floats: flip all bits but the sign)."""
+    bits = values.float().contiguous().view(torch.int32).long()
+    return torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+
+
+def _key_to_float(key: int) -> float:
+    bits = key if key >= 0 else key ^ 0x7FFFFFFF
+    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32)[0])
+
+
+def distributed_kth_smallest(values: torch.Tensor, k: int, group: dist.ProcessGroup | None) -> float:
+    """The ``k``-th smallest (0-based) element of the concatenation of every rank's ``values [N_r]`` (float32).
+
+    All ranks of ``group`` must call it with the same ``k``; the result is identical on every rank. The
+    reductions run on ``values``' device (so an NCCL group gets CUDA tensors); each step syncs the host once.
+    """
+    keys = _sortable_keys(values)
+    low, high = _INT32_MIN, _INT32_MAX
+    while low < high:
+        mid = (low + high) // 2
+        count = (keys <= mid).sum().reshape(1)
+        if int(_all_reduce(count, dist.ReduceOp.SUM, group)[0]) >= k + 1:
+            high = mid
+        else:
+            low = mid + 1
+    return _key_to_float(low)
+
+
+def distributed_entropy_stats(
+    entropy: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    group: dist.ProcessGroup | None,
+    pivot_quantile: float = 0.8,
+    sign: EntropySign = "published",
+) -> EntropyStats:
+    """The statistics of :func:`megatron_hapo.algos.normalized_entropy` over the valid tokens of all ranks.
+
+    Args:
+        entropy: ``[B, L]`` (or any shape) local token entropies.
+        mask: same shape, valid tokens.
+        group: the ranks whose tokens are pooled (``None``: this rank alone).
+
+    Returns:
+        EntropyStats (float32, on ``entropy``'s device), identical on every rank;
+        :meth:`EntropyStats.neutral` when no rank has a valid token.
+    """
+    valid = mask.bool()
+    log_entropy = torch.log(entropy.float()[valid].clamp_min(ENTROPY_EPS))
+    count = torch.tensor([log_entropy.numel()], dtype=torch.int64, device=entropy.device)
+    total = int(_all_reduce(count, dist.ReduceOp.SUM, group)[0])
+    if total == 0:
+        return EntropyStats.neutral().to(entropy.device)
+    pivot = distributed_kth_smallest(log_entropy, nearest_rank_index(total, pivot_quantile), group)
+    pivot_t = torch.tensor(pivot, dtype=torch.float32, device=entropy.device)
+    h = log_entropy.double() - pivot_t.double()
+    square_sum = _all_reduce(h.pow(2).sum().reshape(1), dist.ReduceOp.SUM, group)
+    rms = (square_sum / total).clamp_min(ENTROPY_EPS).sqrt()
+    h = h / rms
+    extremes = torch.stack([h.clamp_min(0).max() if h.numel() else h.new_zeros(()),
+                            (-h).clamp_min(0).max() if h.numel() else h.new_zeros(())])  # fmt: skip
+    max_positive, neg_of_min = _all_reduce(extremes, dist.ReduceOp.MAX, group)
+    scale_pos, scale_neg = side_scales(max_positive.float(), -neg_of_min.float(), sign)
+    stats = EntropyStats(
+        pivot=pivot_t, rms=rms.float().reshape(()), scale_pos=scale_pos,
+        scale_neg=scale_neg,
+    )  # fmt: skip
+    return stats.to(entropy.device)
+
+
+def distributed_normalized_entropy(
+    entropy: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    group: dist.ProcessGroup | None,
+    pivot_quantile: float = 0.8,
+    sign: EntropySign = "published",
+) -> tuple[torch.Tensor, EntropyStats]:
+    """``(h_hat [same shape as entropy], EntropyStats)`` with statistics pooled over ``group``."""
+    stats = distributed_entropy_stats(entropy, mask, group=group, pivot_quantile=pivot_quantile, sign=sign)
+    log_entropy = torch.log(entropy.float().clamp_min(ENTROPY_EPS))
+    return apply_entropy_stats(log_entropy, stats), stats
