@@ -6,7 +6,7 @@ compositions of these components and every departure from the papers or the publ
 """
 
 from megatron_hapo.algos.advantages import grpo_advantages, hapo_advantages
-from megatron_hapo.algos.aggregation import AGGREGATION_MODES, aggregate_loss, aggregation_terms
+from megatron_hapo.algos.aggregation import AGGREGATION_MODES, AggregationMode, aggregate_loss, aggregation_terms
 from megatron_hapo.algos.clipping import adaptive_clip_bounds, redistribute_advantages
 from megatron_hapo.algos.components import (
     ADVANTAGE,
@@ -73,7 +73,7 @@ REGISTRIES = {
 __all__ = [
     "ADVANTAGE", "AGGREGATION", "AGGREGATION_MODES", "CLIP", "ENTROPY_SIGNS", "GROUP_FILTER", "GTPO_NORMS",
     "GUIDE_POLICY", "RATIO", "RATIO_LEVELS", "REDISTRIBUTION", "REGISTRIES", "REWARD_SHAPING", "SAMPLING",
-    "AdvantageInputs", "EntropyStats", "GuideBatch", "Registry",
+    "AdvantageInputs", "AggregationMode", "EntropyStats", "GuideBatch", "Registry",
     "adaptive_clip_bounds", "adaptive_temperature", "aggregate_loss", "aggregation_terms", "apply_entropy_stats",
     "clipped_surrogate", "clipped_surrogate_from_ratio", "compute_advantages", "entropy_from_logits",
     "filter_groups", "grpo_advantages", "grpo_s_advantages", "grpo_s_sequence_rewards", "gtpo_advantages",
