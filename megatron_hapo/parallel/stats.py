@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_hapo.algos import EntropyStats, apply_entropy_stats, nearest_rank_index
+from megatron_hapo.algos._checks import check_finite
 from megatron_hapo.algos.entropy import ENTROPY_EPS, EntropySign, side_scales
 
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
@@ -73,6 +74,7 @@ def distributed_entropy_stats(
         :meth:`EntropyStats.neutral` when no rank has a valid token.
     """
     valid = mask.bool()
+    check_finite("entropy[mask]", entropy[valid])
     log_entropy = torch.log(entropy.float()[valid].clamp_min(ENTROPY_EPS))
     count = torch.tensor([log_entropy.numel()], dtype=torch.int64, device=entropy.device)
     total = int(_all_reduce(count, dist.ReduceOp.SUM, group)[0])

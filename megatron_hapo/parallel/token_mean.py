@@ -6,6 +6,12 @@ per micro-batch under those two averagings weighs tokens unequally (verl#7321). 
 aggregation mode is summed once over every micro-batch of the mini-batch and every DP rank, and each
 micro-batch loss is pre-multiplied by ``num_microbatches * dp_size`` so that the two averagings cancel: the
 accumulated, DP-averaged gradient is exactly that of ``aggregate_loss`` over the whole mini-batch.
+
+Scope: Megatron's two-output loss path (the schedule divides by ``num_microbatches``; not the three-output
+``calculate_per_token_loss`` path, which divides by the returned token count). Context parallelism: with CP > 1
+pass ``dp_size`` = the pure DP size (Megatron multiplies the loss by ``cp_size`` and DDP divides by
+``dp * cp``, which cancel), and only ``token-mean`` / ``token-sum`` are exact, since a CP rank holds pieces of
+sequences; the seq-mean modes need CP = 1 (the loss glue of issue 4 will enforce this).
 """
 
 from __future__ import annotations

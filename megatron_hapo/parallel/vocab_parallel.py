@@ -125,10 +125,14 @@ def vocab_parallel_logprob_entropy(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     temp = torch.as_tensor(temperature, dtype=torch.float32, device=logits.device).expand(logits.shape[0])
-    if bool((temp <= 0).any()):
-        raise ValueError("temperature must be > 0 for log-probs and entropy")
     keep = torch.ones_like(targets, dtype=torch.bool) if mask is None else mask.bool()
     rows = keep.nonzero().squeeze(-1)
+    _, tp_size = _group_rank_size(tp_group)
+    kept_targets = targets.index_select(0, rows)
+    if bool(((kept_targets < 0) | (kept_targets >= logits.shape[-1] * tp_size)).any()):
+        raise ValueError(f"targets must be vocabulary ids in [0, {logits.shape[-1] * tp_size}) on unmasked tokens")
+    if bool((temp.index_select(0, rows) <= 0).any()):
+        raise ValueError("temperature must be > 0 for log-probs and entropy (on unmasked tokens)")
     return _VocabParallelLogProbEntropy.apply(
         logits, targets.long(), temp.contiguous(), rows, tp_group, chunk_size, with_entropy_grad
     )

@@ -55,3 +55,10 @@ def _worker(rank, world, init_file):
 @pytest.mark.parametrize("world", [2, 3])
 def test_data_parallel_stats_match_concatenated_tokens(world, tmp_path):
     mp.spawn(_worker, args=(world, str(tmp_path / "rendezvous")), nprocs=world, join=True)
+
+
+def test_nan_entropy_is_rejected():
+    entropy, mask = make_tokens()
+    entropy[mask.nonzero()[0][0], mask.nonzero()[0][1]] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        distributed_normalized_entropy(entropy, mask, group=None)

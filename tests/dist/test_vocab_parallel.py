@@ -80,3 +80,14 @@ def _worker(rank, world, init_file):
 @pytest.mark.parametrize("world", [2, 4])
 def test_tensor_parallel_over_gloo_matches_single_process(world, tmp_path):
     mp.spawn(_worker, args=(world, str(tmp_path / "rendezvous")), nprocs=world, join=True)
+
+
+def test_out_of_range_targets_and_masked_zero_temperature():
+    logits = torch.randn(3, 8)
+    with pytest.raises(ValueError, match=r"targets must be vocabulary ids in \[0, 8\)"):
+        vocab_parallel_logprob_entropy(logits, torch.tensor([0, -100, 3]), tp_group=None)
+    mask = torch.tensor([True, False, True])
+    log_prob, _ = vocab_parallel_logprob_entropy(
+        logits, torch.tensor([0, -100, 3]), tp_group=None, temperature=torch.tensor([1.0, 0.0, 2.0]), mask=mask
+    )
+    assert log_prob[1] == 0 and bool(torch.isfinite(log_prob).all())
