@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo import run_on_ranks
 
 from megatron_hapo.algos import normalized_entropy
 from megatron_hapo.parallel import distributed_kth_smallest, distributed_normalized_entropy
@@ -33,28 +33,24 @@ def test_single_rank_matches_algos(sign):
     torch.testing.assert_close(h_hat[mask], h_ref[mask])
 
 
-def _worker(rank, world, init_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        entropy, mask = make_tokens()
-        # uneven split of the 9 rows over the ranks; with 3 ranks, rank 0 holds no token at all
-        bounds = {2: [0, 4, 9], 3: [0, 0, 4, 9]}[world]
-        rows = slice(bounds[rank], bounds[rank + 1])
-        for sign in ("published", "paper"):
-            _, ref = normalized_entropy(entropy, mask, sign=sign)
-            h_hat, stats = distributed_normalized_entropy(entropy[rows], mask[rows], group=dist.group.WORLD, sign=sign)
-            got, want = stats.as_floats(), ref.as_floats()
-            assert got["pivot"] == want["pivot"], (got, want)  # the exact same element
-            assert got == pytest.approx(want, rel=1e-6)
-            h_ref = normalized_entropy(entropy, mask, sign=sign)[0][rows]
-            torch.testing.assert_close(h_hat[mask[rows]], h_ref[mask[rows]], rtol=1e-5, atol=1e-6)
-    finally:
-        dist.destroy_process_group()
+def _rank_body(rank, world):
+    entropy, mask = make_tokens()
+    # uneven split of the 9 rows over the ranks; with 3 ranks, rank 0 holds no token at all
+    bounds = {2: [0, 4, 9], 3: [0, 0, 4, 9]}[world]
+    rows = slice(bounds[rank], bounds[rank + 1])
+    for sign in ("published", "paper"):
+        _, ref = normalized_entropy(entropy, mask, sign=sign)
+        h_hat, stats = distributed_normalized_entropy(entropy[rows], mask[rows], group=dist.group.WORLD, sign=sign)
+        got, want = stats.as_floats(), ref.as_floats()
+        assert got["pivot"] == want["pivot"], (got, want)  # the exact same element
+        assert got == pytest.approx(want, rel=1e-6)
+        h_ref = normalized_entropy(entropy, mask, sign=sign)[0][rows]
+        torch.testing.assert_close(h_hat[mask[rows]], h_ref[mask[rows]], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_data_parallel_stats_match_concatenated_tokens(world, tmp_path):
-    mp.spawn(_worker, args=(world, str(tmp_path / "rendezvous")), nprocs=world, join=True)
+    run_on_ranks(_rank_body, world, tmp_path)
 
 
 def test_nan_entropy_is_rejected():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo import run_on_ranks
 
 from megatron_hapo.algos import AGGREGATION_MODES, aggregate_loss
 from megatron_hapo.parallel import global_denominator, microbatch_loss
@@ -53,17 +53,13 @@ def test_microbatch_split_on_one_rank_is_exact(mode):
     torch.testing.assert_close(split_grad(mode, slice(None), 3, None, 1), reference_grad(mode))
 
 
-def _worker(rank, world, init_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        bounds = [0, 3, 12] if world == 2 else [0, 1, 5, 12]  # uneven shares
-        for mode in AGGREGATION_MODES:
-            got = split_grad(mode, slice(bounds[rank], bounds[rank + 1]), 2, dist.group.WORLD, world)
-            torch.testing.assert_close(got, reference_grad(mode))
-    finally:
-        dist.destroy_process_group()
+def _rank_body(rank, world):
+    bounds = [0, 3, 12] if world == 2 else [0, 1, 5, 12]  # uneven shares
+    for mode in AGGREGATION_MODES:
+        got = split_grad(mode, slice(bounds[rank], bounds[rank + 1]), 2, dist.group.WORLD, world)
+        torch.testing.assert_close(got, reference_grad(mode))
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_data_parallel_split_is_exact(world, tmp_path):
-    mp.spawn(_worker, args=(world, str(tmp_path / "rendezvous")), nprocs=world, join=True)
+    run_on_ranks(_rank_body, world, tmp_path)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo import run_on_ranks
 
 from megatron_hapo.parallel import vocab_parallel_logprob_entropy
 
@@ -67,19 +67,15 @@ def test_bad_input_is_rejected():
         vocab_parallel_logprob_entropy(logits, torch.zeros(3, dtype=torch.long), tp_group=None)
 
 
-def _worker(rank, world, init_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        case = make_case(seed=3, vocab=24 * world)
-        width = case[0].shape[1] // world
-        check_shard(*case, shard=slice(rank * width, (rank + 1) * width), group=dist.group.WORLD, chunk_size=5)
-    finally:
-        dist.destroy_process_group()
+def _rank_body(rank, world):
+    case = make_case(seed=3, vocab=24 * world)
+    width = case[0].shape[1] // world
+    check_shard(*case, shard=slice(rank * width, (rank + 1) * width), group=dist.group.WORLD, chunk_size=5)
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_tensor_parallel_over_gloo_matches_single_process(world, tmp_path):
-    mp.spawn(_worker, args=(world, str(tmp_path / "rendezvous")), nprocs=world, join=True)
+    run_on_ranks(_rank_body, world, tmp_path)
 
 
 def test_out_of_range_targets_and_masked_zero_temperature():
