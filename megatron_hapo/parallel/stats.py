@@ -15,14 +15,9 @@ import torch.distributed as dist
 from megatron_hapo.algos import EntropyStats, apply_entropy_stats, nearest_rank_index
 from megatron_hapo.algos._checks import check_finite
 from megatron_hapo.algos.entropy import ENTROPY_EPS, EntropySign, side_scales
+from megatron_hapo.parallel.collectives import all_reduce
 
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
-
-
-def _all_reduce(tensor: torch.Tensor, op: dist.ReduceOp, group: dist.ProcessGroup | None) -> torch.Tensor:
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(tensor, op=op, group=group)
-    return tensor
 
 
 def _sortable_keys(values: torch.Tensor) -> torch.Tensor:
@@ -47,7 +42,7 @@ def distributed_kth_smallest(values: torch.Tensor, k: int, group: dist.ProcessGr
     while low < high:
         mid = (low + high) // 2
         count = (keys <= mid).sum().reshape(1)
-        if int(_all_reduce(count, dist.ReduceOp.SUM, group)[0]) >= k + 1:
+        if int(all_reduce(count, dist.ReduceOp.SUM, group)[0]) >= k + 1:
             high = mid
         else:
             low = mid + 1
@@ -77,24 +72,20 @@ def distributed_entropy_stats(
     check_finite("entropy[mask]", entropy[valid])
     log_entropy = torch.log(entropy.float()[valid].clamp_min(ENTROPY_EPS))
     count = torch.tensor([log_entropy.numel()], dtype=torch.int64, device=entropy.device)
-    total = int(_all_reduce(count, dist.ReduceOp.SUM, group)[0])
+    total = int(all_reduce(count, dist.ReduceOp.SUM, group)[0])
     if total == 0:
         return EntropyStats.neutral().to(entropy.device)
     pivot = distributed_kth_smallest(log_entropy, nearest_rank_index(total, pivot_quantile), group)
     pivot_t = torch.tensor(pivot, dtype=torch.float32, device=entropy.device)
     h = log_entropy.double() - pivot_t.double()
-    square_sum = _all_reduce(h.pow(2).sum().reshape(1), dist.ReduceOp.SUM, group)
+    square_sum = all_reduce(h.pow(2).sum().reshape(1), dist.ReduceOp.SUM, group)
     rms = (square_sum / total).clamp_min(ENTROPY_EPS).sqrt()
     h = h / rms
-    extremes = torch.stack([h.clamp_min(0).max() if h.numel() else h.new_zeros(()),
-                            (-h).clamp_min(0).max() if h.numel() else h.new_zeros(())])  # fmt: skip
-    max_positive, neg_of_min = _all_reduce(extremes, dist.ReduceOp.MAX, group)
+    # largest deviation on each side (>= 0); a rank without tokens contributes 0 to the MAX
+    extremes = torch.stack([h.clamp_min(0).max(), (-h).clamp_min(0).max()]) if h.numel() else h.new_zeros(2)
+    max_positive, neg_of_min = all_reduce(extremes, dist.ReduceOp.MAX, group)
     scale_pos, scale_neg = side_scales(max_positive.float(), -neg_of_min.float(), sign)
-    stats = EntropyStats(
-        pivot=pivot_t, rms=rms.float().reshape(()), scale_pos=scale_pos,
-        scale_neg=scale_neg,
-    )  # fmt: skip
-    return stats.to(entropy.device)
+    return EntropyStats(pivot=pivot_t, rms=rms.float().reshape(()), scale_pos=scale_pos, scale_neg=scale_neg)
 
 
 def distributed_normalized_entropy(

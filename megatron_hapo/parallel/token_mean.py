@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_hapo.algos import AggregationMode, aggregation_terms
+from megatron_hapo.parallel.collectives import all_reduce
 
 
 def global_denominator(
@@ -44,10 +45,7 @@ def global_denominator(
     local = torch.zeros((), dtype=torch.float32)
     for mask in masks:
         local = local.to(mask.device) + aggregation_terms(mask.float(), mask, mode)[1]
-    if dp_group is not None and dist.get_world_size(dp_group) > 1:
-        local = local.reshape(1)
-        dist.all_reduce(local, group=dp_group)
-    return local.reshape(())
+    return all_reduce(local.reshape(1), dist.ReduceOp.SUM, dp_group).reshape(())
 
 
 def microbatch_loss(

@@ -17,20 +17,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatron_hapo.parallel.collectives import all_reduce, group_rank_size
+
 #: Rows per chunk: 4096 x (152k / tp) float32 temporaries stay around 2.5 GB / tp.
 DEFAULT_CHUNK_SIZE = 4096
-
-
-def _group_rank_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
-    if group is None:
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
-
-
-def _all_reduce(tensor: torch.Tensor, op: dist.ReduceOp, group: dist.ProcessGroup | None) -> torch.Tensor:
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(tensor, op=op, group=group)
-    return tensor
 
 
 def _chunk_forward(
@@ -40,13 +30,13 @@ def _chunk_forward(
 
     Returns ``(log_prob, entropy, row_max, sum_exp)``, each ``[T]`` float32 and replicated.
     """
-    row_max = _all_reduce(z.amax(dim=-1), dist.ReduceOp.MAX, group)
+    row_max = all_reduce(z.amax(dim=-1), dist.ReduceOp.MAX, group)
     shifted = (z - row_max.unsqueeze(-1)).clamp_min_(-1e4)
     exp = shifted.exp()
     on_shard = local_targets >= 0
     target_logit = shifted.gather(-1, local_targets.clamp_min(0).unsqueeze(-1)).squeeze(-1) * on_shard
     sums = torch.stack([exp.sum(dim=-1), torch.linalg.vecdot(exp, shifted), target_logit])
-    sum_exp, sum_exp_z, target_logit = _all_reduce(sums, dist.ReduceOp.SUM, group)
+    sum_exp, sum_exp_z, target_logit = all_reduce(sums, dist.ReduceOp.SUM, group)
     log_sum = sum_exp.log()
     return target_logit - log_sum, log_sum - sum_exp_z / sum_exp, row_max, sum_exp
 
@@ -54,7 +44,7 @@ def _chunk_forward(
 class _VocabParallelLogProbEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, temperature, rows, group, chunk_size, with_entropy_grad):  # noqa: ANN001, ANN205, PLR0917
-        rank, _ = _group_rank_size(group)
+        rank, _ = group_rank_size(group)
         vocab_local = logits.shape[-1]
         local = targets - rank * vocab_local
         local = torch.where((local >= 0) & (local < vocab_local), local, torch.full_like(local, -1))
@@ -127,7 +117,7 @@ def vocab_parallel_logprob_entropy(
     temp = torch.as_tensor(temperature, dtype=torch.float32, device=logits.device).expand(logits.shape[0])
     keep = torch.ones_like(targets, dtype=torch.bool) if mask is None else mask.bool()
     rows = keep.nonzero().squeeze(-1)
-    _, tp_size = _group_rank_size(tp_group)
+    _, tp_size = group_rank_size(tp_group)
     kept_targets = targets.index_select(0, rows)
     if bool(((kept_targets < 0) | (kept_targets >= logits.shape[-1] * tp_size)).any()):
         raise ValueError(f"targets must be vocabulary ids in [0, {logits.shape[-1] * tp_size}) on unmasked tokens")

@@ -1,0 +1,20 @@
+"""The few collective helpers the parallel layer shares; a ``None`` group means "this rank alone"."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def group_rank_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    """``(rank in group, group size)``; ``(0, 1)`` for ``None``."""
+    if group is None:
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def all_reduce(tensor: torch.Tensor, op: dist.ReduceOp, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """In-place all-reduce of ``tensor`` over ``group`` (a no-op for ``None`` or one rank); returns ``tensor``."""
+    if group_rank_size(group)[1] > 1:
+        dist.all_reduce(tensor, op=op, group=group)
+    return tensor
