@@ -60,7 +60,7 @@ class _CudaToCpu(TorchFunctionMode):
         if _is_cuda(kwargs.get("device")):
             kwargs["device"] = "cpu"
         if func in {torch.Tensor.to, torch.Tensor.cuda}:
-            args = tuple("cpu" if _is_cuda(a) or isinstance(a, int) and not isinstance(a, bool) else a for a in args)
+            args = tuple("cpu" if _is_cuda(a) or (isinstance(a, int) and not isinstance(a, bool)) else a for a in args)
             if func is torch.Tensor.cuda:
                 return args[0]
         return func(*args, **kwargs)
@@ -77,15 +77,15 @@ def _cpu_type(original: Any) -> Any:
 
 
 def _patch_rng() -> None:
-    from megatron.core.tensor_parallel import random as tp_random
+    from megatron.core.tensor_parallel import random as tp_random  # noqa: PLC0415  (megatron only when installed)
 
-    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()  # noqa: ARG005
-    torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)  # noqa: ARG005
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
     torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
-    tp_random._get_cuda_rng_state = lambda *_args, clone=False, **_kwargs: (  # noqa: SLF001
+    tp_random._get_cuda_rng_state = lambda *_args, clone=False, **_kwargs: (
         torch.get_rng_state().clone() if clone else torch.get_rng_state()
     )
-    tp_random._set_cuda_rng_state = lambda new_state, *_args, **_kwargs: torch.set_rng_state(new_state)  # noqa: SLF001
+    tp_random._set_cuda_rng_state = lambda new_state, *_args, **_kwargs: torch.set_rng_state(new_state)
 
 
 def install() -> None:

@@ -7,11 +7,15 @@ aggregation mode is summed once over every micro-batch of the mini-batch and eve
 micro-batch loss is pre-multiplied by ``num_microbatches * dp_size`` so that the two averagings cancel: the
 accumulated, DP-averaged gradient is exactly that of ``aggregate_loss`` over the whole mini-batch.
 
-Scope: Megatron's two-output loss path (the schedule divides by ``num_microbatches``; not the three-output
-``calculate_per_token_loss`` path, which divides by the returned token count). Context parallelism: with CP > 1
-pass ``dp_size`` = the pure DP size (Megatron multiplies the loss by ``cp_size`` and DDP divides by
-``dp * cp``, which cancel), and only ``token-mean`` / ``token-sum`` are exact, since a CP rank holds pieces of
-sequences; the seq-mean modes need CP = 1 (the loss glue of issue 4 will enforce this).
+With Megatron's ``calculate_per_token_loss`` the schedule does not divide by ``num_microbatches``, DDP sums
+instead of averaging, and ``finalize_model_grads`` divides the gradients by the token count returned by every
+micro-batch, summed over micro-batches and DP x CP ranks (``T``). :func:`per_token_loss_outputs` then returns
+``numerator * T / D`` with the local token count, which is exact for every mode (``D = T`` for token-mean).
+
+Context parallelism: with CP > 1 pass ``dp_size`` = the pure DP size (Megatron multiplies a two-output loss by
+``cp_size`` and DDP divides by ``dp * cp``, which cancel), and sum denominators over the DP x CP group. Only
+``token-mean`` / ``token-sum`` are exact under CP, since a CP rank holds pieces of sequences; the seq-mean modes
+need CP = 1 (:mod:`megatron_hapo.parallel.policy_loss` enforces this).
 """
 
 from __future__ import annotations
@@ -69,3 +73,28 @@ def microbatch_loss(
     """
     numerator, _ = aggregation_terms(per_token_loss, mask, mode)
     return numerator / denominator.to(numerator).clamp_min(1e-12) * (num_microbatches * dp_size)
+
+
+def per_token_loss_outputs(
+    per_token_loss: torch.Tensor,
+    mask: torch.Tensor,
+    mode: AggregationMode,
+    *,
+    denominator: torch.Tensor,
+    total_tokens: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, num_tokens)`` for Megatron's ``calculate_per_token_loss`` path (gradients divided by ``T``).
+
+    Args:
+        per_token_loss: ``[B_m, L_m]``.
+        mask: ``[B_m, L_m]`` valid tokens.
+        denominator: the mode's mini-batch denominator ``D`` (:func:`global_denominator`).
+        total_tokens: ``T``, the valid tokens of the mini-batch over every micro-batch and DP x CP rank
+            (:func:`global_denominator` with ``token-mean``).
+
+    Returns:
+        ``(0-dim loss = numerator * T / D, 0-dim int32 local valid-token count)``.
+    """
+    numerator, _ = aggregation_terms(per_token_loss, mask, mode)
+    scale = total_tokens.to(numerator) / denominator.to(numerator).clamp_min(1e-12)
+    return numerator * scale, mask.bool().sum().to(torch.int32)

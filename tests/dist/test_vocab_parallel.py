@@ -48,7 +48,7 @@ def test_single_rank_matches_reference_forward_and_backward():
 
 
 def test_entropy_grad_switch_and_bf16_input():
-    logits, targets, temperature, mask, _ = make_case(1)
+    logits, targets, _, _, _ = make_case(1)
     local = logits.bfloat16().requires_grad_()
     log_prob, entropy = vocab_parallel_logprob_entropy(local, targets, tp_group=None, temperature=1.0)
     assert not entropy.requires_grad and log_prob.requires_grad

@@ -1,0 +1,283 @@
+"""The policy loss inside Megatron's ``get_forward_backward_func``: forward steps and loss functions.
+
+Megatron's schedules call ``forward_step_func(data_iterator, model) -> (output, loss_func)`` once per
+micro-batch and, on the last pipeline stage only, ``loss_func(output)``. The two steps here are:
+
+- :class:`LogProbEntropyStep` (``forward_only=True``): returns per micro-batch the log-probs of the targets and
+  the full-vocabulary entropies, ``[B, S]`` each (old log-probs for the ratio, and the entropies whose
+  statistics the next rollout's adaptive temperature uses). Megatron collects the returned dicts in a list.
+- :class:`PolicyLossStep` (training): log-prob + entropy -> ``h_hat`` (micro-batch statistics pooled over CP,
+  or given mini-batch / step statistics) -> the configured ``algos`` composition -> the loss Megatron expects,
+  scaled so that the accumulated, data-parallel-reduced gradient is exactly that of the configured aggregation
+  over the whole mini-batch (:mod:`megatron_hapo.parallel.token_mean`), with or without
+  ``calculate_per_token_loss``.
+
+Batch contract: a :class:`PolicyMicroBatch` is already sliced for this data-parallel rank (and context-parallel
+rank); position ``t`` of ``targets`` / ``mask`` / ``old_log_prob`` / ``advantages`` belongs to the logits at
+position ``t`` (the next token). The model returns ``[B, S, V / tp]`` logits on the last stage (Megatron's
+``GPTModel`` without labels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_hapo.algos import EntropyStats, aggregation_terms, apply_entropy_stats
+from megatron_hapo.algos.compose import needs_entropy, token_policy_loss
+from megatron_hapo.algos.entropy import ENTROPY_EPS
+from megatron_hapo.parallel.collectives import group_rank_size
+from megatron_hapo.parallel.stats import distributed_entropy_stats
+from megatron_hapo.parallel.token_mean import global_denominator, microbatch_loss, per_token_loss_outputs
+from megatron_hapo.parallel.vocab_parallel import DEFAULT_CHUNK_SIZE, vocab_parallel_logprob_entropy
+
+_WHOLE_SEQUENCE_AGGREGATIONS = ("seq-mean-token-mean", "seq-mean-token-sum")
+_WHOLE_SEQUENCE_RATIOS = ("sequence_mean", "sequence_geometric")
+
+
+@dataclass(frozen=True)
+class ParallelGroups:
+    """The process groups the loss communicates over (``None``: a group of one)."""
+
+    tp: dist.ProcessGroup | None = None
+    """Tensor-parallel group the vocabulary is sharded over."""
+    dp: dist.ProcessGroup | None = None
+    """Pure data-parallel group (DDP averages over ``dp x cp``; Megatron multiplies by ``cp``)."""
+    cp: dist.ProcessGroup | None = None
+    """Context-parallel group (ranks holding pieces of the same sequences)."""
+    dp_cp: dist.ProcessGroup | None = None
+    """Data x context-parallel group: every token of the mini-batch lies on exactly one rank of it."""
+    pp: dist.ProcessGroup | None = None
+    """Pipeline-parallel group (only its last stage computes the loss)."""
+
+    @classmethod
+    def from_megatron(cls) -> ParallelGroups:
+        """The groups of an initialised ``megatron.core.parallel_state``."""
+        from megatron.core import parallel_state as mpu  # noqa: PLC0415  (keep algos-only users megatron-free)
+
+        return cls(
+            tp=mpu.get_tensor_model_parallel_group(),
+            dp=mpu.get_data_parallel_group(),
+            cp=mpu.get_context_parallel_group(),
+            dp_cp=mpu.get_data_parallel_group(with_context_parallel=True),
+            pp=mpu.get_pipeline_model_parallel_group(),
+        )
+
+
+@dataclass(kw_only=True)
+class PolicyMicroBatch:
+    """One micro-batch of prompt + response sequences (this DP / CP rank's slice)."""
+
+    tokens: torch.Tensor
+    """``[B, S]`` int64 model input."""
+    position_ids: torch.Tensor
+    """``[B, S]`` int64."""
+    targets: torch.Tensor
+    """``[B, S]`` int64 global vocabulary ids: the token following each position (any id where masked)."""
+    mask: torch.Tensor
+    """``[B, S]`` bool: positions whose target is a response token in the loss."""
+    old_log_prob: torch.Tensor | None = None
+    """``[B, S]`` behaviour-policy log-probs of ``targets`` (training only)."""
+    advantages: torch.Tensor | None = None
+    """``[B, S]`` or ``[B]`` advantages (training only)."""
+    temperature: float | torch.Tensor = 1.0
+    """Temperature the log-probs and entropies are computed at: a float or ``[B, S]``."""
+
+
+@dataclass(kw_only=True)
+class MiniBatchPlan:
+    """Mini-batch-wide constants every micro-batch's loss needs; identical on all ranks of ``dp_cp``."""
+
+    num_microbatches: int
+    denominator: torch.Tensor
+    """0-dim: the aggregation mode's denominator over every micro-batch and DP x CP rank."""
+    total_tokens: torch.Tensor
+    """0-dim: valid tokens over every micro-batch and DP x CP rank."""
+    entropy_stats: EntropyStats | None = None
+    """Statistics for ``h_hat`` at ``minibatch`` / ``step`` scope; ``None`` at ``microbatch`` scope."""
+
+
+def check_loss_setup(algo: Any, groups: ParallelGroups) -> None:
+    """Reject settings the Megatron loss cannot compute exactly, with the reason and the fix."""
+    if algo.guide_policy.kind != "none":
+        raise NotImplementedError(
+            "the guide-policy (mixed-policy) term needs a second forward over the guide samples; the Megatron "
+            "loss glue does not run it yet: use algo.guide_policy.kind=none here"
+        )
+    _, cp_size = group_rank_size(groups.cp)
+    if cp_size > 1 and algo.aggregation.kind in _WHOLE_SEQUENCE_AGGREGATIONS:
+        raise ValueError(
+            f"algo.aggregation.kind={algo.aggregation.kind} needs whole sequences on one rank, but context "
+            f"parallelism splits them over {cp_size} ranks: use token-mean / token-sum, or CP = 1"
+        )
+    if cp_size > 1 and algo.ratio.kind in _WHOLE_SEQUENCE_RATIOS:
+        raise ValueError(f"algo.ratio.kind={algo.ratio.kind} needs whole sequences on one rank; use CP = 1")
+
+
+def plan_minibatch(
+    microbatches: list[PolicyMicroBatch],
+    algo: Any,
+    groups: ParallelGroups,
+    *,
+    entropy_stats: EntropyStats | None = None,
+) -> MiniBatchPlan:
+    """Count the mini-batch's denominators once (one all-reduce each over ``groups.dp_cp``).
+
+    Every rank of the DP x CP group calls it with its own micro-batches (all pipeline stages may call it; only
+    the last one uses the result). ``entropy_stats`` is required when an ``h_hat`` consumer is configured at
+    ``minibatch`` / ``step`` scope (see :func:`pooled_entropy_stats`).
+    """
+    check_loss_setup(algo, groups)
+    scope = algo.entropy.scope
+    if needs_entropy(algo) and scope != "microbatch" and entropy_stats is None:
+        raise ValueError(f"algo.entropy.scope={scope} needs the pooled statistics: pass entropy_stats=")
+    masks = [mb.mask for mb in microbatches]
+    return MiniBatchPlan(
+        num_microbatches=len(microbatches),
+        denominator=global_denominator(masks, algo.aggregation.kind, dp_group=groups.dp_cp),
+        total_tokens=global_denominator(masks, "token-mean", dp_group=groups.dp_cp),
+        entropy_stats=entropy_stats if scope != "microbatch" else None,
+    )
+
+
+def pooled_entropy_stats(
+    entropies: list[torch.Tensor], masks: list[torch.Tensor], algo: Any, groups: ParallelGroups
+) -> EntropyStats:
+    """EntropyStats over all valid tokens of several ``[B, S]`` micro-batches on every DP x CP rank."""
+    flat_entropy = torch.cat([e.reshape(-1) for e in entropies]) if entropies else torch.zeros(0)
+    flat_mask = torch.cat([m.reshape(-1) for m in masks]) if masks else torch.zeros(0, dtype=torch.bool)
+    cfg = algo.entropy
+    return distributed_entropy_stats(
+        flat_entropy, flat_mask, group=groups.dp_cp, pivot_quantile=cfg.pivot_quantile, sign=cfg.sign
+    )
+
+
+def stats_from_last_stage(stats: EntropyStats | None, pp_group: dist.ProcessGroup | None) -> EntropyStats:
+    """Broadcast the statistics the last pipeline stage computed (``stats``; ``None`` elsewhere) to every stage."""
+    _, pp_size = group_rank_size(pp_group)
+    if pp_size == 1:
+        if stats is None:
+            raise ValueError("a single pipeline stage must pass its statistics")
+        return stats
+    last = dist.get_process_group_ranks(pp_group)[-1]
+    device = "cuda" if dist.get_backend(pp_group) == "nccl" else "cpu"
+    values = torch.zeros(4, dtype=torch.float32, device=device)
+    if stats is not None:
+        values = torch.stack([stats.pivot, stats.rms, stats.scale_pos, stats.scale_neg]).float().to(device)
+    dist.broadcast(values, src=last, group=pp_group)
+    return EntropyStats(*values.unbind())
+
+
+def _logprob_entropy(
+    batch: PolicyMicroBatch, logits: torch.Tensor, groups: ParallelGroups, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, S, V / tp]`` logits -> ``(log_prob [B, S], entropy [B, S])`` float32 (0 outside the mask)."""
+    shape = batch.targets.shape
+    if logits.shape[:2] != shape:
+        raise ValueError(f"logits {tuple(logits.shape)} do not match targets {tuple(shape)}: expected [B, S, V/tp]")
+    temperature = batch.temperature
+    if isinstance(temperature, torch.Tensor):
+        temperature = temperature.reshape(-1)
+    log_prob, entropy = vocab_parallel_logprob_entropy(
+        logits.reshape(-1, logits.shape[-1]),
+        batch.targets.reshape(-1),
+        tp_group=groups.tp,
+        temperature=temperature,
+        chunk_size=chunk_size,
+        mask=batch.mask.reshape(-1),
+    )
+    return log_prob.reshape(shape), entropy.reshape(shape)
+
+
+def _run_model(model: Any, batch: PolicyMicroBatch) -> torch.Tensor:
+    return model(batch.tokens, batch.position_ids, None)
+
+
+@dataclass(frozen=True)
+class LogProbEntropyStep:
+    """Forward-only step: per micro-batch ``{"log_prob": [B, S], "entropy": [B, S]}`` on the last stage."""
+
+    groups: ParallelGroups
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+
+    def __call__(self, data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
+        batch = next(data_iterator)
+        return _run_model(model, batch), partial(self.loss, batch)
+
+    def loss(self, batch: PolicyMicroBatch, logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with torch.no_grad():
+            log_prob, entropy = _logprob_entropy(batch, logits, self.groups, self.chunk_size)
+        return logits.new_zeros(()), {"log_prob": log_prob, "entropy": entropy}
+
+
+@dataclass(frozen=True)
+class PolicyLossStep:
+    """Training step: the configured policy loss of each micro-batch, exact over the whole mini-batch.
+
+    ``calculate_per_token_loss`` must equal the Megatron ``TransformerConfig`` field of the same name.
+    """
+
+    algo: Any
+    groups: ParallelGroups
+    plan: MiniBatchPlan
+    calculate_per_token_loss: bool = False
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+
+    def __call__(self, data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
+        batch = next(data_iterator)
+        return _run_model(model, batch), partial(self.loss, batch)
+
+    def _h_hat(self, batch: PolicyMicroBatch, entropy: torch.Tensor) -> torch.Tensor | None:
+        if not needs_entropy(self.algo):
+            return None
+        cfg = self.algo.entropy
+        stats = self.plan.entropy_stats
+        if stats is None:  # micro-batch scope (published code), pooled over the CP pieces of its sequences
+            stats = distributed_entropy_stats(
+                entropy, batch.mask, group=self.groups.cp, pivot_quantile=cfg.pivot_quantile, sign=cfg.sign
+            )
+        return apply_entropy_stats(torch.log(entropy.float().clamp_min(ENTROPY_EPS)), stats)
+
+    def loss(self, batch: PolicyMicroBatch, logits: torch.Tensor) -> tuple[Any, ...]:
+        """Megatron's ``loss_func``: ``(loss, metrics)`` or ``(loss, num_tokens, metrics)`` (per-token path)."""
+        if batch.old_log_prob is None or batch.advantages is None:
+            raise ValueError("training micro-batches need old_log_prob and advantages")
+        log_prob, entropy = _logprob_entropy(batch, logits, self.groups, self.chunk_size)
+        per_token, metrics = token_policy_loss(
+            log_prob, batch.old_log_prob, batch.advantages, batch.mask, algo=self.algo,
+            h_hat=self._h_hat(batch, entropy.detach()),
+        )  # fmt: skip
+        mode = self.algo.aggregation.kind
+        numerator, _ = aggregation_terms(per_token.detach(), batch.mask, mode)
+        metrics = {name: value.detach() for name, value in metrics.items()}
+        metrics["loss_share"] = numerator / self.plan.denominator.clamp_min(1e-12)  # sums to the mini-batch loss
+        metrics["entropy_sum"] = (entropy.detach() * batch.mask).sum()
+        metrics["num_tokens"] = batch.mask.sum()
+        if self.calculate_per_token_loss:
+            loss, num_tokens = per_token_loss_outputs(
+                per_token, batch.mask, mode, denominator=self.plan.denominator, total_tokens=self.plan.total_tokens
+            )
+            return loss, num_tokens, metrics
+        _, dp_size = group_rank_size(self.groups.dp)
+        loss = microbatch_loss(
+            per_token, batch.mask, mode, denominator=self.plan.denominator,
+            num_microbatches=self.plan.num_microbatches, dp_size=dp_size,
+        )  # fmt: skip
+        return loss, metrics
+
+
+__all__ = [
+    "LogProbEntropyStep",
+    "MiniBatchPlan",
+    "ParallelGroups",
+    "PolicyLossStep",
+    "PolicyMicroBatch",
+    "check_loss_setup",
+    "plan_minibatch",
+    "pooled_entropy_stats",
+    "stats_from_last_stage",
+]
