@@ -14,6 +14,9 @@ statistics (max, sum, entropy: ``O(N)`` float32) and needs no communication.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 
@@ -41,22 +44,107 @@ def _chunk_forward(
     return target_logit - log_sum, log_sum - sum_exp_z / sum_exp, row_max, sum_exp
 
 
+class ChunkStats(NamedTuple):
+    """Per-token ``[N]`` tensors the backward needs: local target id (-1 off-shard), temperature, and the
+    forward's float32 row max, sum of exponentials and entropy."""
+
+    local_targets: torch.Tensor
+    temperature: torch.Tensor
+    row_max: torch.Tensor
+    sum_exp: torch.Tensor
+    entropy: torch.Tensor
+
+
+def chunk_logits_grad(
+    logits: torch.Tensor,
+    chunk: torch.Tensor,
+    saved: ChunkStats,
+    grad_log_prob: torch.Tensor | None,
+    grad_entropy: torch.Tensor | None,
+) -> torch.Tensor:
+    """Gradient w.r.t. the unscaled logits ``[T, V_local]`` (float32) of the rows ``chunk`` ``[T]``.
+
+    Recomputes the chunk's softmax from the saved statistics (no communication): with ``z = logits / temp``,
+    ``d log_prob / dz = onehot - p`` and ``d entropy / dz = -p (log p + H)``; the result is divided by ``temp``.
+    """
+    temp = saved.temperature.index_select(0, chunk).unsqueeze(-1)
+    shifted = logits / temp - saved.row_max.index_select(0, chunk).unsqueeze(-1)
+    log_p = shifted.clamp_min_(-1e4) - saved.sum_exp.index_select(0, chunk).log().unsqueeze(-1)
+    p = log_p.exp()
+    grad_z = torch.zeros_like(p)
+    if grad_log_prob is not None:
+        g = grad_log_prob.index_select(0, chunk).float().unsqueeze(-1)
+        targets = saved.local_targets.index_select(0, chunk)
+        on_shard = (targets >= 0).float().unsqueeze(-1)
+        grad_z -= g * p
+        grad_z.scatter_add_(-1, targets.clamp_min(0).unsqueeze(-1), g * on_shard)
+    if grad_entropy is not None:
+        g = grad_entropy.index_select(0, chunk).float().unsqueeze(-1)
+        grad_z -= g * p * (log_p + saved.entropy.index_select(0, chunk).unsqueeze(-1))
+    return grad_z.div_(temp)
+
+
+def local_target_ids(targets: torch.Tensor, vocab_local: int, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """``[N]`` global ids -> ids within this rank's vocabulary shard, -1 where the target lies on another rank."""
+    rank, _ = group_rank_size(group)
+    local = targets - rank * vocab_local
+    return torch.where((local >= 0) & (local < vocab_local), local, torch.full_like(local, -1))
+
+
+def chunked_forward(
+    chunk_logits: Callable[[torch.Tensor], torch.Tensor],
+    local_targets: torch.Tensor,
+    temperature: torch.Tensor,
+    rows: torch.Tensor,
+    *,
+    group: dist.ProcessGroup | None,
+    chunk_size: int,
+) -> tuple[torch.Tensor, ChunkStats]:
+    """Run :func:`_chunk_forward` over ``rows`` in chunks; ``chunk_logits(rows [T]) -> [T, V_local]`` logits.
+
+    Returns ``(log_prob [N], ChunkStats)`` float32; rows not in ``rows`` get log-prob and entropy 0.
+    """
+    num = local_targets.shape[0]
+    log_prob, entropy = (torch.zeros(num, dtype=torch.float32, device=temperature.device) for _ in range(2))
+    row_max, sum_exp = torch.zeros_like(log_prob), torch.ones_like(log_prob)
+    for chunk in rows.split(chunk_size):
+        z = chunk_logits(chunk).float() / temperature.index_select(0, chunk).unsqueeze(-1)
+        outs = _chunk_forward(z, local_targets.index_select(0, chunk), group)
+        for out, value in zip((log_prob, entropy, row_max, sum_exp), outs, strict=True):
+            out.index_copy_(0, chunk, value)
+    return log_prob, ChunkStats(local_targets, temperature, row_max, sum_exp, entropy)
+
+
+def prepare_inputs(
+    targets: torch.Tensor,
+    vocab_size: int,
+    temperature: float | torch.Tensor,
+    mask: torch.Tensor | None,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate the replicated inputs; returns ``(temperature [N] float32, rows [K] kept token indices)``."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    temp = torch.as_tensor(temperature, dtype=torch.float32, device=targets.device).expand(targets.shape[0])
+    keep = torch.ones_like(targets, dtype=torch.bool) if mask is None else mask.bool()
+    rows = keep.nonzero().squeeze(-1)
+    kept_targets = targets.index_select(0, rows)
+    if bool(((kept_targets < 0) | (kept_targets >= vocab_size)).any()):
+        raise ValueError(f"targets must be vocabulary ids in [0, {vocab_size}) on unmasked tokens")
+    if bool((temp.index_select(0, rows) <= 0).any()):
+        raise ValueError("temperature must be > 0 for log-probs and entropy (on unmasked tokens)")
+    return temp.contiguous(), rows
+
+
 class _VocabParallelLogProbEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, temperature, rows, group, chunk_size, with_entropy_grad):  # noqa: ANN001, ANN205, PLR0917
-        rank, _ = group_rank_size(group)
-        vocab_local = logits.shape[-1]
-        local = targets - rank * vocab_local
-        local = torch.where((local >= 0) & (local < vocab_local), local, torch.full_like(local, -1))
-        num = logits.shape[0]
-        log_prob, entropy = (torch.zeros(num, dtype=torch.float32, device=logits.device) for _ in range(2))
-        row_max, sum_exp = torch.zeros_like(log_prob), torch.ones_like(log_prob)
-        for chunk in rows.split(chunk_size):
-            z = logits.index_select(0, chunk).float() / temperature.index_select(0, chunk).unsqueeze(-1)
-            outs = _chunk_forward(z, local.index_select(0, chunk), group)
-            for out, value in zip((log_prob, entropy, row_max, sum_exp), outs, strict=True):
-                out.index_copy_(0, chunk, value)
-        ctx.save_for_backward(logits, local, temperature, rows, row_max, sum_exp, entropy)
+        local = local_target_ids(targets, logits.shape[-1], group)
+        log_prob, saved = chunked_forward(
+            lambda chunk: logits.index_select(0, chunk), local, temperature, rows, group=group, chunk_size=chunk_size
+        )
+        entropy = saved.entropy
+        ctx.save_for_backward(logits, local, temperature, rows, saved.row_max, saved.sum_exp, entropy)
         ctx.chunk_size, ctx.with_entropy_grad = chunk_size, with_entropy_grad
         if not with_entropy_grad:
             ctx.mark_non_differentiable(entropy)
@@ -66,23 +154,11 @@ class _VocabParallelLogProbEntropy(torch.autograd.Function):
     def backward(ctx, grad_log_prob, grad_entropy):  # noqa: ANN001, ANN205
         logits, local, temperature, rows, row_max, sum_exp, entropy = ctx.saved_tensors
         grad_logits = torch.zeros_like(logits)
-        use_entropy = ctx.with_entropy_grad and grad_entropy is not None
+        saved = ChunkStats(local, temperature, row_max, sum_exp, entropy)
+        grads = (grad_log_prob, grad_entropy if ctx.with_entropy_grad else None)
         for chunk in rows.split(ctx.chunk_size):
-            temp = temperature.index_select(0, chunk).unsqueeze(-1)
-            shifted = logits.index_select(0, chunk).float() / temp - row_max.index_select(0, chunk).unsqueeze(-1)
-            log_p = shifted.clamp_min_(-1e4) - sum_exp.index_select(0, chunk).log().unsqueeze(-1)
-            p = log_p.exp()
-            grad_z = torch.zeros_like(p)
-            if grad_log_prob is not None:
-                g = grad_log_prob.index_select(0, chunk).float().unsqueeze(-1)
-                targets = local.index_select(0, chunk)
-                on_shard = (targets >= 0).float().unsqueeze(-1)
-                grad_z -= g * p
-                grad_z.scatter_add_(-1, targets.clamp_min(0).unsqueeze(-1), g * on_shard)
-            if use_entropy:
-                g = grad_entropy.index_select(0, chunk).float().unsqueeze(-1)
-                grad_z -= g * p * (log_p + entropy.index_select(0, chunk).unsqueeze(-1))
-            grad_logits.index_copy_(0, chunk, (grad_z / temp).to(logits.dtype))
+            grad_z = chunk_logits_grad(logits.index_select(0, chunk).float(), chunk, saved, *grads)
+            grad_logits.index_copy_(0, chunk, grad_z.to(logits.dtype))
         return grad_logits, None, None, None, None, None, None
 
 
@@ -112,17 +188,8 @@ def vocab_parallel_logprob_entropy(
     """
     if logits.dim() != 2 or targets.shape != logits.shape[:1]:
         raise ValueError(f"need logits [N, V_local] and targets [N]; got {tuple(logits.shape)}, {tuple(targets.shape)}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    temp = torch.as_tensor(temperature, dtype=torch.float32, device=logits.device).expand(logits.shape[0])
-    keep = torch.ones_like(targets, dtype=torch.bool) if mask is None else mask.bool()
-    rows = keep.nonzero().squeeze(-1)
     _, tp_size = group_rank_size(tp_group)
-    kept_targets = targets.index_select(0, rows)
-    if bool(((kept_targets < 0) | (kept_targets >= logits.shape[-1] * tp_size)).any()):
-        raise ValueError(f"targets must be vocabulary ids in [0, {logits.shape[-1] * tp_size}) on unmasked tokens")
-    if bool((temp.index_select(0, rows) <= 0).any()):
-        raise ValueError("temperature must be > 0 for log-probs and entropy (on unmasked tokens)")
+    temp, rows = prepare_inputs(targets, logits.shape[-1] * tp_size, temperature, mask, chunk_size)
     return _VocabParallelLogProbEntropy.apply(
-        logits, targets.long(), temp.contiguous(), rows, tp_group, chunk_size, with_entropy_grad
+        logits, targets.long(), temp, rows, tp_group, chunk_size, with_entropy_grad
     )

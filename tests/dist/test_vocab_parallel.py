@@ -35,11 +35,11 @@ def check_shard(logits, targets, temperature, mask, grads, shard, group, chunk_s
     )  # fmt: skip
     full = logits.double().requires_grad_()
     ref_lp, ref_h = reference(full, targets, temperature, mask)
-    torch.testing.assert_close(log_prob.double(), ref_lp, atol=2e-5, rtol=1e-5)
-    torch.testing.assert_close(entropy.double(), ref_h, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(log_prob.double(), ref_lp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(entropy.double(), ref_h, atol=1e-5, rtol=0)
     ((log_prob * grads[0]).sum() + (entropy * grads[1]).sum()).backward()
     ((ref_lp * grads[0].double()).sum() + (ref_h * grads[1].double()).sum()).backward()
-    torch.testing.assert_close(local.grad.double(), full.grad[:, shard], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(local.grad.double(), full.grad[:, shard], atol=1e-5, rtol=0)
 
 
 def test_single_rank_matches_reference_forward_and_backward():

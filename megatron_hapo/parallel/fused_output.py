@@ -1,0 +1,107 @@
+"""Log-prob and entropy straight from the final hidden states and the vocabulary-sharded output weight.
+
+The ``[N, V / tp]`` logits never exist: each chunk of ``chunk_size`` tokens computes its ``[T, V / tp]`` logits
+with one matmul, reduces them to the per-token statistics (the same two all-reduces per chunk as
+:func:`megatron_hapo.parallel.vocab_parallel_logprob_entropy`) and drops them. The backward recomputes each
+chunk's logits and softmax, and accumulates ``grad_hidden = grad_z @ W`` and ``grad_W += grad_z^T @ hidden``
+chunk by chunk. Peak extra memory is a few ``[chunk_size, V / tp]`` float32 tensors plus one float32
+weight-sized gradient accumulator, independent of ``N``.
+
+Placement contract (Megatron's ``ColumnParallelLinear`` output layer with ``gather_output=False``):
+``hidden`` ``[N, H]`` is replicated over ``tp_group`` (with sequence parallelism, gather it over the sequence
+first); ``weight`` ``[V / tp, H]`` holds rows ``[r * V / tp, (r + 1) * V / tp)`` on rank ``r``; targets,
+temperature and mask are replicated; both outputs are replicated. The backward all-reduces ``grad_hidden``
+over ``tp_group`` (as the column-parallel layer's input gradient), so the caller must not reduce it again.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megatron_hapo.parallel.collectives import all_reduce, group_rank_size
+from megatron_hapo.parallel.vocab_parallel import (
+    DEFAULT_CHUNK_SIZE,
+    ChunkStats,
+    chunk_logits_grad,
+    chunked_forward,
+    local_target_ids,
+    prepare_inputs,
+)
+
+
+class _FusedOutputLogProbEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, rows, group, chunk_size, with_entropy_grad):  # noqa: ANN001, ANN205, PLR0917
+        local = local_target_ids(targets, weight.shape[0], group)
+        log_prob, saved = chunked_forward(
+            lambda chunk: hidden.index_select(0, chunk) @ weight.t(),
+            local, temperature, rows, group=group, chunk_size=chunk_size,
+        )  # fmt: skip
+        ctx.save_for_backward(hidden, weight, local, temperature, rows, saved.row_max, saved.sum_exp, saved.entropy)
+        ctx.group, ctx.chunk_size, ctx.with_entropy_grad = group, chunk_size, with_entropy_grad
+        if not with_entropy_grad:
+            ctx.mark_non_differentiable(saved.entropy)
+        return log_prob, saved.entropy
+
+    @staticmethod
+    def backward(ctx, grad_log_prob, grad_entropy):  # noqa: ANN001, ANN205
+        hidden, weight, local, temperature, rows, row_max, sum_exp, entropy = ctx.saved_tensors
+        saved = ChunkStats(local, temperature, row_max, sum_exp, entropy)
+        grads = (grad_log_prob, grad_entropy if ctx.with_entropy_grad else None)
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        for chunk in rows.split(ctx.chunk_size):
+            hidden_chunk = hidden.index_select(0, chunk)
+            grad_z = chunk_logits_grad((hidden_chunk @ weight.t()).float(), chunk, saved, *grads).to(weight.dtype)
+            if need_hidden:
+                grad_hidden.index_copy_(0, chunk, grad_z @ weight)
+            if need_weight:
+                grad_weight.addmm_(grad_z.t().float(), hidden_chunk.float())
+        if need_hidden:
+            grad_hidden = all_reduce(grad_hidden, dist.ReduceOp.SUM, ctx.group)
+        if need_weight:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None, None
+
+
+def fused_logprob_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    tp_group: dist.ProcessGroup | None,
+    temperature: float | torch.Tensor = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    with_entropy_grad: bool = False,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of ``targets`` and entropy of ``softmax(hidden @ W_full^T / temperature)`` without the logits.
+
+    Args:
+        hidden: ``[N, H]`` final hidden states (after the final norm), replicated over ``tp_group``.
+        weight: ``[V / tp, H]`` this rank's rows of the output weight, same dtype as ``hidden``.
+        targets: ``[N]`` global vocabulary ids, replicated.
+        tp_group: the tensor-parallel group the vocabulary is sharded over; ``None`` on one rank.
+        temperature: a float or ``[N]`` per-token temperatures (> 0), replicated.
+        chunk_size: tokens per chunk (bounds the temporaries to ``[chunk_size, V / tp]`` float32).
+        with_entropy_grad: let gradients flow through the entropy.
+        mask: ``[N]`` bool; tokens outside it are skipped (outputs 0, no gradient, no matmul).
+
+    Returns:
+        ``(log_prob [N] float32, entropy [N] float32)``, replicated over ``tp_group``.
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"need hidden [N, H] and weight [V_local, H]; got {tuple(hidden.shape)}, {tuple(weight.shape)}"
+        )
+    if targets.shape != hidden.shape[:1]:
+        raise ValueError(f"targets {tuple(targets.shape)} must be [N] with N = {hidden.shape[0]}")
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
+    _, tp_size = group_rank_size(tp_group)
+    temp, rows = prepare_inputs(targets, weight.shape[0] * tp_size, temperature, mask, chunk_size)
+    return _FusedOutputLogProbEntropy.apply(
+        hidden, weight, targets.long(), temp, rows, tp_group, chunk_size, with_entropy_grad
+    )
