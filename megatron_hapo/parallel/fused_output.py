@@ -25,6 +25,7 @@ from megatron_hapo.parallel.vocab_parallel import (
     ChunkStats,
     chunk_logits_grad,
     chunked_forward,
+    compute_dtype,
     local_target_ids,
     prepare_inputs,
 )
@@ -51,14 +52,15 @@ class _FusedOutputLogProbEntropy(torch.autograd.Function):
         grads = (grad_log_prob, grad_entropy if ctx.with_entropy_grad else None)
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        grad_weight = torch.zeros_like(weight, dtype=temperature.dtype) if need_weight else None
         for chunk in rows.split(ctx.chunk_size):
             hidden_chunk = hidden.index_select(0, chunk)
-            grad_z = chunk_logits_grad((hidden_chunk @ weight.t()).float(), chunk, saved, *grads).to(weight.dtype)
+            logits = (hidden_chunk @ weight.t()).to(temperature.dtype)
+            grad_z = chunk_logits_grad(logits, chunk, saved, *grads).to(weight.dtype)
             if need_hidden:
                 grad_hidden.index_copy_(0, chunk, grad_z @ weight)
             if need_weight:
-                grad_weight.addmm_(grad_z.t().float(), hidden_chunk.float())
+                grad_weight.addmm_(grad_z.t().to(temperature.dtype), hidden_chunk.to(temperature.dtype))
         if need_hidden:
             grad_hidden = all_reduce(grad_hidden, dist.ReduceOp.SUM, ctx.group)
         if need_weight:
@@ -90,7 +92,7 @@ def fused_logprob_entropy(
         mask: ``[N]`` bool; tokens outside it are skipped (outputs 0, no gradient, no matmul).
 
     Returns:
-        ``(log_prob [N] float32, entropy [N] float32)``, replicated over ``tp_group``.
+        ``(log_prob [N], entropy [N])`` float32 (float64 for float64 inputs), replicated over ``tp_group``.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
@@ -101,7 +103,8 @@ def fused_logprob_entropy(
     if hidden.dtype != weight.dtype:
         raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
     _, tp_size = group_rank_size(tp_group)
-    temp, rows = prepare_inputs(targets, weight.shape[0] * tp_size, temperature, mask, chunk_size)
+    dtype = compute_dtype(weight.dtype)
+    temp, rows = prepare_inputs(targets, weight.shape[0] * tp_size, temperature, mask, chunk_size, dtype)
     return _FusedOutputLogProbEntropy.apply(
         hidden, weight, targets.long(), temp, rows, tp_group, chunk_size, with_entropy_grad
     )

@@ -73,13 +73,13 @@ def chunk_logits_grad(
     p = log_p.exp()
     grad_z = torch.zeros_like(p)
     if grad_log_prob is not None:
-        g = grad_log_prob.index_select(0, chunk).float().unsqueeze(-1)
+        g = grad_log_prob.index_select(0, chunk).to(p.dtype).unsqueeze(-1)
         targets = saved.local_targets.index_select(0, chunk)
-        on_shard = (targets >= 0).float().unsqueeze(-1)
+        on_shard = (targets >= 0).to(p.dtype).unsqueeze(-1)
         grad_z -= g * p
         grad_z.scatter_add_(-1, targets.clamp_min(0).unsqueeze(-1), g * on_shard)
     if grad_entropy is not None:
-        g = grad_entropy.index_select(0, chunk).float().unsqueeze(-1)
+        g = grad_entropy.index_select(0, chunk).to(p.dtype).unsqueeze(-1)
         grad_z -= g * p * (log_p + saved.entropy.index_select(0, chunk).unsqueeze(-1))
     return grad_z.div_(temp)
 
@@ -102,30 +102,37 @@ def chunked_forward(
 ) -> tuple[torch.Tensor, ChunkStats]:
     """Run :func:`_chunk_forward` over ``rows`` in chunks; ``chunk_logits(rows [T]) -> [T, V_local]`` logits.
 
-    Returns ``(log_prob [N], ChunkStats)`` float32; rows not in ``rows`` get log-prob and entropy 0.
+    Computes in ``temperature``'s dtype (the compute dtype). Returns ``(log_prob [N], ChunkStats)``; rows not in
+    ``rows`` get log-prob and entropy 0.
     """
     num = local_targets.shape[0]
-    log_prob, entropy = (torch.zeros(num, dtype=torch.float32, device=temperature.device) for _ in range(2))
+    log_prob, entropy = (torch.zeros(num, dtype=temperature.dtype, device=temperature.device) for _ in range(2))
     row_max, sum_exp = torch.zeros_like(log_prob), torch.ones_like(log_prob)
     for chunk in rows.split(chunk_size):
-        z = chunk_logits(chunk).float() / temperature.index_select(0, chunk).unsqueeze(-1)
+        z = chunk_logits(chunk).to(temperature.dtype) / temperature.index_select(0, chunk).unsqueeze(-1)
         outs = _chunk_forward(z, local_targets.index_select(0, chunk), group)
         for out, value in zip((log_prob, entropy, row_max, sum_exp), outs, strict=True):
             out.index_copy_(0, chunk, value)
     return log_prob, ChunkStats(local_targets, temperature, row_max, sum_exp, entropy)
 
 
-def prepare_inputs(
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 inputs are computed in float64 (reference checks); every other float dtype in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def prepare_inputs(  # noqa: PLR0917
     targets: torch.Tensor,
     vocab_size: int,
     temperature: float | torch.Tensor,
     mask: torch.Tensor | None,
     chunk_size: int,
+    dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate the replicated inputs; returns ``(temperature [N] float32, rows [K] kept token indices)``."""
+    """Validate the replicated inputs; returns ``(temperature [N] in dtype, rows [K] kept token indices)``."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    temp = torch.as_tensor(temperature, dtype=torch.float32, device=targets.device).expand(targets.shape[0])
+    temp = torch.as_tensor(temperature, device=targets.device).to(dtype).expand(targets.shape[0])
     keep = torch.ones_like(targets, dtype=torch.bool) if mask is None else mask.bool()
     rows = keep.nonzero().squeeze(-1)
     kept_targets = targets.index_select(0, rows)
@@ -157,7 +164,7 @@ class _VocabParallelLogProbEntropy(torch.autograd.Function):
         saved = ChunkStats(local, temperature, row_max, sum_exp, entropy)
         grads = (grad_log_prob, grad_entropy if ctx.with_entropy_grad else None)
         for chunk in rows.split(ctx.chunk_size):
-            grad_z = chunk_logits_grad(logits.index_select(0, chunk).float(), chunk, saved, *grads)
+            grad_z = chunk_logits_grad(logits.index_select(0, chunk).to(temperature.dtype), chunk, saved, *grads)
             grad_logits.index_copy_(0, chunk, grad_z.to(logits.dtype))
         return grad_logits, None, None, None, None, None, None
 
@@ -175,7 +182,7 @@ def vocab_parallel_logprob_entropy(
     """Log-prob of ``targets`` and full-vocabulary entropy of ``softmax(logits / temperature)``.
 
     Args:
-        logits: ``[N, V / tp]`` local vocabulary shard, any float dtype (math in float32).
+        logits: ``[N, V / tp]`` local vocabulary shard, any float dtype (math in float32; float64 stays float64).
         targets: ``[N]`` global vocabulary ids, replicated over ``tp_group``.
         tp_group: the tensor-parallel group the vocabulary is sharded over; ``None`` on one rank.
         temperature: a float or ``[N]`` per-token temperatures (> 0), replicated.
@@ -184,12 +191,13 @@ def vocab_parallel_logprob_entropy(
         mask: ``[N]`` bool, replicated; tokens outside it are skipped (outputs 0, gradient 0).
 
     Returns:
-        ``(log_prob [N] float32, entropy [N] float32)``, replicated over ``tp_group``.
+        ``(log_prob [N], entropy [N])`` float32 (float64 for float64 logits), replicated over ``tp_group``.
     """
     if logits.dim() != 2 or targets.shape != logits.shape[:1]:
         raise ValueError(f"need logits [N, V_local] and targets [N]; got {tuple(logits.shape)}, {tuple(targets.shape)}")
     _, tp_size = group_rank_size(tp_group)
-    temp, rows = prepare_inputs(targets, logits.shape[-1] * tp_size, temperature, mask, chunk_size)
+    dtype = compute_dtype(logits.dtype)
+    temp, rows = prepare_inputs(targets, logits.shape[-1] * tp_size, temperature, mask, chunk_size, dtype)
     return _VocabParallelLogProbEntropy.apply(
         logits, targets.long(), temp, rows, tp_group, chunk_size, with_entropy_grad
     )

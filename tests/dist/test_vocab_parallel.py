@@ -87,3 +87,15 @@ def test_out_of_range_targets_and_masked_zero_temperature():
         logits, torch.tensor([0, -100, 3]), tp_group=None, temperature=torch.tensor([1.0, 0.0, 2.0]), mask=mask
     )
     assert log_prob[1] == 0 and bool(torch.isfinite(log_prob).all())
+
+
+def test_float64_logits_are_computed_in_float64():
+    logits, targets, temperature, mask, _ = make_case(2)
+    local = logits.double().requires_grad_()
+    log_prob, entropy = vocab_parallel_logprob_entropy(
+        local, targets, tp_group=None, temperature=temperature, mask=mask, chunk_size=5
+    )
+    ref_lp, ref_h = reference(logits, targets, temperature, mask)
+    assert log_prob.dtype == torch.float64
+    torch.testing.assert_close(log_prob, ref_lp, atol=1e-12, rtol=0)
+    torch.testing.assert_close(entropy, ref_h, atol=1e-12, rtol=0)
