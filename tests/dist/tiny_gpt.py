@@ -2,8 +2,8 @@
 
 Weights are loaded from one single-rank state dict into every TP / PP layout (tensor-parallel parameters are
 split along Megatron's ``partition_dim``; pipeline stages shift the layer index), so every layout computes the
-same function. The MLP is not gated (GeLU), so a plain split of ``linear_fc1`` is the right TP layout. A model
-is a list of chunks (one per virtual pipeline stage), as Megatron's schedules take it.
+same function (the model's MLP is not gated, so a plain split is the right TP layout). A model is a list of
+chunks (one per virtual pipeline stage), as Megatron's schedules take it.
 """
 
 from __future__ import annotations
@@ -33,42 +33,13 @@ def init_megatron(tp: int, pp: int, vpp: int | None = None) -> None:
 
 
 def build_model(*, per_token_loss: bool = False, ddp: bool = True, batch_p2p_comm: bool = True) -> list:
-    """The tiny GPT's chunks for the current layout, wrapped in Megatron DDP (with ``finalize_model_grads``)."""
-    from megatron.core import parallel_state as mpu
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.distributed import finalize_model_grads
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer import TransformerConfig
-    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+    """The float64 tiny GPT's chunks for the current layout (see :func:`megatron_hapo.models.build_tiny_gpt`)."""
+    from megatron_hapo.models import TinyGPTShape, build_tiny_gpt
 
-    vpp = mpu.get_virtual_pipeline_model_parallel_world_size()
-    config = TransformerConfig(
-        num_layers=LAYERS, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
-        tensor_model_parallel_size=mpu.get_tensor_model_parallel_world_size(),
-        pipeline_model_parallel_size=mpu.get_pipeline_model_parallel_world_size(),
-        virtual_pipeline_model_parallel_size=vpp, batch_p2p_comm=batch_p2p_comm,
-        params_dtype=torch.float64, pipeline_dtype=torch.float64, use_cpu_initialization=True,
-        hidden_dropout=0.0, attention_dropout=0.0, bias_dropout_fusion=False, masked_softmax_fusion=False,
-        gradient_accumulation_fusion=False, calculate_per_token_loss=per_token_loss,
-    )  # fmt: skip
-    chunks = []
-    for stage in range(vpp) if vpp else [None]:
-        model = GPTModel(
-            config=config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=VOCAB,
-            max_sequence_length=SEQ, position_embedding_type="rope", share_embeddings_and_output_weights=False,
-            pre_process=mpu.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
-            post_process=mpu.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage), vp_stage=stage,
-        ).double()  # float64 throughout (norms are built in float32): only the loss kernel's float32 rounding stays
-        if ddp:
-            ddp_config = DistributedDataParallelConfig()
-            model = DistributedDataParallel(config, ddp_config, model, disable_bucketing=bool(stage))
-        model.layer_offset = get_transformer_layer_offset(config, vp_stage=stage)
-        chunks.append(model)
-    if ddp:
-        config.finalize_model_grads_func = finalize_model_grads
-        config.no_sync_func = [chunk.no_sync for chunk in chunks] if vpp else chunks[0].no_sync
-    return chunks
+    shape = TinyGPTShape(vocab_size=VOCAB, seq_length=SEQ, num_layers=LAYERS)
+    return build_tiny_gpt(
+        shape, dtype=torch.float64, ddp=ddp, calculate_per_token_loss=per_token_loss, batch_p2p_comm=batch_p2p_comm
+    )
 
 
 def _named_parameters(chunks: list):  # noqa: ANN202
