@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The main job on a laptop-class CPU: set up .venv/ (idempotent), then run the algorithm self-check, in which
-# every preset in configs/algo/ learns a toy verifiable task through the real megatron_hapo.algos code path.
-# Extra arguments go to the self-check (e.g. `configs/algo/hapo.yaml --steps 60 algo.entropy.sign=paper`).
+# The main job on a laptop-class CPU: set up .venv/ (idempotent), then
+#   1. the algorithm self-check: every preset in configs/algo/ learns a toy verifiable task through the real
+#      megatron_hapo.algos code path (extra arguments go here, e.g. `configs/algo/hapo.yaml --steps 60`);
+#   2. the Megatron self-check: a tiny Megatron-Core GPT, tensor-parallel over 2 gloo ranks, learns the same
+#      task with HAPO through get_forward_backward_func and the vocabulary-parallel loss.
 set -euo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$repo_root/scripts/setup_venv.sh"
 cd "$repo_root"
-exec "$repo_root/.venv/bin/python" -m megatron_hapo.selfcheck "$@"
+"$repo_root/.venv/bin/python" -m megatron_hapo.selfcheck "$@"
+exec "$repo_root/.venv/bin/python" -m megatron_hapo.megatron_selfcheck

@@ -18,3 +18,13 @@ def all_reduce(tensor: torch.Tensor, op: dist.ReduceOp, group: dist.ProcessGroup
     if group_rank_size(group)[1] > 1:
         dist.all_reduce(tensor, op=op, group=group)
     return tensor
+
+
+def gather_vocab_shards(local: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """``[..., V / tp]`` vocabulary shards -> the full ``[..., V]`` on every rank of ``group`` (for sampling)."""
+    _, size = group_rank_size(group)
+    if size == 1:
+        return local
+    pieces = [torch.empty_like(local) for _ in range(size)]
+    dist.all_gather(pieces, local.contiguous(), group=group)
+    return torch.cat(pieces, dim=-1)

@@ -113,3 +113,20 @@ def install() -> None:
     torch.Tensor.type = _cpu_type(torch.Tensor.type)
     _CudaToCpu().__enter__()  # process-wide: never exited
     _installed = True
+
+
+def initialize_model_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, *, seed: int = 1234) -> None:
+    """Patch this CPU process, then (re)initialise Megatron's model-parallel state and its RNG tracker.
+
+    The default process group (gloo) must exist; ``tp * pp`` must divide its size (the rest is DP).
+    """
+    from megatron.core import parallel_state as mpu  # noqa: PLC0415
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed  # noqa: PLC0415
+
+    install()
+    if mpu.model_parallel_is_initialized():
+        mpu.destroy_model_parallel()
+    mpu.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp
+    )
+    model_parallel_cuda_manual_seed(seed)

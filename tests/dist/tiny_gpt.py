@@ -17,19 +17,10 @@ VOCAB, SEQ, LAYERS = 128, 16, 4
 
 
 def init_megatron(tp: int, pp: int, vpp: int | None = None) -> None:
-    """(Re)initialise Megatron's model-parallel state on the current gloo world."""
-    from megatron.core import parallel_state as mpu
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
+    """(Re)initialise Megatron's model-parallel state on the current gloo world (CPU patches applied)."""
     from megatron_hapo.parallel import megatron_cpu
 
-    megatron_cpu.install()
-    if mpu.model_parallel_is_initialized():
-        mpu.destroy_model_parallel()
-    mpu.initialize_model_parallel(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp
-    )
-    model_parallel_cuda_manual_seed(1234)
+    megatron_cpu.initialize_model_parallel(tp, pp, vpp)
 
 
 def build_model(*, per_token_loss: bool = False, ddp: bool = True, batch_p2p_comm: bool = True) -> list:
