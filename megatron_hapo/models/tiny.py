@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_hapo.models.provider import build_chunks
+
 
 @dataclass(frozen=True, kw_only=True)
 class TinyGPTShape:
@@ -57,49 +59,28 @@ def build_tiny_gpt(
         global index of its first transformer layer.
     """
     from megatron.core import parallel_state as mpu  # noqa: PLC0415  (megatron imported only when building)
-    from megatron.core.distributed import (  # noqa: PLC0415
-        DistributedDataParallel,
-        DistributedDataParallelConfig,
-        finalize_model_grads,
-    )
     from megatron.core.models.gpt import GPTModel  # noqa: PLC0415
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: PLC0415
     from megatron.core.transformer import TransformerConfig  # noqa: PLC0415
-    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset  # noqa: PLC0415
 
     if seed is not None:
         torch.manual_seed(seed)
-    vpp = mpu.get_virtual_pipeline_model_parallel_world_size()
     config = TransformerConfig(
         num_layers=shape.num_layers, hidden_size=shape.hidden_size, num_attention_heads=shape.num_attention_heads,
         num_query_groups=shape.num_query_groups, ffn_hidden_size=shape.ffn_hidden_size,
         tensor_model_parallel_size=mpu.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=mpu.get_pipeline_model_parallel_world_size(),
-        virtual_pipeline_model_parallel_size=vpp, batch_p2p_comm=batch_p2p_comm,
-        params_dtype=dtype, pipeline_dtype=dtype, use_cpu_initialization=True,
+        virtual_pipeline_model_parallel_size=mpu.get_virtual_pipeline_model_parallel_world_size(),
+        batch_p2p_comm=batch_p2p_comm, params_dtype=dtype, pipeline_dtype=dtype, use_cpu_initialization=True,
         hidden_dropout=0.0, attention_dropout=0.0, bias_dropout_fusion=False, masked_softmax_fusion=False,
         gradient_accumulation_fusion=False, calculate_per_token_loss=calculate_per_token_loss,
     )  # fmt: skip
-    chunks = []
-    for stage in range(vpp) if vpp else [None]:
-        model = GPTModel(
-            config=config,
-            transformer_layer_spec=get_gpt_layer_local_spec(),
-            vocab_size=shape.vocab_size,
-            max_sequence_length=shape.seq_length,
-            position_embedding_type="rope",
-            share_embeddings_and_output_weights=False,
-            pre_process=mpu.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
-            post_process=mpu.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
-            vp_stage=stage,
-        ).to(dtype)  # fmt: skip  (the local spec builds its norms in float32 whatever params_dtype says)
-        if ddp:
-            model = DistributedDataParallel(
-                config, DistributedDataParallelConfig(), model, disable_bucketing=bool(stage)
-            )
-        model.layer_offset = get_transformer_layer_offset(config, vp_stage=stage)
-        chunks.append(model)
-    if ddp:
-        config.finalize_model_grads_func = finalize_model_grads
-        config.no_sync_func = [chunk.no_sync for chunk in chunks] if vpp else chunks[0].no_sync
-    return chunks
+
+    def make_model(stage: int | None, first: bool, last: bool) -> torch.nn.Module:
+        return GPTModel(
+            config=config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=shape.vocab_size,
+            max_sequence_length=shape.seq_length, position_embedding_type="rope",
+            share_embeddings_and_output_weights=False, pre_process=first, post_process=last, vp_stage=stage,
+        )  # fmt: skip
+
+    return build_chunks(config, make_model, dtype=dtype, ddp=ddp)
