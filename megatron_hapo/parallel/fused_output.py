@@ -28,19 +28,23 @@ from megatron_hapo.parallel.vocab_parallel import (
     compute_dtype,
     local_target_ids,
     prepare_inputs,
+    real_vocab,
+    valid_columns,
 )
 
 
 class _FusedOutputLogProbEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, rows, group, chunk_size, with_entropy_grad):  # noqa: ANN001, ANN205, PLR0917
+    def forward(ctx, hidden, weight, targets, temperature, rows, group, chunk_size, with_entropy_grad, vocab_size):  # noqa: ANN001, ANN205, PLR0917
         local = local_target_ids(targets, weight.shape[0], group)
+        real = weight[: valid_columns(vocab_size, weight.shape[0], group)]
         log_prob, saved = chunked_forward(
-            lambda chunk: hidden.index_select(0, chunk) @ weight.t(),
+            lambda chunk: hidden.index_select(0, chunk) @ real.t(),
             local, temperature, rows, group=group, chunk_size=chunk_size,
         )  # fmt: skip
         ctx.save_for_backward(hidden, weight, local, temperature, rows, saved.row_max, saved.sum_exp, saved.entropy)
         ctx.group, ctx.chunk_size, ctx.with_entropy_grad = group, chunk_size, with_entropy_grad
+        ctx.real = real.shape[0]
         if not with_entropy_grad:
             ctx.mark_non_differentiable(saved.entropy)
         return log_prob, saved.entropy
@@ -53,19 +57,20 @@ class _FusedOutputLogProbEntropy(torch.autograd.Function):
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=temperature.dtype) if need_weight else None
+        real = weight[: ctx.real]  # padding rows: no logits, gradient 0
         for chunk in rows.split(ctx.chunk_size):
             hidden_chunk = hidden.index_select(0, chunk)
-            logits = (hidden_chunk @ weight.t()).to(temperature.dtype)
+            logits = (hidden_chunk @ real.t()).to(temperature.dtype)
             grad_z = chunk_logits_grad(logits, chunk, saved, *grads).to(weight.dtype)
             if need_hidden:
-                grad_hidden.index_copy_(0, chunk, grad_z @ weight)
+                grad_hidden.index_copy_(0, chunk, grad_z @ real)
             if need_weight:
-                grad_weight.addmm_(grad_z.t().to(temperature.dtype), hidden_chunk.to(temperature.dtype))
+                grad_weight[: ctx.real].addmm_(grad_z.t().to(temperature.dtype), hidden_chunk.to(temperature.dtype))
         if need_hidden:
             grad_hidden = all_reduce(grad_hidden, dist.ReduceOp.SUM, ctx.group)
         if need_weight:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
 def fused_logprob_entropy(
@@ -78,6 +83,7 @@ def fused_logprob_entropy(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     with_entropy_grad: bool = False,
     mask: torch.Tensor | None = None,
+    vocab_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of ``targets`` and entropy of ``softmax(hidden @ W_full^T / temperature)`` without the logits.
 
@@ -90,6 +96,7 @@ def fused_logprob_entropy(
         chunk_size: tokens per chunk (bounds the temporaries to ``[chunk_size, V / tp]`` float32).
         with_entropy_grad: let gradients flow through the entropy.
         mask: ``[N]`` bool; tokens outside it are skipped (outputs 0, no gradient, no matmul).
+        vocab_size: the real vocabulary size when ``weight`` holds Megatron's padding rows (excluded).
 
     Returns:
         ``(log_prob [N], entropy [N])`` float32 (float64 for float64 inputs), replicated over ``tp_group``.
@@ -104,7 +111,8 @@ def fused_logprob_entropy(
         raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
     _, tp_size = group_rank_size(tp_group)
     dtype = compute_dtype(weight.dtype)
-    temp, rows = prepare_inputs(targets, weight.shape[0] * tp_size, temperature, mask, chunk_size, dtype)
+    vocab = real_vocab(vocab_size, weight.shape[0] * tp_size)
+    temp, rows = prepare_inputs(targets, vocab, temperature, mask, chunk_size, dtype)
     return _FusedOutputLogProbEntropy.apply(
-        hidden, weight, targets.long(), temp, rows, tp_group, chunk_size, with_entropy_grad
+        hidden, weight, targets.long(), temp, rows, tp_group, chunk_size, with_entropy_grad, vocab_size
     )

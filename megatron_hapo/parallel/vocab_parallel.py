@@ -33,11 +33,16 @@ def _chunk_forward(
 
     Returns ``(log_prob, entropy, row_max, sum_exp)``, each ``[T]`` float32 and replicated.
     """
-    row_max = all_reduce(z.amax(dim=-1), dist.ReduceOp.MAX, group)
+    if z.shape[-1] == 0:  # every column of this shard is vocabulary padding
+        local_max, target_logit = z.new_full(z.shape[:1], float("-inf")), z.new_zeros(z.shape[:1])
+    else:
+        local_max = z.amax(dim=-1)
+    row_max = all_reduce(local_max, dist.ReduceOp.MAX, group)
     shifted = (z - row_max.unsqueeze(-1)).clamp_min_(-1e4)
     exp = shifted.exp()
-    on_shard = local_targets >= 0
-    target_logit = shifted.gather(-1, local_targets.clamp_min(0).unsqueeze(-1)).squeeze(-1) * on_shard
+    if z.shape[-1]:
+        on_shard = local_targets >= 0
+        target_logit = shifted.gather(-1, local_targets.clamp_min(0).unsqueeze(-1)).squeeze(-1) * on_shard
     sums = torch.stack([exp.sum(dim=-1), torch.linalg.vecdot(exp, shifted), target_logit])
     sum_exp, sum_exp_z, target_logit = all_reduce(sums, dist.ReduceOp.SUM, group)
     log_sum = sum_exp.log()
@@ -72,7 +77,7 @@ def chunk_logits_grad(
     log_p = shifted.clamp_min_(-1e4) - saved.sum_exp.index_select(0, chunk).log().unsqueeze(-1)
     p = log_p.exp()
     grad_z = torch.zeros_like(p)
-    if grad_log_prob is not None:
+    if grad_log_prob is not None and p.shape[-1]:  # (a shard of padding only has no target and no gradient)
         g = grad_log_prob.index_select(0, chunk).to(p.dtype).unsqueeze(-1)
         targets = saved.local_targets.index_select(0, chunk)
         on_shard = (targets >= 0).to(p.dtype).unsqueeze(-1)
@@ -82,6 +87,14 @@ def chunk_logits_grad(
         g = grad_entropy.index_select(0, chunk).to(p.dtype).unsqueeze(-1)
         grad_z -= g * p * (log_p + saved.entropy.index_select(0, chunk).unsqueeze(-1))
     return grad_z.div_(temp)
+
+
+def valid_columns(vocab_size: int | None, vocab_local: int, group: dist.ProcessGroup | None) -> int:
+    """Columns of this rank's shard that are real vocabulary (the rest is Megatron's padding, excluded)."""
+    if vocab_size is None:
+        return vocab_local
+    rank, _ = group_rank_size(group)
+    return max(0, min(vocab_local, vocab_size - rank * vocab_local))
 
 
 def local_target_ids(targets: torch.Tensor, vocab_local: int, group: dist.ProcessGroup | None) -> torch.Tensor:
@@ -145,14 +158,15 @@ def prepare_inputs(  # noqa: PLR0917
 
 class _VocabParallelLogProbEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, temperature, rows, group, chunk_size, with_entropy_grad):  # noqa: ANN001, ANN205, PLR0917
+    def forward(ctx, logits, targets, temperature, rows, group, chunk_size, with_entropy_grad, vocab_size):  # noqa: ANN001, ANN205, PLR0917
         local = local_target_ids(targets, logits.shape[-1], group)
+        real = logits[:, : valid_columns(vocab_size, logits.shape[-1], group)]
         log_prob, saved = chunked_forward(
-            lambda chunk: logits.index_select(0, chunk), local, temperature, rows, group=group, chunk_size=chunk_size
+            lambda chunk: real.index_select(0, chunk), local, temperature, rows, group=group, chunk_size=chunk_size
         )
         entropy = saved.entropy
         ctx.save_for_backward(logits, local, temperature, rows, saved.row_max, saved.sum_exp, entropy)
-        ctx.chunk_size, ctx.with_entropy_grad = chunk_size, with_entropy_grad
+        ctx.chunk_size, ctx.with_entropy_grad, ctx.real = chunk_size, with_entropy_grad, real.shape[-1]
         if not with_entropy_grad:
             ctx.mark_non_differentiable(entropy)
         return log_prob, entropy
@@ -161,12 +175,13 @@ class _VocabParallelLogProbEntropy(torch.autograd.Function):
     def backward(ctx, grad_log_prob, grad_entropy):  # noqa: ANN001, ANN205
         logits, local, temperature, rows, row_max, sum_exp, entropy = ctx.saved_tensors
         grad_logits = torch.zeros_like(logits)
+        real, grad_real = logits[:, : ctx.real], grad_logits[:, : ctx.real]  # padding columns keep gradient 0
         saved = ChunkStats(local, temperature, row_max, sum_exp, entropy)
         grads = (grad_log_prob, grad_entropy if ctx.with_entropy_grad else None)
         for chunk in rows.split(ctx.chunk_size):
-            grad_z = chunk_logits_grad(logits.index_select(0, chunk).to(temperature.dtype), chunk, saved, *grads)
-            grad_logits.index_copy_(0, chunk, grad_z.to(logits.dtype))
-        return grad_logits, None, None, None, None, None, None
+            grad_z = chunk_logits_grad(real.index_select(0, chunk).to(temperature.dtype), chunk, saved, *grads)
+            grad_real.index_copy_(0, chunk, grad_z.to(logits.dtype))
+        return grad_logits, None, None, None, None, None, None, None
 
 
 def vocab_parallel_logprob_entropy(
@@ -178,6 +193,7 @@ def vocab_parallel_logprob_entropy(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     with_entropy_grad: bool = False,
     mask: torch.Tensor | None = None,
+    vocab_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of ``targets`` and full-vocabulary entropy of ``softmax(logits / temperature)``.
 
@@ -189,6 +205,8 @@ def vocab_parallel_logprob_entropy(
         chunk_size: tokens per chunk (bounds the float32 temporaries to ``[chunk_size, V / tp]``).
         with_entropy_grad: let gradients flow through the entropy (off: the entropy is a detached metric).
         mask: ``[N]`` bool, replicated; tokens outside it are skipped (outputs 0, gradient 0).
+        vocab_size: the real vocabulary size when the shards hold Megatron's padding rows (global ids
+            ``>= vocab_size`` are excluded from the softmax and get no gradient); ``None``: no padding.
 
     Returns:
         ``(log_prob [N], entropy [N])`` float32 (float64 for float64 logits), replicated over ``tp_group``.
@@ -197,7 +215,14 @@ def vocab_parallel_logprob_entropy(
         raise ValueError(f"need logits [N, V_local] and targets [N]; got {tuple(logits.shape)}, {tuple(targets.shape)}")
     _, tp_size = group_rank_size(tp_group)
     dtype = compute_dtype(logits.dtype)
-    temp, rows = prepare_inputs(targets, logits.shape[-1] * tp_size, temperature, mask, chunk_size, dtype)
+    vocab = real_vocab(vocab_size, logits.shape[-1] * tp_size)
+    temp, rows = prepare_inputs(targets, vocab, temperature, mask, chunk_size, dtype)
     return _VocabParallelLogProbEntropy.apply(
-        logits, targets.long(), temp, rows, tp_group, chunk_size, with_entropy_grad
+        logits, targets.long(), temp, rows, tp_group, chunk_size, with_entropy_grad, vocab_size
     )
+
+
+def real_vocab(vocab_size: int | None, padded: int) -> int:
+    if vocab_size is not None and not 0 < vocab_size <= padded:
+        raise ValueError(f"vocab_size={vocab_size} must be in (0, {padded}] (the sharded, padded vocabulary)")
+    return padded if vocab_size is None else vocab_size

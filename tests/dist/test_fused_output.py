@@ -71,3 +71,19 @@ def _tp_body(rank, world):
 @pytest.mark.parametrize("world", [2, 4])
 def test_tensor_parallel_matches_reference(world, tmp_path):
     run_on_ranks(_tp_body, world, tmp_path)
+
+
+def test_padded_weight_rows_are_excluded():
+    hidden, weight, targets, temperature, mask, _ = make_case(3)
+    vocab_size = 80
+    targets = targets % vocab_size
+    h, w = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    log_prob, entropy = fused_logprob_entropy(
+        h, w, targets, tp_group=None, temperature=temperature, mask=mask, vocab_size=vocab_size, chunk_size=7,
+        with_entropy_grad=True,
+    )  # fmt: skip
+    log_p = torch.log_softmax(hidden.double() @ weight[:vocab_size].double().t() / temperature.double()[:, None], -1)
+    ref_lp = log_p.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * mask
+    torch.testing.assert_close(log_prob, ref_lp, atol=1e-12, rtol=0)
+    (log_prob.sum() + entropy.sum()).backward()
+    assert not w.grad[vocab_size:].any() and w.grad[:vocab_size].abs().sum() > 0

@@ -99,3 +99,35 @@ def test_float64_logits_are_computed_in_float64():
     assert log_prob.dtype == torch.float64
     torch.testing.assert_close(log_prob, ref_lp, atol=1e-12, rtol=0)
     torch.testing.assert_close(entropy, ref_h, atol=1e-12, rtol=0)
+
+
+def _padded_body(rank, world, vocab_size=70):
+    """Padded vocabulary (96 columns, 70 real): rank 3 of TP4 holds padding only."""
+    logits, targets, temperature, mask, grads = make_case(seed=4, vocab=96)
+    targets = targets % vocab_size
+    width = 96 // world
+    shard = slice(rank * width, (rank + 1) * width)
+    local = logits[:, shard].double().clone().requires_grad_()
+    group = dist.group.WORLD if world > 1 else None
+    log_prob, entropy = vocab_parallel_logprob_entropy(
+        local, targets, tp_group=group, temperature=temperature, chunk_size=6, with_entropy_grad=True,
+        mask=mask, vocab_size=vocab_size,
+    )  # fmt: skip
+    full = logits[:, :vocab_size].double().requires_grad_()
+    ref_lp, ref_h = reference(full, targets, temperature, mask)
+    torch.testing.assert_close(log_prob, ref_lp, atol=1e-12, rtol=0)
+    torch.testing.assert_close(entropy, ref_h, atol=1e-12, rtol=0)
+    ((log_prob * grads[0]).sum() + (entropy * grads[1]).sum()).backward()
+    ((ref_lp * grads[0].double()).sum() + (ref_h * grads[1].double()).sum()).backward()
+    expected = torch.cat([full.grad, torch.zeros(len(targets), 96 - vocab_size, dtype=torch.float64)], dim=1)
+    torch.testing.assert_close(local.grad, expected[:, shard], atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="targets must be vocabulary ids"):
+        vocab_parallel_logprob_entropy(local, targets + vocab_size, tp_group=group, vocab_size=vocab_size)
+
+
+def test_padded_vocabulary_never_leaks_single_rank():
+    _padded_body(0, 1)
+
+
+def test_padded_vocabulary_never_leaks_over_tp4(tmp_path):
+    run_on_ranks(_padded_body, 4, tmp_path)
