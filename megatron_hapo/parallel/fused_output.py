@@ -1,10 +1,10 @@
 """Log-prob and entropy straight from the final hidden states and the vocabulary-sharded output weight.
 
-The ``[N, V / tp]`` logits never exist: each chunk of ``chunk_size`` tokens computes its ``[T, V / tp]`` logits
+The ``[N, V / tp]`` logits never exist: each chunk of ``T`` tokens computes its ``[T, V / tp]`` logits
 with one matmul, reduces them to the per-token statistics (the same two all-reduces per chunk as
 :func:`megatron_hapo.parallel.vocab_parallel_logprob_entropy`) and drops them. The backward recomputes each
 chunk's logits and softmax, and accumulates ``grad_hidden = grad_z @ W`` and ``grad_W += grad_z^T @ hidden``
-chunk by chunk. Peak extra memory is a few ``[chunk_size, V / tp]`` float32 tensors plus one float32
+chunk by chunk. Peak extra memory is a few ``[T, V / tp]`` float32 tensors plus one float32
 weight-sized gradient accumulator, independent of ``N``.
 
 Placement contract (Megatron's ``ColumnParallelLinear`` output layer with ``gather_output=False``):
@@ -19,9 +19,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megatron_hapo.parallel.collectives import all_reduce, group_rank_size
-from megatron_hapo.parallel.vocab_parallel import (
-    DEFAULT_CHUNK_SIZE,
+from megatron_hapo.parallel.chunked_softmax import (
     ChunkStats,
     chunk_logits_grad,
     chunked_forward,
@@ -29,21 +27,23 @@ from megatron_hapo.parallel.vocab_parallel import (
     local_target_ids,
     prepare_inputs,
     real_vocab,
+    take_rows,
     valid_columns,
 )
+from megatron_hapo.parallel.collectives import all_reduce, group_rank_size
 
 
 class _FusedOutputLogProbEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, rows, group, chunk_size, with_entropy_grad, vocab_size):  # noqa: ANN001, ANN205, PLR0917
+    def forward(ctx, hidden, weight, targets, temperature, chunks, group, with_entropy_grad, vocab_size):  # noqa: ANN001, ANN205, PLR0917
         local = local_target_ids(targets, weight.shape[0], group)
         real = weight[: valid_columns(vocab_size, weight.shape[0], group)]
         log_prob, saved = chunked_forward(
-            lambda chunk: hidden.index_select(0, chunk) @ real.t(),
-            local, temperature, rows, group=group, chunk_size=chunk_size,
+            lambda chunk: (take_rows(hidden, chunk, hidden.dtype) @ real.t()).to(temperature.dtype),
+            local, temperature, chunks, group=group,
         )  # fmt: skip
-        ctx.save_for_backward(hidden, weight, local, temperature, rows, saved.row_max, saved.sum_exp, saved.entropy)
-        ctx.group, ctx.chunk_size, ctx.with_entropy_grad = group, chunk_size, with_entropy_grad
+        ctx.save_for_backward(hidden, weight, local, temperature, saved.row_max, saved.sum_exp, saved.entropy)
+        ctx.group, ctx.chunks, ctx.with_entropy_grad = group, chunks, with_entropy_grad
         ctx.real = real.shape[0]
         if not with_entropy_grad:
             ctx.mark_non_differentiable(saved.entropy)
@@ -51,26 +51,26 @@ class _FusedOutputLogProbEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_log_prob, grad_entropy):  # noqa: ANN001, ANN205
-        hidden, weight, local, temperature, rows, row_max, sum_exp, entropy = ctx.saved_tensors
+        hidden, weight, local, temperature, row_max, sum_exp, entropy = ctx.saved_tensors
         saved = ChunkStats(local, temperature, row_max, sum_exp, entropy)
         grads = (grad_log_prob, grad_entropy if ctx.with_entropy_grad else None)
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=temperature.dtype) if need_weight else None
         real = weight[: ctx.real]  # padding rows: no logits, gradient 0
-        for chunk in rows.split(ctx.chunk_size):
-            hidden_chunk = hidden.index_select(0, chunk)
-            logits = (hidden_chunk @ real.t()).to(temperature.dtype)
-            grad_z = chunk_logits_grad(logits, chunk, saved, *grads).to(weight.dtype)
+        for chunk in ctx.chunks:
+            rows = chunk[0]
+            hidden_chunk = take_rows(hidden, chunk, hidden.dtype)
+            grad_z = chunk_logits_grad((hidden_chunk @ real.t()).to(temperature.dtype), rows, saved, *grads)
             if need_hidden:
-                grad_hidden.index_copy_(0, chunk, grad_z @ real)
+                grad_hidden.index_copy_(0, rows, grad_z.to(weight.dtype) @ real)
             if need_weight:
-                grad_weight[: ctx.real].addmm_(grad_z.t().to(temperature.dtype), hidden_chunk.to(temperature.dtype))
+                grad_weight[: ctx.real].addmm_(grad_z.t(), hidden_chunk.to(temperature.dtype))
         if need_hidden:
             grad_hidden = all_reduce(grad_hidden, dist.ReduceOp.SUM, ctx.group)
         if need_weight:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 def fused_logprob_entropy(
@@ -80,7 +80,7 @@ def fused_logprob_entropy(
     *,
     tp_group: dist.ProcessGroup | None,
     temperature: float | torch.Tensor = 1.0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     with_entropy_grad: bool = False,
     mask: torch.Tensor | None = None,
     vocab_size: int | None = None,
@@ -93,7 +93,8 @@ def fused_logprob_entropy(
         targets: ``[N]`` global vocabulary ids, replicated.
         tp_group: the tensor-parallel group the vocabulary is sharded over; ``None`` on one rank.
         temperature: a float or ``[N]`` per-token temperatures (> 0), replicated.
-        chunk_size: tokens per chunk (bounds the temporaries to ``[chunk_size, V / tp]`` float32).
+        chunk_size: tokens per chunk (bounds the temporaries to ``[chunk_size, V / tp]`` float32); ``None``:
+            automatic, as :func:`megatron_hapo.parallel.vocab_parallel_logprob_entropy`.
         with_entropy_grad: let gradients flow through the entropy.
         mask: ``[N]`` bool; tokens outside it are skipped (outputs 0, no gradient, no matmul).
         vocab_size: the real vocabulary size when ``weight`` holds Megatron's padding rows (excluded).
@@ -110,9 +111,9 @@ def fused_logprob_entropy(
     if hidden.dtype != weight.dtype:
         raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
     _, tp_size = group_rank_size(tp_group)
-    dtype = compute_dtype(weight.dtype)
     vocab = real_vocab(vocab_size, weight.shape[0] * tp_size)
-    temp, rows = prepare_inputs(targets, vocab, temperature, mask, chunk_size, dtype)
+    temp, chunks = prepare_inputs(targets, vocab, temperature, mask, chunk_size, dtype=compute_dtype(weight.dtype),
+                                  vocab_local=weight.shape[0])  # fmt: skip
     return _FusedOutputLogProbEntropy.apply(
-        hidden, weight, targets.long(), temp, rows, tp_group, chunk_size, with_entropy_grad, vocab_size
+        hidden, weight, targets.long(), temp, chunks, tp_group, with_entropy_grad, vocab_size
     )

@@ -33,7 +33,7 @@ from megatron_hapo.algos.entropy import ENTROPY_EPS
 from megatron_hapo.parallel.collectives import group_rank_size
 from megatron_hapo.parallel.stats import distributed_entropy_stats
 from megatron_hapo.parallel.token_mean import global_denominator, microbatch_loss, per_token_loss_outputs
-from megatron_hapo.parallel.vocab_parallel import DEFAULT_CHUNK_SIZE, vocab_parallel_logprob_entropy
+from megatron_hapo.parallel.vocab_parallel import vocab_parallel_logprob_entropy
 
 _WHOLE_SEQUENCE_AGGREGATIONS = ("seq-mean-token-mean", "seq-mean-token-sum")
 _WHOLE_SEQUENCE_RATIOS = ("sequence_mean", "sequence_geometric")
@@ -188,7 +188,7 @@ def stats_from_last_stage(stats: EntropyStats | None, pp_group: dist.ProcessGrou
 
 
 def _logprob_entropy(
-    batch: PolicyMicroBatch, logits: torch.Tensor, groups: ParallelGroups, chunk_size: int
+    batch: PolicyMicroBatch, logits: torch.Tensor, groups: ParallelGroups, chunk_size: int | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``[B, S, V / tp]`` logits -> ``(log_prob [B, S], entropy [B, S])`` float32 (0 outside the mask)."""
     shape = batch.targets.shape
@@ -217,7 +217,7 @@ class LogProbEntropyStep:
     """Forward-only step: per micro-batch ``{"log_prob": [B, S], "entropy": [B, S]}`` on the last stage."""
 
     groups: ParallelGroups
-    chunk_size: int = DEFAULT_CHUNK_SIZE
+    chunk_size: int | None = None
 
     def __call__(self, data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
         batch = next(data_iterator)
@@ -240,7 +240,7 @@ class PolicyLossStep:
     groups: ParallelGroups
     plan: MiniBatchPlan
     calculate_per_token_loss: bool = False
-    chunk_size: int = DEFAULT_CHUNK_SIZE
+    chunk_size: int | None = None
 
     def __call__(self, data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
         batch = next(data_iterator)
