@@ -61,9 +61,7 @@ def test_peak_memory_stays_a_fraction_of_fp32_logits():
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    log_prob, entropy = vocab_parallel_logprob_entropy(
-        logits, targets, tp_group=None, chunk_size=1024, with_entropy_grad=True
-    )
+    log_prob, entropy = vocab_parallel_logprob_entropy(logits, targets, tp_group=None, with_entropy_grad=True)
     (log_prob.sum() + entropy.sum()).backward()
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base - logits.grad.numel() * logits.grad.element_size()
