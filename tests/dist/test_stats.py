@@ -36,7 +36,7 @@ def test_single_rank_matches_algos(sign):
 def _rank_body(rank, world):
     entropy, mask = make_tokens()
     # uneven split of the 9 rows over the ranks; with 3 ranks, rank 0 holds no token at all
-    bounds = {2: [0, 4, 9], 3: [0, 0, 4, 9]}[world]
+    bounds = {2: [0, 4, 9], 3: [0, 0, 4, 9], 4: [0, 2, 5, 5, 9]}[world]
     rows = slice(bounds[rank], bounds[rank + 1])
     for sign in ("published", "paper"):
         _, ref = normalized_entropy(entropy, mask, sign=sign)
@@ -48,7 +48,7 @@ def _rank_body(rank, world):
         torch.testing.assert_close(h_hat[mask[rows]], h_ref[mask[rows]], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [2, 3, 4])
 def test_data_parallel_stats_match_concatenated_tokens(world, tmp_path):
     run_on_ranks(_rank_body, world, tmp_path)
 
