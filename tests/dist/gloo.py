@@ -17,4 +17,5 @@ def _entry(rank: int, world: int, init_file: str, body: Callable[[int, int], Non
 
 def run_on_ranks(body: Callable[[int, int], None], world: int, tmp_path: Path) -> None:
     """Call the module-level function ``body(rank, world)`` on ``world`` ranks; a failing rank fails the test."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     mp.spawn(_entry, args=(world, str(tmp_path / "rendezvous"), body), nprocs=world, join=True)

@@ -57,18 +57,22 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _megatron_logits(spec, model_dir: Path, tokens: torch.Tensor) -> torch.Tensor | None:  # noqa: ANN001
-    """Full-vocabulary logits ``[B, S, V]`` on the last pipeline stage (``None`` elsewhere)."""
+def _megatron_logits(spec, model_dir: Path | None, tokens: torch.Tensor, chunks: list | None = None):  # noqa: ANN001, ANN202
+    """Full-vocabulary logits ``[B, S, V]`` on the last pipeline stage (``None`` elsewhere).
+
+    Loads ``model_dir``'s HF weights into a new model unless loaded ``chunks`` are given.
+    """
     from megatron.core import parallel_state as mpu
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_hapo.models import HFCheckpoint, build_gpt, load_hf_weights
     from megatron_hapo.parallel.collectives import gather_vocab_shards
 
-    chunks = build_gpt(spec)
     tp_group = mpu.get_tensor_model_parallel_group()
-    load_hf_weights(chunks, spec, HFCheckpoint(model_dir).__getitem__,
-                    tp_rank=mpu.get_tensor_model_parallel_rank(), tp_size=mpu.get_tensor_model_parallel_world_size())  # fmt: skip
+    if chunks is None:
+        chunks = build_gpt(spec)
+        tp_rank, tp_size = mpu.get_tensor_model_parallel_rank(), mpu.get_tensor_model_parallel_world_size()
+        load_hf_weights(chunks, spec, HFCheckpoint(model_dir).__getitem__, tp_rank=tp_rank, tp_size=tp_size)
 
     def step(data_iterator, model):  # noqa: ANN001, ANN202
         batch = next(data_iterator)
