@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -76,10 +76,11 @@ def _load_everywhere(chunks: list, spec: DecoderSpec, reader: Callable) -> set[s
 
 
 def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype | None = None,
-                progress: Callable[[Iterator], Iterator] | None = None) -> DecoderSpec:  # fmt: skip
+                progress: Callable[[str], None] | None = None) -> DecoderSpec:  # fmt: skip
     """Convert an HF safetensors directory into a torch_dist checkpoint at ``out_dir`` (collective call).
 
-    Raises ``ValueError`` naming the tensor for a missing, extra or mis-shaped tensor; nothing is written then.
+    ``progress(name)`` is called before each tensor is read. Raises ``ValueError`` naming the tensor for a
+    missing, extra or mis-shaped tensor; nothing is written then.
     """
     from megatron.core import dist_checkpointing  # noqa: PLC0415
 
@@ -87,7 +88,7 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype |
     spec, source = read_decoder_spec(hf_dir), HFCheckpoint(hf_dir)
     staging = _staging(out_dir)
     chunks = build_gpt(spec, dtype=dtype or config_dtype(hf_dir))
-    reader = source.__getitem__ if progress is None else _counting(source.__getitem__, progress, len(source.names()))
+    reader = source.__getitem__ if progress is None else _reporting(source.__getitem__, progress)
     used = _load_everywhere(chunks, spec, reader)
     tied_head = {"lm_head.weight"} if spec.tie_word_embeddings else set()
     if extra := sorted(set(source.names()) - used - tied_head):
@@ -101,11 +102,11 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype |
     return spec
 
 
-def _counting(reader: Callable, progress: Callable, total: int) -> Callable:
-    bar = progress(iter(range(total)))
+def _reporting(reader: Callable[[str], torch.Tensor], progress: Callable[[str], None]) -> Callable:
+    """``reader`` that calls ``progress(name)`` before each tensor it reads."""
 
     def read(name: str) -> torch.Tensor:
-        next(bar, None)
+        progress(name)
         return reader(name)
 
     return read

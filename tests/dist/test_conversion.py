@@ -111,3 +111,21 @@ def test_missing_tensor_is_named_and_nothing_is_written(hf_dirs: Path, tmp_path:
     save_file(tensors, str(broken / "model.safetensors"))
     (broken / "config.json").write_text((hf_dirs / "llama" / "config.json").read_text())
     run_on_ranks(partial(_convert_broken, broken=broken, out=tmp_path / "out"), 2, tmp_path / "r")
+
+
+def test_tools_convert_export_and_verify(hf_dirs: Path, tmp_path: Path, repo_root: Path) -> None:
+    import subprocess
+    import sys
+
+    def tool(name: str, *args: str) -> str:
+        cmd = [sys.executable, str(repo_root / "tools" / name), *args]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        return result.stdout
+
+    hf, mcore, back = hf_dirs / "qwen2", tmp_path / "mcore", tmp_path / "back"
+    assert "wrote" in tool("convert_hf_to_mcore.py", "--hf-dir", str(hf), "--out", str(mcore), "--tp", "2")
+    tool("convert_mcore_to_hf.py", "--ckpt", str(mcore), "--out", str(back))
+    assert "conversion verified" in tool("verify_conversion.py", "--hf-dir", str(back), "--ckpt", str(mcore))
+    for name in ("convert_hf_to_mcore.py", "convert_mcore_to_hf.py", "verify_conversion.py"):
+        assert "usage" in tool(name, "--help")

@@ -1,0 +1,47 @@
+#!/usr/bin/env python
+"""Convert a checkpoint written by convert_hf_to_mcore.py (or the trainer) back to Hugging Face safetensors.
+
+    .venv/bin/python tools/convert_mcore_to_hf.py --ckpt ckpt/qwen-mcore --out qwen-trained-hf [--max-shard-gb 5]
+
+Writes sharded ``model-0000k-of-0000n.safetensors`` files with their index, plus the config and tokenizer files
+kept at conversion. The checkpoint is loaded at TP1 / PP1 in one CPU process (torch_dist reshards on load), in
+its stored dtype unless ``--dtype`` says otherwise. The output appears only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+from megatron_hapo.models.checkpoint import mcore_to_hf
+from megatron_hapo.parallel import megatron_cpu
+from megatron_hapo.parallel.local_launch import run_local_ranks
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from convert_hf_to_mcore import DTYPES
+
+
+def _rank(rank: int, world: int, args: argparse.Namespace) -> None:
+    warnings.filterwarnings("ignore")
+    logging.getLogger("megatron").setLevel(logging.ERROR)
+    megatron_cpu.initialize_model_parallel(1, 1)
+    mcore_to_hf(args.ckpt, args.out, max_shard_bytes=int(args.max_shard_gb * 2**30), dtype=DTYPES[args.dtype])
+    print(f"wrote {args.out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", type=Path, required=True, help="Megatron torch_dist checkpoint directory")
+    parser.add_argument("--out", type=Path, required=True, help="output HF directory (must not exist)")
+    parser.add_argument("--max-shard-gb", type=float, default=5.0, help="size of each safetensors file")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="written dtype (auto: the stored one)")
+    args = parser.parse_args(argv)
+    run_local_ranks(_rank, 1, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
