@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from megatron_hapo.models.hf_config import DecoderSpec
+from megatron_hapo.models.precision import FP8Config, check_fp8, fp8_transformer_settings
 
 
 def build_chunks(config: Any, make_model: Callable[[int | None, bool, bool], torch.nn.Module], *,
@@ -70,11 +71,21 @@ def transformer_config(spec: DecoderSpec, *, dtype: torch.dtype = torch.float32,
 
 
 def build_gpt(spec: DecoderSpec, *, dtype: torch.dtype = torch.float32, te: bool = False, ddp: bool = False,
-              make_vocab_size_divisible_by: int = 128, **config_overrides: Any) -> list[torch.nn.Module]:  # fmt: skip
-    """The Megatron GPT of an HF decoder family for this rank (random weights; load them with ``loading``)."""
+              make_vocab_size_divisible_by: int = 128, fp8: FP8Config | None = None,
+              **config_overrides: Any) -> list[torch.nn.Module]:  # fmt: skip
+    """The Megatron GPT of an HF decoder family for this rank (random weights; load them with ``loading``).
+
+    ``fp8`` (with ``te=True`` on a CUDA GPU) turns on FP8 through Transformer Engine after :func:`check_fp8`.
+    """
     from megatron.core import parallel_state as mpu  # noqa: PLC0415
     from megatron.core.models.gpt import GPTModel, gpt_layer_specs  # noqa: PLC0415
 
+    if fp8 is not None and fp8.fp8 is not None:
+        if not te:
+            raise ValueError("fp8 needs the Transformer Engine layer spec: build with te=True")
+        capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+        check_fp8(fp8, spec, pp=mpu.get_pipeline_model_parallel_world_size(), capability=capability)
+        config_overrides = {**fp8_transformer_settings(fp8), **config_overrides}
     config = transformer_config(spec, dtype=dtype, **config_overrides)
     if te:
         layer_spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.qk_norm)
