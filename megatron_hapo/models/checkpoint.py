@@ -87,7 +87,7 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype |
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     spec, source = read_decoder_spec(hf_dir), HFCheckpoint(hf_dir)
     staging = _staging(out_dir)
-    chunks = build_gpt(spec, dtype=dtype or config_dtype(hf_dir))
+    chunks = build_gpt(spec, dtype=dtype or config_dtype(hf_dir), perform_initialization=False)
     reader = source.__getitem__ if progress is None else _reporting(source.__getitem__, progress)
     used = _load_everywhere(chunks, spec, reader)
     tied_head = {"lm_head.weight"} if spec.tie_word_embeddings else set()
@@ -125,7 +125,7 @@ def load_mcore(ckpt_dir: str | Path, *, dtype: torch.dtype | None = None) -> tup
 
     ckpt_dir = Path(ckpt_dir)
     spec = read_decoder_spec(ckpt_dir / "hf")
-    chunks = build_gpt(spec, dtype=dtype or config_dtype(ckpt_dir / "hf"))
+    chunks = build_gpt(spec, dtype=dtype or config_dtype(ckpt_dir / "hf"), perform_initialization=False)
     model = chunks[0].module if hasattr(chunks[0], "module") else chunks[0]
     state = dist_checkpointing.load(_sharded_state_dict(chunks), str(ckpt_dir))
     model.load_state_dict(state, strict=False)  # the checkpoint has no rotary / extra-state buffers to match
