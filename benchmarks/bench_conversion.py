@@ -12,10 +12,8 @@ second; the ratio is conversion / baseline (target >= 0.5).
 from __future__ import annotations
 
 import argparse
-import logging
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -47,8 +45,7 @@ def _plain_copy(src: Path, dst: Path) -> float:
 
 
 def _convert(rank: int, world: int, src: Path, work: Path, out: Path) -> None:
-    warnings.filterwarnings("ignore")
-    logging.getLogger("megatron").setLevel(logging.ERROR)
+    megatron_cpu.quiet_logs()
     megatron_cpu.initialize_model_parallel(1, 1)
     start = time.perf_counter()
     hf_to_mcore(src, work / "mcore")

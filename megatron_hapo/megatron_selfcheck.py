@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import tempfile
-import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megatron_hapo.algos import SAMPLING, AdvantageInputs, compute_advantages, keep_groups, shape_rewards
+from megatron_hapo.parallel import megatron_cpu
 from megatron_hapo.parallel.collectives import gather_vocab_shards
 from megatron_hapo.parallel.policy_loss import (
     LogProbEntropyStep,
@@ -112,17 +111,9 @@ def _rl_step(chunks: list, optim: torch.optim.Optimizer, config: Any, stats: Any
     return float(correct.float().mean()), next_stats
 
 
-def _quiet_megatron() -> None:
-    """Megatron's import-time notices (no Apex / TE, deprecations) say nothing about this CPU check."""
-    warnings.filterwarnings("ignore", module=r"megatron\..*")
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|absl|CUDA_DEVICE_MAX).*")
-    logging.getLogger("megatron").setLevel(logging.ERROR)
-
-
 def _rank_main(rank: int, world: int, args: dict, result_file: str) -> None:
-    _quiet_megatron()
+    megatron_cpu.quiet_logs()
     from megatron_hapo.models import TinyGPTShape, build_tiny_gpt  # noqa: PLC0415
-    from megatron_hapo.parallel import megatron_cpu  # noqa: PLC0415
 
     dist.init_process_group("gloo", init_method=f"file://{result_file}.rdv", rank=rank, world_size=world)
     megatron_cpu.initialize_model_parallel(tp=world, seed=args["seed"])

@@ -12,9 +12,7 @@ conversion leaves nothing behind). Runs on CPU (gloo); the HF config and tokeniz
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -28,8 +26,7 @@ DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": t
 
 
 def _rank(rank: int, world: int, args: argparse.Namespace) -> None:
-    warnings.filterwarnings("ignore")
-    logging.getLogger("megatron").setLevel(logging.ERROR)
+    megatron_cpu.quiet_logs()
     megatron_cpu.initialize_model_parallel(args.tp, args.pp)
     bar = tqdm(desc="tensors read", unit="t", disable=rank != 0)
     progress = (lambda _name: bar.update(1)) if rank == 0 else None

@@ -11,9 +11,7 @@ its stored dtype unless ``--dtype`` says otherwise. The output appears only when
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-import warnings
 from pathlib import Path
 
 from megatron_hapo.models.checkpoint import mcore_to_hf
@@ -25,8 +23,7 @@ from convert_hf_to_mcore import DTYPES
 
 
 def _rank(rank: int, world: int, args: argparse.Namespace) -> None:
-    warnings.filterwarnings("ignore")
-    logging.getLogger("megatron").setLevel(logging.ERROR)
+    megatron_cpu.quiet_logs()
     megatron_cpu.initialize_model_parallel(1, 1)
     mcore_to_hf(args.ckpt, args.out, max_shard_bytes=int(args.max_shard_gb * 2**30), dtype=DTYPES[args.dtype])
     print(f"wrote {args.out}")

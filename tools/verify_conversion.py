@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 import torch
@@ -60,8 +58,7 @@ def _megatron_greedy(chunks: list, tokens: torch.Tensor, steps: int, vocab: int)
 
 
 def _rank(rank: int, world: int, args: argparse.Namespace, tokens: torch.Tensor, out: str) -> None:
-    warnings.filterwarnings("ignore")
-    logging.getLogger("megatron").setLevel(logging.ERROR)
+    megatron_cpu.quiet_logs()
     megatron_cpu.initialize_model_parallel(args.tp, 1)
     spec, chunks = load_mcore(args.ckpt, dtype=torch.float32)
     logits, greedy = _megatron_greedy(chunks, tokens, args.steps, spec.vocab_size)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import logging
+import warnings
 from typing import Any
 
 import torch
@@ -113,6 +115,13 @@ def install() -> None:
     torch.Tensor.type = _cpu_type(torch.Tensor.type)
     _CudaToCpu().__enter__()  # process-wide: never exited
     _installed = True
+
+
+def quiet_logs() -> None:
+    """Silence Megatron's import-time notices (no Apex / TE, deprecations): noise in CPU tools and checks."""
+    warnings.filterwarnings("ignore", module=r"megatron\..*")
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|absl|CUDA_DEVICE_MAX|ShardedTensor).*")
+    logging.getLogger("megatron").setLevel(logging.ERROR)
 
 
 def initialize_model_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, *, seed: int = 1234) -> None:

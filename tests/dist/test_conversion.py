@@ -13,21 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 from gloo import run_on_ranks
-from test_hf_parity import _hf_model, _megatron_logits
+from test_hf_parity import _hf_model, _megatron_logits, checkpoints  # noqa: F401  (the shared fixture)
 
 FAMILIES = ("llama", "qwen2")
-
-
-@pytest.fixture(scope="module")
-def hf_dirs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("hf")
-    tokens = torch.randint(0, 250, (2, 12), generator=torch.Generator().manual_seed(1))
-    for family in FAMILIES:
-        hf = _hf_model(family)
-        hf.save_pretrained(root / family, safe_serialization=True)
-        with torch.no_grad():
-            torch.save({"tokens": tokens, "logits": hf(tokens).logits}, root / family / "reference.pt")
-    return root
 
 
 def _convert(rank: int, world: int, root: Path, tp: int, pp: int) -> None:
@@ -74,19 +62,19 @@ def _tensors(model_dir: Path) -> dict[str, torch.Tensor]:
     return {name: checkpoint[name] for name in checkpoint.names()}
 
 
-def test_round_trips_are_bit_exact_and_reshard(hf_dirs: Path, tmp_path: Path) -> None:
-    run_on_ranks(partial(_convert, root=hf_dirs, tp=1, pp=1), 1, tmp_path / "a")
-    run_on_ranks(partial(_convert, root=hf_dirs, tp=2, pp=1), 2, tmp_path / "b")
+def test_round_trips_are_bit_exact_and_reshard(checkpoints: Path, tmp_path: Path) -> None:
+    run_on_ranks(partial(_convert, root=checkpoints, tp=1, pp=1), 1, tmp_path / "a")
+    run_on_ranks(partial(_convert, root=checkpoints, tp=2, pp=1), 2, tmp_path / "b")
     for layout in ("tp1pp1", "tp2pp1"):
-        run_on_ranks(partial(_export, root=hf_dirs, layout=layout), 1, tmp_path / f"c{layout}")
+        run_on_ranks(partial(_export, root=checkpoints, layout=layout), 1, tmp_path / f"c{layout}")
         for family in FAMILIES:
-            original, back = _tensors(hf_dirs / family), _tensors(hf_dirs / f"{family}-back-{layout}")
+            original, back = _tensors(checkpoints / family), _tensors(checkpoints / f"{family}-back-{layout}")
             assert set(back) == set(original), (family, layout, set(back) ^ set(original))
             for name, tensor in original.items():
                 assert torch.equal(back[name], tensor), (family, layout, name)
-            assert (hf_dirs / f"{family}-back-{layout}" / "model.safetensors.index.json").is_file()  # sharded
+            assert (checkpoints / f"{family}-back-{layout}" / "model.safetensors.index.json").is_file()  # sharded
     report = tmp_path / "logits.json"
-    run_on_ranks(partial(_logits, root=hf_dirs, tp=2, pp=1, out=report), 2, tmp_path / "d")
+    run_on_ranks(partial(_logits, root=checkpoints, tp=2, pp=1, out=report), 2, tmp_path / "d")
     errors = json.loads(report.read_text())
     assert all(0 <= e <= 1e-4 for e in errors.values()), errors
 
@@ -101,19 +89,19 @@ def _convert_broken(rank: int, world: int, broken: Path, out: Path) -> None:
     assert not out.exists() and not any(out.parent.glob(f".{out.name}*"))
 
 
-def test_missing_tensor_is_named_and_nothing_is_written(hf_dirs: Path, tmp_path: Path) -> None:
+def test_missing_tensor_is_named_and_nothing_is_written(checkpoints: Path, tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
     broken = tmp_path / "broken"
     broken.mkdir()
-    tensors = _tensors(hf_dirs / "llama")
+    tensors = _tensors(checkpoints / "llama")
     del tensors["model.layers.1.mlp.down_proj.weight"]
     save_file(tensors, str(broken / "model.safetensors"))
-    (broken / "config.json").write_text((hf_dirs / "llama" / "config.json").read_text())
+    (broken / "config.json").write_text((checkpoints / "llama" / "config.json").read_text())
     run_on_ranks(partial(_convert_broken, broken=broken, out=tmp_path / "out"), 2, tmp_path / "r")
 
 
-def test_tools_convert_export_and_verify(hf_dirs: Path, tmp_path: Path, repo_root: Path) -> None:
+def test_tools_convert_export_and_verify(checkpoints: Path, tmp_path: Path, repo_root: Path) -> None:
     import subprocess
     import sys
 
@@ -123,7 +111,7 @@ def test_tools_convert_export_and_verify(hf_dirs: Path, tmp_path: Path, repo_roo
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
         return result.stdout
 
-    hf, mcore, back = hf_dirs / "qwen2", tmp_path / "mcore", tmp_path / "back"
+    hf, mcore, back = checkpoints / "qwen2", tmp_path / "mcore", tmp_path / "back"
     assert "wrote" in tool("convert_hf_to_mcore.py", "--hf-dir", str(hf), "--out", str(mcore), "--tp", "2")
     tool("convert_mcore_to_hf.py", "--ckpt", str(mcore), "--out", str(back))
     assert "conversion verified" in tool("verify_conversion.py", "--hf-dir", str(back), "--ckpt", str(mcore))
