@@ -73,10 +73,11 @@ def test_round_trips_are_bit_exact_and_reshard(checkpoints: Path, tmp_path: Path
             for name, tensor in original.items():
                 assert torch.equal(back[name], tensor), (family, layout, name)
             assert (checkpoints / f"{family}-back-{layout}" / "model.safetensors.index.json").is_file()  # sharded
-    report = tmp_path / "logits.json"
-    run_on_ranks(partial(_logits, root=checkpoints, tp=2, pp=1, out=report), 2, tmp_path / "d")
-    errors = json.loads(report.read_text())
-    assert all(0 <= e <= 1e-4 for e in errors.values()), errors
+    for tp, pp in ((2, 1), (1, 2)):  # the TP1 conversion loaded at other layouts (torch_dist reshards)
+        report = tmp_path / f"logits-tp{tp}pp{pp}.json"
+        run_on_ranks(partial(_logits, root=checkpoints, tp=tp, pp=pp, out=report), 2, tmp_path / f"d{tp}{pp}")
+        errors = json.loads(report.read_text())
+        assert all(0 <= e <= 1e-4 for e in errors.values()), (tp, pp, errors)
 
 
 def _convert_broken(rank: int, world: int, broken: Path, out: Path) -> None:
