@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from megatron_hapo.models.hf_config import DecoderSpec, read_decoder_spec
 from megatron_hapo.models.hf_io import HFCheckpoint
-from megatron_hapo.models.loading import chunk_rules, load_hf_weights
+from megatron_hapo.models.loading import chunk_rules, load_hf_weights, unwrap
 from megatron_hapo.models.mapping import to_hf
 from megatron_hapo.models.provider import build_gpt
 
@@ -115,8 +115,7 @@ def _reporting(reader: Callable[[str], torch.Tensor], progress: Callable[[str], 
 def _sharded_state_dict(chunks: list[torch.nn.Module]) -> dict:
     if len(chunks) > 1:
         raise NotImplementedError("converting with virtual pipeline stages is not supported; use vpp=None")
-    model = chunks[0].module if hasattr(chunks[0], "module") else chunks[0]
-    return model.sharded_state_dict()
+    return unwrap(chunks[0]).sharded_state_dict()
 
 
 def load_mcore(ckpt_dir: str | Path, *, dtype: torch.dtype | None = None) -> tuple[DecoderSpec, list]:
@@ -126,9 +125,8 @@ def load_mcore(ckpt_dir: str | Path, *, dtype: torch.dtype | None = None) -> tup
     ckpt_dir = Path(ckpt_dir)
     spec = read_decoder_spec(ckpt_dir / "hf")
     chunks = build_gpt(spec, dtype=dtype or config_dtype(ckpt_dir / "hf"), perform_initialization=False)
-    model = chunks[0].module if hasattr(chunks[0], "module") else chunks[0]
     state = dist_checkpointing.load(_sharded_state_dict(chunks), str(ckpt_dir))
-    model.load_state_dict(state, strict=False)  # the checkpoint has no rotary / extra-state buffers to match
+    unwrap(chunks[0]).load_state_dict(state, strict=False)  # no rotary / extra-state buffers in the checkpoint
     return spec, chunks
 
 
@@ -142,16 +140,18 @@ def mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, max_shard_bytes: i
     spec, chunks = load_mcore(ckpt_dir, dtype=dtype)
     shutil.rmtree(staging, ignore_errors=True)
     _copy_side_files(ckpt_dir / "hf", staging)
-    params = dict((chunks[0].module if hasattr(chunks[0], "module") else chunks[0]).named_parameters())
+    params = dict(unwrap(chunks[0]).named_parameters())
     shard: dict[str, torch.Tensor] = {}
+    shard_bytes = 0
     weight_map: dict[str, str] = {}
     files: list[dict[str, torch.Tensor]] = [shard]
     for name, rule in chunk_rules(chunks[0], spec, te=False).items():
         for hf_name, tensor in to_hf(rule, [params[name].detach()], spec).items():
-            if shard and sum(t.numel() * t.element_size() for t in shard.values()) >= max_shard_bytes:
-                shard = {}
+            if shard and shard_bytes >= max_shard_bytes:
+                shard, shard_bytes = {}, 0
                 files.append(shard)
             shard[hf_name] = tensor.contiguous()
+            shard_bytes += tensor.numel() * tensor.element_size()
     for i, tensors in enumerate(files):
         file = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" if len(files) > 1 else "model.safetensors"
         save_file(tensors, str(staging / file), metadata={"format": "pt"})

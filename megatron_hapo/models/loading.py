@@ -11,13 +11,14 @@ from megatron_hapo.models.hf_config import DecoderSpec
 from megatron_hapo.models.mapping import Rule, rules, to_megatron_shard
 
 
-def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside a chunk (Megatron DDP wraps it as ``.module``)."""
     return chunk.module if hasattr(chunk, "module") else chunk
 
 
 def chunk_rules(chunk: torch.nn.Module, spec: DecoderSpec, *, te: bool) -> dict[str, Rule]:
     """``{local Megatron parameter name: rule}`` for one model chunk (its layers, embedding and head)."""
-    model = _unwrap(chunk)
+    model = unwrap(chunk)
     offset = chunk.layer_offset
     layers = range(offset, offset + len(model.decoder.layers))
     table = rules(spec, te=te, layers=layers, first=model.pre_process, last=model.post_process)
@@ -37,7 +38,7 @@ def load_hf_weights(chunks: list[torch.nn.Module], spec: DecoderSpec, get_tensor
     """
     used: set[str] = set()
     for chunk in chunks:
-        model = _unwrap(chunk)
+        model = unwrap(chunk)
         params = dict(model.named_parameters())
         table = chunk_rules(chunk, spec, te=te)
         if uncovered := sorted(set(params) - set(table)):

@@ -27,11 +27,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_hapo.algos import EntropyStats, aggregation_terms, apply_entropy_stats
+from megatron_hapo.algos import EntropyStats, aggregation_terms
 from megatron_hapo.algos.compose import needs_entropy, token_policy_loss
-from megatron_hapo.algos.entropy import ENTROPY_EPS
 from megatron_hapo.parallel.collectives import group_rank_size
-from megatron_hapo.parallel.stats import distributed_entropy_stats
+from megatron_hapo.parallel.stats import distributed_entropy_stats, normalize_with_stats
 from megatron_hapo.parallel.token_mean import global_denominator, microbatch_loss, per_token_loss_outputs
 from megatron_hapo.parallel.vocab_parallel import vocab_parallel_logprob_entropy
 
@@ -255,7 +254,7 @@ class PolicyLossStep:
             stats = distributed_entropy_stats(
                 entropy, batch.mask, group=self.groups.cp, pivot_quantile=cfg.pivot_quantile, sign=cfg.sign
             )
-        return apply_entropy_stats(torch.log(entropy.float().clamp_min(ENTROPY_EPS)), stats)
+        return normalize_with_stats(entropy, stats)
 
     def loss(self, batch: PolicyMicroBatch, logits: torch.Tensor) -> tuple[Any, ...]:
         """Megatron's ``loss_func``: ``(loss, metrics)`` or ``(loss, num_tokens, metrics)`` (per-token path)."""

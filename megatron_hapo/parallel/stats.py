@@ -98,5 +98,9 @@ def distributed_normalized_entropy(
 ) -> tuple[torch.Tensor, EntropyStats]:
     """``(h_hat [same shape as entropy], EntropyStats)`` with statistics pooled over ``group``."""
     stats = distributed_entropy_stats(entropy, mask, group=group, pivot_quantile=pivot_quantile, sign=sign)
-    log_entropy = torch.log(entropy.float().clamp_min(ENTROPY_EPS))
-    return apply_entropy_stats(log_entropy, stats), stats
+    return normalize_with_stats(entropy, stats), stats
+
+
+def normalize_with_stats(entropy: torch.Tensor, stats: EntropyStats) -> torch.Tensor:
+    """``h_hat`` of token entropies ``[*]`` under given statistics (the trainer's normaliser: no eps, no clamp)."""
+    return apply_entropy_stats(torch.log(entropy.float().clamp_min(ENTROPY_EPS)), stats)
