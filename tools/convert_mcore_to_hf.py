@@ -4,8 +4,10 @@
     .venv/bin/python tools/convert_mcore_to_hf.py --ckpt ckpt/qwen-mcore --out qwen-trained-hf [--max-shard-gb 5]
 
 Writes sharded ``model-0000k-of-0000n.safetensors`` files with their index, plus the config and tokenizer files
-kept at conversion. The checkpoint is loaded at TP1 / PP1 in one CPU process (torch_dist reshards on load), in
-its stored dtype unless ``--dtype`` says otherwise. The output appears only when complete.
+kept at conversion. One CPU process streams the layers straight from the torch_dist files (whatever layout wrote
+them), ``--read-gb`` at a time, and writes each shard as soon as it is full: peak memory is about one shard plus
+one read group, never the model. Tensors keep their stored dtype unless ``--dtype`` says otherwise. The output
+appears only when complete.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+from tqdm import tqdm
 
 from megatron_hapo.models.checkpoint import mcore_to_hf
 from megatron_hapo.parallel import megatron_cpu
@@ -25,7 +29,10 @@ from convert_hf_to_mcore import DTYPES
 def _rank(rank: int, world: int, args: argparse.Namespace) -> None:
     megatron_cpu.quiet_logs()
     megatron_cpu.initialize_model_parallel(1, 1)
-    mcore_to_hf(args.ckpt, args.out, max_shard_bytes=int(args.max_shard_gb * 2**30), dtype=DTYPES[args.dtype])
+    bar = tqdm(desc="tensors written", unit="t")
+    mcore_to_hf(args.ckpt, args.out, max_shard_bytes=int(args.max_shard_gb * 2**30), dtype=DTYPES[args.dtype],
+                read_bytes=int(args.read_gb * 2**30), progress=bar.update)  # fmt: skip
+    bar.close()
     print(f"wrote {args.out}")
 
 
@@ -34,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ckpt", type=Path, required=True, help="Megatron torch_dist checkpoint directory")
     parser.add_argument("--out", type=Path, required=True, help="output HF directory (must not exist)")
     parser.add_argument("--max-shard-gb", type=float, default=5.0, help="size of each safetensors file")
+    parser.add_argument("--read-gb", type=float, default=1.0, help="bytes read from the checkpoint at a time")
     parser.add_argument("--dtype", choices=DTYPES, default="auto", help="written dtype (auto: the stored one)")
     args = parser.parse_args(argv)
     run_local_ranks(_rank, 1, args)

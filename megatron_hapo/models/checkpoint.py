@@ -14,6 +14,7 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -21,8 +22,9 @@ from safetensors.torch import save_file
 
 from megatron_hapo.models.hf_config import DecoderSpec, read_decoder_spec
 from megatron_hapo.models.hf_io import HFCheckpoint
-from megatron_hapo.models.loading import chunk_rules, load_hf_weights, unwrap
-from megatron_hapo.models.mapping import to_hf
+from megatron_hapo.models.loading import load_hf_weights, unwrap
+from megatron_hapo.models.mapping import Rule, rules, to_hf
+from megatron_hapo.models.mcore_reader import McoreReader
 from megatron_hapo.models.provider import build_gpt
 
 #: Files copied alongside the weights (config and tokenizer), when present.
@@ -113,51 +115,102 @@ def _reporting(reader: Callable[[str], torch.Tensor], progress: Callable[[str], 
 
 
 def _sharded_state_dict(chunks: list[torch.nn.Module]) -> dict:
-    if len(chunks) > 1:
-        raise NotImplementedError("converting with virtual pipeline stages is not supported; use vpp=None")
-    return unwrap(chunks[0]).sharded_state_dict()
+    """The chunks' sharded state dicts; with virtual stages one per chunk (keys carry global layer indices)."""
+    if len(chunks) == 1:
+        return unwrap(chunks[0]).sharded_state_dict()
+    return {f"model{i}": unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(chunks)}
 
 
-def load_mcore(ckpt_dir: str | Path, *, dtype: torch.dtype | None = None) -> tuple[DecoderSpec, list]:
-    """Build the model of a converted checkpoint for the current layout and load its weights (collective)."""
+def load_mcore(ckpt_dir: str | Path, *, dtype: torch.dtype | None = None,
+               **build_overrides: Any) -> tuple[DecoderSpec, list]:  # fmt: skip
+    """Build the model of a converted checkpoint for the current layout and load its weights (collective).
+
+    Any TP / PP / VPP layout loads any saved one; ``build_overrides`` go to :func:`build_gpt`.
+    """
     from megatron.core import dist_checkpointing  # noqa: PLC0415
 
     ckpt_dir = Path(ckpt_dir)
     spec = read_decoder_spec(ckpt_dir / "hf")
-    chunks = build_gpt(spec, dtype=dtype or config_dtype(ckpt_dir / "hf"), perform_initialization=False)
+    chunks = build_gpt(spec, dtype=dtype or config_dtype(ckpt_dir / "hf"), perform_initialization=False,
+                       **build_overrides)  # fmt: skip
     state = dist_checkpointing.load(_sharded_state_dict(chunks), str(ckpt_dir))
-    unwrap(chunks[0]).load_state_dict(state, strict=False)  # no rotary / extra-state buffers in the checkpoint
+    per_chunk = [state] if len(chunks) == 1 else [state[f"model{i}"] for i in range(len(chunks))]
+    for chunk, chunk_state in zip(chunks, per_chunk, strict=True):
+        model = unwrap(chunk)
+        missing = model.load_state_dict(chunk_state, strict=False).missing_keys  # buffers are not stored
+        if lost := sorted(set(missing) & {name for name, _ in model.named_parameters()}):
+            raise ValueError(f"{ckpt_dir} does not hold parameters {lost[:5]}; wrong model or checkpoint")
     return spec, chunks
 
 
 def mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, max_shard_bytes: int = 5 * 2**30,
-                dtype: torch.dtype | None = None) -> None:  # fmt: skip
-    """Write a converted checkpoint back as sharded HF safetensors (+ config, tokenizer); single rank, TP1 / PP1."""
+                dtype: torch.dtype | None = None, read_bytes: int = 2**30,
+                progress: Callable[[int], None] | None = None) -> None:  # fmt: skip
+    """Write a converted checkpoint back as sharded HF safetensors (+ config, tokenizer); collective, one rank.
+
+    Streams: layers are read ``read_bytes`` at a time straight from the torch_dist files (no model is built) and
+    each safetensors shard is written as soon as it holds ``max_shard_bytes``, so peak memory is about one
+    shard plus one read group. ``progress(n)`` is called with the number of HF tensors after each group.
+    """
     if dist.get_world_size() != 1:
-        raise ValueError("mcore_to_hf runs on one rank (the checkpoint is resharded to TP1 / PP1 on load)")
+        raise ValueError("mcore_to_hf runs on one rank (it reads full tensors straight from the checkpoint)")
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     staging = _staging(out_dir)
-    spec, chunks = load_mcore(ckpt_dir, dtype=dtype)
+    spec = read_decoder_spec(ckpt_dir / "hf")
+    reader = McoreReader(ckpt_dir)
     shutil.rmtree(staging, ignore_errors=True)
     _copy_side_files(ckpt_dir / "hf", staging)
-    params = dict(unwrap(chunks[0]).named_parameters())
-    shard: dict[str, torch.Tensor] = {}
-    shard_bytes = 0
-    weight_map: dict[str, str] = {}
-    files: list[dict[str, torch.Tensor]] = [shard]
-    for name, rule in chunk_rules(chunks[0], spec, te=False).items():
-        for hf_name, tensor in to_hf(rule, [params[name].detach()], spec).items():
-            if shard and shard_bytes >= max_shard_bytes:
-                shard, shard_bytes = {}, 0
-                files.append(shard)
-            shard[hf_name] = tensor.contiguous()
-            shard_bytes += tensor.numel() * tensor.element_size()
-    for i, tensors in enumerate(files):
-        file = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" if len(files) > 1 else "model.safetensors"
-        save_file(tensors, str(staging / file), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, file))
-    if len(files) > 1:
-        index = {"metadata": {"total_size": sum(os.path.getsize(staging / f) for f in set(weight_map.values()))},
-                 "weight_map": weight_map}  # fmt: skip
-        (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    writer = _ShardWriter(staging, max_shard_bytes)
+    for group in reader.groups(rules(spec, te=True), read_bytes):
+        full = reader.read(group)
+        for rule in group:
+            for hf_name, tensor in _to_hf_checked(rule, full.pop(rule.megatron), spec).items():
+                writer.add(hf_name, tensor if dtype is None else tensor.to(dtype))
+        if progress is not None:
+            progress(sum(len(rule.hf) for rule in group))
+    writer.close()
     _finish(staging, out_dir)
+
+
+def _to_hf_checked(rule: Rule, tensor: torch.Tensor, spec: DecoderSpec) -> dict[str, torch.Tensor]:
+    try:
+        return to_hf(rule, [tensor], spec)
+    except RuntimeError as exc:
+        raise ValueError(f"{rule.megatron}: stored shape {tuple(tensor.shape)} does not fit hf/config.json "
+                         f"({exc})") from None  # fmt: skip
+
+
+class _ShardWriter:
+    """Writes HF tensors into numbered safetensors shards as they fill, then names them and writes the index."""
+
+    def __init__(self, out_dir: Path, max_shard_bytes: int) -> None:
+        self.out_dir, self.max_shard_bytes = out_dir, max_shard_bytes
+        self.shard: dict[str, torch.Tensor] = {}
+        self.shard_bytes = 0
+        self.written: list[tuple[Path, list[str]]] = []
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if self.shard and self.shard_bytes >= self.max_shard_bytes:
+            self._flush()
+        self.shard[name] = tensor.contiguous()
+        self.shard_bytes += tensor.numel() * tensor.element_size()
+
+    def _flush(self) -> None:
+        path = self.out_dir / f".shard-{len(self.written):05d}.partial"
+        save_file(self.shard, str(path), metadata={"format": "pt"})
+        self.written.append((path, list(self.shard)))
+        self.shard, self.shard_bytes = {}, 0
+
+    def close(self) -> None:
+        if self.shard:
+            self._flush()
+        count = len(self.written)
+        weight_map: dict[str, str] = {}
+        for i, (path, names) in enumerate(self.written):
+            file = f"model-{i + 1:05d}-of-{count:05d}.safetensors" if count > 1 else "model.safetensors"
+            path.rename(self.out_dir / file)
+            weight_map.update(dict.fromkeys(names, file))
+        if count > 1:
+            total = sum(os.path.getsize(self.out_dir / f) for f in set(weight_map.values()))
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

@@ -27,12 +27,12 @@ def _convert(rank: int, world: int, root: Path, tp: int, pp: int) -> None:
         hf_to_mcore(root / family, root / f"{family}-mcore-tp{tp}pp{pp}")
 
 
-def _export(rank: int, world: int, root: Path, layout: str) -> None:
+def _export(rank: int, world: int, root: Path, layout: str, families: tuple[str, ...] = FAMILIES) -> None:
     from megatron_hapo.models.checkpoint import mcore_to_hf
     from megatron_hapo.parallel import megatron_cpu
 
     megatron_cpu.initialize_model_parallel(1, 1)
-    for family in FAMILIES:
+    for family in families:
         mcore_to_hf(root / f"{family}-mcore-{layout}", root / f"{family}-back-{layout}", max_shard_bytes=100_000)
 
 
@@ -118,3 +118,73 @@ def test_tools_convert_export_and_verify(checkpoints: Path, tmp_path: Path, repo
     assert "conversion verified" in tool("verify_conversion.py", "--hf-dir", str(back), "--ckpt", str(mcore))
     for name in ("convert_hf_to_mcore.py", "convert_mcore_to_hf.py", "verify_conversion.py"):
         assert "usage" in tool(name, "--help")
+
+
+def _deep_llama(path: Path) -> None:
+    """4 layers (so PP2 x VPP2 has one layer per chunk), vocabulary 300: padded to 384 at TP1 but 512 at TP2."""
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=300, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=96, max_position_embeddings=64)  # fmt: skip
+    config.architectures = ["LlamaForCausalLM"]
+    torch.manual_seed(3)
+    hf = transformers.LlamaForCausalLM(config).float().eval()
+    hf.save_pretrained(path, safe_serialization=True)
+    tokens = torch.randint(0, 300, (2, 8), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.save({"tokens": tokens, "logits": hf(tokens).logits}, path / "reference.pt")
+
+
+def _chunked_logits(chunks: list, tokens: torch.Tensor) -> torch.Tensor | None:
+    """Logits ``[B, S, V]`` through the (interleaved, if several chunks) schedule, one micro-batch per sample."""
+    from megatron.core import parallel_state as mpu
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_hapo.parallel.collectives import gather_vocab_shards
+
+    seq = tokens.shape[1]
+
+    def step(data_iterator, model):  # noqa: ANN001, ANN202
+        sample = next(data_iterator)
+        output = model(sample, torch.arange(seq)[None], None)
+        return output, lambda out: (out.sum() * 0, {"logits": gather_vocab_shards(out, mpu.get_tensor_model_parallel_group())})
+
+    samples = list(tokens.split(1))
+    iterators = [iter(samples) for _ in chunks] if len(chunks) > 1 else iter(samples)
+    outputs = get_forward_backward_func()(forward_step_func=step, data_iterator=iterators, model=chunks,
+                                          num_microbatches=len(samples), seq_length=seq, micro_batch_size=1,
+                                          forward_only=True)  # fmt: skip
+    return torch.cat([o["logits"] for o in outputs]) if outputs else None
+
+
+def _vpp_round(rank: int, world: int, root: Path, out: Path) -> None:
+    import torch.distributed as dist
+
+    from megatron_hapo.models.checkpoint import hf_to_mcore, load_mcore
+    from megatron_hapo.parallel import megatron_cpu
+
+    megatron_cpu.initialize_model_parallel(1, 2, 2)
+    hf_to_mcore(root / "deep", root / "deep-mcore-vpp")  # saved from four chunks on two stages
+    reference = torch.load(root / "deep" / "reference.pt")
+    errors = {}
+    for tp, pp, vpp in ((2, 1, None), (1, 2, 2)):
+        megatron_cpu.initialize_model_parallel(tp, pp, vpp)
+        _, chunks = load_mcore(root / "deep-mcore-vpp", batch_p2p_comm=False)
+        logits = _chunked_logits(chunks, reference["tokens"])
+        err = -1.0 if logits is None else float((logits[..., :300] - reference["logits"]).abs().max())
+        err = torch.tensor([err])
+        dist.all_reduce(err, op=dist.ReduceOp.MAX)
+        errors[f"tp{tp} pp{pp} vpp{vpp}"] = float(err)
+    if rank == 0:
+        out.write_text(json.dumps(errors))
+
+
+def test_virtual_stage_conversion_reloads_at_other_layouts_and_other_vocab_padding(tmp_path: Path) -> None:
+    _deep_llama(tmp_path / "deep")
+    report = tmp_path / "errors.json"
+    run_on_ranks(partial(_vpp_round, root=tmp_path, out=report), 2, tmp_path / "a")
+    errors = json.loads(report.read_text())
+    assert len(errors) == 2 and all(0 <= e <= 1e-4 for e in errors.values()), errors
+    run_on_ranks(partial(_export, root=tmp_path, layout="vpp", families=("deep",)), 1, tmp_path / "b")
+    original, back = _tensors(tmp_path / "deep"), _tensors(tmp_path / "deep-back-vpp")
+    assert set(original) == set(back) and all(torch.equal(back[n], t) for n, t in original.items())
