@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,7 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype |
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     spec, source = read_decoder_spec(hf_dir), HFCheckpoint(hf_dir)
     staging = _staging(out_dir)
+    writer_start = _start_checkpoint_writer()
     chunks = build_gpt(spec, dtype=dtype or config_dtype(hf_dir), perform_initialization=False)
     reader = source.__getitem__ if progress is None else _reporting(source.__getitem__, progress)
     used = _load_everywhere(chunks, spec, reader)
@@ -99,9 +101,27 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype |
         shutil.rmtree(staging, ignore_errors=True)
         _copy_side_files(hf_dir, staging / "hf")
     dist.barrier()
+    if writer_start is not None:
+        writer_start.join()
     dist_checkpointing.save(_sharded_state_dict(chunks), str(staging))
     _finish(staging, out_dir)
     return spec
+
+
+def _start_checkpoint_writer() -> threading.Thread | None:
+    """Start Megatron's checkpoint-writer helper process in the background, while tensors are read.
+
+    megatron-core 0.19 starts a multiprocessing manager (a spawned interpreter that re-imports the main module,
+    about 3 s) on the first torch_dist save of a process; overlapping it with the reading saves that time.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async  # noqa: PLC0415
+
+    start = getattr(filesystem_async, "get_write_results_queue", None)
+    if start is None or getattr(filesystem_async, "_results_queue", None) is not None:
+        return None
+    thread = threading.Thread(target=start, name="megatron-ckpt-writer-start", daemon=True)
+    thread.start()
+    return thread
 
 
 def _reporting(reader: Callable[[str], torch.Tensor], progress: Callable[[str], None]) -> Callable:
@@ -198,6 +218,8 @@ class _ShardWriter:
     def _flush(self) -> None:
         path = self.out_dir / f".shard-{len(self.written):05d}.partial"
         save_file(self.shard, str(path), metadata={"format": "pt"})
+        with path.open("rb+") as handle:  # on disk before the directory is renamed into place
+            os.fsync(handle.fileno())
         self.written.append((path, list(self.shard)))
         self.shard, self.shard_bytes = {}, 0
 

@@ -33,7 +33,8 @@ def _export(rank: int, world: int, root: Path, layout: str, families: tuple[str,
 
     megatron_cpu.initialize_model_parallel(1, 1)
     for family in families:
-        mcore_to_hf(root / f"{family}-mcore-{layout}", root / f"{family}-back-{layout}", max_shard_bytes=100_000)
+        mcore_to_hf(root / f"{family}-mcore-{layout}", root / f"{family}-back-{layout}", max_shard_bytes=100_000,
+                    read_bytes=40_000)  # many shards, many read groups
 
 
 def _logits(rank: int, world: int, root: Path, tp: int, pp: int, out: Path) -> None:
