@@ -91,21 +91,30 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype |
     spec, source = read_decoder_spec(hf_dir), HFCheckpoint(hf_dir)
     staging = _staging(out_dir)
     writer_start = _start_checkpoint_writer()
-    chunks = build_gpt(spec, dtype=dtype or config_dtype(hf_dir), perform_initialization=False)
+    try:
+        chunks = _load_checked(spec, source, dtype or config_dtype(hf_dir), progress)
+    finally:  # a process must not exit while the writer's helper process is half-started (its exit would hang)
+        if writer_start is not None:
+            writer_start.join()
+    if dist.get_rank() == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        _copy_side_files(hf_dir, staging / "hf")
+    dist.barrier()
+    dist_checkpointing.save(_sharded_state_dict(chunks), str(staging))
+    _finish(staging, out_dir)
+    return spec
+
+
+def _load_checked(spec: DecoderSpec, source: HFCheckpoint, dtype: torch.dtype,
+                  progress: Callable[[str], None] | None) -> list[torch.nn.Module]:  # fmt: skip
+    """This rank's chunks with the HF weights loaded; every HF tensor must have been used by some rank."""
+    chunks = build_gpt(spec, dtype=dtype, perform_initialization=False)
     reader = source.__getitem__ if progress is None else _reporting(source.__getitem__, progress)
     used = _load_everywhere(chunks, spec, reader)
     tied_head = {"lm_head.weight"} if spec.tie_word_embeddings else set()
     if extra := sorted(set(source.names()) - used - tied_head):
         raise ValueError(f"the checkpoint has tensors no rule maps (unsupported variant?): {extra[:5]}")
-    if dist.get_rank() == 0:
-        shutil.rmtree(staging, ignore_errors=True)
-        _copy_side_files(hf_dir, staging / "hf")
-    dist.barrier()
-    if writer_start is not None:
-        writer_start.join()
-    dist_checkpointing.save(_sharded_state_dict(chunks), str(staging))
-    _finish(staging, out_dir)
-    return spec
+    return chunks
 
 
 def _start_checkpoint_writer() -> threading.Thread | None:

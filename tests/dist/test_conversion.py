@@ -81,26 +81,41 @@ def test_round_trips_are_bit_exact_and_reshard(checkpoints: Path, tmp_path: Path
         assert all(0 <= e <= 1e-4 for e in errors.values()), (tp, pp, errors)
 
 
-def _convert_broken(rank: int, world: int, broken: Path, out: Path) -> None:
+BROKEN = {  # how the checkpoint is broken -> the error that must name it
+    "missing": r"lacks tensor model\.layers\.1\.mlp\.down_proj\.weight",
+    "extra": r"no rule maps .*model\.layers\.0\.mlp\.surprise\.weight",
+    "shape": r"model\.layers\.0\.self_attn\.o_proj\.weight.*does not fit",
+}
+
+
+def _convert_broken(rank: int, world: int, root: Path) -> None:
     from megatron_hapo.models.checkpoint import hf_to_mcore
     from megatron_hapo.parallel import megatron_cpu
 
     megatron_cpu.initialize_model_parallel(world, 1)
-    with pytest.raises(ValueError, match=r"lacks tensor model\.layers\.1\.mlp\.down_proj\.weight"):
-        hf_to_mcore(broken, out)
-    assert not out.exists() and not any(out.parent.glob(f".{out.name}*"))
+    for kind, message in BROKEN.items():
+        out = root / f"out-{kind}"
+        with pytest.raises(ValueError, match=message):
+            hf_to_mcore(root / kind, out)
+        assert not out.exists() and not any(out.parent.glob(f".{out.name}*")), kind
 
 
-def test_missing_tensor_is_named_and_nothing_is_written(checkpoints: Path, tmp_path: Path) -> None:
+def test_broken_checkpoints_are_named_and_nothing_is_written(checkpoints: Path, tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    tensors = _tensors(checkpoints / "llama")
-    del tensors["model.layers.1.mlp.down_proj.weight"]
-    save_file(tensors, str(broken / "model.safetensors"))
-    (broken / "config.json").write_text((checkpoints / "llama" / "config.json").read_text())
-    run_on_ranks(partial(_convert_broken, broken=broken, out=tmp_path / "out"), 2, tmp_path / "r")
+    for kind in BROKEN:
+        tensors = _tensors(checkpoints / "llama")
+        if kind == "missing":
+            del tensors["model.layers.1.mlp.down_proj.weight"]
+        elif kind == "extra":
+            tensors["model.layers.0.mlp.surprise.weight"] = torch.zeros(2, 2)
+        else:
+            name = "model.layers.0.self_attn.o_proj.weight"
+            tensors[name] = tensors[name][:, :-1].contiguous()
+        (tmp_path / kind).mkdir()
+        save_file(tensors, str(tmp_path / kind / "model.safetensors"))
+        (tmp_path / kind / "config.json").write_text((checkpoints / "llama" / "config.json").read_text())
+    run_on_ranks(partial(_convert_broken, root=tmp_path), 2, tmp_path / "r")
 
 
 def test_tools_convert_export_and_verify(checkpoints: Path, tmp_path: Path, repo_root: Path) -> None:
