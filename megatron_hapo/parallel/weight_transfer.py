@@ -1,0 +1,58 @@
+"""Collectives of the rollout weight sync: gather TP shards, share a pipeline stage's tensors with the others.
+
+Every function is called by all ranks of the group it names, in the same order (the sync plan is identical on
+every rank).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megatron_hapo.parallel.collectives import group_rank_size
+
+
+def gather_shards(shard: torch.Tensor, group: dist.ProcessGroup | None) -> list[torch.Tensor]:
+    """Every TP rank's ``shard`` (same shape on all), in rank order."""
+    _, size = group_rank_size(group)
+    if size == 1:
+        return [shard]
+    pieces = [torch.empty_like(shard) for _ in range(size)]
+    dist.all_gather(pieces, shard.contiguous(), group=group)
+    return pieces
+
+
+def all_gather_objects(value: object, group: dist.ProcessGroup | None) -> list:
+    """``value`` of every rank of ``group`` (small Python objects: layouts, names, shapes)."""
+    _, size = group_rank_size(group)
+    if size == 1:
+        return [value]
+    out: list = [None] * size
+    dist.all_gather_object(out, value, group=group)
+    return out
+
+
+def share_from_stage(tensors: dict[str, torch.Tensor] | None, src_index: int, group: dist.ProcessGroup | None,
+                     device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:  # fmt: skip
+    """The named tensors of group rank ``src_index`` on every rank of ``group`` (one flat broadcast per dtype).
+
+    ``tensors`` is read on the source rank only (``None`` elsewhere); receivers allocate on ``device``.
+    """
+    rank, size = group_rank_size(group)
+    if size == 1:
+        return dict(tensors or {})
+    src = dist.get_global_rank(group, src_index)
+    header = [[(name, tuple(t.shape), t.dtype) for name, t in tensors.items()] if rank == src_index else None]
+    dist.broadcast_object_list(header, src=src, group=group)
+    out: dict[str, torch.Tensor] = {}
+    for dtype in sorted({d for _, _, d in header[0]}, key=str):
+        names = [(name, shape) for name, shape, d in header[0] if d == dtype]
+        numel = sum(torch.Size(shape).numel() for _, shape in names)
+        if rank == src_index:
+            flat = torch.cat([tensors[name].reshape(-1) for name, _ in names])
+        else:
+            flat = torch.empty(numel, dtype=dtype, device=device)
+        dist.broadcast(flat, src=src, group=group)
+        for (name, shape), piece in zip(names, flat.split([torch.Size(s).numel() for _, s in names]), strict=True):
+            out[name] = piece.view(shape)
+    return out

@@ -1,0 +1,198 @@
+"""Megatron (TP / PP / VPP-sharded) -> rollout engine weight sync, and the check that it arrived.
+
+One :class:`SyncPlan` is computed identically on every rank from the model layout (gathered once over the
+pipeline group) and the mapping table of :mod:`megatron_hapo.models.mapping`. The plan cuts the model into
+units that vLLM can load on their own (one decoder layer, the embedding, the final norm + head: fused groups are
+never split) and packs them into buckets of at most ``bucket_bytes``. For each bucket, the owning pipeline stage
+gathers its TP shards, converts them to HF tensors and shares them with the other stages; every rank then hands
+the bucket to its engine, which cuts its own rollout-TP shard. No rank ever holds more than one bucket of full
+tensors beside its own model shard.
+
+:func:`verify_sync` compares the engine's log-probs of a fixed probe sequence with the trainer's own and raises
+:class:`WeightSyncError` on every rank when they differ by more than the tolerance, before any rollout uses the
+weights.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_hapo.models.hf_config import DecoderSpec
+from megatron_hapo.models.loading import chunk_rules, unwrap
+from megatron_hapo.models.mapping import to_hf
+from megatron_hapo.parallel.collectives import group_rank_size
+from megatron_hapo.parallel.policy_loss import LogProbEntropyStep, ParallelGroups, PolicyMicroBatch
+from megatron_hapo.parallel.weight_transfer import all_gather_objects, gather_shards, share_from_stage
+from megatron_hapo.rollout.engine import RolloutEngine
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+class WeightSyncError(RuntimeError):
+    """The rollout engine's weights do not reproduce the trainer's model."""
+
+
+@dataclass(frozen=True)
+class SyncUnit:
+    """Parameters that vLLM loads together: one layer, the embedding, or the final norm and head."""
+
+    stage: int
+    """Pipeline rank that owns them."""
+    chunk: int
+    """Model chunk (virtual stage) index on that rank."""
+    position: int
+    """Order in the model: -1 embedding, the global layer index, or ``num_layers`` for the head."""
+    params: tuple[str, ...]
+    """Local Megatron parameter names in the chunk."""
+    nbytes: int
+    """Bytes of the full (TP-gathered) tensors."""
+
+
+@dataclass(frozen=True)
+class SyncPlan:
+    """Buckets of units, identical on every rank."""
+
+    buckets: tuple[tuple[SyncUnit, ...], ...]
+    total_bytes: int
+
+
+def _position(megatron_name: str, num_layers: int) -> int:
+    """-1 for the embedding, the global layer index, or ``num_layers`` for the final norm and head."""
+    if match := _LAYER.match(megatron_name):
+        return int(match.group(1))
+    return -1 if megatron_name.startswith("embedding.") else num_layers
+
+
+def _local_units(chunks: list, spec: DecoderSpec, tp_size: int, stage: int) -> list[tuple]:
+    """``(unit, hf names)`` of this rank's chunks (plain tuples: they travel through ``all_gather_object``)."""
+    units = []
+    for index, chunk in enumerate(chunks):
+        params = dict(unwrap(chunk).named_parameters())
+        grouped: dict[int, list] = {}
+        for name, rule in chunk_rules(chunk, spec, te=False).items():
+            if name not in params:
+                raise ValueError(f"the model has no parameter {name} (spec does not fit the model)")
+            match = _LAYER.match(rule.megatron)
+            position = (
+                int(match.group(1)) if match else (-1 if rule.megatron.startswith("embedding.") else spec.num_layers)
+            )
+            size = params[name].numel() * params[name].element_size() * (tp_size if rule.tp_dim is not None else 1)
+            grouped.setdefault(position, []).append((name, rule.hf, size))
+        for position, members in grouped.items():
+            units.append((stage, index, position, members))
+    return units
+
+
+def build_sync_plan(chunks: list, spec: DecoderSpec, groups: ParallelGroups, *, bucket_bytes: int) -> SyncPlan:
+    """The sync plan (collective over the pipeline group; call once per model layout)."""
+    stage, _ = group_rank_size(groups.pp)
+    _, tp_size = group_rank_size(groups.tp)
+    everyone = [unit for units in all_gather_objects(_local_units(chunks, spec, tp_size, stage), groups.pp)
+                for unit in units]  # fmt: skip
+    claimed: set[str] = set()
+    units = []
+    for owner, chunk, position, members in sorted(everyone, key=lambda u: (u[2], u[0], u[1])):
+        kept = [(name, size) for name, hf, size in members if not set(hf) <= claimed]  # tied head copy: skip
+        for _, hf, _ in members:
+            claimed.update(hf)
+        if kept:
+            units.append(SyncUnit(owner, chunk, position, tuple(n for n, _ in kept), sum(s for _, s in kept)))
+    buckets, current, size = [], [], 0
+    for unit in units:
+        if current and size + unit.nbytes > bucket_bytes:
+            buckets.append(tuple(current))
+            current, size = [], 0
+        current.append(unit)
+        size += unit.nbytes
+    if current:
+        buckets.append(tuple(current))
+    return SyncPlan(tuple(buckets), sum(u.nbytes for u in units))
+
+
+def _hf_tensors(units: Sequence[SyncUnit], chunks: list, spec: DecoderSpec,
+                tp_group: Any) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Full HF tensors of this stage's ``units`` (collective over the TP group)."""
+    out: dict[str, torch.Tensor] = {}
+    for unit in units:
+        chunk = chunks[unit.chunk]
+        params = dict(unwrap(chunk).named_parameters())
+        table = chunk_rules(chunk, spec, te=False)
+        for name in unit.params:
+            rule, shard = table[name], params[name].detach()
+            shards = gather_shards(shard, tp_group) if rule.tp_dim is not None else [shard]
+            out.update(to_hf(rule, shards, spec))
+    return out
+
+
+@dataclass(frozen=True)
+class SyncReport:
+    """What one sync moved."""
+
+    bytes: int
+    seconds: float
+    buckets: int
+
+
+def sync_weights(engine: RolloutEngine, chunks: list, spec: DecoderSpec, plan: SyncPlan,
+                 groups: ParallelGroups) -> SyncReport:  # fmt: skip
+    """Push the trainer's current weights into ``engine`` (collective over the world, bucket by bucket)."""
+    start = time.perf_counter()
+    stage, _ = group_rank_size(groups.pp)
+    device = next(unwrap(chunks[0]).parameters()).device
+    for bucket in plan.buckets:
+        tensors: dict[str, torch.Tensor] = {}
+        for owner in sorted({unit.stage for unit in bucket}):
+            mine = [unit for unit in bucket if unit.stage == owner]
+            produced = _hf_tensors(mine, chunks, spec, groups.tp) if owner == stage else None
+            tensors.update(share_from_stage(produced, owner, groups.pp, device))
+        engine.load_weights(list(tensors.items()))
+    return SyncReport(plan.total_bytes, time.perf_counter() - start, len(plan.buckets))
+
+
+def trainer_log_probs(chunks: list, token_ids: Sequence[int], groups: ParallelGroups,
+                      vocab_size: int | None) -> torch.Tensor:  # fmt: skip
+    """``[S - 1]`` float32 log-probs of ``token_ids[1:]`` under the Megatron model, on every rank (collective).
+
+    ``vocab_size``: the real vocabulary (Megatron's padded output columns are left out).
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: PLC0415
+
+    tokens = torch.tensor([list(token_ids)], device=next(unwrap(chunks[0]).parameters()).device)
+    seq = tokens.shape[1]
+    targets = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1)
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    mask[:, -1] = False
+    batch = PolicyMicroBatch(tokens=tokens, position_ids=torch.arange(seq, device=tokens.device)[None],
+                             targets=targets, mask=mask)  # fmt: skip
+    iterators = [iter([batch]) for _ in chunks] if len(chunks) > 1 else iter([batch])
+    with torch.no_grad():
+        outputs = get_forward_backward_func()(
+            forward_step_func=LogProbEntropyStep(groups, vocab_size), data_iterator=iterators, model=chunks,
+            num_microbatches=1, seq_length=seq, micro_batch_size=1, forward_only=True,
+        )  # fmt: skip
+    stage, stages = group_rank_size(groups.pp)
+    produced = {"log_prob": outputs[0]["log_prob"][0, :-1].float().contiguous()} if stage == stages - 1 else None
+    return share_from_stage(produced, stages - 1, groups.pp, tokens.device)["log_prob"].cpu()
+
+
+def verify_sync(engine: RolloutEngine, chunks: list, groups: ParallelGroups, probe: Sequence[int], *,
+                vocab_size: int | None, tolerance: float) -> float:  # fmt: skip
+    """Max |engine - trainer| log-prob over the probe, equal on all ranks; raises ``WeightSyncError`` above it."""
+    trainer = trainer_log_probs(chunks, probe, groups, vocab_size)
+    served = engine.prompt_log_probs(probe)
+    worst = torch.tensor([float((served - trainer).abs().max())])
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    if not float(worst) <= tolerance:  # NaN fails too
+        raise WeightSyncError(
+            f"after the weight sync the rollout engine's log-probs of the probe differ from the trainer's by "
+            f"{float(worst):.3g} (tolerance {tolerance:g}): wrong or missing weights reached the engine; "
+            f"no rollout was run with them"
+        )
+    return float(worst)

