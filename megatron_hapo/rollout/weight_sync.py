@@ -171,13 +171,14 @@ def trainer_log_probs(chunks: list, token_ids: Sequence[int], groups: ParallelGr
     mask[:, -1] = False
     batch = PolicyMicroBatch(tokens=tokens, position_ids=torch.arange(seq, device=tokens.device)[None],
                              targets=targets, mask=mask)  # fmt: skip
-    iterators = [iter([batch]) for _ in chunks] if len(chunks) > 1 else iter([batch])
+    stage, stages = group_rank_size(groups.pp)
+    copies = stages if len(chunks) > 1 else 1  # the interleaved schedule wants at least PP micro-batches
+    iterators = [iter([batch] * copies) for _ in chunks] if len(chunks) > 1 else iter([batch])
     with torch.no_grad():
         outputs = get_forward_backward_func()(
             forward_step_func=LogProbEntropyStep(groups, vocab_size), data_iterator=iterators, model=chunks,
-            num_microbatches=1, seq_length=seq, micro_batch_size=1, forward_only=True,
+            num_microbatches=copies, seq_length=seq, micro_batch_size=1, forward_only=True,
         )  # fmt: skip
-    stage, stages = group_rank_size(groups.pp)
     produced = {"log_prob": outputs[0]["log_prob"][0, :-1].float().contiguous()} if stage == stages - 1 else None
     return share_from_stage(produced, stages - 1, groups.pp, tokens.device)["log_prob"].cpu()
 

