@@ -17,6 +17,7 @@ from megatron_hapo.algos.components import (
     RATIO,
     REDISTRIBUTION,
     REWARD_SHAPING,
+    ROLLOUT_CORRECTION,
     SAMPLING,
     AdvantageInputs,
     GuideBatch,
@@ -48,6 +49,7 @@ from megatron_hapo.algos.gtpo import (
 )
 from megatron_hapo.algos.mixed_policy import guide_policy_surrogate, mix_losses, zero_reward_groups
 from megatron_hapo.algos.registry import Registry
+from megatron_hapo.algos.rollout_correction import rollout_mismatch_metrics, truncated_importance_weights
 from megatron_hapo.algos.sampling import adaptive_temperature
 from megatron_hapo.algos.surrogate import (
     RATIO_LEVELS,
@@ -68,17 +70,18 @@ REGISTRIES = {
     "ratio": RATIO,
     "aggregation": AGGREGATION,
     "guide_policy": GUIDE_POLICY,
+    "rollout_correction": ROLLOUT_CORRECTION,
 }
 
 __all__ = [
     "ADVANTAGE", "AGGREGATION", "AGGREGATION_MODES", "CLIP", "ENTROPY_SIGNS", "GROUP_FILTER", "GTPO_NORMS",
-    "GUIDE_POLICY", "RATIO", "RATIO_LEVELS", "REDISTRIBUTION", "REGISTRIES", "REWARD_SHAPING", "SAMPLING",
+    "GUIDE_POLICY", "RATIO", "RATIO_LEVELS", "REDISTRIBUTION", "REGISTRIES", "REWARD_SHAPING", "ROLLOUT_CORRECTION", "SAMPLING",
     "AdvantageInputs", "AggregationMode", "EntropyStats", "GuideBatch", "Registry",
     "adaptive_clip_bounds", "adaptive_temperature", "aggregate_loss", "aggregation_terms", "apply_entropy_stats",
     "clipped_surrogate", "clipped_surrogate_from_ratio", "compute_advantages", "entropy_from_logits",
     "filter_groups", "grpo_advantages", "grpo_s_advantages", "grpo_s_sequence_rewards", "gtpo_advantages",
     "gtpo_token_rewards", "guide_policy_surrogate", "hapo_advantages", "importance_ratio", "keep_groups",
     "masked_mean", "mix_losses", "nearest_rank_index", "nearest_rank_quantile", "needs_entropy",
-    "normalized_entropy", "overlong_penalty", "policy_loss", "redistribute_advantages", "shape_rewards",
-    "token_policy_loss", "zero_reward_groups",
+    "normalized_entropy", "overlong_penalty", "policy_loss", "redistribute_advantages", "rollout_mismatch_metrics",
+    "shape_rewards", "token_policy_loss", "truncated_importance_weights", "zero_reward_groups",
 ]  # fmt: skip

@@ -18,6 +18,7 @@ from megatron_hapo.algos.entropy import EntropyStats
 from megatron_hapo.algos.gtpo import grpo_s_advantages, gtpo_advantages, gtpo_token_rewards
 from megatron_hapo.algos.mixed_policy import guide_policy_surrogate
 from megatron_hapo.algos.registry import Registry
+from megatron_hapo.algos.rollout_correction import truncated_importance_weights
 from megatron_hapo.algos.sampling import adaptive_temperature
 from megatron_hapo.algos.surrogate import RATIO_LEVELS, importance_ratio
 
@@ -30,6 +31,7 @@ RATIO = Registry("ratio")
 AGGREGATION = Registry("aggregation")
 SAMPLING = Registry("sampling")
 GUIDE_POLICY = Registry("guide_policy")
+ROLLOUT_CORRECTION = Registry("rollout_correction")
 
 
 @dataclass(frozen=True)
@@ -216,3 +218,17 @@ def _mixed_guide(
         batch.log_prob, batch.guide_log_prob, batch.advantages, batch.mask,
         eps_low=eps_low, eps_high=eps_high, dual_clip_c=dual_clip_c,
     )  # fmt: skip
+
+
+@ROLLOUT_CORRECTION.register("none")
+def _no_correction(old_log_prob: torch.Tensor, rollout_log_prob: torch.Tensor | None, mask: torch.Tensor) -> None:
+    return None
+
+
+@ROLLOUT_CORRECTION.register("tis", uses=("cap",))
+def _truncated_importance_sampling(
+    old_log_prob: torch.Tensor, rollout_log_prob: torch.Tensor | None, mask: torch.Tensor, *, cap: float
+) -> torch.Tensor:
+    if rollout_log_prob is None:
+        raise ValueError("algo.rollout_correction.kind=tis needs the rollout engine's log-probs of the responses")
+    return truncated_importance_weights(old_log_prob, rollout_log_prob, mask, cap=cap)

@@ -63,6 +63,7 @@ def token_policy_loss(
     algo: Any,
     entropy: torch.Tensor | None = None,
     h_hat: torch.Tensor | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-token policy loss of the configured composition.
 
@@ -75,6 +76,8 @@ def token_policy_loss(
         entropy: ``[B, L]`` current-forward token entropies; normalised over this call's valid tokens
             (micro-batch scope, as the published code) when ``h_hat`` is not given.
         h_hat: ``[B, L]`` precomputed normalised entropies (a distributed caller passes minibatch / step scope).
+        token_weights: ``[B, L]`` per-token loss multipliers without gradient (the rollout correction's TIS
+            weights, :func:`~megatron_hapo.algos.rollout_correction.truncated_importance_weights`).
 
     Returns:
         ``(per_token_loss [B, L], metrics)``.
@@ -98,6 +101,9 @@ def token_policy_loss(
         ratio, advantages, mask, eps_low=eps_low, eps_high=eps_high, dual_clip_c=clip_cfg.dual_clip_c
     )
     metrics.update(surrogate_metrics)
+    if token_weights is not None:
+        loss = loss * token_weights.detach()
+        metrics["tis_weight_mean"] = masked_mean(token_weights.detach(), mask.bool())
     metrics["approx_kl"] = masked_mean((old_log_prob - log_prob).detach(), mask.bool())
     if isinstance(eps_high, torch.Tensor):
         metrics["eps_high_mean"] = masked_mean(eps_high, mask.bool())

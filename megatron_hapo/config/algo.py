@@ -151,6 +151,16 @@ class GuidePolicyConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class RolloutCorrectionConfig:
+    """Correction for the rollout engine's log-probs differing from the trainer's (docs/ROLLOUT.md)."""
+
+    kind: str = "none"
+    """``none`` (published HAPO / DAPO) or ``tis``: weight each token's loss by min(pi_old / pi_rollout, cap)."""
+    cap: float = 2.0
+    """``tis``: truncation C (>= 1)."""
+
+
+@dataclass(kw_only=True, slots=True)
 class AlgoConfig:
     """An RL algorithm as a composition of component kinds."""
 
@@ -174,3 +184,5 @@ class AlgoConfig:
     """Loss aggregation."""
     guide_policy: GuidePolicyConfig = field(default_factory=GuidePolicyConfig)
     """Frozen guide policy (mixed-policy DAPO)."""
+    rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
+    """Rollout-vs-trainer log-prob mismatch correction (off in the published recipes)."""

@@ -85,6 +85,8 @@ class PolicyMicroBatch:
     """``[B, S]`` or ``[B]`` advantages (training only)."""
     temperature: float | torch.Tensor = 1.0
     """Temperature the log-probs and entropies are computed at: a float or ``[B, S]``."""
+    loss_weights: torch.Tensor | None = None
+    """``[B, S]`` per-token loss multipliers (rollout correction, e.g. TIS weights); ``None``: all 1."""
 
 
 @dataclass(kw_only=True)
@@ -275,7 +277,7 @@ class PolicyLossStep:
         log_prob, entropy = _logprob_entropy(batch, logits, self.groups, self.chunk_size, self.vocab_size)
         per_token, metrics = token_policy_loss(
             log_prob, batch.old_log_prob, batch.advantages, batch.mask, algo=self.algo,
-            h_hat=self._h_hat(batch, entropy.detach()),
+            h_hat=self._h_hat(batch, entropy.detach()), token_weights=batch.loss_weights,
         )  # fmt: skip
         mode = self.algo.aggregation.kind
         numerator, _ = aggregation_terms(per_token.detach(), batch.mask, mode)

@@ -20,6 +20,7 @@ from megatron_hapo.algos import (
     CLIP,
     GROUP_FILTER,
     GUIDE_POLICY,
+    ROLLOUT_CORRECTION,
     RATIO,
     RATIO_LEVELS,
     REDISTRIBUTION,
@@ -62,6 +63,7 @@ PLAIN = {
         "kind": "none", "weight": 1.0, "route_zero_reward_groups": True, "model_path": None,
         "eps_low": 0.2, "eps_high": 0.28, "dual_clip_c": None,
     },
+    "rollout_correction": {"kind": "none", "cap": 2.0},
 }  # fmt: skip
 
 
@@ -135,6 +137,7 @@ def test_real_registries_kinds():
     assert set(REWARD_SHAPING.kinds()) == {"none", "dapo_overlong"}
     assert set(GROUP_FILTER.kinds()) == {"none", "all_equal"}
     assert set(GUIDE_POLICY.kinds()) == {"none", "mixed"}
+    assert set(ROLLOUT_CORRECTION.kinds()) == {"none", "tis"}
     assert set(REGISTRIES) == set(PLAIN) - {"entropy"}
     with pytest.raises(ValueError, match="already registered"):
         ADVANTAGE.register("grpo")(lambda inputs: inputs)
