@@ -75,7 +75,8 @@ REGISTRIES = {
 
 __all__ = [
     "ADVANTAGE", "AGGREGATION", "AGGREGATION_MODES", "CLIP", "ENTROPY_SIGNS", "GROUP_FILTER", "GTPO_NORMS",
-    "GUIDE_POLICY", "RATIO", "RATIO_LEVELS", "REDISTRIBUTION", "REGISTRIES", "REWARD_SHAPING", "ROLLOUT_CORRECTION", "SAMPLING",
+    "GUIDE_POLICY", "RATIO", "RATIO_LEVELS", "REDISTRIBUTION", "REGISTRIES", "REWARD_SHAPING", "ROLLOUT_CORRECTION",
+    "SAMPLING",
     "AdvantageInputs", "AggregationMode", "EntropyStats", "GuideBatch", "Registry",
     "adaptive_clip_bounds", "adaptive_temperature", "aggregate_loss", "aggregation_terms", "apply_entropy_stats",
     "clipped_surrogate", "clipped_surrogate_from_ratio", "compute_advantages", "entropy_from_logits",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_hapo.algos._checks import check_finite, check_no_nan, check_range
+from megatron_hapo.algos._checks import check_finite, check_range
 from megatron_hapo.algos.entropy import EntropyStats, apply_entropy_stats, entropy_from_logits
 
 #: Entropy floor and RMS epsilon of the published vLLM sampler (differs from the trainer's 1e-8 / 0).
@@ -43,9 +43,10 @@ def adaptive_temperature(
     base = torch.as_tensor(temperature, dtype=torch.float32, device=logits.device).expand(logits.shape[0])
     if stats is None:
         return base.clone()
-    check_no_nan("logits", logits)
     log_entropy = torch.log(entropy_from_logits(logits).clamp_min(SAMPLER_EPS))
     h_hat = apply_entropy_stats(log_entropy, stats, rms_eps=SAMPLER_EPS, clamp=True)
     temperatures = base * (1.0 + tau * h_hat)
-    check_finite("adaptive temperatures (a row of logits is all -inf?)", temperatures)
+    # One check on [N] instead of a NaN scan of [N, V] per decode step: NaN / +Inf logits and all -inf rows all
+    # end up as non-finite temperatures.
+    check_finite("adaptive temperatures (the logits hold NaN / +Inf, or a row is all -inf)", temperatures)
     return temperatures

@@ -122,8 +122,9 @@ def to_hf(rule: Rule, shards: list[torch.Tensor], spec: DecoderSpec) -> dict[str
     """The HF tensors of ``rule`` from every TP rank's shard of ``rule.megatron`` (in rank order)."""
     if rule.fusion == "gate_up":
         gates, ups = zip(*(shard.chunk(2, dim=0) for shard in shards), strict=True)
-        return dict(zip(rule.hf, (torch.cat(gates), torch.cat(ups)), strict=True))
-    full = shards[0] if rule.tp_dim is None else torch.cat(shards, dim=rule.tp_dim)
+        joined = (gates[0], ups[0]) if len(shards) == 1 else (torch.cat(gates), torch.cat(ups))  # no copy at TP1
+        return dict(zip(rule.hf, joined, strict=True))
+    full = shards[0] if rule.tp_dim is None or len(shards) == 1 else torch.cat(shards, dim=rule.tp_dim)
     if rule.fusion == "qkv":
         return dict(zip(rule.hf, _split_qkv(spec, full), strict=True))
     if rule.fusion == "vocab":

@@ -88,14 +88,20 @@ class AdaptiveTemperatureProcessor(LogitsProcessor):
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """Divide each adaptive row of ``[N, V]`` float32 logits by ``1 + tau h_hat`` (in place)."""
-        rows = [(index, request) for index, request in self._rows.items() if index < logits.shape[0]]
         by_setting: dict[tuple, list[tuple[int, _Request]]] = {}
-        for index, request in rows:
-            by_setting.setdefault((request.tau, request.stats), []).append((index, request))
+        for index, request in sorted(self._rows.items()):
+            if index < logits.shape[0]:
+                by_setting.setdefault((request.tau, request.stats), []).append((index, request))
         for (tau, stats), members in by_setting.items():
-            index = torch.tensor([i for i, _ in members], device=logits.device)
-            factors = adaptive_temperature(logits[index], 1.0, EntropyStats.from_floats(*stats), tau=tau)
-            logits[index] = logits[index] / factors.to(logits.device)[:, None]
+            rows = [index for index, _ in members]
+            if rows == list(range(len(rows))):  # the usual case: every request adaptive, a view of the first rows
+                view = logits[: len(rows)]
+                factors = adaptive_temperature(view, 1.0, EntropyStats.from_floats(*stats), tau=tau)
+                view.div_(factors[:, None])
+            else:
+                index = torch.tensor(rows, device=logits.device)
+                factors = adaptive_temperature(logits[index], 1.0, EntropyStats.from_floats(*stats), tau=tau)
+                logits[index] = logits[index] / factors[:, None]
             for (_, request), factor in zip(members, factors.tolist(), strict=True):
                 self.records.setdefault(request.key, []).append(request.temperature * factor)
         return logits
