@@ -1,0 +1,82 @@
+"""The colocated vLLM engine on a GPU: weight sync + verification, sleep / wake, adaptive temperature.
+
+One rank (NCCL world of 1), a tiny Llama (head_dim 64) in a Megatron GPT on CUDA and a CUDA vLLM engine with
+sleep mode in the same process, as on a cluster node. Needs CUDA and a GPU build of vLLM.
+"""
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+pytestmark = pytest.mark.gpu
+VOCAB = 1000
+
+
+@pytest.fixture(scope="module")
+def gpu_world():
+    pytest.importorskip("vllm")
+    from megatron.core import parallel_state as mpu
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    mpu.initialize_model_parallel(1, 1)
+    model_parallel_cuda_manual_seed(0)
+    yield
+    mpu.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+def _tiny_llama(path: Path) -> None:
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512,
+    )  # fmt: skip
+    config.architectures = ["LlamaForCausalLM"]
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+
+
+def test_sync_verify_sleep_wake_and_adaptive_temperature(gpu_world, tmp_path: Path) -> None:
+    from megatron_hapo.algos import EntropyStats
+    from megatron_hapo.models import HFCheckpoint, build_gpt, load_hf_weights, read_decoder_spec
+    from megatron_hapo.parallel.policy_loss import ParallelGroups
+    from megatron_hapo.rollout import SamplingSettings
+    from megatron_hapo.rollout.vllm_engine import VLLMConfig, VLLMEngine
+    from megatron_hapo.rollout.weight_sync import build_sync_plan, sync_weights, verify_sync
+
+    _tiny_llama(tmp_path / "hf")
+    spec = read_decoder_spec(tmp_path / "hf")
+    chunks = [chunk.cuda() for chunk in build_gpt(spec, dtype=torch.bfloat16)]
+    source = HFCheckpoint(tmp_path / "hf")
+    load_hf_weights(chunks, spec, lambda name: source[name] * 1.01, tp_rank=0, tp_size=1)  # differs from the files
+    groups = ParallelGroups.from_megatron()
+    engine = VLLMEngine(tmp_path / "hf", VLLMConfig(max_model_len=256, max_num_seqs=16, gpu_memory_utilization=0.3))
+    plan = build_sync_plan(chunks, spec, groups, bucket_bytes=2**20)
+    probe = list(range(3, 40))
+    report = sync_weights(engine, chunks, spec, plan, groups)
+    assert report.buckets > 1
+    assert verify_sync(engine, chunks, groups, probe, vocab_size=VOCAB, tolerance=0.05) <= 0.05  # bf16 kernels
+    free_awake = torch.cuda.mem_get_info()[0]
+    engine.sleep()
+    assert torch.cuda.mem_get_info()[0] > free_awake  # the engine gave memory back
+    engine.wake_up()
+    sync_weights(engine, chunks, spec, plan, groups)
+    verify_sync(engine, chunks, groups, probe, vocab_size=VOCAB, tolerance=0.05)
+    stats = EntropyStats.from_floats(1.5, 0.5, 1.0, 1.0)
+    sampling = SamplingSettings(max_tokens=16, temperature=1.0, adaptive_tau=0.2, seed=3)
+    responses = engine.generate([[5, 6, 7], [8, 9]], 4, sampling, stats)
+    temperatures = torch.cat([r.temperatures for r in responses])
+    assert len(responses) == 8 and temperatures.numel() == sum(len(r.token_ids) for r in responses)
+    assert float(temperatures.min()) >= 0.8 - 1e-6 and float(temperatures.max()) <= 1.2 + 1e-6
+    engine.close()
