@@ -87,3 +87,17 @@ class RolloutEngine(Protocol):
     def prompt_log_probs(self, token_ids: Sequence[int]) -> torch.Tensor:
         """``[S - 1]`` float32 log-probs of ``token_ids[1:]`` given their prefixes, at temperature 1."""
         ...
+
+
+def temperature_metrics(responses: Sequence[Response]) -> dict[str, float]:
+    """Distribution of the temperatures the tokens were sampled at (adaptive sampling; ``{}`` without it).
+
+    Returns ``temperature_min``, ``_p10``, ``_mean``, ``_p90`` and ``_max`` over every sampled token.
+    """
+    recorded = [r.temperatures for r in responses if r.temperatures is not None and r.temperatures.numel()]
+    if not recorded:
+        return {}
+    values = torch.cat(recorded).double()
+    low, high = torch.quantile(values, torch.tensor([0.1, 0.9], dtype=torch.float64)).tolist()
+    return {"temperature_min": float(values.min()), "temperature_p10": low, "temperature_mean": float(values.mean()),
+            "temperature_p90": high, "temperature_max": float(values.max())}  # fmt: skip
