@@ -1,32 +1,14 @@
 """Megatron GPT with the Transformer Engine spec on CUDA: bf16 parity with the local spec, and an FP8 step."""
 
-import os
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
 
 pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture(scope="module")
-def megatron_world():
+def megatron_world(nccl_megatron_world):
     pytest.importorskip("transformer_engine")
-    from megatron.core import parallel_state as mpu
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.cuda.set_device(0)
-    dist.init_process_group("nccl", rank=0, world_size=1)
-    mpu.initialize_model_parallel(1, 1)
-    model_parallel_cuda_manual_seed(0)
-    yield
-    mpu.destroy_model_parallel()
-    dist.destroy_process_group()
 
 
 def _spec():

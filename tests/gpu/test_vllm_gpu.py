@@ -4,35 +4,18 @@ One rank (NCCL world of 1), a tiny Llama (head_dim 64) in a Megatron GPT on CUDA
 sleep mode in the same process, as on a cluster node. Needs CUDA and a GPU build of vLLM.
 """
 
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 pytestmark = pytest.mark.gpu
 VOCAB = 1000
 
 
 @pytest.fixture(scope="module")
-def gpu_world():
+def gpu_world(nccl_megatron_world):
     pytest.importorskip("vllm")
-    from megatron.core import parallel_state as mpu
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    torch.cuda.set_device(0)
-    dist.init_process_group("nccl", rank=0, world_size=1)
-    mpu.initialize_model_parallel(1, 1)
-    model_parallel_cuda_manual_seed(0)
-    yield
-    mpu.destroy_model_parallel()
-    dist.destroy_process_group()
 
 
 def _tiny_llama(path: Path) -> None:
