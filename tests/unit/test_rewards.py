@@ -1,0 +1,63 @@
+"""Math answer rules (DAPO's "Answer:" line, boxed answers) and the verifier worker pool's limits."""
+
+import os
+import time
+
+import pytest
+
+from megatron_hapo.rewards import RewardWorkers, boxed_math_score, dapo_math_score, last_boxed, normalize_answer
+
+
+@pytest.mark.parametrize(("response", "truth", "correct"), [
+    ("Let me think.\nAnswer: 42", "42", True),
+    ("so the answer is\nAnswer:   1,000", "1000", True),
+    ("Answer: 5 dollars", "5", True),
+    ("Answer: $\\frac{1}{2}$", "\\frac{1}{2}", True),
+    ("Answer: \\boxed{7}", "7", True),
+    ("Answer: x = 3", "3", True),
+    ("Answer: 41", "42", False),
+    ("Answer: 1\nthen more\nAnswer: 2", "2", True),  # the last Answer line counts
+    ("no final line at all", "42", False),
+])  # fmt: skip
+def test_dapo_rule(response: str, truth: str, correct: bool) -> None:
+    result = dapo_math_score(response, truth)
+    assert result.correct is correct and result.score == (1.0 if correct else -1.0), result
+
+
+def test_dapo_rule_reads_only_the_tail() -> None:
+    assert not dapo_math_score("Answer: 42\n" + "x" * 400, "42").correct
+    assert dapo_math_score("nothing", "42").prediction == "[INVALID]"
+
+
+def test_boxed_answers() -> None:
+    assert last_boxed("a \\boxed{1} b \\boxed{\\frac{1}{2}} c") == "\\frac{1}{2}"
+    assert last_boxed("\\boxed{unclosed") is None and last_boxed("none") is None
+    assert boxed_math_score("thus \\boxed{\\frac{1}{2}}.", "\\boxed{\\frac12}").correct
+    assert not boxed_math_score("thus \\boxed{3}", "4").correct
+    assert normalize_answer("\\text{(A)}") == "(A)"
+
+
+def _verify(kind: str) -> float:
+    if kind == "raise":
+        raise ValueError("bad input")
+    if kind == "hang":
+        time.sleep(60)
+    if kind == "die":
+        os._exit(3)
+    if kind == "memory":
+        return len(bytearray(4 * 2**30))  # beyond the 1 GiB address-space limit
+    return 1.0
+
+
+def test_workers_survive_hangs_crashes_errors_and_memory_blowups() -> None:
+    workers = RewardWorkers(_verify, workers=2, timeout_s=2.0, memory_mb=1024, failure_value=-1.0)
+    try:
+        start = time.monotonic()
+        outcomes = workers.map([("ok",), ("raise",), ("hang",), ("die",), ("memory",), ("ok",)])
+        assert time.monotonic() - start < 20  # the hang cost one time limit, not 60 s
+        assert [o.status for o in outcomes] == ["ok", "error", "timeout", "crash", "error", "ok"]
+        assert [o.value for o in outcomes] == [1.0, -1.0, -1.0, -1.0, -1.0, 1.0]
+        assert workers.map([("ok",)] * 3)[2].value == 1.0  # replaced workers serve again
+        assert workers.counts == {"ok": 5, "error": 2, "timeout": 1, "crash": 1}
+    finally:
+        workers.close()
