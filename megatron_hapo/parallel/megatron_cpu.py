@@ -71,7 +71,9 @@ class _CudaToCpu(TorchFunctionMode):
 def _cpu_type(original: Any) -> Any:
     def tensor_type(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         result = original(self, *args, **kwargs)
-        if not args and not kwargs and isinstance(result, str) and result.startswith("torch.") and self.is_cpu:
+        # The process-wide function mode re-enters this wrapper from inside ``original``: rename only once.
+        cpu_name = isinstance(result, str) and result.startswith("torch.") and not result.startswith("torch.cuda.")
+        if not args and not kwargs and cpu_name and self.is_cpu:
             return result.replace("torch.", "torch.cuda.", 1)
         return result
 

@@ -1,0 +1,88 @@
+"""Turn prompts and rollout responses into the trainer's padded, next-token-aligned micro-batches."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from megatron_hapo.parallel.policy_loss import PolicyMicroBatch
+from megatron_hapo.rollout.engine import Response
+
+
+@dataclass
+class PackedRollout:
+    """``N`` prompt + response sequences, right-padded to ``S``; position ``t`` predicts token ``t + 1``."""
+
+    tokens: torch.Tensor
+    """``[N, S]`` int64 (``pad_id`` after each sequence)."""
+    mask: torch.Tensor
+    """``[N, S]`` bool: positions whose next token is a response token."""
+    rollout_log_prob: torch.Tensor
+    """``[N, S]`` float32 the engine's log-probs of those next tokens (0 elsewhere)."""
+    response_mask: torch.Tensor
+    """``[N, L]`` bool valid response tokens, left-aligned (for rewards and advantages)."""
+
+    @property
+    def num_sequences(self) -> int:
+        """``N``."""
+        return self.tokens.shape[0]
+
+
+def pack_rollout(prompts: Sequence[Sequence[int]], responses: Sequence[Response], *, pad_id: int,
+                 max_response_length: int) -> PackedRollout:  # fmt: skip
+    """Pack ``responses`` (each pointing at its prompt by ``prompt_index``) into padded tensors."""
+    seqs = [list(prompts[r.prompt_index]) + r.token_ids for r in responses]
+    width = max(len(s) for s in seqs)
+    tokens = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.bool)
+    rollout_log_prob = torch.zeros(len(seqs), width)
+    response_mask = torch.zeros(len(seqs), max_response_length, dtype=torch.bool)
+    for i, (seq, response) in enumerate(zip(seqs, responses, strict=True)):
+        start, count = len(seq) - len(response.token_ids), len(response.token_ids)
+        if count > max_response_length:
+            raise ValueError(f"response {i} has {count} tokens, more than max_response_length={max_response_length}")
+        tokens[i, : len(seq)] = torch.tensor(seq)
+        mask[i, start - 1 : start - 1 + count] = True
+        rollout_log_prob[i, start - 1 : start - 1 + count] = response.log_probs
+        response_mask[i, :count] = True
+    return PackedRollout(tokens, mask, rollout_log_prob, response_mask)
+
+
+def response_view(packed: PackedRollout, per_position: torch.Tensor) -> torch.Tensor:
+    """``[N, S]`` values at the response positions of ``packed`` -> ``[N, L]`` left-aligned (0 elsewhere)."""
+    out = torch.zeros(packed.response_mask.shape, dtype=per_position.dtype)
+    for i in range(packed.num_sequences):
+        values = per_position[i][packed.mask[i]]
+        out[i, : values.numel()] = values
+    return out
+
+
+def position_view(packed: PackedRollout, per_response: torch.Tensor) -> torch.Tensor:
+    """``[N, L]`` left-aligned response values (or ``[N]`` per sequence) -> ``[N, S]`` at the response positions."""
+    out = torch.zeros(packed.mask.shape, dtype=per_response.dtype)
+    for i in range(packed.num_sequences):
+        count = int(packed.mask[i].sum())
+        out[i][packed.mask[i]] = per_response[i] if per_response.dim() == 1 else per_response[i, :count]
+    return out
+
+
+def microbatches(packed: PackedRollout, rows: torch.Tensor, size: int, *, old_log_prob: torch.Tensor | None = None,
+                 advantages: torch.Tensor | None = None,
+                 loss_weights: torch.Tensor | None = None) -> list[PolicyMicroBatch]:  # fmt: skip
+    """Micro-batches of ``size`` sequences from ``rows`` (``[N, S]`` extras are sliced alike)."""
+    targets = torch.roll(packed.tokens, -1, dims=1)
+    width = packed.tokens.shape[1]
+
+    def take(tensor: torch.Tensor | None, chunk: torch.Tensor) -> torch.Tensor | None:
+        return None if tensor is None else tensor[chunk]
+
+    out = []
+    for chunk in rows.split(size):
+        out.append(PolicyMicroBatch(
+            tokens=packed.tokens[chunk], position_ids=torch.arange(width).expand(len(chunk), -1),
+            targets=targets[chunk], mask=packed.mask[chunk], old_log_prob=take(old_log_prob, chunk),
+            advantages=take(advantages, chunk), loss_weights=take(loss_weights, chunk),
+        ))  # fmt: skip
+    return out
