@@ -1,0 +1,128 @@
+"""Prompt datasets: the DAPO-Math-17k parquet layout and jsonl, chat templates, the prompt-length limit.
+
+A row holds a prompt (a chat: a list of ``{"role", "content"}`` messages, or a plain string taken as one user
+message) and a ground-truth answer, found by dotted keys (DAPO-Math-17k: ``prompt`` and
+``reward_model.ground_truth``). A malformed row is an error that names the file and the row, or, with
+``bad_rows="skip"``, is skipped and counted. Prompts longer than the limit after the chat template are dropped
+and counted, never truncated.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+class DataError(ValueError):
+    """A prompt file or row that cannot be used; the message names the file and the row."""
+
+
+@dataclass(frozen=True)
+class PromptExample:
+    """One prompt and its answer."""
+
+    messages: tuple[tuple[str, str], ...]
+    """The chat as ``(role, content)`` pairs."""
+    answer: str
+    """Ground truth for the verifier."""
+    row: int
+    """Its line in a jsonl file (from 1) or its row in a parquet file (from 0)."""
+
+
+@dataclass
+class PromptSet:
+    """The usable rows of a file, and what was left out."""
+
+    examples: list[PromptExample]
+    skipped: list[tuple[int, str]] = field(default_factory=list)
+    """``(line or row, reason)`` of each malformed row skipped (``bad_rows="skip"``)."""
+
+
+def _rows(path: Path) -> list[tuple[int, Any]]:
+    """``(row number, row)``: jsonl rows are numbered by line (1-based), parquet rows from 0."""
+    if path.suffix == ".jsonl":
+        rows: list[tuple[int, Any]] = []
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append((number, json.loads(line)))
+                except json.JSONDecodeError as exc:
+                    rows.append((number, DataError(f"invalid JSON ({exc.msg})")))
+        return rows
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq  # noqa: PLC0415  (only for parquet files)
+
+        return list(enumerate(pq.read_table(path).to_pylist()))
+    raise DataError(f"{path}: unsupported prompt file type {path.suffix!r}; use .parquet or .jsonl")
+
+
+def _lookup(row: Any, dotted: str) -> Any:
+    value = row
+    for key in dotted.split("."):
+        if not isinstance(value, dict) or key not in value:
+            raise DataError(f"missing key {dotted!r}")
+        value = value[key]
+    return value
+
+
+def _messages(prompt: Any) -> tuple[tuple[str, str], ...]:
+    if isinstance(prompt, str):
+        return (("user", prompt),)
+    if isinstance(prompt, Sequence) and prompt and all(isinstance(m, dict) for m in prompt):
+        try:
+            return tuple((str(m["role"]), str(m["content"])) for m in prompt)
+        except KeyError as exc:
+            raise DataError(f"a chat message lacks {exc}") from None
+    raise DataError(f"the prompt must be a string or a non-empty list of chat messages, got {type(prompt).__name__}")
+
+
+def read_prompts(path: str | Path, *, prompt_key: str = "prompt", answer_key: str = "reward_model.ground_truth",
+                 bad_rows: Literal["error", "skip"] = "error") -> PromptSet:  # fmt: skip
+    """Read a ``.parquet`` or ``.jsonl`` prompt file (see the module docstring)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such prompt file")
+    out = PromptSet([])
+    unit = "line" if path.suffix == ".jsonl" else "row"
+    for row_number, row in _rows(path):
+        try:
+            if isinstance(row, DataError):
+                raise row
+            answer = _lookup(row, answer_key)
+            if isinstance(answer, list | dict) or answer is None:
+                raise DataError(f"{answer_key!r} must be a string or number, got {type(answer).__name__}")
+            out.examples.append(PromptExample(_messages(_lookup(row, prompt_key)), str(answer), row_number))
+        except DataError as exc:
+            if bad_rows == "error":
+                raise DataError(f"{path}: {unit} {row_number}: {exc} (bad_rows=skip skips such rows)") from None
+            out.skipped.append((row_number, str(exc)))
+    if not out.examples:
+        raise DataError(f"{path}: no usable prompt rows ({len(out.skipped)} skipped)")
+    return out
+
+
+@dataclass
+class EncodedPrompts:
+    """Token ids of the prompts that fit, and how many did not."""
+
+    token_ids: list[list[int]]
+    examples: list[PromptExample]
+    dropped_too_long: int
+
+
+def encode_prompts(examples: Sequence[PromptExample], tokenizer: Any, *, max_prompt_length: int) -> EncodedPrompts:
+    """Apply the tokenizer's chat template (with the generation prompt); drop prompts over the limit."""
+    out = EncodedPrompts([], [], 0)
+    for example in examples:
+        chat = [{"role": role, "content": content} for role, content in example.messages]
+        ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # transformers 5 returns a BatchEncoding
+        if len(ids) > max_prompt_length:
+            out.dropped_too_long += 1
+            continue
+        out.token_ids.append(ids)
+        out.examples.append(example)
+    return out
