@@ -30,6 +30,8 @@ def _trainer_ranks(rank: int, world: int, hf_dir: Path, preset: Path, out: Path)
     from megatron_hapo.rewards import RewardWorkers, first_token_parity
     from megatron_hapo.rollout.vllm_engine import VLLMConfig, VLLMEngine
     from megatron_hapo.rollout.weight_sync import build_sync_plan
+    from megatron_hapo.trainer.evaluation import EvalSettings, evaluate
+    from megatron_hapo.trainer.metrics import MetricsWriter
     from megatron_hapo.trainer.step import Actor, StepState, rl_step, worker_scorer
 
     megatron_cpu.quiet_logs()
@@ -48,17 +50,20 @@ def _trainer_ranks(rank: int, world: int, hf_dir: Path, preset: Path, out: Path)
                   probe=[5, 17, 99, 300, 7, 11, 12], sync_tolerance=1e-4)  # fmt: skip
     workers = RewardWorkers(first_token_parity, workers=1, timeout_s=30.0, failure_value=(-1.0, False))
     before = next(chunks[0].module.decoder.parameters()).detach().clone()
-    state = StepState()
+    state, writer = StepState(), MetricsWriter(out.parent / "run", enabled=rank == 0)
     gen = torch.Generator().manual_seed(0)
     for _ in range(2):
         prompts = [torch.randint(3, VOCAB, (5,), generator=gen).tolist() for _ in range(4)]
-        rl_step(actor, engine, worker_scorer(workers), prompts=prompts, answers=[0, 1, 0, 1], config=config,
-                state=state)  # fmt: skip
+        writer.write(state.step, rl_step(actor, engine, worker_scorer(workers), prompts=prompts,
+                                         answers=[0, 1, 0, 1], config=config, state=state))  # fmt: skip
     changed = float((next(chunks[0].module.decoder.parameters()).detach() - before).abs().max())
+    scores = evaluate(engine, worker_scorer(workers), prompts, [0, 1, 0, 1], EvalSettings(k=4, max_tokens=8))
+    writer.close()
     workers.close()
     engine.close()
     if rank == 0:
-        out.write_text(json.dumps({"metrics": state.metrics, "changed": changed, "skipped": state.skipped_updates}))
+        out.write_text(json.dumps({"metrics": state.metrics, "changed": changed, "skipped": state.skipped_updates,
+                                   "eval": scores}))  # fmt: skip
 
 
 @pytest.mark.parametrize("preset", ["hapo", "dapo"])
@@ -75,3 +80,8 @@ def test_rl_steps_end_to_end(tiny_llama: Path, tmp_path: Path, repo_root: Path, 
         assert metrics["sync_probe_error"] <= 1e-4 and metrics["mismatch_max_abs_log_ratio"] < 1e-3, metrics
     assert "temperature_mean" not in first  # no statistics before the first update
     assert ("temperature_mean" in second) == (preset == "hapo"), second
+    from megatron_hapo.trainer.metrics import read_metrics
+
+    assert [row["step"] for row in read_metrics(tmp_path / "run")] == [0, 1]
+    scores = result["eval"]
+    assert 0 <= scores["avg@4"] <= scores["pass@4"] <= 1 and scores["eval_response_length"] > 0, scores
