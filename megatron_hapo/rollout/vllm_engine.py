@@ -97,8 +97,8 @@ def _launcher_environment() -> None:
         raise RuntimeError("VLLMEngine runs inside the trainer's ranks: initialise torch.distributed first")
     os.environ.setdefault("RANK", str(dist.get_rank()))
     os.environ.setdefault("WORLD_SIZE", str(dist.get_world_size()))
-    os.environ.setdefault("LOCAL_RANK", str(dist.get_rank() % max(torch.cuda.device_count(), 1)
-                                            if torch.cuda.is_available() else dist.get_rank()))  # fmt: skip
+    devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    os.environ.setdefault("LOCAL_RANK", str(dist.get_rank() % devices if devices else dist.get_rank()))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process engine (external_launcher needs it)

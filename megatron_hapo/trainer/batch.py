@@ -50,21 +50,26 @@ def pack_rollout(prompts: Sequence[Sequence[int]], responses: Sequence[Response]
     return PackedRollout(tokens, mask, rollout_log_prob, response_mask)
 
 
+def _response_slots(packed: PackedRollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For every response token: its sequence, its ``[S]`` position and its ``[L]`` slot (three ``[T]`` tensors)."""
+    rows, positions = packed.mask.nonzero(as_tuple=True)
+    slots = (packed.mask.long().cumsum(dim=1) - 1)[rows, positions]
+    return rows, positions, slots
+
+
 def response_view(packed: PackedRollout, per_position: torch.Tensor) -> torch.Tensor:
     """``[N, S]`` values at the response positions of ``packed`` -> ``[N, L]`` left-aligned (0 elsewhere)."""
+    rows, positions, slots = _response_slots(packed)
     out = torch.zeros(packed.response_mask.shape, dtype=per_position.dtype)
-    for i in range(packed.num_sequences):
-        values = per_position[i][packed.mask[i]]
-        out[i, : values.numel()] = values
+    out[rows, slots] = per_position[rows, positions]
     return out
 
 
 def position_view(packed: PackedRollout, per_response: torch.Tensor) -> torch.Tensor:
     """``[N, L]`` left-aligned response values (or ``[N]`` per sequence) -> ``[N, S]`` at the response positions."""
+    rows, positions, slots = _response_slots(packed)
     out = torch.zeros(packed.mask.shape, dtype=per_response.dtype)
-    for i in range(packed.num_sequences):
-        count = int(packed.mask[i].sum())
-        out[i][packed.mask[i]] = per_response[i] if per_response.dim() == 1 else per_response[i, :count]
+    out[rows, positions] = per_response[rows] if per_response.dim() == 1 else per_response[rows, slots]
     return out
 
 

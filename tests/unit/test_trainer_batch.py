@@ -1,0 +1,24 @@
+"""Packing responses into next-token micro-batches, and the views between positions and response slots."""
+
+import torch
+
+from megatron_hapo.rollout import Response
+from megatron_hapo.trainer.batch import microbatches, pack_rollout, position_view, response_view
+
+
+def _response(prompt_index: int, tokens: list[int]) -> Response:
+    return Response(prompt_index, tokens, torch.tensor([-0.5 * (i + 1) for i in range(len(tokens))]), "stop")
+
+
+def test_packing_aligns_targets_log_probs_and_views() -> None:
+    prompts = [[7, 8, 9], [5]]
+    packed = pack_rollout(prompts, [_response(0, [1, 2]), _response(1, [3, 4, 6])], pad_id=0, max_response_length=4)
+    assert packed.tokens.tolist() == [[7, 8, 9, 1, 2], [5, 3, 4, 6, 0]]
+    assert packed.mask.tolist() == [[False, False, True, True, False], [True, True, True, False, False]]
+    assert packed.rollout_log_prob[1, :3].tolist() == [-0.5, -1.0, -1.5]
+    (mb,) = microbatches(packed, torch.arange(2), 2)
+    assert mb.targets[0, 2:4].tolist() == [1, 2] and mb.targets[1, 0:3].tolist() == [3, 4, 6]  # position t -> t + 1
+    left = response_view(packed, packed.rollout_log_prob)
+    assert left.tolist() == [[-0.5, -1.0, 0.0, 0.0], [-0.5, -1.0, -1.5, 0.0]]
+    assert torch.equal(position_view(packed, left), packed.rollout_log_prob)
+    assert position_view(packed, torch.tensor([2.0, 3.0]))[1].tolist() == [3.0, 3.0, 3.0, 0.0, 0.0]
