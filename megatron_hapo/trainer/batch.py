@@ -76,7 +76,14 @@ def position_view(packed: PackedRollout, per_response: torch.Tensor) -> torch.Te
 def microbatches(packed: PackedRollout, rows: torch.Tensor, size: int, *, old_log_prob: torch.Tensor | None = None,
                  advantages: torch.Tensor | None = None,
                  loss_weights: torch.Tensor | None = None) -> list[PolicyMicroBatch]:  # fmt: skip
-    """Micro-batches of ``size`` sequences from ``rows`` (``[N, S]`` extras are sliced alike)."""
+    """Micro-batches of exactly ``size`` sequences from ``rows`` (``[N, S]`` extras are sliced alike).
+
+    Pipeline stages exchange activations of one fixed shape, so a short last micro-batch is filled up with
+    copies of its last row whose mask is all False: they add nothing to any loss, count or statistic.
+    """
+    fill = -len(rows) % size
+    rows = torch.cat([rows, rows[-1:].expand(fill)])
+    real = torch.arange(len(rows)) < len(rows) - fill
     targets = torch.roll(packed.tokens, -1, dims=1)
     width = packed.tokens.shape[1]
 
@@ -84,10 +91,10 @@ def microbatches(packed: PackedRollout, rows: torch.Tensor, size: int, *, old_lo
         return None if tensor is None else tensor[chunk]
 
     out = []
-    for chunk in rows.split(size):
+    for chunk, keep in zip(rows.split(size), real.split(size), strict=True):
         out.append(PolicyMicroBatch(
             tokens=packed.tokens[chunk], position_ids=torch.arange(width).expand(len(chunk), -1),
-            targets=targets[chunk], mask=packed.mask[chunk], old_log_prob=take(old_log_prob, chunk),
+            targets=targets[chunk], mask=packed.mask[chunk] & keep[:, None], old_log_prob=take(old_log_prob, chunk),
             advantages=take(advantages, chunk), loss_weights=take(loss_weights, chunk),
         ))  # fmt: skip
     return out

@@ -88,15 +88,16 @@ def _forward_only(actor: Actor, packed: PackedRollout) -> tuple[torch.Tensor, to
     )  # fmt: skip
     if not outputs:
         return torch.zeros(packed.mask.shape), torch.zeros(packed.mask.shape), False
-    return torch.cat([o["log_prob"] for o in outputs]), torch.cat([o["entropy"] for o in outputs]), True
+    count = packed.num_sequences  # the last micro-batch may be padded with masked copies
+    log_prob, entropy = (torch.cat([o[key] for o in outputs])[:count] for key in ("log_prob", "entropy"))
+    return log_prob, entropy, True
 
 
-def _update(actor: Actor, algo: Any, packed: PackedRollout, *, keep: torch.Tensor, old_log_prob: torch.Tensor,
+def _update(actor: Actor, algo: Any, packed: PackedRollout, rows: torch.Tensor, *, old_log_prob: torch.Tensor,
             advantages: torch.Tensor, weights: torch.Tensor | None, stats: EntropyStats) -> dict:  # fmt: skip
-    """One optimizer step on the kept sequences; a non-finite gradient norm skips it."""
+    """One optimizer step on the sequences ``rows``; a non-finite gradient norm skips it."""
     from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: PLC0415
 
-    rows = keep.nonzero().flatten()
     mbs = microbatches(packed, rows, actor.micro_batch_size, old_log_prob=old_log_prob, advantages=advantages,
                        loss_weights=weights)  # fmt: skip
     plan = plan_minibatch(mbs, algo, actor.groups, entropy_stats=stats)
@@ -115,6 +116,25 @@ def _update(actor: Actor, algo: Any, packed: PackedRollout, *, keep: torch.Tenso
         skipped = not actor.optimizer.step()[0]
     loss = sum(float(o["loss_share"]) for o in losses) if losses else float("nan")
     return {"loss": loss, "grad_norm": grad_norm, "update_skipped": float(skipped)}
+
+
+def _updates(actor: Actor, config: Any, packed: PackedRollout, keep: torch.Tensor, n: int, *, entropy: torch.Tensor,
+             step_stats: EntropyStats, **tensors: torch.Tensor | None) -> dict:  # fmt: skip
+    """PPO epochs over mini-batches of ``train.mini_batch_prompts`` kept groups; metrics averaged over updates."""
+    algo = config.algo
+    kept_groups = keep.view(-1, n)[:, 0].nonzero().flatten()
+    results = []
+    for _ in range(config.train.ppo_epochs):
+        for groups in kept_groups.split(config.train.mini_batch_prompts):
+            rows = (groups[:, None] * n + torch.arange(n)).flatten()
+            stats = step_stats
+            if algo.entropy.scope == "minibatch":
+                stats = pooled_entropy_stats([entropy[rows]], [packed.mask[rows]], algo, actor.groups)
+            results.append(_update(actor, algo, packed, rows, stats=stats, **tensors))
+    out = {name: sum(r[name] for r in results) / len(results) for name in ("loss", "grad_norm")}
+    out["updates_skipped"] = float(sum(r["update_skipped"] for r in results))
+    out["optimizer_steps"] = float(len(results))
+    return out
 
 
 def rl_step(actor: Actor, engine: RolloutEngine, score: Scorer, *, prompts: Sequence[list[int]],
@@ -147,9 +167,9 @@ def rl_step(actor: Actor, engine: RolloutEngine, score: Scorer, *, prompts: Sequ
         weights = ROLLOUT_CORRECTION.get(correction.kind).fn(
             old_log_prob, packed.rollout_log_prob, packed.mask, **ROLLOUT_CORRECTION.params(correction.kind, correction)
         )
-        metrics.update(_update(actor, algo, packed, keep=keep, old_log_prob=old_log_prob, advantages=advantages,
-                               weights=weights, stats=stats))  # fmt: skip
-        state.skipped_updates += int(metrics["update_skipped"])
+        metrics.update(_updates(actor, config, packed, keep, n, entropy=entropy, step_stats=stats,
+                                old_log_prob=old_log_prob, advantages=advantages, weights=weights))  # fmt: skip
+        state.skipped_updates += int(metrics["updates_skipped"])
         metrics.update(_sync(actor, engine))
     state.stats, state.step = stats, state.step + 1
     state.metrics.append(metrics)

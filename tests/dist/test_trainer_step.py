@@ -38,6 +38,7 @@ def _trainer_ranks(rank: int, world: int, hf_dir: Path, preset: Path, out: Path)
     megatron_cpu.initialize_model_parallel(2, 1)
     config = build_dataclass(Config, resolve_tree(preset, ["rollout.num_samples_per_prompt=4",
                                                            "rollout.max_response_length=8", "train.seed=3",
+                                                           "train.mini_batch_prompts=2",
                                                            "algo.reward_shaping.buffer_length=4"]))  # fmt: skip
     spec = read_decoder_spec(hf_dir)
     chunks = build_gpt(spec, ddp=True)
@@ -77,6 +78,7 @@ def test_rl_steps_end_to_end(tiny_llama: Path, tmp_path: Path, repo_root: Path, 
     assert result["changed"] > 0 and result["skipped"] == 0, result
     for metrics in (first, second):
         assert metrics["kept_groups"] >= 1 and torch.isfinite(torch.tensor(metrics["loss"])), metrics
+        assert metrics["optimizer_steps"] == -(-metrics["kept_groups"] // 2), metrics  # mini-batches of 2 prompts
         assert metrics["sync_probe_error"] <= 1e-4 and metrics["mismatch_max_abs_log_ratio"] < 1e-3, metrics
     assert "temperature_mean" not in first  # no statistics before the first update
     assert ("temperature_mean" in second) == (preset == "hapo"), second

@@ -22,3 +22,10 @@ def test_packing_aligns_targets_log_probs_and_views() -> None:
     assert left.tolist() == [[-0.5, -1.0, 0.0, 0.0], [-0.5, -1.0, -1.5, 0.0]]
     assert torch.equal(position_view(packed, left), packed.rollout_log_prob)
     assert position_view(packed, torch.tensor([2.0, 3.0]))[1].tolist() == [3.0, 3.0, 3.0, 0.0, 0.0]
+
+
+def test_short_last_microbatch_is_filled_with_masked_copies() -> None:
+    packed = pack_rollout([[7, 8]], [_response(0, [1, 2, 3])] * 3, pad_id=0, max_response_length=3)
+    first, last = microbatches(packed, torch.arange(3), 2)
+    assert last.tokens.shape == first.tokens.shape == (2, 5)
+    assert last.mask[0].any() and not last.mask[1].any()
