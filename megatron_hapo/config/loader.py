@@ -14,6 +14,7 @@ import difflib
 import functools
 import inspect
 import itertools
+import re
 import textwrap
 import types
 import typing
@@ -83,6 +84,10 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+#: Exponent floats that YAML 1.1 leaves as strings: ``1e-3``, ``5E+2``, ``-2e6``.
+_YAML11_FLOAT = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against the annotation ``tp`` (ints widen to floats); raise ConfigError otherwise."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -104,7 +109,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, list | tuple) or len(value) != len(args):
             raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
         return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+    widens = isinstance(value, int) and not isinstance(value, bool)
+    exponent = isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip())  # YAML 1.1 keeps "1e-3" a string
+    if tp is float and (widens or exponent):
         return float(value)
     if tp in (int, float, str, bool) and (type(value) is not tp):
         raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")

@@ -33,13 +33,14 @@ HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tok
                  "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model")  # fmt: skip
 
 
-def _staging(out_dir: Path) -> Path:
+def staging_dir(out_dir: Path) -> Path:
+    """The sibling ``.NAME.partial`` an output is written into before :func:`publish_staging` (refuses overwrite)."""
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} exists; remove it or choose another output directory")
     return out_dir.with_name(f".{out_dir.name}.partial")
 
 
-def _finish(staging: Path, out_dir: Path) -> None:
+def publish_staging(staging: Path, out_dir: Path) -> None:
     """Rank 0 renames the staging directory once every rank is done."""
     dist.barrier()
     if dist.get_rank() == 0:
@@ -89,7 +90,7 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype |
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     spec, source = read_decoder_spec(hf_dir), HFCheckpoint(hf_dir)
-    staging = _staging(out_dir)
+    staging = staging_dir(out_dir)
     writer_start = _start_checkpoint_writer()
     try:
         chunks = _load_checked(spec, source, dtype or config_dtype(hf_dir), progress)
@@ -100,8 +101,8 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype |
         shutil.rmtree(staging, ignore_errors=True)
         _copy_side_files(hf_dir, staging / "hf")
     dist.barrier()
-    dist_checkpointing.save(_sharded_state_dict(chunks), str(staging))
-    _finish(staging, out_dir)
+    dist_checkpointing.save(chunks_sharded_state_dict(chunks), str(staging))
+    publish_staging(staging, out_dir)
     return spec
 
 
@@ -143,7 +144,7 @@ def _reporting(reader: Callable[[str], torch.Tensor], progress: Callable[[str], 
     return read
 
 
-def _sharded_state_dict(chunks: list[torch.nn.Module]) -> dict:
+def chunks_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict:
     """The chunks' sharded state dicts; with virtual stages one per chunk (keys carry global layer indices)."""
     if len(chunks) == 1:
         return unwrap(chunks[0]).sharded_state_dict()
@@ -162,7 +163,7 @@ def load_mcore(ckpt_dir: str | Path, *, dtype: torch.dtype | None = None,
     spec = read_decoder_spec(ckpt_dir / "hf")
     chunks = build_gpt(spec, dtype=dtype or config_dtype(ckpt_dir / "hf"), perform_initialization=False,
                        **build_overrides)  # fmt: skip
-    state = dist_checkpointing.load(_sharded_state_dict(chunks), str(ckpt_dir))
+    state = dist_checkpointing.load(chunks_sharded_state_dict(chunks), str(ckpt_dir))
     per_chunk = [state] if len(chunks) == 1 else [state[f"model{i}"] for i in range(len(chunks))]
     for chunk, chunk_state in zip(chunks, per_chunk, strict=True):
         model = unwrap(chunk)
@@ -184,7 +185,7 @@ def mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, max_shard_bytes: i
     if dist.get_world_size() != 1:
         raise ValueError("mcore_to_hf runs on one rank (it reads full tensors straight from the checkpoint)")
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
-    staging = _staging(out_dir)
+    staging = staging_dir(out_dir)
     spec = read_decoder_spec(ckpt_dir / "hf")
     reader = McoreReader(ckpt_dir)
     shutil.rmtree(staging, ignore_errors=True)
@@ -198,7 +199,7 @@ def mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, max_shard_bytes: i
         if progress is not None:
             progress(sum(len(rule.hf) for rule in group))
     writer.close()
-    _finish(staging, out_dir)
+    publish_staging(staging, out_dir)
 
 
 def _to_hf_checked(rule: Rule, tensor: torch.Tensor, spec: DecoderSpec) -> dict[str, torch.Tensor]:

@@ -30,15 +30,16 @@ def _trainer_ranks(rank: int, world: int, hf_dir: Path, preset: Path, out: Path)
     from megatron_hapo.rewards import RewardWorkers, first_token_parity
     from megatron_hapo.rollout.vllm_engine import VLLMConfig, VLLMEngine
     from megatron_hapo.rollout.weight_sync import build_sync_plan
-    from megatron_hapo.trainer.evaluation import EvalSettings, evaluate
-    from megatron_hapo.trainer.metrics import MetricsWriter
-    from megatron_hapo.trainer.step import Actor, StepState, rl_step, worker_scorer
+    from megatron_hapo.trainer.evaluation import EvalSettings
+    from megatron_hapo.trainer.loop import LoopSettings, train
+    from megatron_hapo.trainer.step import Actor, worker_scorer
 
     megatron_cpu.quiet_logs()
     megatron_cpu.initialize_model_parallel(2, 1)
     config = build_dataclass(Config, resolve_tree(preset, ["rollout.num_samples_per_prompt=4",
                                                            "rollout.max_response_length=8", "train.seed=3",
-                                                           "train.mini_batch_prompts=2",
+                                                           "train.mini_batch_prompts=2", "train.prompts_per_step=4",
+                                                           "train.total_steps=2", "optim.warmup_steps=2", "optim.lr=1e-3",
                                                            "algo.reward_shaping.buffer_length=4"]))  # fmt: skip
     spec = read_decoder_spec(hf_dir)
     chunks = build_gpt(spec, ddp=True)
@@ -51,20 +52,16 @@ def _trainer_ranks(rank: int, world: int, hf_dir: Path, preset: Path, out: Path)
                   probe=[5, 17, 99, 300, 7, 11, 12], sync_tolerance=1e-4)  # fmt: skip
     workers = RewardWorkers(first_token_parity, workers=1, timeout_s=30.0, failure_value=(-1.0, False))
     before = next(chunks[0].module.decoder.parameters()).detach().clone()
-    state, writer = StepState(), MetricsWriter(out.parent / "run", enabled=rank == 0)
     gen = torch.Generator().manual_seed(0)
-    for _ in range(2):
-        prompts = [torch.randint(3, VOCAB, (5,), generator=gen).tolist() for _ in range(4)]
-        writer.write(state.step, rl_step(actor, engine, worker_scorer(workers), prompts=prompts,
-                                         answers=[0, 1, 0, 1], config=config, state=state))  # fmt: skip
+    prompts = [torch.randint(3, VOCAB, (5,), generator=gen).tolist() for _ in range(8)]
+    settings = LoopSettings(out.parent / "run", eval_settings=EvalSettings(k=4, max_tokens=8))
+    state = train(actor, engine, worker_scorer(workers), config, settings, prompts=prompts, answers=[0, 1] * 4,
+                  eval_prompts=prompts[:2], eval_answers=[0, 1])  # fmt: skip
     changed = float((next(chunks[0].module.decoder.parameters()).detach() - before).abs().max())
-    scores = evaluate(engine, worker_scorer(workers), prompts, [0, 1, 0, 1], EvalSettings(k=4, max_tokens=8))
-    writer.close()
     workers.close()
     engine.close()
     if rank == 0:
-        out.write_text(json.dumps({"metrics": state.metrics, "changed": changed, "skipped": state.skipped_updates,
-                                   "eval": scores}))  # fmt: skip
+        out.write_text(json.dumps({"metrics": state.metrics, "changed": changed, "skipped": state.skipped_updates}))
 
 
 @pytest.mark.parametrize("preset", ["hapo", "dapo"])
@@ -82,8 +79,13 @@ def test_rl_steps_end_to_end(tiny_llama: Path, tmp_path: Path, repo_root: Path, 
         assert metrics["sync_probe_error"] <= 1e-4 and metrics["mismatch_max_abs_log_ratio"] < 1e-3, metrics
     assert "temperature_mean" not in first  # no statistics before the first update
     assert ("temperature_mean" in second) == (preset == "hapo"), second
+    from megatron_hapo.trainer.loop import read_trainer_state
     from megatron_hapo.trainer.metrics import read_metrics
 
-    assert [row["step"] for row in read_metrics(tmp_path / "run")] == [0, 1]
-    scores = result["eval"]
-    assert 0 <= scores["avg@4"] <= scores["pass@4"] <= 1 and scores["eval_response_length"] > 0, scores
+    rows = read_metrics(tmp_path / "run")
+    assert [row["step"] for row in rows] == [0, 1] and [row["lr"] for row in rows] == [5e-4, 1e-3]
+    assert "avg@4" not in rows[0] and 0 <= rows[1]["avg@4"] <= rows[1]["pass@4"] <= 1, rows[1]  # evaluated at the end
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step_000002"
+    saved = read_trainer_state(checkpoints / "step_000002")
+    assert saved.step == 2 and (saved.stats is not None) and (checkpoints / "step_000002" / "metadata.json").is_file()

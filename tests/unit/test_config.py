@@ -46,6 +46,12 @@ def test_dotted_override_sets_nested_value_and_int_widens_to_float():
     assert config.algo.clip.dual_clip_c is None
 
 
+def test_exponent_floats_that_yaml_reads_as_strings_are_numbers():
+    assert load_config(None, ["optim.lr=1e-3"]).optim.lr == 1e-3  # YAML 1.1 makes "1e-3" a string
+    with pytest.raises(ConfigError, match="expected float"):
+        load_config(None, ["optim.lr=fast"])
+
+
 def test_unknown_key_names_the_key_and_closest_valid_one():
     expected = r"unknown config key 'algo\.clip\.eps_hihg'; did you mean 'algo\.clip\.eps_high'"
     with pytest.raises(ConfigError, match=expected):
