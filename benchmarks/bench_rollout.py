@@ -55,11 +55,11 @@ def _timed_sync(engine, chunks, spec, plan, groups) -> tuple[float, float]:  # n
 
 def _plain_copy(chunks, spec, plan, groups, repeats: int) -> float:  # noqa: ANN001
     """Best time to copy the synced HF tensors into preallocated (already touched) tensors of the same shapes."""
-    from megatron_hapo.rollout.weight_sync import _hf_tensors  # noqa: PLC0415
+    from megatron_hapo.rollout.weight_sync import bucket_hf_tensors  # noqa: PLC0415
 
     tensors = {}
     for bucket in plan.buckets:
-        tensors.update(_hf_tensors(list(bucket), chunks, spec, groups.tp))
+        tensors.update(bucket_hf_tensors(list(bucket), chunks, spec, groups.tp))
     targets = {name: torch.zeros_like(t) for name, t in tensors.items()}
     best = float("inf")
     for _ in range(repeats):

@@ -116,8 +116,8 @@ def build_sync_plan(chunks: list, spec: DecoderSpec, groups: ParallelGroups, *, 
     return SyncPlan(tuple(buckets), sum(u.nbytes for u in units))
 
 
-def _hf_tensors(units: Sequence[SyncUnit], chunks: list, spec: DecoderSpec,
-                tp_group: Any) -> dict[str, torch.Tensor]:  # fmt: skip
+def bucket_hf_tensors(units: Sequence[SyncUnit], chunks: list, spec: DecoderSpec,
+                      tp_group: Any) -> dict[str, torch.Tensor]:  # fmt: skip
     """Full HF tensors of this stage's ``units`` (collective over the TP group)."""
     out: dict[str, torch.Tensor] = {}
     for unit in units:
@@ -150,7 +150,7 @@ def sync_weights(engine: RolloutEngine, chunks: list, spec: DecoderSpec, plan: S
         tensors: dict[str, torch.Tensor] = {}
         for owner in sorted({unit.stage for unit in bucket}):
             mine = [unit for unit in bucket if unit.stage == owner]
-            produced = _hf_tensors(mine, chunks, spec, groups.tp) if owner == stage else None
+            produced = bucket_hf_tensors(mine, chunks, spec, groups.tp) if owner == stage else None
             tensors.update(share_from_stage(produced, owner, groups.pp, device))
         engine.load_weights(list(tensors.items()))
     return SyncReport(plan.total_bytes, time.perf_counter() - start, len(plan.buckets))

@@ -133,12 +133,12 @@ def _check_engine(engine, chunks: list, spec, groups) -> dict:  # noqa: ANN001
 
 def sync_only_layer(chunks: list, spec, groups, hf_name: str) -> dict:  # noqa: ANN001
     """The full HF tensors of the layer that holds ``hf_name`` (a complete unit, as vLLM needs)."""
-    from megatron_hapo.rollout.weight_sync import _hf_tensors, build_sync_plan
+    from megatron_hapo.rollout.weight_sync import bucket_hf_tensors, build_sync_plan
 
     plan = build_sync_plan(chunks, spec, groups, bucket_bytes=1)  # one unit per bucket
     layer = int(hf_name.split(".")[2])
     (unit,) = [u for bucket in plan.buckets for u in bucket if u.position == layer]
-    return _hf_tensors([unit], chunks, spec, groups.tp)
+    return bucket_hf_tensors([unit], chunks, spec, groups.tp)
 
 
 def _rollout_ranks(rank: int, world: int, hf_dir: Path, out: Path) -> None:
