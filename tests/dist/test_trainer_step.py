@@ -36,11 +36,12 @@ def _trainer_ranks(rank: int, world: int, hf_dir: Path, preset: Path, out: Path)
 
     megatron_cpu.quiet_logs()
     megatron_cpu.initialize_model_parallel(2, 1)
-    config = build_dataclass(Config, resolve_tree(preset, ["rollout.num_samples_per_prompt=4",
-                                                           "rollout.max_response_length=8", "train.seed=3",
-                                                           "train.mini_batch_prompts=2", "train.prompts_per_step=4",
-                                                           "train.total_steps=2", "optim.warmup_steps=2", "optim.lr=1e-3",
-                                                           "algo.reward_shaping.buffer_length=4"]))  # fmt: skip
+    overrides = ["rollout.num_samples_per_prompt=4", "rollout.max_response_length=8", "train.seed=3",
+                 "train.mini_batch_prompts=2", "train.prompts_per_step=4", "train.total_steps=2",
+                 "optim.warmup_steps=2", "optim.lr=1e-3", "algo.reward_shaping.buffer_length=4"]  # fmt: skip
+    if preset.stem == "dapo":  # the rollout correction's path too
+        overrides.append("algo.rollout_correction.kind=tis")
+    config = build_dataclass(Config, resolve_tree(preset, overrides))
     spec = read_decoder_spec(hf_dir)
     chunks = build_gpt(spec, ddp=True)
     load_hf_weights(chunks, spec, HFCheckpoint(hf_dir).__getitem__, tp_rank=rank, tp_size=2)
