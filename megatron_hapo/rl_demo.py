@@ -7,8 +7,8 @@ rollout TP2. Every step generates groups of responses, scores them in verifier w
 advantages, updates the model and pushes the weights into vLLM with a verified sync (``trainer.loop.train``).
 The task: start the answer with an even token id (``rewards.synthetic.first_token_parity`` with answer 0); a
 random model is right about half of the time, so every group has mixed rewards from the first step.
-It ends with a table of the reward at the start and the end of training per preset; metrics are in
-``RUN_DIR/<preset>/metrics.jsonl``.
+It ends with a table of the accuracy at the start and the end of training per preset, and draws both runs'
+curves into ``RUN_DIR/curves.png`` (metrics in ``RUN_DIR/<preset>/metrics.jsonl``; default ``runs/rl_demo``).
 """
 
 from __future__ import annotations
@@ -95,6 +95,7 @@ def _summary(run_dir: Path, presets: list[str], window: int) -> list[tuple[str, 
 
 def main(argv: list[str] | None = None) -> int:
     from megatron_hapo.parallel.local_launch import run_local_ranks  # noqa: PLC0415
+    from megatron_hapo.trainer.plots import plot  # noqa: PLC0415
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["hapo", "dapo"])
@@ -102,19 +103,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tp", type=int, default=2, help="ranks (Megatron TP and vLLM TP)")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--run-dir", type=Path, default=None, help="where metrics go (default: a temporary dir)")
+    parser.add_argument("--run-dir", type=Path, default=Path("runs/rl_demo"),
+                        help="metrics per preset and curves.png go here")  # fmt: skip
     args = parser.parse_args(argv)
+    run_dir = args.run_dir
+    for preset in args.presets:
+        if (run_dir / preset / "metrics.jsonl").exists():
+            parser.error(f"{run_dir / preset} holds an earlier run; remove it or pass --run-dir")
     with tempfile.TemporaryDirectory() as tmp:
-        run_dir = args.run_dir or Path(tmp) / "runs"
         _tiny_llama(Path(tmp) / "model")
         for preset in args.presets:
             run_local_ranks(_rank, args.tp, args, preset, (Path(tmp) / "model", run_dir / preset))
-        window = max(1, min(5, args.steps // 3))
-        rows = _summary(run_dir, args.presets, window)
+    window = max(1, min(5, args.steps // 3))
+    rows = _summary(run_dir, args.presets, window)
+    plot([run_dir / preset for preset in args.presets], run_dir / "curves.png")
     print(f"\npreset   accuracy (first {window} steps)   accuracy (last {window} steps)")
     for preset, first, last in rows:
         print(f"{preset:8s} {first:27.3f} {last:26.3f}")
     print(json.dumps({preset: {"first": first, "last": last} for preset, first, last in rows}))
+    print(f"curves: {run_dir / 'curves.png'}; metrics: {run_dir}/<preset>/metrics.jsonl")
     return 0
 
 
