@@ -10,13 +10,15 @@ exporting a 70B checkpoint needs memory for one group of layers, not for the mod
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from megatron_hapo.models.mapping import Rule
 
+T = TypeVar("T")
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
@@ -72,14 +74,19 @@ class McoreReader:
 
     def groups(self, table: list[Rule], max_bytes: int) -> Iterator[list[Rule]]:
         """``table`` in order, cut into groups of at most ``max_bytes`` (a larger single tensor is its own group)."""
-        group: list[Rule] = []
-        size = 0
-        for rule in table:
-            nbytes = self.nbytes(rule)
-            if group and size + nbytes > max_bytes:
-                yield group
-                group, size = [], 0
-            group.append(rule)
-            size += nbytes
-        if group:
+        return pack_by_bytes(table, self.nbytes, max_bytes)
+
+
+def pack_by_bytes(items: Iterable[T], nbytes: Callable[[T], int], max_bytes: int) -> Iterator[list[T]]:
+    """``items`` in order, in consecutive groups of at most ``max_bytes`` (an item larger alone is its own group)."""
+    group: list[T] = []
+    size = 0
+    for item in items:
+        item_bytes = nbytes(item)
+        if group and size + item_bytes > max_bytes:
             yield group
+            group, size = [], 0
+        group.append(item)
+        size += item_bytes
+    if group:
+        yield group

@@ -15,7 +15,6 @@ weights.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,12 +26,11 @@ import torch.distributed as dist
 from megatron_hapo.models.hf_config import DecoderSpec
 from megatron_hapo.models.loading import chunk_rules, unwrap
 from megatron_hapo.models.mapping import to_hf
+from megatron_hapo.models.mcore_reader import checkpoint_key, pack_by_bytes
 from megatron_hapo.parallel.collectives import group_rank_size
 from megatron_hapo.parallel.policy_loss import LogProbEntropyStep, ParallelGroups, PolicyMicroBatch
 from megatron_hapo.parallel.weight_transfer import all_gather_objects, gather_shards, share_from_stage
 from megatron_hapo.rollout.engine import RolloutEngine
-
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
 
 class WeightSyncError(RuntimeError):
@@ -65,8 +63,9 @@ class SyncPlan:
 
 def _position(megatron_name: str, num_layers: int) -> int:
     """-1 for the embedding, the global layer index, or ``num_layers`` for the final norm and head."""
-    if match := _LAYER.match(megatron_name):
-        return int(match.group(1))
+    _, layer = checkpoint_key(megatron_name)
+    if layer is not None:
+        return layer
     return -1 if megatron_name.startswith("embedding.") else num_layers
 
 
@@ -79,10 +78,7 @@ def _local_units(chunks: list, spec: DecoderSpec, tp_size: int, stage: int) -> l
         for name, rule in chunk_rules(chunk, spec, te=False).items():
             if name not in params:
                 raise ValueError(f"the model has no parameter {name} (spec does not fit the model)")
-            match = _LAYER.match(rule.megatron)
-            position = (
-                int(match.group(1)) if match else (-1 if rule.megatron.startswith("embedding.") else spec.num_layers)
-            )
+            position = _position(rule.megatron, spec.num_layers)
             size = params[name].numel() * params[name].element_size() * (tp_size if rule.tp_dim is not None else 1)
             grouped.setdefault(position, []).append((name, rule.hf, size))
         for position, members in grouped.items():
@@ -104,26 +100,20 @@ def build_sync_plan(chunks: list, spec: DecoderSpec, groups: ParallelGroups, *, 
             claimed.update(hf)
         if kept:
             units.append(SyncUnit(owner, chunk, position, tuple(n for n, _ in kept), sum(s for _, s in kept)))
-    buckets, current, size = [], [], 0
-    for unit in units:
-        if current and size + unit.nbytes > bucket_bytes:
-            buckets.append(tuple(current))
-            current, size = [], 0
-        current.append(unit)
-        size += unit.nbytes
-    if current:
-        buckets.append(tuple(current))
-    return SyncPlan(tuple(buckets), sum(u.nbytes for u in units))
+    buckets = tuple(tuple(bucket) for bucket in pack_by_bytes(units, lambda unit: unit.nbytes, bucket_bytes))
+    return SyncPlan(buckets, sum(u.nbytes for u in units))
 
 
 def bucket_hf_tensors(units: Sequence[SyncUnit], chunks: list, spec: DecoderSpec,
                       tp_group: Any) -> dict[str, torch.Tensor]:  # fmt: skip
     """Full HF tensors of this stage's ``units`` (collective over the TP group)."""
     out: dict[str, torch.Tensor] = {}
+    tables: dict[int, tuple[dict, dict]] = {}  # per chunk, built once per call
     for unit in units:
-        chunk = chunks[unit.chunk]
-        params = dict(unwrap(chunk).named_parameters())
-        table = chunk_rules(chunk, spec, te=False)
+        if unit.chunk not in tables:
+            chunk = chunks[unit.chunk]
+            tables[unit.chunk] = dict(unwrap(chunk).named_parameters()), chunk_rules(chunk, spec, te=False)
+        params, table = tables[unit.chunk]
         for name in unit.params:
             rule, shard = table[name], params[name].detach()
             shards = gather_shards(shard, tp_group) if rule.tp_dim is not None else [shard]
