@@ -27,7 +27,7 @@ setup(
     packages=find_packages(include=["megatron_hapo", "megatron_hapo.*"]),
     package_data={"megatron_hapo": ["py.typed"]},
     # torch is deliberately unpinned above a floor: clusters run newer CUDA builds.
-    install_requires=["torch>=2.4", "pyyaml>=6", "pyarrow>=15", "tensorboard>=2.14", "matplotlib>=3.8"],
+    install_requires=["torch>=2.4", "pyyaml>=6", "pyarrow>=15", "tensorboard>=2.14", "matplotlib>=3.8", "tqdm>=4.66"],
     extras_require={
         "cpu": [*_MEGATRON_RUNTIME, _TRITON_CPU, "safetensors>=0.4", "transformers>=5.16"],
         "gpu": [*_MEGATRON_RUNTIME, "megatron-core>=0.19.2", "vllm>=0.32", "transformer-engine[pytorch]>=2.8"],

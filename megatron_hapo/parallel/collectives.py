@@ -28,3 +28,13 @@ def gather_vocab_shards(local: torch.Tensor, group: dist.ProcessGroup | None) ->
     pieces = [torch.empty_like(local) for _ in range(size)]
     dist.all_gather(pieces, local.contiguous(), group=group)
     return torch.cat(pieces, dim=-1)
+
+
+def objects_from_last_stage(value: object, pp_group: dist.ProcessGroup | None) -> object:
+    """``value`` of the last pipeline stage (small Python objects, e.g. metrics) on every stage of ``pp_group``."""
+    _, size = group_rank_size(pp_group)
+    if size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=dist.get_process_group_ranks(pp_group)[-1], group=pp_group)
+    return box[0]

@@ -10,7 +10,8 @@ micro-batch and, on the last pipeline stage only, ``loss_func(output)``. The two
   or given mini-batch / step statistics) -> the configured ``algos`` composition -> the loss Megatron expects,
   scaled so that the accumulated, data-parallel-reduced gradient is exactly that of the configured aggregation
   over the whole mini-batch (:mod:`megatron_hapo.parallel.token_mean`), with or without
-  ``calculate_per_token_loss``.
+  ``calculate_per_token_loss``. Sequences flagged ``guide_rows`` (mixed-policy DAPO) take the guide term instead,
+  ``weight * aggregate(guide surrogate)``, with the guide tokens' own mini-batch denominator.
 
 Batch contract: a :class:`PolicyMicroBatch` is already sliced for this data-parallel rank (and context-parallel
 rank); position ``t`` of ``targets`` / ``mask`` / ``old_log_prob`` / ``advantages`` belongs to the logits at
@@ -29,6 +30,7 @@ import torch.distributed as dist
 
 from megatron_hapo.algos import EntropyStats, aggregation_terms
 from megatron_hapo.algos.compose import needs_entropy, token_policy_loss
+from megatron_hapo.algos.mixed_policy import guide_policy_surrogate
 from megatron_hapo.parallel.collectives import group_rank_size
 from megatron_hapo.parallel.stats import distributed_entropy_stats, normalize_with_stats
 from megatron_hapo.parallel.token_mean import global_denominator, microbatch_loss, per_token_loss_outputs
@@ -87,6 +89,16 @@ class PolicyMicroBatch:
     """Temperature the log-probs and entropies are computed at: a float or ``[B, S]``."""
     loss_weights: torch.Tensor | None = None
     """``[B, S]`` per-token loss multipliers (rollout correction, e.g. TIS weights); ``None``: all 1."""
+    guide_rows: torch.Tensor | None = None
+    """``[B]`` bool: sequences sampled by the frozen guide policy (mixed-policy term; their ``old_log_prob`` is
+    the guide's log-prob); ``None``: none."""
+
+    def masks(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(on-policy mask [B, S], guide mask [B, S] or None)``."""
+        if self.guide_rows is None:
+            return self.mask, None
+        rows = self.guide_rows.bool()[:, None]
+        return self.mask & ~rows, self.mask & rows
 
 
 @dataclass(kw_only=True)
@@ -97,18 +109,16 @@ class MiniBatchPlan:
     denominator: torch.Tensor
     """0-dim: the aggregation mode's denominator over every micro-batch and DP x CP rank."""
     total_tokens: torch.Tensor
-    """0-dim: valid tokens over every micro-batch and DP x CP rank."""
+    """0-dim: valid tokens over every micro-batch and DP x CP rank (on-policy and guide)."""
+    guide_denominator: torch.Tensor | None = None
+    """0-dim: the aggregation denominator of the guide-policy tokens (``denominator`` then counts the on-policy
+    tokens only); ``None`` when the algorithm has no guide term."""
     entropy_stats: EntropyStats | None = None
     """Statistics for ``h_hat`` at ``minibatch`` / ``step`` scope; ``None`` at ``microbatch`` scope."""
 
 
 def check_loss_setup(algo: Any, groups: ParallelGroups) -> None:
     """Reject settings the Megatron loss cannot compute exactly, with the reason and the fix."""
-    if algo.guide_policy.kind != "none":
-        raise NotImplementedError(
-            "the guide-policy (mixed-policy) term needs a second forward over the guide samples; the Megatron "
-            "loss glue does not run it yet: use algo.guide_policy.kind=none here"
-        )
     _, cp_size = group_rank_size(groups.cp)
     if cp_size > 1 and algo.aggregation.kind in _WHOLE_SEQUENCE_AGGREGATIONS:
         raise ValueError(
@@ -151,12 +161,16 @@ def plan_minibatch(
     scope = algo.entropy.scope
     if needs_entropy(algo) and scope != "microbatch" and entropy_stats is None:
         raise ValueError(f"algo.entropy.scope={scope} needs the pooled statistics: pass entropy_stats=")
-    masks = [mb.mask for mb in microbatches]
+    mode = algo.aggregation.kind
+    split = [mb.masks() for mb in microbatches]
+    guide = algo.guide_policy.kind != "none"
+    guide_masks = [g if g is not None else torch.zeros_like(m) for m, g in split]
     return MiniBatchPlan(
         num_microbatches=len(microbatches),
-        denominator=global_denominator(masks, algo.aggregation.kind, dp_group=groups.dp_cp),
-        total_tokens=global_denominator(masks, "token-mean", dp_group=groups.dp_cp),
+        denominator=global_denominator([m for m, _ in split], mode, dp_group=groups.dp_cp),
+        total_tokens=global_denominator([mb.mask for mb in microbatches], "token-mean", dp_group=groups.dp_cp),
         entropy_stats=entropy_stats if scope != "microbatch" else None,
+        guide_denominator=global_denominator(guide_masks, mode, dp_group=groups.dp_cp) if guide else None,
     )
 
 
@@ -259,14 +273,14 @@ class PolicyLossStep:
         batch = next(data_iterator)
         return _run_model(model, batch), partial(self.loss, batch)
 
-    def _h_hat(self, batch: PolicyMicroBatch, entropy: torch.Tensor) -> torch.Tensor | None:
+    def _h_hat(self, batch: PolicyMicroBatch, entropy: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
         if not needs_entropy(self.algo):
             return None
         cfg = self.algo.entropy
         stats = self.plan.entropy_stats
         if stats is None:  # micro-batch scope (published code), pooled over the CP pieces of its sequences
             stats = distributed_entropy_stats(
-                entropy, batch.mask, group=self.groups.cp, pivot_quantile=cfg.pivot_quantile, sign=cfg.sign
+                entropy, mask, group=self.groups.cp, pivot_quantile=cfg.pivot_quantile, sign=cfg.sign
             )
         return normalize_with_stats(entropy, stats)
 
@@ -275,27 +289,43 @@ class PolicyLossStep:
         if batch.old_log_prob is None or batch.advantages is None:
             raise ValueError("training micro-batches need old_log_prob and advantages")
         log_prob, entropy = _logprob_entropy(batch, logits, self.groups, self.chunk_size, self.vocab_size)
+        on_mask, guide_mask = batch.masks()
         per_token, metrics = token_policy_loss(
-            log_prob, batch.old_log_prob, batch.advantages, batch.mask, algo=self.algo,
-            h_hat=self._h_hat(batch, entropy.detach()), token_weights=batch.loss_weights,
+            log_prob, batch.old_log_prob, batch.advantages, on_mask, algo=self.algo,
+            h_hat=self._h_hat(batch, entropy.detach(), on_mask), token_weights=batch.loss_weights,
         )  # fmt: skip
+        terms = [(per_token, on_mask, self.plan.denominator, 1.0)]
+        if guide_mask is not None and self.algo.guide_policy.kind != "none":
+            guide_per_token, guide_metrics = self._guide_term(batch, log_prob, guide_mask)
+            metrics.update(guide_metrics, guide_num_tokens=guide_mask.sum())
+            terms.append((guide_per_token, guide_mask, self.plan.guide_denominator, self.algo.guide_policy.weight))
         mode = self.algo.aggregation.kind
-        numerator, _ = aggregation_terms(per_token.detach(), batch.mask, mode)
+        share = sum(weight * aggregation_terms(pt.detach(), m, mode)[0] / d.clamp_min(1e-12)
+                    for pt, m, d, weight in terms)  # fmt: skip
         metrics = {name: value.detach() for name, value in metrics.items()}
-        metrics["loss_share"] = numerator / self.plan.denominator.clamp_min(1e-12)  # sums to the mini-batch loss
-        metrics["entropy_sum"] = (entropy.detach() * batch.mask).sum()
-        metrics["num_tokens"] = batch.mask.sum()
+        metrics["loss_share"] = share  # sums to the mini-batch loss over micro-batches and DP ranks
+        metrics["entropy_sum"] = (entropy.detach() * on_mask).sum()
+        metrics["num_tokens"] = on_mask.sum()
         if self.calculate_per_token_loss:
-            loss, num_tokens = per_token_loss_outputs(
-                per_token, batch.mask, mode, denominator=self.plan.denominator, total_tokens=self.plan.total_tokens
-            )
-            return loss, num_tokens, metrics
+            loss = sum(weight * per_token_loss_outputs(pt, m, mode, denominator=d,
+                                                       total_tokens=self.plan.total_tokens)[0]
+                       for pt, m, d, weight in terms)  # fmt: skip
+            return loss, batch.mask.bool().sum().to(torch.int32), metrics
         _, dp_size = group_rank_size(self.groups.dp)
-        loss = microbatch_loss(
-            per_token, batch.mask, mode, denominator=self.plan.denominator,
-            num_microbatches=self.plan.num_microbatches, dp_size=dp_size,
-        )  # fmt: skip
+        loss = sum(weight * microbatch_loss(pt, m, mode, denominator=d, num_microbatches=self.plan.num_microbatches,
+                                            dp_size=dp_size)
+                   for pt, m, d, weight in terms)  # fmt: skip
         return loss, metrics
+
+    def _guide_term(self, batch: PolicyMicroBatch, log_prob: torch.Tensor,
+                    guide_mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+        """Per-token guide-policy surrogate ``[B, S]`` (ratio ``pi_theta / pi_phi``) and its ``guide_`` metrics."""
+        if self.plan.guide_denominator is None:
+            raise ValueError("guide rows in a mini-batch planned without the guide term: pass the same algo")
+        cfg = self.algo.guide_policy
+        guide_log_prob = torch.where(guide_mask, batch.old_log_prob, log_prob.detach())  # ratio 1 off the guide rows
+        return guide_policy_surrogate(log_prob, guide_log_prob, batch.advantages, guide_mask, eps_low=cfg.eps_low,
+                                      eps_high=cfg.eps_high, dual_clip_c=cfg.dual_clip_c)  # fmt: skip
 
 
 __all__ = [

@@ -50,6 +50,22 @@ def pack_rollout(prompts: Sequence[Sequence[int]], responses: Sequence[Response]
     return PackedRollout(tokens, mask, rollout_log_prob, response_mask)
 
 
+def cat_rows(first: torch.Tensor, second: torch.Tensor, fill: float | int | bool = 0) -> torch.Tensor:
+    """``[N1, S1]`` and ``[N2, S2]`` -> ``[N1 + N2, max(S1, S2)]``, each right-padded with ``fill``."""
+    width = max(first.shape[1], second.shape[1])
+    return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=fill) for t in (first, second)])
+
+
+def concat_packed(first: PackedRollout, second: PackedRollout, *, pad_id: int) -> PackedRollout:
+    """The sequences of ``first`` then ``second`` in one batch, right-padded to the wider of the two."""
+    return PackedRollout(
+        tokens=cat_rows(first.tokens, second.tokens, pad_id),
+        mask=cat_rows(first.mask, second.mask, False),
+        rollout_log_prob=cat_rows(first.rollout_log_prob, second.rollout_log_prob),
+        response_mask=torch.cat([first.response_mask, second.response_mask]),
+    )
+
+
 def _response_slots(packed: PackedRollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For every response token: its sequence, its ``[S]`` position and its ``[L]`` slot (three ``[T]`` tensors)."""
     rows, positions = packed.mask.nonzero(as_tuple=True)
@@ -75,15 +91,18 @@ def position_view(packed: PackedRollout, per_response: torch.Tensor) -> torch.Te
 
 def microbatches(packed: PackedRollout, rows: torch.Tensor, size: int, *, old_log_prob: torch.Tensor | None = None,
                  advantages: torch.Tensor | None = None,
-                 loss_weights: torch.Tensor | None = None) -> list[PolicyMicroBatch]:  # fmt: skip
-    """Micro-batches of exactly ``size`` sequences from ``rows`` (``[N, S]`` extras are sliced alike).
+                 loss_weights: torch.Tensor | None = None, guide_rows: torch.Tensor | None = None,
+                 all_masked: bool = False) -> list[PolicyMicroBatch]:  # fmt: skip
+    """Micro-batches of exactly ``size`` sequences from ``rows`` (``[N, S]`` / ``[N]`` extras are sliced alike).
 
     Pipeline stages exchange activations of one fixed shape, so a short last micro-batch is filled up with
     copies of its last row whose mask is all False: they add nothing to any loss, count or statistic.
+    ``all_masked`` masks every row (a data-parallel rank with no share of the mini-batch still runs one
+    micro-batch, so that the gradient all-reduce has every rank).
     """
     fill = -len(rows) % size
     rows = torch.cat([rows, rows[-1:].expand(fill)])
-    real = torch.arange(len(rows)) < len(rows) - fill
+    real = (torch.arange(len(rows)) < len(rows) - fill) & (not all_masked)
     targets = torch.roll(packed.tokens, -1, dims=1)
     width = packed.tokens.shape[1]
 
@@ -96,5 +115,6 @@ def microbatches(packed: PackedRollout, rows: torch.Tensor, size: int, *, old_lo
             tokens=packed.tokens[chunk], position_ids=torch.arange(width).expand(len(chunk), -1),
             targets=targets[chunk], mask=packed.mask[chunk] & keep[:, None], old_log_prob=take(old_log_prob, chunk),
             advantages=take(advantages, chunk), loss_weights=take(loss_weights, chunk),
+            guide_rows=take(guide_rows, chunk),
         ))  # fmt: skip
     return out

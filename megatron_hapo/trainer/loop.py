@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
 
 from megatron_hapo.algos import EntropyStats
 from megatron_hapo.models.checkpoint import chunks_sharded_state_dict, publish_staging, staging_dir
@@ -89,8 +90,12 @@ def read_trainer_state(checkpoint: Path) -> StepState:
 
 def train(actor: Actor, engine: Any, score: Scorer, config: Any, settings: LoopSettings, *,
           prompts: Sequence[list[int]], answers: Sequence[Any], eval_prompts: Sequence[list[int]] = (),
-          eval_answers: Sequence[Any] = (), state: StepState | None = None) -> StepState:  # fmt: skip
-    """Run ``config.train.total_steps`` RL steps over ``prompts`` (in a seeded order, cycling); every rank calls it."""
+          eval_answers: Sequence[Any] = (), state: StepState | None = None,
+          guide_engine: Any = None) -> StepState:  # fmt: skip
+    """Run ``config.train.total_steps`` RL steps over ``prompts`` (in a seeded order, cycling); every rank calls it.
+
+    ``guide_engine`` serves the frozen guide policy of mixed-policy algorithms. Rank 0 shows a progress bar.
+    """
     state = state or StepState()
     per_step = config.train.prompts_per_step
     if per_step > len(prompts):
@@ -99,6 +104,7 @@ def train(actor: Actor, engine: Any, score: Scorer, config: Any, settings: LoopS
     writer = MetricsWriter(settings.run_dir, enabled=dist.get_rank() == 0)
     tracker = BestAndFinal(f"avg@{settings.eval_settings.k}")
     total = config.train.total_steps
+    progress = tqdm(total=total, initial=state.step, desc="RL steps", unit="step", disable=dist.get_rank() != 0)
     try:
         while state.step < total:
             start = state.step * per_step % len(order)
@@ -107,8 +113,11 @@ def train(actor: Actor, engine: Any, score: Scorer, config: Any, settings: LoopS
             _set_lr(actor.optimizer, lr)
             step = state.step
             metrics = rl_step(actor, engine, score, prompts=[prompts[i] for i in picked],
-                              answers=[answers[i] for i in picked], config=config, state=state)  # fmt: skip
+                              answers=[answers[i] for i in picked], config=config, state=state,
+                              guide_engine=guide_engine)  # fmt: skip
             metrics["lr"] = lr
+            progress.update()
+            progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics['accuracy']:.3f}")
             last = state.step == total
             if eval_prompts and (last or (settings.eval_interval and state.step % settings.eval_interval == 0)):
                 metrics.update(evaluate(engine, score, eval_prompts, eval_answers, settings.eval_settings))
@@ -118,6 +127,7 @@ def train(actor: Actor, engine: Any, score: Scorer, config: Any, settings: LoopS
             if last or (settings.save_interval and state.step % settings.save_interval == 0):
                 save_checkpoint(settings.run_dir / "checkpoints", actor, state)
     finally:
+        progress.close()
         writer.close()
     if not math.isinf(tracker.best) and dist.get_rank() == 0:
         summary = {"best": tracker.best, "best_step": tracker.best_step, "final": tracker.final}

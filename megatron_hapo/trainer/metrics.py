@@ -9,8 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -69,3 +74,66 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
         row = json.loads(line)
         rows.append({k: (math.nan if v is None else v) for k, v in row.items()})
     return rows
+
+
+#: Loss-step metrics that are maxima / minima over tokens; every other per-micro-batch metric is a token mean.
+_EXTREMES = {"ratio_max": max, "ratio_min": min, "guide_ratio_max": max, "guide_ratio_min": min}
+_SUMS = ("loss_share", "entropy_sum", "num_tokens", "guide_num_tokens")
+
+
+def reduce_loss_metrics(outputs: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """One update's metrics from the per-micro-batch dicts of the policy-loss step (last pipeline stage).
+
+    Token means (clip fractions, ratio mean, approx KL, ...) are weighted by each micro-batch's valid tokens
+    (``guide_*`` ones by its guide tokens); ``ratio_max`` / ``ratio_min`` are extremes; micro-batches without such
+    tokens are left out, and a metric no micro-batch has tokens for is absent. ``loss`` is the sum of the
+    micro-batches' shares, and ``entropy_mean`` the token mean of the training forward's entropies.
+    """
+
+    def total(name: str) -> float:
+        return sum(float(o.get(name, 0.0)) for o in outputs)
+
+    out = {"loss": total("loss_share"), "entropy_mean": total("entropy_sum") / max(total("num_tokens"), 1.0)}
+    names = {name for o in outputs for name in o} - set(_SUMS)
+    for name in sorted(names):
+        weight = "guide_num_tokens" if name.startswith("guide_") else "num_tokens"
+        present = [o for o in outputs if name in o and float(o.get(weight, 0.0)) > 0]  # empty masks say nothing
+        if not present:
+            continue
+        if name in _EXTREMES:
+            out[name] = _EXTREMES[name](float(o[name]) for o in present)
+            continue
+        tokens = sum(float(o[weight]) for o in present)
+        out[name] = sum(float(o[name]) * float(o[weight]) for o in present) / tokens
+    return out
+
+
+def entropy_stats_metrics(stats: Any) -> dict[str, float]:
+    """The step's pooled entropy statistics (they set the next rollout's adaptive temperature)."""
+    return {"entropy_pivot": float(stats.pivot), "entropy_rms": float(stats.rms)}
+
+
+class PhaseClock:
+    """Wall time per phase of one step: ``with clock("generate"): ...``; then :meth:`metrics`."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        begin = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - begin
+
+    def metrics(self, *, response_tokens: int, total_tokens: int) -> dict[str, float]:
+        """``time_<phase>``, ``time_step``, ``tokens_per_second`` (prompt + response tokens over the step) and
+        ``rollout_tokens_per_second`` (response tokens over the generation time)."""
+        step = time.perf_counter() - self.start
+        out = {f"time_{phase}": seconds for phase, seconds in self.seconds.items()}
+        out["time_step"] = step
+        out["tokens_per_second"] = total_tokens / max(step, 1e-9)
+        out["rollout_tokens_per_second"] = response_tokens / max(self.seconds.get("generate", 0.0), 1e-9)
+        return out

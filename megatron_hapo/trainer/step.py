@@ -24,6 +24,7 @@ from megatron_hapo.algos import (
     shape_rewards,
 )
 from megatron_hapo.models.hf_config import DecoderSpec
+from megatron_hapo.parallel.collectives import group_rank_size, objects_from_last_stage
 from megatron_hapo.parallel.policy_loss import (
     LogProbEntropyStep,
     ParallelGroups,
@@ -35,7 +36,17 @@ from megatron_hapo.parallel.policy_loss import (
 )
 from megatron_hapo.rollout.engine import RolloutEngine, SamplingSettings, temperature_metrics
 from megatron_hapo.rollout.weight_sync import SyncPlan, sync_weights, verify_sync
-from megatron_hapo.trainer.batch import PackedRollout, microbatches, pack_rollout, position_view, response_view
+from megatron_hapo.trainer.batch import (
+    PackedRollout,
+    cat_rows,
+    concat_packed,
+    microbatches,
+    pack_rollout,
+    position_view,
+    response_view,
+)
+from megatron_hapo.trainer.guide import GuideRollout, check_guide_setup, guide_rollout
+from megatron_hapo.trainer.metrics import PhaseClock, entropy_stats_metrics, reduce_loss_metrics
 
 #: ``score(response token ids, answer) -> (reward, correct)`` per response.
 Scorer = Callable[[Sequence[list[int]], Sequence[Any]], tuple[torch.Tensor, torch.Tensor]]
@@ -77,6 +88,25 @@ class StepState:
     metrics: list[dict] = field(default_factory=list)
 
 
+@dataclass
+class UpdateBatch:
+    """What the PPO epochs train on: the kept on-policy sequences plus any guide-policy sequences."""
+
+    packed: PackedRollout
+    keep: torch.Tensor
+    """``[N]`` bool: sequences of the groups that are trained on (whole groups of ``n``)."""
+    old_log_prob: torch.Tensor
+    """``[N, S]`` behaviour log-probs (the guide's own on ``guide_rows``)."""
+    advantages: torch.Tensor
+    """``[N, S]``."""
+    entropy: torch.Tensor
+    """``[N, S]`` forward-only entropies (0 on ``guide_rows``)."""
+    weights: torch.Tensor | None
+    """``[N, S]`` rollout-correction weights or ``None``."""
+    guide_rows: torch.Tensor | None = None
+    """``[N]`` bool guide-policy sequences, or ``None``."""
+
+
 def _forward_only(actor: Actor, packed: PackedRollout) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Old log-probs and entropies ``[N, S]`` of the whole batch (zeros off the last stage), and whether here."""
     from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: PLC0415
@@ -94,88 +124,133 @@ def _forward_only(actor: Actor, packed: PackedRollout) -> tuple[torch.Tensor, to
     return log_prob, entropy, True
 
 
-def _update(actor: Actor, algo: Any, packed: PackedRollout, rows: torch.Tensor, *, old_log_prob: torch.Tensor,
-            advantages: torch.Tensor, weights: torch.Tensor | None, stats: EntropyStats) -> dict:  # fmt: skip
-    """One optimizer step on the sequences ``rows``; a non-finite gradient norm skips it."""
+def _update(actor: Actor, algo: Any, batch: UpdateBatch, rows: torch.Tensor, stats: EntropyStats) -> dict:
+    """One optimizer step on the sequences ``rows`` (this DP rank's share of them); a non-finite gradient norm
+    skips it. Returns the loss metrics of the last pipeline stage, on every stage."""
     from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: PLC0415
 
-    mbs = microbatches(packed, rows, actor.micro_batch_size, old_log_prob=old_log_prob, advantages=advantages,
-                       loss_weights=weights)  # fmt: skip
+    dp_rank, dp_size = group_rank_size(actor.groups.dp)
+    local = rows.tensor_split(dp_size)[dp_rank]
+    mbs = microbatches(batch.packed, local if len(local) else rows[:1], actor.micro_batch_size,
+                       old_log_prob=batch.old_log_prob, advantages=batch.advantages, loss_weights=batch.weights,
+                       guide_rows=batch.guide_rows, all_masked=not len(local))  # fmt: skip
     plan = plan_minibatch(mbs, algo, actor.groups, entropy_stats=stats)
     for chunk in actor.chunks:
         chunk.zero_grad_buffer()
     actor.optimizer.zero_grad()
     step = PolicyLossStep(algo, actor.groups, plan, actor.spec.vocab_size)
-    losses = get_forward_backward_func()(
+    outputs = get_forward_backward_func()(
         forward_step_func=step, data_iterator=iter(mbs), model=actor.chunks, num_microbatches=len(mbs),
-        seq_length=packed.tokens.shape[1], micro_batch_size=actor.micro_batch_size, forward_only=False,
+        seq_length=batch.packed.tokens.shape[1], micro_batch_size=actor.micro_batch_size, forward_only=False,
     )  # fmt: skip
     found_inf = actor.optimizer.prepare_grads()
     grad_norm = float(actor.optimizer.get_grad_norm())
     skipped = found_inf or not math.isfinite(grad_norm)
     if not skipped:  # Megatron's step clips to optim.grad_clip and updates
         skipped = not actor.optimizer.step()[0]
-    loss = sum(float(o["loss_share"]) for o in losses) if losses else float("nan")
-    return {"loss": loss, "grad_norm": grad_norm, "update_skipped": float(skipped)}
+    metrics = objects_from_last_stage(reduce_loss_metrics(outputs) if outputs else None, actor.groups.pp)
+    return {**metrics, "grad_norm": grad_norm, "update_skipped": float(skipped)}
 
 
-def _updates(actor: Actor, config: Any, packed: PackedRollout, keep: torch.Tensor, n: int, *, entropy: torch.Tensor,
-             step_stats: EntropyStats, **tensors: torch.Tensor | None) -> dict:  # fmt: skip
-    """PPO epochs over mini-batches of ``train.mini_batch_prompts`` kept groups; metrics averaged over updates."""
+def _updates(actor: Actor, config: Any, batch: UpdateBatch, n: int, step_stats: EntropyStats) -> dict:
+    """PPO epochs over mini-batches of ``train.mini_batch_prompts`` kept groups; each metric is averaged over the
+    updates that have it (an update of guide sequences only has no on-policy clip fractions)."""
     algo = config.algo
-    kept_groups = keep.view(-1, n)[:, 0].nonzero().flatten()
+    kept_groups = batch.keep.view(-1, n)[:, 0].nonzero().flatten()
+    on_policy = batch.packed.mask
+    if batch.guide_rows is not None:
+        on_policy = on_policy & ~batch.guide_rows[:, None]
     results = []
     for _ in range(config.train.ppo_epochs):
         for groups in kept_groups.split(config.train.mini_batch_prompts):
             rows = (groups[:, None] * n + torch.arange(n)).flatten()
             stats = step_stats
             if algo.entropy.scope == "minibatch":
-                stats = pooled_entropy_stats([entropy[rows]], [packed.mask[rows]], algo, actor.groups)
-            results.append(_update(actor, algo, packed, rows, stats=stats, **tensors))
-    out = {name: sum(r[name] for r in results) / len(results) for name in ("loss", "grad_norm")}
+                stats = pooled_entropy_stats([batch.entropy[rows]], [on_policy[rows]], algo, actor.groups)
+            results.append(_update(actor, algo, batch, rows, stats))
+    names = {name for r in results for name in r} - {"update_skipped"}
+    out = {name: sum(r[name] for r in results if name in r) / sum(name in r for r in results) for name in names}
     out["updates_skipped"] = float(sum(r["update_skipped"] for r in results))
     out["optimizer_steps"] = float(len(results))
     return out
 
 
 def rl_step(actor: Actor, engine: RolloutEngine, score: Scorer, *, prompts: Sequence[list[int]],
-            answers: Sequence[Any], config: Any, state: StepState) -> dict:  # fmt: skip
-    """One RL step on ``prompts``; returns its metrics and advances ``state`` (statistics for the next rollout)."""
+            answers: Sequence[Any], config: Any, state: StepState,
+            guide_engine: RolloutEngine | None = None) -> dict:  # fmt: skip
+    """One RL step on ``prompts``; returns its metrics and advances ``state`` (statistics for the next rollout).
+
+    ``guide_engine`` serves the frozen guide policy of mixed-policy algorithms (``algo.guide_policy.kind``).
+    """
     algo, rollout, n = config.algo, config.rollout, config.rollout.num_samples_per_prompt
     check_loss_setup(algo, actor.groups)  # refuse an unsupported composition before spending a rollout on it
+    check_guide_setup(algo, guide_engine)
+    clock = PhaseClock()
     sampling = SamplingSettings.for_training(algo.sampling, max_tokens=rollout.max_response_length,
                                              seed=config.train.seed * 1_000_003 + state.step)  # fmt: skip
-    responses = engine.generate(prompts, n, sampling, state.stats)
+    with clock("generate"):
+        responses = engine.generate(prompts, n, sampling, state.stats)
     packed = pack_rollout(prompts, responses, pad_id=0, max_response_length=rollout.max_response_length)
     group_ids = torch.arange(len(prompts)).repeat_interleave(n)
-    rewards, correct = score([r.token_ids for r in responses], [answers[i] for i in group_ids.tolist()])
+    with clock("reward"):
+        rewards, correct = score([r.token_ids for r in responses], [answers[i] for i in group_ids.tolist()])
     lengths = packed.response_mask.sum(-1)
-    old_log_prob, entropy, last_stage = _forward_only(actor, packed)
-    stats = pooled_entropy_stats([entropy], [packed.mask & last_stage], algo, actor.groups)
-    stats = stats_from_last_stage(stats if last_stage else None, actor.groups.pp)
+    with clock("old_log_prob"):
+        old_log_prob, entropy, last_stage = _forward_only(actor, packed)
+        stats = pooled_entropy_stats([entropy], [packed.mask & last_stage], algo, actor.groups)
+        stats = stats_from_last_stage(stats if last_stage else None, actor.groups.pp)
     metrics = {"reward_mean": float(rewards.mean()), "accuracy": float(correct.float().mean()),
-               "response_length_mean": float(lengths.float().mean()), **temperature_metrics(responses)}  # fmt: skip
+               "response_length_mean": float(lengths.float().mean()), **temperature_metrics(responses),
+               **entropy_stats_metrics(stats)}  # fmt: skip
     mismatch = rollout_mismatch_metrics(old_log_prob, packed.rollout_log_prob, packed.mask & last_stage)
     metrics.update({name: float(value) for name, value in mismatch.items()})
     keep = keep_groups(algo, correct.float(), group_ids)
     metrics["kept_groups"] = float(keep.view(len(prompts), n)[:, 0].sum())
-    if bool(keep.any()):
+    with clock("guide"):
+        guide = guide_rollout(guide_engine, score, prompts=prompts, answers=answers, correct=correct.bool(), n=n,
+                              sampling=sampling, config=config)  # fmt: skip
+    if guide is not None:
+        metrics["guide_groups"] = float(len(guide.routed_prompts))
+        metrics["guide_accuracy"] = float(guide.correct.float().mean())
+    if bool(keep.any()) or guide is not None:
         shaped = shape_rewards(algo, rewards, lengths, max_length=rollout.max_response_length)
         inputs = AdvantageInputs(shaped[keep], group_ids[keep], packed.response_mask[keep], correct[keep],
                                  response_view(packed, entropy)[keep])  # fmt: skip
         advantages = torch.zeros(packed.mask.shape)
-        advantages[keep] = position_view(_subset(packed, keep), compute_advantages(algo, inputs))
+        if bool(keep.any()):
+            advantages[keep] = position_view(_subset(packed, keep), compute_advantages(algo, inputs))
         correction = algo.rollout_correction
         weights = ROLLOUT_CORRECTION.get(correction.kind).fn(
             old_log_prob, packed.rollout_log_prob, packed.mask, **ROLLOUT_CORRECTION.params(correction.kind, correction)
         )
-        metrics.update(_updates(actor, config, packed, keep, n, entropy=entropy, step_stats=stats,
-                                old_log_prob=old_log_prob, advantages=advantages, weights=weights))  # fmt: skip
+        batch = _with_guide(UpdateBatch(packed, keep, old_log_prob, advantages, entropy, weights), guide)
+        with clock("train"):
+            metrics.update(_updates(actor, config, batch, n, stats))
         state.skipped_updates += int(metrics["updates_skipped"])
-        metrics.update(_sync(actor, engine))
+        with clock("sync"):
+            metrics.update(_sync(actor, engine))
+    total_tokens = sum(len(prompts[r.prompt_index]) + len(r.token_ids) for r in responses)
+    metrics.update(clock.metrics(response_tokens=int(lengths.sum()), total_tokens=total_tokens))
     state.stats, state.step = stats, state.step + 1
     state.metrics.append(metrics)
     return metrics
+
+
+def _with_guide(batch: UpdateBatch, guide: GuideRollout | None) -> UpdateBatch:
+    """``batch`` followed by the guide's sequences (kept whole, flagged ``guide_rows``)."""
+    if guide is None:
+        return batch
+    count = guide.packed.num_sequences
+    weights = None if batch.weights is None else cat_rows(batch.weights, torch.ones(guide.packed.mask.shape))
+    return UpdateBatch(
+        packed=concat_packed(batch.packed, guide.packed, pad_id=0),
+        keep=torch.cat([batch.keep, torch.ones(count, dtype=torch.bool)]),
+        old_log_prob=cat_rows(batch.old_log_prob, guide.packed.rollout_log_prob),
+        advantages=cat_rows(batch.advantages, guide.advantages),
+        entropy=cat_rows(batch.entropy, torch.zeros(guide.packed.mask.shape)),
+        weights=weights,
+        guide_rows=torch.arange(batch.packed.num_sequences + count) >= batch.packed.num_sequences,
+    )
 
 
 def _sync(actor: Actor, engine: RolloutEngine) -> dict:

@@ -33,10 +33,19 @@ SPLIT_TOLERANCE = 1e-6
 PLAIN_TOLERANCE = 1e-6
 
 
-def _algo(mode: str, scope: str = "minibatch"):
+#: Cases with the mixed-policy guide term: the last two sequences are guide-policy samples.
+GUIDE_MODES = ("token-mean", "seq-mean-token-mean")
+GUIDE_ROWS = torch.arange(BATCH) >= BATCH - 2
+
+
+def _algo(mode: str, scope: str = "minibatch", guide: bool = False):
     from megatron_hapo.config import load_config
 
-    return load_config(HAPO, [f"algo.aggregation.kind={mode}", f"algo.entropy.scope={scope}"], warn=False).algo
+    overrides = [f"algo.aggregation.kind={mode}", f"algo.entropy.scope={scope}"]
+    if guide:
+        overrides += ["algo.guide_policy.kind=mixed", "algo.guide_policy.weight=0.7", "algo.guide_policy.eps_low=0.1",
+                      "algo.guide_policy.dual_clip_c=2.0"]  # fmt: skip
+    return load_config(HAPO, overrides, warn=False).algo
 
 
 def _make_data() -> dict[str, torch.Tensor]:
@@ -58,7 +67,7 @@ def _make_data() -> dict[str, torch.Tensor]:
 
 def _reference(_rank: int, _world: int, out: Path) -> None:
     """Single rank, no schedule: weights, data, and per-mode loss + gradients of the whole mini-batch."""
-    from megatron_hapo.algos import normalized_entropy
+    from megatron_hapo.algos import GuideBatch, normalized_entropy
     from megatron_hapo.algos.compose import policy_loss
 
     init_megatron(1, 1)
@@ -70,22 +79,35 @@ def _reference(_rank: int, _world: int, out: Path) -> None:
         log_p = torch.log_softmax(model(data["tokens"], positions, None).double(), dim=-1)
         data["old_log_prob"] = log_p.gather(-1, data["targets"].unsqueeze(-1)).squeeze(-1) + data["noise"].double()
     results = {}
-    for mode in AGGREGATION_MODES:
+    cases = [(mode, False) for mode in AGGREGATION_MODES] + [(mode, True) for mode in GUIDE_MODES]
+    for mode, guide in cases:
         model.zero_grad()
         log_p = torch.log_softmax(model(data["tokens"], positions, None).double(), dim=-1)
         log_prob = log_p.gather(-1, data["targets"].unsqueeze(-1)).squeeze(-1)
         entropy = -(log_p.exp() * log_p).sum(-1)
-        h_hat, _ = normalized_entropy(entropy.detach(), data["mask"])
-        algo = _algo(mode)
-        loss, _ = policy_loss(log_prob, data["old_log_prob"], data["advantages"], data["mask"], algo=algo, h_hat=h_hat)
+        on_mask = data["mask"] & ~(GUIDE_ROWS[:, None] & guide)
+        h_hat, _ = normalized_entropy(entropy.detach(), on_mask)
+        guide_batch = None
+        if guide:  # the guide sequences' old_log_prob plays the guide policy's log-prob
+            guide_mask = data["mask"] & GUIDE_ROWS[:, None]
+            guide_batch = GuideBatch(log_prob=log_prob, guide_log_prob=data["old_log_prob"],
+                                     advantages=data["advantages"], mask=guide_mask)  # fmt: skip
+        algo = _algo(mode, guide=guide)
+        loss, _ = policy_loss(log_prob, data["old_log_prob"], data["advantages"], on_mask, algo=algo, h_hat=h_hat,
+                              guide_batch=guide_batch)  # fmt: skip
         loss.backward()
-        results[mode] = {"loss": loss.detach(), "grads": {n: p.grad.clone() for n, p in model.named_parameters()}}
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        results[_key(mode, guide)] = {"loss": loss.detach(), "grads": grads}
     reference = {"state": full_state(chunks), "data": data, "plain": results}
-    reference["glue"] = {mode: _run_case(reference, mode, "minibatch", 1, False) for mode in AGGREGATION_MODES}
+    reference["glue"] = {_key(mode, g): _run_case(reference, mode, "minibatch", 1, False, guide=g) for mode, g in cases}
     torch.save(reference, out)
 
 
-def _microbatches(data: dict[str, torch.Tensor], dp_rank: int, dp: int, num_mb: int) -> list:
+def _key(mode: str, guide: bool) -> str:
+    return f"{mode}+guide" if guide else mode
+
+
+def _microbatches(data: dict[str, torch.Tensor], dp_rank: int, dp: int, num_mb: int, guide: bool) -> list:
     from megatron_hapo.parallel.policy_loss import PolicyMicroBatch
 
     share = slice(dp_rank * BATCH // dp, (dp_rank + 1) * BATCH // dp)
@@ -101,13 +123,20 @@ def _microbatches(data: dict[str, torch.Tensor], dp_rank: int, dp: int, num_mb: 
                 mask=data["mask"][rows],
                 old_log_prob=data["old_log_prob"][rows],
                 advantages=data["advantages"][rows],
+                guide_rows=GUIDE_ROWS[rows] if guide else None,
             )
         )
     return out
 
 
-def _run_case(  # noqa: PLR0917
-    reference: dict, mode: str, scope: str, num_mb: int, per_token: bool, batch_p2p_comm: bool = True
+def _run_case(
+    reference: dict,
+    mode: str,
+    scope: str,
+    num_mb: int,
+    per_token: bool,
+    batch_p2p_comm: bool = True,
+    guide: bool = False,
 ) -> dict:
     """One layout x case: forward-only pass -> pooled stats -> training pass; returns the loss and full grads."""
     from megatron.core import parallel_state as mpu
@@ -124,9 +153,9 @@ def _run_case(  # noqa: PLR0917
         stats_from_last_stage,
     )  # fmt: skip
 
-    groups, algo = ParallelGroups.from_megatron(), _algo(mode, scope)
+    groups, algo = ParallelGroups.from_megatron(), _algo(mode, scope, guide)
     dp, last = mpu.get_data_parallel_world_size(), mpu.is_pipeline_last_stage()
-    mbs = _microbatches(reference["data"], mpu.get_data_parallel_rank(), dp, num_mb)
+    mbs = _microbatches(reference["data"], mpu.get_data_parallel_rank(), dp, num_mb, guide)
     chunks = build_model(per_token_loss=per_token, batch_p2p_comm=batch_p2p_comm)
     load_full_state(chunks, reference["state"])
     check_pipeline_schedule(get_model_config(chunks[0]))
@@ -134,13 +163,14 @@ def _run_case(  # noqa: PLR0917
         get_forward_backward_func(), model=chunks, num_microbatches=num_mb, seq_length=SEQ,
         micro_batch_size=mbs[0].tokens.shape[0],
     )  # fmt: skip
-    def batches():  # noqa: ANN202  (one iterator per virtual pipeline chunk)
+
+    def batches():
         return [iter(mbs) for _ in chunks] if len(chunks) > 1 else iter(mbs)
 
     outputs = schedule(forward_step_func=LogProbEntropyStep(groups, VOCAB), data_iterator=batches(), forward_only=True)
     stats = None
     if last:
-        stats = pooled_entropy_stats([o["entropy"] for o in outputs], [m.mask for m in mbs], algo, groups)
+        stats = pooled_entropy_stats([o["entropy"] for o in outputs], [m.masks()[0] for m in mbs], algo, groups)
     stats = stats_from_last_stage(stats, groups.pp)
     plan = plan_minibatch(mbs, algo, groups, entropy_stats=stats)
     step = PolicyLossStep(algo, groups, plan, VOCAB, calculate_per_token_loss=per_token)
@@ -167,12 +197,14 @@ def _layouts(rank: int, world: int, reference_file: Path, layouts: list[tuple], 
         dp = world // (tp * pp)
         for num_mb in (4,) if vpp else (1, 4):
             scopes = ["minibatch", "microbatch"] if dp * num_mb == 1 else ["minibatch"]
-            for mode, scope, per_token in itertools.product(AGGREGATION_MODES, scopes, (False, True)):
-                result = _run_case(reference, mode, scope, num_mb, per_token, batch_p2p_comm=not vpp)
-                case = {"tp": tp, "pp": pp, "vpp": vpp, "dp": dp, "mb": num_mb, "mode": mode, "scope": scope}
-                case["per_token"] = per_token
-                case["split_err"] = max(_relative_errors(result, reference["glue"][mode]))
-                case["plain_err"] = max(_relative_errors(result, reference["plain"][mode]))
+            cases = [(m, s, p, False) for m, s, p in itertools.product(AGGREGATION_MODES, scopes, (False, True))]
+            cases += [(m, "minibatch", p, True) for m, p in itertools.product(GUIDE_MODES, (False, True))]
+            for mode, scope, per_token, guide in cases:
+                result = _run_case(reference, mode, scope, num_mb, per_token, batch_p2p_comm=not vpp, guide=guide)
+                case = {"tp": tp, "pp": pp, "vpp": vpp, "dp": dp, "mb": num_mb, "mode": _key(mode, guide)}
+                case.update(scope=scope, per_token=per_token)
+                case["split_err"] = max(_relative_errors(result, reference["glue"][_key(mode, guide)]))
+                case["plain_err"] = max(_relative_errors(result, reference["plain"][_key(mode, guide)]))
                 report.append(case)
     if rank == 0:
         out.write_text(json.dumps(report))
@@ -216,10 +248,14 @@ def test_loss_and_grads_match_single_rank(reference_file: Path, tmp_path: Path, 
     run_on_ranks(partial(_layouts, reference_file=reference_file, layouts=layouts, out=report_file), world, tmp_path)
     report = json.loads(report_file.read_text())
     units = {(True, False): 3, (False, False): 2, (True, True): 1, (False, True): 1}  # (dp == 1, vpp) -> cases
-    expected = sum(2 * len(AGGREGATION_MODES) * units[world == tp * pp, bool(vpp)] for tp, pp, vpp in layouts)
+    guide_cases = {False: 2 * len(GUIDE_MODES) * 2, True: 2 * len(GUIDE_MODES)}  # both loss paths per mb count
+    expected = sum(2 * len(AGGREGATION_MODES) * units[world == tp * pp, bool(vpp)] + guide_cases[bool(vpp)]
+                   for tp, pp, vpp in layouts)  # fmt: skip
     assert len(report) == expected
     worst_split = max(r["split_err"] for r in report)
-    assert worst_split <= SPLIT_TOLERANCE, "; ".join(str(list(r.values())) for r in report if r["split_err"] > SPLIT_TOLERANCE)
+    assert worst_split <= SPLIT_TOLERANCE, "; ".join(
+        str(list(r.values())) for r in report if r["split_err"] > SPLIT_TOLERANCE
+    )
     worst_plain = max(r["plain_err"] for r in report)
     print(f"{len(report)} cases: worst relative error vs one rank {worst_split:.1e}, vs plain fp64 {worst_plain:.1e}")
     assert worst_plain <= PLAIN_TOLERANCE, [r for r in report if r["plain_err"] > PLAIN_TOLERANCE][:3]

@@ -78,34 +78,54 @@ def _trainer_ranks(rank: int, world: int, hf_dir: Path, preset: Path, out: Path)
         out.write_text(json.dumps({"metrics": state.metrics, "changed": changed, "skipped": state.skipped_updates}))
 
 
+def _rare_first_token(token_ids: list[list[int]], answers: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """A scorer most groups fail entirely (first token divisible by 8): zero-reward groups for the guide."""
+    correct = torch.tensor([bool(t) and t[0] % 8 == 0 for t in token_ids])
+    return correct.float() * 2 - 1, correct
+
+
 def _other_presets_ranks(rank: int, world: int, hf_dir: Path, presets: Path, out: Path) -> None:
+    from megatron_hapo.rollout.vllm_engine import VLLMConfig, VLLMEngine
     from megatron_hapo.trainer.step import StepState, rl_step, worker_scorer
 
     actor, engine, workers = _setup(rank, hf_dir)
     prompts = [[5, 6, 7], [8, 9, 10], [11, 12], [13, 14, 15, 16]]
     results = {}
-    for name in ("grpo", "gtpo", "grpo_s", "mixed_dapo"):
-        try:
-            metrics = rl_step(actor, engine, worker_scorer(workers), prompts=prompts, answers=[0, 1, 0, 1],
-                              config=_config(presets / f"{name}.yaml", []), state=StepState())  # fmt: skip
-            results[name] = {"loss": metrics["loss"], "probe": metrics["sync_probe_error"]}
-        except NotImplementedError as exc:
-            results[name] = {"refused": str(exc)}
+    for name in ("grpo", "gtpo", "grpo_s"):
+        metrics = rl_step(actor, engine, worker_scorer(workers), prompts=prompts, answers=[0, 1, 0, 1],
+                          config=_config(presets / f"{name}.yaml", []), state=StepState())  # fmt: skip
+        results[name] = {"loss": metrics["loss"], "probe": metrics["sync_probe_error"]}
+    mixed = _config(presets / "mixed_dapo.yaml", [f"algo.guide_policy.model_path={hf_dir}"])
+    try:
+        rl_step(actor, engine, _rare_first_token, prompts=prompts, answers=[0] * 4, config=mixed, state=StepState())
+    except ValueError as exc:
+        results["refused_without_guide"] = str(exc)
+    # the frozen guide: its own engine on the initial weights (the policy has moved on by three updates)
+    guide = VLLMEngine(hf_dir, VLLMConfig(tensor_parallel_size=2, max_model_len=64, max_num_seqs=16, dtype="float32"))
+    prompts = [[5 + i, 6, 7 + i] for i in range(8)]
+    results["mixed_dapo"] = rl_step(actor, engine, _rare_first_token, prompts=prompts, answers=[0] * 8, config=mixed,
+                                    state=StepState(), guide_engine=guide)  # fmt: skip
+    guide.close()
     workers.close()
     engine.close()
     if rank == 0:
         out.write_text(json.dumps(results))
 
 
-def test_other_presets_take_a_step_and_mixed_policy_is_refused_up_front(tiny_llama: Path, tmp_path: Path,  # noqa: F811
+def test_other_presets_take_a_step_and_mixed_policy_routes_to_its_guide(tiny_llama: Path, tmp_path: Path,  # noqa: F811
                                                                          repo_root: Path) -> None:  # fmt: skip
     report = tmp_path / "report.json"
     run_on_ranks(partial(_other_presets_ranks, hf_dir=tiny_llama, presets=repo_root / "configs" / "algo", out=report),
                  2, tmp_path / "ranks")  # fmt: skip
     results = json.loads(report.read_text())
+    print(json.dumps(results, indent=1))
     for name in ("grpo", "gtpo", "grpo_s"):
         assert math.isfinite(results[name]["loss"]) and results[name]["probe"] <= 1e-4, (name, results[name])
-    assert "guide-policy" in results["mixed_dapo"]["refused"], results["mixed_dapo"]
+    assert "needs a guide engine" in results["refused_without_guide"], results
+    mixed = results["mixed_dapo"]
+    assert mixed["guide_groups"] >= 1 and 0 <= mixed["guide_accuracy"] <= 1, mixed
+    assert mixed["optimizer_steps"] >= 1 and math.isfinite(mixed["loss"]) and mixed["sync_probe_error"] <= 1e-4, mixed
+    assert "guide_clip_frac" in mixed and math.isfinite(mixed["guide_ratio_mean"]), mixed
 
 
 @pytest.mark.parametrize("preset", ["hapo", "dapo"])

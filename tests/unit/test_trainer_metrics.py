@@ -36,3 +36,40 @@ def test_metrics_are_written_as_jsonl_and_tensorboard(tmp_path: Path) -> None:
     assert any((tmp_path / "tensorboard").iterdir())
     MetricsWriter(tmp_path / "off", enabled=False).write(0, {"loss": 1.0})
     assert not (tmp_path / "off").exists()
+
+
+def test_loss_metrics_weigh_micro_batches_by_their_tokens_and_skip_empty_ones():
+    import torch
+
+    from megatron_hapo.trainer.metrics import reduce_loss_metrics
+
+    def mb(tokens: int, clip: float, rmax: float, guide_tokens: int = 0, **extra: float) -> dict:
+        out = {"loss_share": torch.tensor(0.5), "entropy_sum": torch.tensor(2.0 * tokens),
+               "num_tokens": torch.tensor(tokens), "clip_frac": torch.tensor(clip),
+               "ratio_max": torch.tensor(rmax)}  # fmt: skip
+        if guide_tokens:
+            out.update(guide_num_tokens=torch.tensor(guide_tokens), guide_clip_frac=torch.tensor(extra["guide"]))
+        return out
+
+    out = reduce_loss_metrics([mb(30, 0.1, 1.5), mb(10, 0.5, 2.5, guide_tokens=4, guide=0.25), mb(0, 0.0, 9.0)])
+    assert out["loss"] == 1.5 and out["entropy_mean"] == 2.0
+    assert abs(out["clip_frac"] - (30 * 0.1 + 10 * 0.5) / 40) < 1e-7  # token-weighted; the empty one left out
+    assert out["ratio_max"] == 2.5 and out["guide_clip_frac"] == 0.25
+    only_guide = reduce_loss_metrics([mb(0, 0.0, 1.0, guide_tokens=8, guide=0.5)])
+    assert "clip_frac" not in only_guide and only_guide["guide_clip_frac"] == 0.5
+
+
+def test_phase_clock_splits_the_step_time():
+    import time
+
+    from megatron_hapo.trainer.metrics import PhaseClock
+
+    clock = PhaseClock()
+    with clock("generate"):
+        time.sleep(0.02)
+    with clock("train"):
+        time.sleep(0.01)
+    out = clock.metrics(response_tokens=100, total_tokens=300)
+    assert out["time_generate"] >= 0.02 and out["time_train"] >= 0.01
+    assert out["time_step"] >= out["time_generate"] + out["time_train"]
+    assert out["rollout_tokens_per_second"] <= 100 / 0.02 and out["tokens_per_second"] <= 300 / 0.03

@@ -1,0 +1,79 @@
+"""Mixed-policy DAPO in the trainer: zero-reward groups are routed to a frozen guide policy's own engine.
+
+Our reading of the abstract (docs/ALGORITHMS.md, ambiguity M1): the prompts whose on-policy responses are all
+wrong (the groups dynamic sampling drops) are answered again by the guide engine, ``n`` responses each. Those
+responses are scored by the same verifier, shaped like on-policy ones, and get GRPO advantages within their
+own group. They enter the update as extra sequences flagged ``guide_rows``: the loss applies the guide term
+(ratio ``pi_theta / pi_phi``, the guide's log-probs from its engine) to them, weighted by
+``algo.guide_policy.weight``. The guide's weights never change, so it is never synced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from megatron_hapo.algos import grpo_advantages, shape_rewards, zero_reward_groups
+from megatron_hapo.rollout.engine import RolloutEngine, SamplingSettings
+from megatron_hapo.trainer.batch import PackedRollout, pack_rollout, position_view
+
+#: Offset of the guide engine's request seeds from the policy's (so the two never draw the same stream).
+GUIDE_SEED_OFFSET = 500_009
+
+
+@dataclass
+class GuideRollout:
+    """The guide policy's responses to the routed prompts."""
+
+    packed: PackedRollout
+    """``M = routed x n`` sequences; ``rollout_log_prob`` holds the guide's log-probs ``pi_phi``."""
+    advantages: torch.Tensor
+    """``[M, S]`` GRPO advantages within each routed group, at the response positions."""
+    routed_prompts: torch.Tensor
+    """``[routed]`` indices of the routed prompts in the step's prompt list."""
+    correct: torch.Tensor
+    """``[M]`` bool verifier outcome of each guide response."""
+
+
+def check_guide_setup(algo: Any, guide_engine: RolloutEngine | None) -> None:
+    """Refuse a guide-policy algorithm without a guide engine (before a rollout is spent)."""
+    if algo.guide_policy.kind != "none" and guide_engine is None:
+        raise ValueError(
+            f"algo.guide_policy.kind={algo.guide_policy.kind} needs a guide engine serving the frozen guide policy "
+            "(algo.guide_policy.model_path); pass guide_engine= or set algo.guide_policy.kind=none"
+        )
+
+
+def guide_rollout(engine: RolloutEngine | None, score: Any, *, prompts: Sequence[list[int]],
+                  answers: Sequence[Any], correct: torch.Tensor, n: int, sampling: SamplingSettings,
+                  config: Any) -> GuideRollout | None:  # fmt: skip
+    """Answer the zero-reward groups of this step with the guide engine (``None``: nothing routed or no guide).
+
+    Args:
+        correct: ``[P * n]`` bool outcomes of the on-policy responses, grouped by prompt.
+        sampling: the step's sampling settings; the guide samples at the fixed temperature (no adaptive
+            statistics) with its own seeds.
+    """
+    algo = config.algo
+    cfg = algo.guide_policy
+    if cfg.kind == "none" or not cfg.route_zero_reward_groups or engine is None:
+        return None
+    group_ids = torch.arange(len(prompts)).repeat_interleave(n)
+    routed = zero_reward_groups(correct, group_ids).view(-1, n)[:, 0].nonzero().flatten()
+    if routed.numel() == 0:
+        return None
+    seed = None if sampling.seed is None else sampling.seed + GUIDE_SEED_OFFSET
+    guide_sampling = dataclasses.replace(sampling, adaptive_tau=None, seed=seed)
+    routed_prompts = [prompts[i] for i in routed.tolist()]
+    responses = engine.generate(routed_prompts, n, guide_sampling, None)
+    max_length = config.rollout.max_response_length
+    packed = pack_rollout(routed_prompts, responses, pad_id=0, max_response_length=max_length)
+    routed_answers = [answers[i] for i in routed.repeat_interleave(n).tolist()]
+    rewards, guide_correct = score([r.token_ids for r in responses], routed_answers)
+    shaped = shape_rewards(algo, rewards, packed.response_mask.sum(-1), max_length=max_length)
+    advantages = grpo_advantages(shaped, torch.arange(len(routed)).repeat_interleave(n))
+    return GuideRollout(packed, position_view(packed, advantages), routed, guide_correct.bool())
