@@ -1,13 +1,17 @@
-"""The whole RL stack on a CPU: a tiny Llama learns a synthetic verifiable task with real Megatron and real vLLM.
+"""The whole RL stack on a CPU: a tiny Llama learns modular addition with real Megatron and real vLLM.
 
-    .venv/bin/python -m megatron_hapo.rl_demo [--presets hapo dapo] [--steps 30] [--tp 2]
+    .venv/bin/python -m megatron_hapo.rl_demo [--presets hapo dapo] [--steps 80] [--warmup-steps 15] [--tp 2]
+
+The task (``rewards.synthetic.modular_sum_prompts``): the prompt is ``a + b =`` over ten digit tokens, the
+answer the digit of ``(a + b) mod 10``; a response is right when its first token is that digit. A random model
+is right about 0.2 % of the time, so, as in the usual recipe, a short supervised warm-up on reference answers
+comes first (``trainer.warmup``): it lifts the accuracy to where groups have mixed rewards.
 
 For each preset: two gloo ranks hold a Megatron GPT at TP2 (Megatron DDP + Adam) and a colocated vLLM engine at
-rollout TP2. Every step generates groups of responses, scores them in verifier worker processes, computes
-advantages, updates the model and pushes the weights into vLLM with a verified sync (``trainer.loop.train``).
-The task: start the answer with an even token id (``rewards.synthetic.first_token_parity`` with answer 0); a
-random model is right about half of the time, so every group has mixed rewards from the first step.
-It ends with a table of the accuracy at the start and the end of training per preset, and draws both runs'
+rollout TP2. Both presets start from the same warm-up (same seed). Every RL step generates groups of responses,
+scores them in verifier worker processes, computes advantages, updates the model and pushes the weights into vLLM
+with a verified sync (``trainer.loop.train``); avg@8 / pass@8 on all 100 prompts are measured every 10 steps.
+It ends with a table of the accuracy after the warm-up and at the end of RL per preset, and draws both runs'
 curves into ``RUN_DIR/curves.png`` (metrics in ``RUN_DIR/<preset>/metrics.jsonl``; default ``runs/rl_demo``).
 """
 
@@ -23,6 +27,7 @@ import torch
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "algo"
 VOCAB = 512
+EOS = 2
 
 
 def _tiny_llama(path: Path) -> None:
@@ -30,16 +35,19 @@ def _tiny_llama(path: Path) -> None:
 
     config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                                      eos_token_id=2, bos_token_id=1)  # fmt: skip
+                                      eos_token_id=EOS, bos_token_id=1)  # fmt: skip
     config.architectures = ["LlamaForCausalLM"]
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).float().save_pretrained(path, safe_serialization=True)
 
 
-def _prompts(count: int, seed: int) -> tuple[list[list[int]], list[int]]:
-    gen = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(3, VOCAB, (6,), generator=gen).tolist() for _ in range(count)]
-    return prompts, [0] * count  # answer with an even token: learnable in a few dozen steps from random weights
+def _all_sums(max_addend: int) -> tuple[list[list[int]], list[int]]:
+    """Every distinct prompt of the task (the evaluation set)."""
+    from megatron_hapo.rewards.synthetic import DIGIT_TOKENS, EQUALS_TOKEN, PLUS_TOKEN  # noqa: PLC0415
+
+    pairs = [(a, b) for a in range(10) for b in range(max_addend + 1)]
+    prompts = [[DIGIT_TOKENS[a], PLUS_TOKEN, DIGIT_TOKENS[b], EQUALS_TOKEN] for a, b in pairs]
+    return prompts, [DIGIT_TOKENS[(a + b) % 10] for a, b in pairs]
 
 
 def _rank(rank: int, world: int, args: argparse.Namespace, preset: str, dirs: tuple[Path, Path]) -> None:
@@ -50,18 +58,20 @@ def _rank(rank: int, world: int, args: argparse.Namespace, preset: str, dirs: tu
     from megatron_hapo.models import HFCheckpoint, build_gpt, load_hf_weights, read_decoder_spec  # noqa: PLC0415
     from megatron_hapo.parallel import megatron_cpu  # noqa: PLC0415
     from megatron_hapo.parallel.policy_loss import ParallelGroups  # noqa: PLC0415
-    from megatron_hapo.rewards import RewardWorkers, first_token_parity  # noqa: PLC0415
+    from megatron_hapo.rewards import RewardWorkers, first_token_equals, modular_sum_prompts  # noqa: PLC0415
     from megatron_hapo.rollout.vllm_engine import VLLMConfig, VLLMEngine  # noqa: PLC0415
     from megatron_hapo.rollout.weight_sync import build_sync_plan  # noqa: PLC0415
+    from megatron_hapo.trainer.evaluation import EvalSettings  # noqa: PLC0415
     from megatron_hapo.trainer.loop import LoopSettings, train  # noqa: PLC0415
     from megatron_hapo.trainer.step import Actor, worker_scorer  # noqa: PLC0415
+    from megatron_hapo.trainer.warmup import supervised_warmup  # noqa: PLC0415
 
     model_dir, run_dir = dirs
     megatron_cpu.quiet_logs()
     megatron_cpu.initialize_model_parallel(world, 1, seed=args.seed)
     config = load_config(PRESET_DIR / f"{preset}.yaml", [
         "rollout.num_samples_per_prompt=8", "rollout.max_response_length=4", "algo.reward_shaping.buffer_length=2",
-        "train.prompts_per_step=8", "train.mini_batch_prompts=4", f"train.total_steps={args.steps}",
+        "train.prompts_per_step=16", "train.mini_batch_prompts=8", f"train.total_steps={args.steps}",
         f"train.seed={args.seed}", f"optim.lr={args.lr}", "optim.warmup_steps=0", "optim.weight_decay=0",
     ])  # fmt: skip
     spec = read_decoder_spec(model_dir)
@@ -74,10 +84,19 @@ def _rank(rank: int, world: int, args: argparse.Namespace, preset: str, dirs: tu
                                               dtype="float32"))  # fmt: skip
     actor = Actor(chunks, optimizer, spec, groups, build_sync_plan(chunks, spec, groups, bucket_bytes=2**22),
                   probe=[5, 17, 99, 300, 7, 11, 12], micro_batch_size=16)  # fmt: skip
-    workers = RewardWorkers(first_token_parity, workers=1, timeout_s=30.0, failure_value=(-1.0, False))
-    prompts, answers = _prompts(256, args.seed)
+    workers = RewardWorkers(first_token_equals, workers=1, timeout_s=30.0, failure_value=(-1.0, False))
+    prompts, answers = modular_sum_prompts(256, args.seed, max_addend=args.max_addend)
+    eval_prompts, eval_answers = _all_sums(args.max_addend)
+    settings = LoopSettings(run_dir, eval_interval=10, eval_settings=EvalSettings(max_tokens=4))
     try:
-        train(actor, engine, worker_scorer(workers), config, LoopSettings(run_dir), prompts=prompts, answers=answers)
+        examples = [(p, [a, EOS]) for p, a in zip(prompts, answers, strict=True)]
+        nll = supervised_warmup(actor, engine, examples, steps=args.warmup_steps, batch_size=32, lr=args.warmup_lr,
+                                seed=args.seed)  # fmt: skip
+        if rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "warmup.json").write_text(json.dumps({"nll": nll}))
+        train(actor, engine, worker_scorer(workers), config, settings, prompts=prompts, answers=answers,
+              eval_prompts=eval_prompts, eval_answers=eval_answers)  # fmt: skip
     finally:
         workers.close()
         engine.close()
@@ -99,9 +118,12 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["hapo", "dapo"])
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=80, help="RL steps per preset")
+    parser.add_argument("--warmup-steps", type=int, default=15, help="supervised warm-up steps (32 examples each)")
+    parser.add_argument("--warmup-lr", type=float, default=2e-3)
+    parser.add_argument("--max-addend", type=int, default=1, help="b in a + b = ranges over 0..max_addend")
     parser.add_argument("--tp", type=int, default=2, help="ranks (Megatron TP and vLLM TP)")
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--run-dir", type=Path, default=Path("runs/rl_demo"),
                         help="metrics per preset and curves.png go here")  # fmt: skip

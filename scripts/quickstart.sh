@@ -4,8 +4,9 @@
 #      megatron_hapo.algos code path (extra arguments go here, e.g. `configs/algo/hapo.yaml --steps 60`);
 #   2. the Megatron self-check: a tiny Megatron-Core GPT, tensor-parallel over 2 gloo ranks, learns the same
 #      task with HAPO through get_forward_backward_func and the vocabulary-parallel loss;
-#   3. the RL demo: HAPO and DAPO side by side through the whole stack (Megatron TP2, a colocated vLLM engine,
-#      verifier workers, verified weight sync) on a synthetic verifiable task; skipped when vLLM is absent.
+#   3. the RL demo: a short supervised warm-up, then HAPO and DAPO side by side through the whole stack (Megatron
+#      TP2, a colocated vLLM engine, verifier workers, verified weight sync) on a synthetic verifiable task
+#      (modular addition); a summary table and runs/rl_demo/curves.png; skipped when vLLM is absent.
 set -euo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$repo_root/scripts/setup_venv.sh"

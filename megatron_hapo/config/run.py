@@ -1,11 +1,11 @@
-"""Run-level configuration: rollout shape, optimizer and batch layout (spec 2.7 defaults).
-
-Later components (model, parallel layout, data, checkpointing) add their own dataclasses beside these.
-"""
+"""Run-level configuration: rollout shape, optimizer, batch layout (spec 2.7 defaults), and for the trainer
+entry point (``python -m megatron_hapo.train``) the model and its parallel layout, the data, the rollout engine
+and the run's outputs."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from megatron_hapo.config.algo import AlgoConfig
 
@@ -55,6 +55,82 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    """The policy model and the trainer's parallel layout."""
+
+    path: str | None = None
+    """HF checkpoint directory (weights, config, tokenizer); the trainer entry point requires it."""
+    tensor_parallel: int = 1
+    """Megatron tensor-parallel size (divides the world size with ``pipeline_parallel``; the rest is DP)."""
+    pipeline_parallel: int = 1
+    """Megatron pipeline-parallel size."""
+    virtual_pipeline: int | None = None
+    """Virtual pipeline stages per rank (interleaved schedule), or null."""
+    micro_batch_size: int = 4
+    """Sequences per micro-batch in the trainer's forward / backward."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Trainer parameter / compute dtype (Megatron keeps float32 main parameters for the optimizer)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    """Prompt files and how their answers are verified."""
+
+    train_file: str | None = None
+    """Training prompts: DAPO-Math-17k ``.parquet`` layout or ``.jsonl`` (required by the trainer entry point)."""
+    eval_file: str | None = None
+    """Evaluation prompts (AIME-format ``.parquet`` / ``.jsonl``), or null for no evaluation."""
+    prompt_key: str = "prompt"
+    """Dotted key of the chat-format prompt (a list of ``{role, content}`` messages, or a plain string)."""
+    answer_key: str = "reward_model.ground_truth"
+    """Dotted key of the ground-truth answer."""
+    bad_rows: Literal["error", "skip"] = "error"
+    """A malformed row stops with its file and row (``error``) or is skipped and counted (``skip``)."""
+    reward: Literal["dapo_math", "boxed_math"] = "dapo_math"
+    """Verifier: DAPO's last ``Answer:`` line, or the last ``\\boxed{}``."""
+    math_verify: bool = False
+    """Fall back to ``math-verify`` (when installed) for answers that do not match after normalisation."""
+
+
+@dataclass(kw_only=True, slots=True)
+class EngineConfig:
+    """The colocated vLLM rollout engine."""
+
+    tensor_parallel: int = 1
+    """Ranks per engine (consecutive ranks; independent of the trainer's layout)."""
+    max_num_seqs: int = 256
+    """Sequences decoded together."""
+    gpu_memory_utilization: float = 0.5
+    """Share of GPU memory for the engine's weights and KV cache."""
+    cpu_kv_cache_gib: int = 1
+    """KV cache per engine on CPU, in GiB."""
+    dtype: str = "auto"
+    """Engine dtype (``auto``: the trainer's ``model.dtype``, so that the sync can be verified tightly)."""
+    sync_tolerance: float = 1e-3
+    """Largest |log-prob difference| between engine and trainer on the probe after a sync (bf16: about 5e-2)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class OutputConfig:
+    """Where a run writes, how often it evaluates and saves, and its verifier workers."""
+
+    dir: str = "runs/default"
+    """Run directory: metrics.jsonl, TensorBoard events, checkpoints/, eval_summary.json."""
+    eval_interval: int = 0
+    """Evaluate every this many steps (0: only at the end; needs ``data.eval_file``)."""
+    save_interval: int = 0
+    """Checkpoint every this many steps (0: only at the end)."""
+    eval_k: int = 8
+    """Samples per evaluation prompt (avg@k, pass@k; paper: 8 at T = 0.5, top-p 0.7)."""
+    reward_workers: int = 4
+    """Verifier worker processes."""
+    reward_timeout_s: float = 10.0
+    """Per-response verification time limit; a timeout scores the response as wrong and is counted."""
+    wandb_project: str | None = None
+    """Also log to this Weights & Biases project (when wandb is installed)."""
+
+
+@dataclass(kw_only=True, slots=True)
 class Config:
     """The whole resolved configuration of a run."""
 
@@ -66,3 +142,11 @@ class Config:
     """Optimizer."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Batch layout and length of training."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Policy model and trainer parallel layout (trainer entry point)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Prompt data and verifier (trainer entry point)."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """Rollout engine (trainer entry point)."""
+    output: OutputConfig = field(default_factory=OutputConfig)
+    """Run directory, evaluation and checkpoint intervals, verifier workers (trainer entry point)."""

@@ -328,12 +328,36 @@ class PolicyLossStep:
                                       eps_high=cfg.eps_high, dual_clip_c=cfg.dual_clip_c)  # fmt: skip
 
 
+@dataclass(frozen=True)
+class SupervisedStep:
+    """Training step of a supervised warm-up: the token-mean negative log-likelihood of ``targets`` under ``mask``,
+    exact over the mini-batch (``denominator``: its valid tokens over every micro-batch and DP x CP rank)."""
+
+    groups: ParallelGroups
+    denominator: torch.Tensor
+    num_microbatches: int
+    vocab_size: int | None
+
+    def __call__(self, data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
+        batch = next(data_iterator)
+        return _run_model(model, batch), partial(self.loss, batch)
+
+    def loss(self, batch: PolicyMicroBatch, logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        log_prob, _ = _logprob_entropy(batch, logits, self.groups, None, self.vocab_size)
+        _, dp_size = group_rank_size(self.groups.dp)
+        loss = microbatch_loss(-log_prob, batch.mask, "token-mean", denominator=self.denominator,
+                               num_microbatches=self.num_microbatches, dp_size=dp_size)  # fmt: skip
+        share = (-log_prob.detach() * batch.mask).sum() / self.denominator.clamp_min(1e-12)
+        return loss, {"nll_share": share, "num_tokens": batch.mask.sum()}
+
+
 __all__ = [
     "LogProbEntropyStep",
     "MiniBatchPlan",
     "ParallelGroups",
     "PolicyLossStep",
     "PolicyMicroBatch",
+    "SupervisedStep",
     "check_loss_setup",
     "check_pipeline_schedule",
     "plan_minibatch",

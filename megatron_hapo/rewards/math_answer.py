@@ -99,3 +99,13 @@ def boxed_math_score(response: str, ground_truth: str, *, math_verify: bool = Fa
     boxed = last_boxed(response)
     truth = last_boxed(ground_truth) or ground_truth
     return _judge(normalize_answer(boxed) if boxed is not None else "[INVALID]", truth, math_verify=math_verify)
+
+
+def math_reward(response: str, ground_truth: str, rule: str = "dapo_math",
+                math_verify: bool = False) -> tuple[float, bool]:  # fmt: skip
+    """``(reward, correct)`` of one response under ``rule`` (``dapo_math`` or ``boxed_math``); a worker function."""
+    rules = {"dapo_math": dapo_math_score, "boxed_math": boxed_math_score}
+    if rule not in rules:
+        raise ValueError(f"unknown reward rule {rule!r}; valid: {', '.join(rules)}")
+    score = rules[rule](response, ground_truth, math_verify=math_verify)
+    return score.score, score.correct

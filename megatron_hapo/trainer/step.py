@@ -229,7 +229,7 @@ def rl_step(actor: Actor, engine: RolloutEngine, score: Scorer, *, prompts: Sequ
             metrics.update(_updates(actor, config, batch, n, stats))
         state.skipped_updates += int(metrics["updates_skipped"])
         with clock("sync"):
-            metrics.update(_sync(actor, engine))
+            metrics.update(sync_and_verify(actor, engine))
     total_tokens = sum(len(prompts[r.prompt_index]) + len(r.token_ids) for r in responses)
     metrics.update(clock.metrics(response_tokens=int(lengths.sum()), total_tokens=total_tokens))
     state.stats, state.step = stats, state.step + 1
@@ -254,7 +254,7 @@ def _with_guide(batch: UpdateBatch, guide: GuideRollout | None) -> UpdateBatch:
     )
 
 
-def _sync(actor: Actor, engine: RolloutEngine) -> dict:
+def sync_and_verify(actor: Actor, engine: RolloutEngine) -> dict:
     """Push the updated weights into the engine and verify them (raises ``WeightSyncError`` on a mismatch)."""
     report = sync_weights(engine, actor.chunks, actor.spec, actor.sync_plan, actor.groups)
     error = verify_sync(engine, actor.chunks, actor.groups, actor.probe, vocab_size=actor.spec.vocab_size,

@@ -1,0 +1,195 @@
+"""The trainer entry point: a model, a prompt dataset with answers and a preset -> token-aware RL end to end.
+
+    python -m megatron_hapo.train CONFIG [key=value ...] [--local-ranks N]
+
+Under ``torchrun`` or ``srun`` (``RANK`` / ``WORLD_SIZE`` / ``MASTER_ADDR`` set) every rank joins the job's
+process group (NCCL on GPUs, gloo on CPU). Without them, ``--local-ranks N`` starts N gloo ranks on this
+machine. Each rank builds its Megatron share of ``model.path`` (``model.tensor_parallel`` x
+``model.pipeline_parallel``; the rest is data parallel), a colocated vLLM engine (``engine.*``), verifier
+workers (``data.reward``), reads and chat-templates ``data.train_file`` / ``data.eval_file``, and runs
+``trainer.loop.train``: metrics, evaluations and checkpoints go to ``output.dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger("megatron_hapo.train")
+
+
+def _check_paths(config: Any) -> None:
+    """Refuse a run without its model or data before any rank starts (each error names the key)."""
+    if not config.model.path or not (Path(config.model.path) / "config.json").is_file():
+        raise SystemExit(f"model.path={config.model.path!r}: not an HF checkpoint directory (config.json missing)")
+    if not config.data.train_file:
+        raise SystemExit("data.train_file is not set: a .parquet or .jsonl prompt file")
+    guide = config.algo.guide_policy
+    if guide.kind != "none" and not (guide.model_path and (Path(guide.model_path) / "config.json").is_file()):
+        raise SystemExit(f"algo.guide_policy.model_path={guide.model_path!r}: the guide policy's HF checkpoint")
+    for key in ("train_file", "eval_file"):
+        path = getattr(config.data, key)
+        if path and not Path(path).is_file():
+            raise SystemExit(f"data.{key}={path!r}: no such file")
+
+
+@dataclass
+class TextScorer:
+    """A trainer scorer over decoded text: token ids -> text (tokenizer) -> verifier workers."""
+
+    tokenizer: Any
+    workers: Any
+
+    def __call__(self, token_ids: list[list[int]], answers: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        texts = self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
+        outcomes = self.workers.map(list(zip(texts, answers, strict=True)))
+        values = [o.value if o.status == "ok" else (-1.0, False) for o in outcomes]
+        return torch.tensor([v[0] for v in values]), torch.tensor([v[1] for v in values])
+
+
+def _prompts(config: Any, tokenizer: Any, path: str | None) -> tuple[list[list[int]], list[str]]:
+    from megatron_hapo.data import encode_prompts, read_prompts  # noqa: PLC0415
+
+    if not path:
+        return [], []
+    data = config.data
+    read = read_prompts(path, prompt_key=data.prompt_key, answer_key=data.answer_key, bad_rows=data.bad_rows)
+    encoded = encode_prompts(read.examples, tokenizer, max_prompt_length=config.rollout.max_prompt_length)
+    logger.info("%s: %d prompts, %d malformed rows skipped, %d over rollout.max_prompt_length dropped", path,
+                len(encoded.token_ids), len(read.skipped), encoded.dropped_too_long)  # fmt: skip
+    return encoded.token_ids, [e.answer for e in encoded.examples]
+
+
+def _actor(config: Any) -> Any:
+    """The Megatron model of ``model.path`` for this rank's layout, its optimizer and the sync plan."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: PLC0415
+
+    from megatron_hapo.models import HFCheckpoint, build_gpt, load_hf_weights, read_decoder_spec  # noqa: PLC0415
+    from megatron_hapo.parallel.policy_loss import ParallelGroups  # noqa: PLC0415
+    from megatron_hapo.rollout.weight_sync import build_sync_plan  # noqa: PLC0415
+    from megatron_hapo.trainer.step import Actor  # noqa: PLC0415
+
+    model, optim = config.model, config.optim
+    spec = read_decoder_spec(model.path)
+    dtype = getattr(torch, model.dtype)
+    p2p = {"batch_p2p_comm": False} if model.virtual_pipeline else {}  # see parallel.check_pipeline_schedule
+    chunks = build_gpt(spec, ddp=True, dtype=dtype, bf16=dtype == torch.bfloat16, **p2p)
+    groups = ParallelGroups.from_megatron()
+    tp_rank = dist.get_rank(groups.tp) if groups.tp is not None else 0
+    load_hf_weights(chunks, spec, HFCheckpoint(model.path).__getitem__, tp_rank=tp_rank, tp_size=model.tensor_parallel)
+    optimizer = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=optim.lr, weight_decay=optim.weight_decay, clip_grad=optim.grad_clip,
+        adam_beta1=optim.betas[0], adam_beta2=optim.betas[1], params_dtype=dtype, bf16=dtype == torch.bfloat16,
+    ), chunks)  # fmt: skip
+    plan = build_sync_plan(chunks, spec, groups, bucket_bytes=512 * 2**20)
+    return Actor(chunks, optimizer, spec, groups, plan, probe=[], micro_batch_size=model.micro_batch_size,
+                 sync_tolerance=config.engine.sync_tolerance)  # fmt: skip
+
+
+def _setup_logging(rank: int) -> None:
+    """megatron_hapo's INFO messages on rank 0 (warnings on every rank), in each rank's own process."""
+    package = logging.getLogger("megatron_hapo")
+    if not package.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s [rank %(rank)s]: %(message)s",
+                                               defaults={"rank": rank}))  # fmt: skip
+        package.addHandler(handler)
+    package.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    package.propagate = False
+
+
+def _rank(rank: int, world: int, config: Any) -> None:
+    """One rank of the run (the process group exists)."""
+    _setup_logging(rank)
+    import transformers  # noqa: PLC0415
+
+    from megatron_hapo.parallel import megatron_cpu  # noqa: PLC0415
+    from megatron_hapo.rewards import RewardWorkers  # noqa: PLC0415
+    from megatron_hapo.rewards.math_answer import math_reward  # noqa: PLC0415
+    from megatron_hapo.rollout.vllm_engine import VLLMConfig, VLLMEngine  # noqa: PLC0415
+    from megatron_hapo.trainer.evaluation import EvalSettings  # noqa: PLC0415
+    from megatron_hapo.trainer.loop import LoopSettings, train  # noqa: PLC0415
+
+    model, out = config.model, config.output
+    megatron_cpu.quiet_logs()
+    megatron_cpu.initialize_model_parallel(model.tensor_parallel, model.pipeline_parallel, model.virtual_pipeline,
+                                           seed=config.train.seed)  # fmt: skip
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model.path)
+    prompts, answers = _prompts(config, tokenizer, config.data.train_file)
+    eval_prompts, eval_answers = _prompts(config, tokenizer, config.data.eval_file)
+    if not prompts:
+        raise ValueError(f"{config.data.train_file}: no prompt fits rollout.max_prompt_length")
+    actor = _actor(config)
+    actor.probe = prompts[0][:32]
+    engine_cfg = config.engine
+    max_len = config.rollout.max_prompt_length + config.rollout.max_response_length
+    engine = VLLMEngine(model.path, VLLMConfig(
+        tensor_parallel_size=engine_cfg.tensor_parallel, max_model_len=max_len, max_num_seqs=engine_cfg.max_num_seqs,
+        gpu_memory_utilization=engine_cfg.gpu_memory_utilization, cpu_kv_cache_gib=engine_cfg.cpu_kv_cache_gib,
+        dtype=model.dtype if engine_cfg.dtype == "auto" else engine_cfg.dtype, seed=config.train.seed,
+    ))  # fmt: skip
+    guide = None
+    if config.algo.guide_policy.kind != "none":
+        guide = VLLMEngine(config.algo.guide_policy.model_path, engine.config)
+    reward = partial(math_reward, rule=config.data.reward, math_verify=config.data.math_verify)
+    workers = RewardWorkers(reward, workers=out.reward_workers, timeout_s=out.reward_timeout_s,
+                            failure_value=(-1.0, False))  # fmt: skip
+    eval_settings = EvalSettings(k=out.eval_k, max_tokens=config.rollout.max_response_length, seed=config.train.seed)
+    settings = LoopSettings(Path(out.dir), eval_interval=out.eval_interval, save_interval=out.save_interval,
+                            eval_settings=eval_settings)  # fmt: skip
+    try:
+        train(actor, engine, TextScorer(tokenizer, workers), config, settings, prompts=prompts, answers=answers,
+              eval_prompts=eval_prompts, eval_answers=eval_answers, guide_engine=guide)  # fmt: skip
+    finally:
+        workers.close()
+        engine.close()
+        if guide is not None:
+            guide.close()
+
+
+def _joined_rank(config: Any) -> None:
+    """Join the launcher's process group (torchrun / srun environment) and run this rank."""
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    try:
+        _rank(dist.get_rank(), dist.get_world_size(), config)
+    finally:
+        dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from megatron_hapo.config import load_config  # noqa: PLC0415
+    from megatron_hapo.config.loader import to_tree  # noqa: PLC0415
+    from megatron_hapo.parallel.local_launch import run_local_ranks  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", type=Path, help="run or preset YAML (configs/runs/, configs/algo/)")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    parser.add_argument("--local-ranks", type=int, default=1, help="gloo ranks on this machine (no launcher)")
+    args = parser.parse_args(argv)
+    config = load_config(args.config, args.overrides)
+    _check_paths(config)
+    run_dir = Path(config.output.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(to_tree(config), indent=1))
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        _joined_rank(config)
+    else:
+        run_local_ranks(_rank, args.local_ranks, config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Supervised warm-up before RL: a few steps of next-token likelihood on reference answers.
+
+A random or weak model may answer no prompt correctly; then every group has the same reward, every advantage
+is zero and RL cannot start. A short supervised warm-up on reference answers lifts the first rewards above
+zero (the usual "SFT, then RL" recipe). It trains the same Megatron model with the same optimizer through
+``get_forward_backward_func``; the loss is the token-mean negative log-likelihood of the answer tokens, exact
+over the DP / TP / PP / micro-batch split. The engine is synced (and verified) once at the end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from megatron_hapo.parallel.collectives import group_rank_size, objects_from_last_stage
+from megatron_hapo.parallel.policy_loss import SupervisedStep
+from megatron_hapo.parallel.token_mean import global_denominator
+from megatron_hapo.rollout.engine import Response, RolloutEngine
+from megatron_hapo.trainer.batch import PackedRollout, microbatches, pack_rollout
+from megatron_hapo.trainer.step import Actor, sync_and_verify
+
+
+def supervised_warmup(actor: Actor, engine: RolloutEngine | None, examples: Sequence[tuple[list[int], list[int]]],
+                      *, steps: int, batch_size: int, lr: float, seed: int = 0) -> list[float]:  # fmt: skip
+    """``steps`` optimizer steps on ``(prompt, answer tokens)`` pairs drawn in a seeded order; every rank calls it.
+
+    Returns the mean negative log-likelihood per step (the same on every rank). The optimizer's learning rate is
+    set to ``lr`` for the warm-up; the RL loop sets its own afterwards.
+    """
+    if not examples or steps <= 0:
+        raise ValueError(f"the warm-up needs examples and steps > 0, got {len(examples)} examples, {steps} steps")
+    for group in actor.optimizer.param_groups:
+        group["lr"] = lr
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    width = max(len(answer) for _, answer in examples)
+    losses = []
+    for step in range(steps):
+        picked = [examples[order[(step * batch_size + i) % len(order)]] for i in range(batch_size)]
+        responses = [Response(prompt_index=i, token_ids=list(answer), log_probs=torch.zeros(len(answer)),
+                              finish_reason="stop") for i, (_, answer) in enumerate(picked)]  # fmt: skip
+        packed = pack_rollout([p for p, _ in picked], responses, pad_id=0, max_response_length=width)
+        losses.append(_supervised_update(actor, packed))
+    if engine is not None:
+        sync_and_verify(actor, engine)
+    return losses
+
+
+def _supervised_update(actor: Actor, packed: PackedRollout) -> float:
+    """One optimizer step on this DP rank's share of ``packed``; returns the mini-batch's mean NLL."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: PLC0415
+
+    dp_rank, dp_size = group_rank_size(actor.groups.dp)
+    rows = torch.arange(packed.num_sequences)
+    local = rows.tensor_split(dp_size)[dp_rank]
+    mbs = microbatches(packed, local if len(local) else rows[:1], actor.micro_batch_size, all_masked=not len(local))
+    denominator = global_denominator([mb.mask for mb in mbs], "token-mean", dp_group=actor.groups.dp_cp)
+    for chunk in actor.chunks:
+        chunk.zero_grad_buffer()
+    actor.optimizer.zero_grad()
+    step = SupervisedStep(actor.groups, denominator, len(mbs), actor.spec.vocab_size)
+    outputs = get_forward_backward_func()(
+        forward_step_func=step, data_iterator=iter(mbs), model=actor.chunks, num_microbatches=len(mbs),
+        seq_length=packed.tokens.shape[1], micro_batch_size=actor.micro_batch_size, forward_only=False,
+    )  # fmt: skip
+    actor.optimizer.step()
+    local_nll = sum(float(o["nll_share"]) for o in outputs) if outputs else None
+    return float(objects_from_last_stage(local_nll, actor.groups.pp))
