@@ -104,8 +104,9 @@ def train(actor: Actor, engine: Any, score: Scorer, config: Any, settings: LoopS
     writer = MetricsWriter(settings.run_dir, enabled=dist.get_rank() == 0)
     tracker = BestAndFinal(f"avg@{settings.eval_settings.k}")
     total = config.train.total_steps
-    progress = tqdm(total=total, initial=state.step, desc="RL steps", unit="step",
-                    disable=None if dist.get_rank() == 0 else True)  # None: shown on a terminal only
+    progress = tqdm(
+        total=total, initial=state.step, desc="RL steps", unit="step", disable=None if dist.get_rank() == 0 else True
+    )  # None: shown on a terminal only
     try:
         while state.step < total:
             start = state.step * per_step % len(order)
