@@ -103,6 +103,10 @@ def _other_presets_ranks(rank: int, world: int, hf_dir: Path, presets: Path, out
         metrics = rl_step(actor, engine, worker_scorer(workers), prompts=prompts, answers=[0, 1, 0, 1],
                           config=_config(presets / f"{name}.yaml", []), state=StepState())  # fmt: skip
         results[name] = {"loss": metrics["loss"], "probe": metrics["sync_probe_error"]}
+    from megatron_hapo.trainer.warmup import supervised_warmup
+
+    examples = [([5 + i, 6, 7], [40 + i, 2]) for i in range(8)]  # sync verified at the end (raises otherwise)
+    results["warmup_nll"] = supervised_warmup(actor, engine, examples, steps=4, batch_size=8, lr=1e-2)
     mixed = _config(presets / "mixed_dapo.yaml", [f"algo.guide_policy.model_path={hf_dir}"])
     try:
         rl_step(actor, engine, _rare_first_token, prompts=prompts, answers=[0] * 4, config=mixed, state=StepState())
@@ -130,6 +134,8 @@ def test_other_presets_take_a_step_and_mixed_policy_routes_to_its_guide(tiny_lla
     for name in ("grpo", "gtpo", "grpo_s"):
         assert math.isfinite(results[name]["loss"]) and results[name]["probe"] <= 1e-4, (name, results[name])
     assert "needs a guide engine" in results["refused_without_guide"], results
+    nll = results["warmup_nll"]  # the same 8 examples every step: the likelihood must rise
+    assert len(nll) == 4 and nll[-1] < nll[0] - 0.5 and all(math.isfinite(x) for x in nll), nll
     mixed = results["mixed_dapo"]
     assert mixed["guide_groups"] >= 1 and 0 <= mixed["guide_accuracy"] <= 1, mixed
     assert mixed["optimizer_steps"] >= 1 and math.isfinite(mixed["loss"]) and mixed["sync_probe_error"] <= 1e-4, mixed

@@ -61,3 +61,18 @@ def test_workers_survive_hangs_crashes_errors_and_memory_blowups() -> None:
         assert workers.counts == {"ok": 5, "error": 2, "timeout": 1, "crash": 1}
     finally:
         workers.close()
+
+
+def test_modular_sum_task() -> None:
+    from megatron_hapo.rewards import first_token_equals, modular_sum_prompts
+    from megatron_hapo.rewards.synthetic import DIGIT_TOKENS, EQUALS_TOKEN, PLUS_TOKEN
+
+    prompts, answers = modular_sum_prompts(200, seed=3, max_addend=1)
+    assert len(prompts) == len(answers) == 200 and modular_sum_prompts(200, seed=3, max_addend=1) == (prompts, answers)
+    for (a, plus, b, equals), answer in zip(prompts, answers, strict=True):
+        assert (plus, equals) == (PLUS_TOKEN, EQUALS_TOKEN) and DIGIT_TOKENS.index(b) <= 1
+        assert DIGIT_TOKENS.index(answer) == (DIGIT_TOKENS.index(a) + DIGIT_TOKENS.index(b)) % 10
+    every_pair = {(d, PLUS_TOKEN, e, EQUALS_TOKEN) for d in DIGIT_TOKENS for e in DIGIT_TOKENS[:2]}
+    assert {tuple(p) for p in prompts} == every_pair
+    assert first_token_equals([12, 2], 12) == (1.0, True) and first_token_equals([2, 12], 12) == (-1.0, False)
+    assert first_token_equals([], 12) == (-1.0, False)
