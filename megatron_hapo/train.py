@@ -82,8 +82,11 @@ def _actor(config: Any) -> Any:
     model, optim = config.model, config.optim
     spec = read_decoder_spec(model.path)
     dtype = getattr(torch, model.dtype)
-    p2p = {"batch_p2p_comm": False} if model.virtual_pipeline else {}  # see parallel.check_pipeline_schedule
-    chunks = build_gpt(spec, ddp=True, dtype=dtype, bf16=dtype == torch.bfloat16, **p2p)
+    # PP2 x VPP with batched P2P gives wrong gradients (parallel.policy_loss.check_pipeline_schedule)
+    overrides: dict[str, Any] = {"batch_p2p_comm": False} if model.virtual_pipeline else {}
+    if model.recompute == "full":
+        overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    chunks = build_gpt(spec, ddp=True, dtype=dtype, bf16=dtype == torch.bfloat16, **overrides)
     groups = ParallelGroups.from_megatron()
     tp_rank = dist.get_rank(groups.tp) if groups.tp is not None else 0
     load_hf_weights(chunks, spec, HFCheckpoint(model.path).__getitem__, tp_rank=tp_rank, tp_size=model.tensor_parallel)

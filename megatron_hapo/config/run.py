@@ -60,6 +60,8 @@ class ModelConfig:
 
     path: str | None = None
     """HF checkpoint directory (weights, config, tokenizer); the trainer entry point requires it."""
+    config_file: str | None = None
+    """An architecture-only HF ``config.json`` (``configs/models/``) for ``tools/plan.py`` where ``path`` is absent."""
     tensor_parallel: int = 1
     """Megatron tensor-parallel size (divides the world size with ``pipeline_parallel``; the rest is DP)."""
     pipeline_parallel: int = 1
@@ -70,6 +72,8 @@ class ModelConfig:
     """Sequences per micro-batch in the trainer's forward / backward."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Trainer parameter / compute dtype (Megatron keeps float32 main parameters for the optimizer)."""
+    recompute: Literal["none", "full"] = "none"
+    """Activation recomputation: ``full`` keeps only each layer's input and recomputes the layer in backward."""
 
 
 @dataclass(kw_only=True, slots=True)

@@ -62,7 +62,7 @@ def test_train_entry_point_runs_rl_steps(tiny_llama: Path, tmp_path: Path, repo_
         f"data.eval_file={eval_file}", "rollout.num_samples_per_prompt=4",
         "rollout.max_prompt_length=32", "rollout.max_response_length=6", "algo.reward_shaping.buffer_length=2",
         "train.prompts_per_step=4", "train.mini_batch_prompts=2", "train.total_steps=2", "optim.lr=1e-4",
-        "optim.warmup_steps=0", "output.eval_k=2", "output.reward_workers=1", f"output.dir={run_dir}",
+        "optim.warmup_steps=0", "model.recompute=full", "output.eval_k=2", "output.reward_workers=1", f"output.dir={run_dir}",
         "--local-ranks", "2",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]

@@ -1,0 +1,207 @@
+"""Plan a run on a cluster without GPUs: layout checks and per-rank memory for training and rollout.
+
+Parameters are counted exactly from the Megatron layout of the HF architecture (``DecoderSpec``): the
+embedding and output layer split over TP with Megatron's vocabulary padding, transformer layers split over
+PP stages and TP (norms replicated). Memory per GPU, in bytes:
+
+- training (the heaviest pipeline stage): parameters (``model.dtype``), gradients (same dtype, Megatron DDP's
+  default buffer), optimizer state (Adam m and v in float32, plus float32 main parameters when the model is
+  bfloat16; not sharded: the trainer does not use Megatron's distributed optimizer), activations of the
+  micro-batches in flight (1F1B keeps up to ``pp`` on the first stage), and the float32 logits of one
+  micro-batch on the last stage. Per layer and micro-batch of ``s`` tokens, with flash attention and without
+  sequence parallelism, activations take ``s b h (10 + 24 / tp)`` bytes in 16-bit precision (Korthikanti et
+  al., 2022), and ``2 s b h`` with full recomputation (the layer input; one layer is rebuilt at a time).
+- rollout (vLLM, colocated, asleep during training): weights ``/ engine TP`` in 16-bit; the rest of
+  ``engine.gpu_memory_utilization x GPU`` is KV cache, ``2 L kv_heads head_dim`` 16-bit values per token (KV
+  heads split over the engine TP, replicated when TP exceeds them). vLLM schedules as many sequences as the
+  cache holds (up to ``max_num_seqs``), so the plan reports how many full-length sequences fit and fails only
+  when not even one does.
+
+These are estimates of what dominates, not an allocator trace; the report says so and adds a fixed allowance
+for the CUDA context and NCCL buffers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from megatron_hapo.models.hf_config import DecoderSpec
+
+GIB = 2**30
+#: CUDA context, NCCL buffers and allocator slack per GPU (an allowance, not a measurement).
+RUNTIME_RESERVE_BYTES = 3 * GIB
+
+
+@dataclass
+class Layout:
+    """A cluster and the parallel layout of one run."""
+
+    nodes: int
+    gpus_per_node: int
+    tp: int
+    pp: int
+    vpp: int | None
+    engine_tp: int
+
+    @property
+    def world(self) -> int:
+        """GPUs in the job."""
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel replicas of the trainer."""
+        return self.world // (self.tp * self.pp)
+
+
+@dataclass
+class Plan:
+    """What the planner found: errors (the run cannot start), notes, and the memory estimates in bytes."""
+
+    errors: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    training: dict[str, float] = field(default_factory=dict)
+    rollout: dict[str, float] = field(default_factory=dict)
+    params_per_stage: list[int] = field(default_factory=list)
+    total_params: int = 0
+
+
+def layer_params(spec: DecoderSpec, tp: int) -> int:
+    """Parameters of one transformer layer on one TP rank."""
+    h, heads, groups, d = spec.hidden_size, spec.num_attention_heads, spec.num_query_groups, spec.head_dim
+    qkv = h * (heads + 2 * groups) * d + (heads + 2 * groups) * d * spec.qkv_bias
+    attention = (qkv + heads * d * h) // tp
+    mlp = 3 * h * spec.ffn_hidden_size // tp
+    norms = 2 * h + 2 * d * spec.qk_norm  # replicated on every TP rank
+    return attention + mlp + norms
+
+
+def stage_params(spec: DecoderSpec, tp: int, pp: int) -> list[int]:
+    """Parameters per TP rank of each pipeline stage (embedding on the first, final norm + output on the last)."""
+    vocab = spec.padded_vocab_size(tp) * spec.hidden_size // tp
+    per_stage = [spec.num_layers // pp * layer_params(spec, tp) for _ in range(pp)]
+    per_stage[0] += vocab
+    per_stage[-1] += spec.hidden_size + (vocab if (not spec.tie_word_embeddings or pp > 1) else 0)
+    return per_stage
+
+
+def total_params(spec: DecoderSpec) -> int:
+    """Parameters of the unpadded model (as the HF checkpoint counts them)."""
+    embedding = spec.vocab_size * spec.hidden_size
+    output = 0 if spec.tie_word_embeddings else embedding
+    return embedding + output + spec.hidden_size + spec.num_layers * layer_params(spec, 1)
+
+
+def check_layout(spec: DecoderSpec, config: Any, layout: Layout) -> list[str]:
+    """Every divisibility constraint of the trainer and the engine; one message per violation."""
+    errors = []
+    model_parallel = layout.tp * layout.pp
+    if layout.world % model_parallel:
+        errors.append(f"{layout.world} GPUs are not divisible by model.tensor_parallel x model.pipeline_parallel "
+                      f"= {model_parallel}")  # fmt: skip
+    try:
+        spec.check_parallel(tp=layout.tp, pp=layout.pp, vpp=layout.vpp)
+    except ValueError as exc:
+        errors.append(f"trainer layout: {exc}")
+    if layout.vpp and layout.pp == 1:
+        errors.append("model.virtual_pipeline needs model.pipeline_parallel > 1")
+    errors += _batch_errors(config, layout)
+    errors += _engine_errors(spec, config, layout)
+    longest = config.rollout.max_prompt_length + config.rollout.max_response_length
+    if longest > spec.max_position_embeddings:
+        errors.append(f"rollout.max_prompt_length + max_response_length = {longest} exceeds the model's "
+                      f"max_position_embeddings {spec.max_position_embeddings}")  # fmt: skip
+    return errors
+
+
+def _batch_errors(config: Any, layout: Layout) -> list[str]:
+    train, n, mbs = config.train, config.rollout.num_samples_per_prompt, config.model.micro_batch_size
+    errors = []
+    if train.prompts_per_step % train.mini_batch_prompts:
+        errors.append(f"train.mini_batch_prompts={train.mini_batch_prompts} does not divide "
+                      f"train.prompts_per_step={train.prompts_per_step}")  # fmt: skip
+    per_rank = train.mini_batch_prompts * n / max(layout.dp, 1)
+    if per_rank != int(per_rank) or int(per_rank) % mbs:
+        errors.append(f"a mini-batch of {train.mini_batch_prompts} prompts x {n} samples does not split into "
+                      f"micro-batches of {mbs} over {layout.dp} data-parallel ranks")  # fmt: skip
+    elif layout.vpp and int(per_rank) // mbs < layout.pp:
+        errors.append(f"the interleaved schedule needs at least {layout.pp} micro-batches per mini-batch and rank, "
+                      f"got {int(per_rank) // mbs}")  # fmt: skip
+    return errors
+
+
+def _engine_errors(spec: DecoderSpec, config: Any, layout: Layout) -> list[str]:
+    tp = layout.engine_tp
+    errors = []
+    if layout.world % tp:
+        errors.append(f"engine.tensor_parallel={tp} does not divide the {layout.world} GPUs")
+    if tp > layout.gpus_per_node:
+        errors.append(f"engine.tensor_parallel={tp} spans nodes ({layout.gpus_per_node} GPUs per node)")
+    if spec.num_attention_heads % tp:
+        errors.append(f"num_attention_heads={spec.num_attention_heads} is not divisible by engine.tensor_parallel={tp}")
+    groups = spec.num_query_groups
+    if groups % tp and tp % groups:
+        errors.append(f"num_key_value_heads={groups} and engine.tensor_parallel={tp}: one must divide the other")
+    return errors
+
+
+def _activation_bytes(spec: DecoderSpec, config: Any, layout: Layout) -> tuple[float, float]:
+    """``(activations of the micro-batches in flight on the first stage, float32 logits on the last)``."""
+    seq = config.rollout.max_prompt_length + config.rollout.max_response_length
+    mbs, h = config.model.micro_batch_size, spec.hidden_size
+    per_layer = 2 * seq * mbs * h if config.model.recompute == "full" else seq * mbs * h * (10 + 24 / layout.tp)
+    layers = spec.num_layers // layout.pp
+    in_flight = layout.pp
+    rebuilt = seq * mbs * h * (10 + 24 / layout.tp) if config.model.recompute == "full" else 0.0
+    logits = 2 * 4 * seq * mbs * spec.padded_vocab_size(layout.tp) / layout.tp  # logits + softmax, float32
+    return in_flight * layers * per_layer + rebuilt, logits
+
+
+def plan_run(spec: DecoderSpec, config: Any, layout: Layout) -> Plan:
+    """Check the layout and estimate per-GPU memory of training and rollout (see the module docstring)."""
+    plan = Plan(errors=check_layout(spec, config, layout), total_params=total_params(spec))
+    if plan.errors:
+        return plan
+    plan.params_per_stage = stage_params(spec, layout.tp, layout.pp)
+    heaviest = max(plan.params_per_stage)
+    width = 2 if config.model.dtype == "bfloat16" else 4
+    optimizer_width = 8 + (4 if width == 2 else 0)
+    activations, logits = _activation_bytes(spec, config, layout)
+    plan.training = {"parameters": heaviest * width, "gradients": heaviest * width,
+                     "optimizer": heaviest * optimizer_width, "activations": activations, "logits": logits,
+                     "runtime": RUNTIME_RESERVE_BYTES}  # fmt: skip
+    kv_heads = max(spec.num_query_groups // layout.engine_tp, 1)
+    sequence = config.rollout.max_prompt_length + config.rollout.max_response_length
+    plan.rollout = {"weights": plan.total_params * 2 / layout.engine_tp,
+                    "kv_per_sequence": sequence * 2 * spec.num_layers * kv_heads * spec.head_dim * 2}  # fmt: skip
+    if layout.pp == 2 and layout.vpp:
+        plan.notes.append("PP=2 with virtual stages: the trainer turns batch_p2p_comm off (known-bad batched P2P)")
+    plan.notes.append(f"vocabulary padded to {spec.padded_vocab_size(layout.tp)} rows for TP {layout.tp}")
+    return plan
+
+
+def fit_errors(plan: Plan, config: Any, gpu_bytes: float) -> list[str]:
+    """Why ``plan`` does not fit GPUs of ``gpu_bytes`` (empty when it fits)."""
+    errors = []
+    training = sum(plan.training.values())
+    if training > gpu_bytes:
+        errors.append(f"training needs {training / GIB:.1f} GiB per GPU, more than the {gpu_bytes / GIB:.0f} GiB "
+                      "available: raise model.tensor_parallel / pipeline_parallel, lower model.micro_batch_size or "
+                      "set model.recompute=full")  # fmt: skip
+    if (sequences := full_length_sequences(plan, config, gpu_bytes)) < 1:
+        weights, budget = plan.rollout["weights"] / GIB, config.engine.gpu_memory_utilization * gpu_bytes / GIB
+        errors.append(f"the rollout engine's KV cache holds no full-length sequence ({weights:.1f} GiB of weights "
+                      f"in engine.gpu_memory_utilization x GPU = {budget:.1f} GiB): raise engine.tensor_parallel or "
+                      "engine.gpu_memory_utilization")  # fmt: skip
+    elif sequences < config.engine.max_num_seqs:
+        plan.notes.append(f"the KV cache holds {sequences} full-length sequences per engine, fewer than "
+                          f"engine.max_num_seqs={config.engine.max_num_seqs}: vLLM runs fewer at once when all "
+                          "responses are long")  # fmt: skip
+    return errors
+
+
+def full_length_sequences(plan: Plan, config: Any, gpu_bytes: float) -> int:
+    """Sequences of ``max_prompt_length + max_response_length`` tokens the engine's KV cache holds at once."""
+    budget = config.engine.gpu_memory_utilization * gpu_bytes - plan.rollout["weights"] - RUNTIME_RESERVE_BYTES
+    return int(max(budget, 0) // plan.rollout["kv_per_sequence"])

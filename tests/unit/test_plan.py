@@ -1,0 +1,80 @@
+"""tools/plan.py: every shipped run config fits its cluster; broken layouts and configs that do not fit are refused
+with the reason; the planner's parameter count equals transformers' meta-device model for every architecture."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+#: run config -> nodes of 8 GPUs (the launch scripts' #SBATCH --nodes)
+SHIPPED = {
+    "qwen2.5-math-1.5b-hapo": 4, "qwen2.5-math-7b-hapo": 4, "qwen3-8b-hapo": 8, "qwen3-14b-hapo": 8,
+    "qwen3-32b-hapo": 8, "llama-3.1-8b-hapo": 4, "llama-3.3-70b-hapo": 8,
+}  # fmt: skip
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("plan_tool", REPO / "tools" / "plan.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["plan_tool"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_run_config_is_planned_and_shipped() -> None:
+    shipped = {p.stem for p in (REPO / "configs" / "runs").glob("*.yaml") if not p.stem.startswith("_")}
+    assert shipped == set(SHIPPED)
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_configs_fit_80gb_gpus(name: str, capsys: pytest.CaptureFixture) -> None:
+    code = _tool().main([str(REPO / "configs" / "runs" / f"{name}.yaml"), "--nodes", str(SHIPPED[name]),
+                         "--gpus-per-node", "8"])  # fmt: skip
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "fits (80 GiB GPUs)" in out.out and "training (heaviest stage)" in out.out
+
+
+def test_broken_layouts_are_refused_with_the_reason(capsys: pytest.CaptureFixture) -> None:
+    config = str(REPO / "configs" / "runs" / "qwen2.5-math-7b-hapo.yaml")
+    tool = _tool()
+    cases = [
+        (["model.tensor_parallel=8"], "num_attention_heads=28 is not divisible by the tensor-parallel size (8)"),
+        (["model.pipeline_parallel=3"], "not divisible by model.tensor_parallel x model.pipeline_parallel"),
+        (["engine.tensor_parallel=16"], "engine.tensor_parallel=16 spans nodes"),
+        (["train.mini_batch_prompts=48"], "must divide train.prompts_per_step=512"),
+        (["model.micro_batch_size=3"], "does not split into micro-batches of 3 over 8 data-parallel ranks"),
+        (["model.virtual_pipeline=2"], "model.virtual_pipeline needs model.pipeline_parallel > 1"),
+        (["rollout.max_response_length=40000"], "exceeds the model's max_position_embeddings 32768"),
+        (["model.tensor_parallel=1", "model.recompute=none", "model.micro_batch_size=4"], "training needs"),
+        (["engine.gpu_memory_utilization=0.05", "engine.tensor_parallel=1"], "KV cache holds no full-length"),
+    ]
+    for overrides, reason in cases:
+        assert tool.main([config, *overrides, "--nodes", "4", "--gpus-per-node", "8"]) == 1, overrides
+        out = capsys.readouterr()
+        assert reason in out.err and ("does not fit" in out.out or "invalid" in out.out), (overrides, out.err)
+
+
+def test_parameter_count_matches_transformers() -> None:
+    import json
+
+    from megatron_hapo.models.hf_config import decoder_spec
+    from megatron_hapo.models.plan import stage_params, total_params
+
+    tool = _tool()
+    for path in sorted((REPO / "configs" / "models").glob("*/config.json")):
+        hf = json.loads(path.read_text())
+        spec = decoder_spec(hf)
+        assert total_params(spec) == tool.meta_device_params(hf), path
+        # the Megatron shards add up to the model plus vocabulary padding (and the tied copy on the last stage)
+        tp, pp = 2, 2
+        padding = (spec.padded_vocab_size(tp) - spec.vocab_size) * spec.hidden_size
+        tied_copy = spec.vocab_size * spec.hidden_size if spec.tie_word_embeddings else 0
+        per_copy = padding * (1 if spec.tie_word_embeddings else 2) + tied_copy + padding * spec.tie_word_embeddings
+        per_layer_norms = 2 * spec.hidden_size + 2 * spec.head_dim * spec.qk_norm
+        norms = (spec.num_layers * per_layer_norms + spec.hidden_size) * (tp - 1)  # replicated on every TP rank
+        assert sum(stage_params(spec, tp, pp)) * tp == total_params(spec) + per_copy + norms, path
