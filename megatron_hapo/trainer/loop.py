@@ -5,18 +5,17 @@
         metrics = rl_step(prompts of this step)       # rollout -> reward -> advantages -> update -> sync
         write metrics; every eval_interval steps: avg@k / pass@k; every save_interval steps: checkpoint
 
-Checkpoints are Megatron ``dist_checkpointing`` directories (model and optimizer, reshardable) plus the
-trainer's own state (step, the EntropyStats for the next rollout, counters) in ``trainer_state.json``. Each is
-written to a staging directory and renamed into place; the ``latest`` pointer moves last.
+        if asked to stop (a signal before a time limit): checkpoint and return
+
+Checkpoints (:mod:`megatron_hapo.trainer.checkpoint`) hold everything a resumed run needs; the prompt order is
+seeded and indexed by the step, so ``train(..., state=load_checkpoint(...))`` continues where the run stopped.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from megatron_hapo.algos import EntropyStats
-from megatron_hapo.models.checkpoint import chunks_sharded_state_dict, publish_staging, staging_dir
+from megatron_hapo.parallel.collectives import any_rank
+from megatron_hapo.trainer.checkpoint import save_checkpoint
 from megatron_hapo.trainer.evaluation import BestAndFinal, EvalSettings, evaluate
 from megatron_hapo.trainer.metrics import MetricsWriter
 from megatron_hapo.trainer.step import Actor, Scorer, StepState, rl_step
@@ -54,47 +53,15 @@ def _set_lr(optimizer: Any, lr: float) -> None:
         group["lr"] = lr
 
 
-def save_checkpoint(root: Path, actor: Actor, state: StepState) -> Path:
-    """Model + optimizer (torch_dist) + trainer state at ``root/step_XXXXXX``; then ``root/latest`` (collective)."""
-    from megatron.core import dist_checkpointing  # noqa: PLC0415
-
-    out = root / f"step_{state.step:06d}"
-    staging = staging_dir(out)
-    if dist.get_rank() == 0:
-        shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while saving
-        staging.mkdir(parents=True)
-    dist.barrier()
-    model_state = chunks_sharded_state_dict(actor.chunks)
-    payload = {"model": model_state, "optimizer": actor.optimizer.sharded_state_dict(model_state)}
-    dist_checkpointing.save(payload, str(staging))
-    if dist.get_rank() == 0:
-        stats = None if state.stats is None else state.stats.as_floats()
-        trainer_state = {"step": state.step, "entropy_stats": stats, "skipped_updates": state.skipped_updates}
-        (staging / "trainer_state.json").write_text(json.dumps(trainer_state))
-    publish_staging(staging, out)
-    if dist.get_rank() == 0:
-        pointer = root / ".latest.partial"
-        pointer.write_text(out.name)
-        os.replace(pointer, root / "latest")
-    dist.barrier()
-    return out
-
-
-def read_trainer_state(checkpoint: Path) -> StepState:
-    """The trainer state saved with a checkpoint (model and optimizer are loaded by the caller)."""
-    saved = json.loads((checkpoint / "trainer_state.json").read_text())
-    stats = saved["entropy_stats"]
-    return StepState(step=saved["step"], stats=None if stats is None else EntropyStats.from_floats(**stats),
-                     skipped_updates=saved["skipped_updates"])  # fmt: skip
-
-
 def train(actor: Actor, engine: Any, score: Scorer, config: Any, settings: LoopSettings, *,
           prompts: Sequence[list[int]], answers: Sequence[Any], eval_prompts: Sequence[list[int]] = (),
           eval_answers: Sequence[Any] = (), state: StepState | None = None,
-          guide_engine: Any = None) -> StepState:  # fmt: skip
+          guide_engine: Any = None, should_stop: Callable[[], bool] | None = None) -> StepState:  # fmt: skip
     """Run ``config.train.total_steps`` RL steps over ``prompts`` (in a seeded order, cycling); every rank calls it.
 
-    ``guide_engine`` serves the frozen guide policy of mixed-policy algorithms. Rank 0 shows a progress bar.
+    ``guide_engine`` serves the frozen guide policy of mixed-policy algorithms. ``should_stop`` is asked after
+    every step (on every rank; any rank may say yes): the run then checkpoints and returns with
+    ``state.stopped`` set. Rank 0 shows a progress bar.
     """
     state = state or StepState()
     per_step = config.train.prompts_per_step
@@ -103,6 +70,8 @@ def train(actor: Actor, engine: Any, score: Scorer, config: Any, settings: LoopS
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(config.train.seed)).tolist()
     writer = MetricsWriter(settings.run_dir, enabled=dist.get_rank() == 0)
     tracker = BestAndFinal(f"avg@{settings.eval_settings.k}")
+    if state.eval_best is not None:  # a resumed run keeps the best evaluation so far
+        tracker.best, tracker.best_step = state.eval_best
     total = config.train.total_steps
     progress = tqdm(
         total=total, initial=state.step, desc="RL steps", unit="step", disable=None if dist.get_rank() == 0 else True
@@ -124,10 +93,15 @@ def train(actor: Actor, engine: Any, score: Scorer, config: Any, settings: LoopS
             if eval_prompts and (last or (settings.eval_interval and state.step % settings.eval_interval == 0)):
                 metrics.update(evaluate(engine, score, eval_prompts, eval_answers, settings.eval_settings))
                 tracker.update(step, metrics)
+                state.eval_best = (tracker.best, tracker.best_step)
                 metrics[f"best_{tracker.name}"] = tracker.best
             writer.write(step, metrics)
-            if last or (settings.save_interval and state.step % settings.save_interval == 0):
+            stop = any_rank(should_stop is not None and should_stop())
+            if last or stop or (settings.save_interval and state.step % settings.save_interval == 0):
                 save_checkpoint(settings.run_dir / "checkpoints", actor, state)
+            if stop and not last:
+                state.stopped = True
+                break
     finally:
         progress.close()
         writer.close()

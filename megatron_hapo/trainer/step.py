@@ -85,6 +85,10 @@ class StepState:
     step: int = 0
     stats: EntropyStats | None = None
     skipped_updates: int = 0
+    eval_best: tuple[float, int] | None = None
+    """``(best evaluation value, its step)`` so far (kept across a resume)."""
+    stopped: bool = False
+    """The loop stopped early on request (a signal), after saving a checkpoint."""
     metrics: list[dict] = field(default_factory=list)
 
 

@@ -158,7 +158,7 @@ def test_rl_steps_end_to_end(tiny_llama: Path, tmp_path: Path, repo_root: Path, 
         assert metrics["sync_probe_error"] <= 1e-4 and metrics["mismatch_max_abs_log_ratio"] < 1e-3, metrics
     assert "temperature_mean" not in first  # no statistics before the first update
     assert ("temperature_mean" in second) == (preset == "hapo"), second
-    from megatron_hapo.trainer.loop import read_trainer_state
+    from megatron_hapo.trainer.checkpoint import read_trainer_state
     from megatron_hapo.trainer.metrics import read_metrics
 
     rows = read_metrics(tmp_path / "run")

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Qwen2.5-Math-7B with HAPO (configs/runs/qwen2.5-math-7b-hapo.yaml) on 4 nodes x 8 GPUs. From the repository root:
+#   sbatch launch/hapo_7b.sh model.path=/path/to/checkpoint data.train_file=/path/to/dapo-math-17k.parquet \
+#       data.eval_file=/path/to/valid.parquet
+# Check the layout first, no GPU needed: .venv/bin/python tools/plan.py configs/runs/qwen2.5-math-7b-hapo.yaml --nodes 4 --gpus-per-node 8
+# Requeued on the pre-time-limit signal; a requeued job resumes from its last checkpoint (launch/README.md).
+#SBATCH --job-name=qwen2.5-math-7b-hapo
+#SBATCH --nodes=4
+#SBATCH --gpus-per-node=8
+#SBATCH --exclusive
+#SBATCH --time=24:00:00
+#SBATCH --requeue
+#SBATCH --signal=USR1@600
+#SBATCH --output=slurm-%x-%j.out
+REPO_ROOT="${MEGATRON_HAPO_ROOT:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}}"
+RUN_CONFIG=configs/runs/qwen2.5-math-7b-hapo.yaml
+RUN_NAME="${RUN_NAME:-qwen2.5-math-7b-hapo}"
+# shellcheck source=launch/_run.sh
+source "$REPO_ROOT/launch/_run.sh"

@@ -1,0 +1,36 @@
+"""The launch scripts: shellcheck-clean, a real #SBATCH header each, and every one points at a planned run config."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from test_plan import SHIPPED
+
+REPO = Path(__file__).resolve().parents[2]
+SBATCH_SCRIPTS = sorted((REPO / "launch").glob("hapo_*.sh"))
+
+
+def test_shell_scripts_are_shellcheck_clean() -> None:
+    shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
+    scripts = [*map(str, (REPO / "launch").glob("*.sh")), *map(str, (REPO / "scripts").glob("*.sh")), ".ci/run"]
+    result = subprocess.run([shellcheck, "-x", *scripts], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_sbatch_headers_and_run_configs() -> None:
+    assert {p.name for p in SBATCH_SCRIPTS} >= {"hapo_1.5b.sh", "hapo_7b.sh", "hapo_8b.sh", "hapo_14b.sh",
+                                                "hapo_32b.sh", "hapo_70b.sh"}  # fmt: skip
+    for script in SBATCH_SCRIPTS:
+        text = script.read_text()
+        header = dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(\S+))?", text, flags=re.MULTILINE))
+        for key in ("nodes", "gpus-per-node", "exclusive", "time", "requeue", "signal", "output"):
+            assert key in header, (script.name, key)
+        assert header["signal"].startswith("USR1@")  # the trainer checkpoints and exits 75 on SIGUSR1
+        config = re.search(r"^RUN_CONFIG=configs/runs/(\S+)\.yaml$", text, flags=re.MULTILINE).group(1)
+        assert int(header["nodes"]) == SHIPPED[config], script.name  # the layout tools/plan.py checks in CI
+        assert 'source "$REPO_ROOT/launch/_run.sh"' in text
+        assert not re.search(r"^\s*[a-z_.]+=[\d.e-]+\s*$", text, flags=re.MULTILINE)  # no hyperparameters in bash
