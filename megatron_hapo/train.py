@@ -24,7 +24,6 @@ import logging
 import os
 import signal
 import sys
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -63,6 +62,9 @@ def _check_paths(config: Any) -> None:
         raise SystemExit(f"model.path={config.model.path!r}: not an HF checkpoint directory (config.json missing)")
     if not config.data.train_file:
         raise SystemExit("data.train_file is not set: a .parquet or .jsonl prompt file")
+    if (config.model.transformer_engine or config.model.fp8) and not torch.cuda.is_available():
+        raise SystemExit("model.transformer_engine / model.fp8 need a CUDA GPU with Transformer Engine; on CPU set "
+                         "model.transformer_engine=false model.fp8=null")  # fmt: skip
     guide = config.algo.guide_policy
     if guide.kind != "none" and not (guide.model_path and (Path(guide.model_path) / "config.json").is_file()):
         raise SystemExit(f"algo.guide_policy.model_path={guide.model_path!r}: the guide policy's HF checkpoint")
@@ -70,20 +72,6 @@ def _check_paths(config: Any) -> None:
         path = getattr(config.data, key)
         if path and not Path(path).is_file():
             raise SystemExit(f"data.{key}={path!r}: no such file")
-
-
-@dataclass
-class TextScorer:
-    """A trainer scorer over decoded text: token ids -> text (tokenizer) -> verifier workers."""
-
-    tokenizer: Any
-    workers: Any
-
-    def __call__(self, token_ids: list[list[int]], answers: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        texts = self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
-        outcomes = self.workers.map(list(zip(texts, answers, strict=True)))
-        values = [o.value if o.status == "ok" else (-1.0, False) for o in outcomes]
-        return torch.tensor([v[0] for v in values]), torch.tensor([v[1] for v in values])
 
 
 def _prompts(config: Any, tokenizer: Any, path: str | None) -> tuple[list[list[int]], list[str]]:
@@ -104,6 +92,7 @@ def _actor(config: Any) -> Any:
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: PLC0415
 
     from megatron_hapo.models import HFCheckpoint, build_gpt, load_hf_weights, read_decoder_spec  # noqa: PLC0415
+    from megatron_hapo.models.precision import FP8Config  # noqa: PLC0415
     from megatron_hapo.parallel.policy_loss import ParallelGroups  # noqa: PLC0415
     from megatron_hapo.rollout.weight_sync import build_sync_plan  # noqa: PLC0415
     from megatron_hapo.trainer.step import Actor  # noqa: PLC0415
@@ -115,10 +104,13 @@ def _actor(config: Any) -> Any:
     overrides: dict[str, Any] = {"batch_p2p_comm": False} if model.virtual_pipeline else {}
     if model.recompute == "full":
         overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    chunks = build_gpt(spec, ddp=True, dtype=dtype, bf16=dtype == torch.bfloat16, **overrides)
+    te = model.transformer_engine or model.fp8 is not None
+    fp8 = FP8Config(fp8=model.fp8, recipe=model.fp8_recipe) if model.fp8 else None
+    chunks = build_gpt(spec, ddp=True, dtype=dtype, bf16=dtype == torch.bfloat16, te=te, fp8=fp8, **overrides)
     groups = ParallelGroups.from_megatron()
     tp_rank = dist.get_rank(groups.tp) if groups.tp is not None else 0
-    load_hf_weights(chunks, spec, HFCheckpoint(model.path).__getitem__, tp_rank=tp_rank, tp_size=model.tensor_parallel)
+    load_hf_weights(chunks, spec, HFCheckpoint(model.path).__getitem__, tp_rank=tp_rank, tp_size=model.tensor_parallel,
+                    te=te)  # fmt: skip
     optimizer = get_megatron_optimizer(OptimizerConfig(
         optimizer="adam", lr=optim.lr, weight_decay=optim.weight_decay, clip_grad=optim.grad_clip,
         adam_beta1=optim.betas[0], adam_beta2=optim.betas[1], params_dtype=dtype, bf16=dtype == torch.bfloat16,
@@ -151,6 +143,7 @@ def _rank(rank: int, world: int, config: Any) -> bool:
     from megatron_hapo.rollout.vllm_engine import VLLMConfig, VLLMEngine  # noqa: PLC0415
     from megatron_hapo.trainer.evaluation import EvalSettings  # noqa: PLC0415
     from megatron_hapo.trainer.loop import LoopSettings, train  # noqa: PLC0415
+    from megatron_hapo.trainer.step import worker_scorer  # noqa: PLC0415
 
     model, out = config.model, config.output
     megatron_cpu.quiet_logs()
@@ -182,7 +175,8 @@ def _rank(rank: int, world: int, config: Any) -> bool:
     stops = StopRequests()
     try:
         state = _resume(actor, engine, Path(out.dir) / "checkpoints")
-        state = train(actor, engine, TextScorer(tokenizer, workers), config, settings, prompts=prompts,
+        score = worker_scorer(workers, decode=partial(tokenizer.batch_decode, skip_special_tokens=True))
+        state = train(actor, engine, score, config, settings, prompts=prompts,
                       answers=answers, eval_prompts=eval_prompts, eval_answers=eval_answers, state=state,
                       guide_engine=guide, should_stop=stops.requested)  # fmt: skip
         if state.stopped and rank == 0:  # for the parent of local ranks (mp.spawn returns no values)

@@ -74,6 +74,12 @@ class ModelConfig:
     """Trainer parameter / compute dtype (Megatron keeps float32 main parameters for the optimizer)."""
     recompute: Literal["none", "full"] = "none"
     """Activation recomputation: ``full`` keeps only each layer's input and recomputes the layer in backward."""
+    transformer_engine: bool = False
+    """Build with the Transformer Engine layer spec (GPU; fused norm + linear kernels). ``fp8`` needs it."""
+    fp8: Literal["e4m3", "hybrid"] | None = None
+    """FP8 training through Transformer Engine (GPU, compute capability >= 8.9), or null for bf16 / fp32."""
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "tensorwise"
+    """FP8 scaling recipe (``models.precision``: which GPUs run which)."""
 
 
 @dataclass(kw_only=True, slots=True)

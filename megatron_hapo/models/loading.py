@@ -16,6 +16,11 @@ def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
     return chunk.module if hasattr(chunk, "module") else chunk
 
 
+def uses_te_spec(chunk: torch.nn.Module) -> bool:
+    """Whether a chunk was built with the Transformer Engine layer spec (its norms live inside the linear layers)."""
+    return any(name.endswith("linear_qkv.layer_norm_weight") for name, _ in unwrap(chunk).named_parameters())
+
+
 def chunk_rules(chunk: torch.nn.Module, spec: DecoderSpec, *, te: bool) -> dict[str, Rule]:
     """``{local Megatron parameter name: rule}`` for one model chunk (its layers, embedding and head)."""
     model = unwrap(chunk)

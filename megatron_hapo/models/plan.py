@@ -27,10 +27,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from megatron_hapo.models.hf_config import DecoderSpec
+from megatron_hapo.models.precision import FP8Config, check_fp8
 
 GIB = 2**30
 #: CUDA context, NCCL buffers and allocator slack per GPU (an allowance, not a measurement).
 RUNTIME_RESERVE_BYTES = 3 * GIB
+H100_CAPABILITY = (9, 0)
 
 
 @dataclass
@@ -108,11 +110,23 @@ def check_layout(spec: DecoderSpec, config: Any, layout: Layout) -> list[str]:
         errors.append("model.virtual_pipeline needs model.pipeline_parallel > 1")
     errors += _batch_errors(config, layout)
     errors += _engine_errors(spec, config, layout)
+    if config.model.fp8:
+        errors += _fp8_errors(spec, config, layout)
     longest = config.rollout.max_prompt_length + config.rollout.max_response_length
     if longest > spec.max_position_embeddings:
         errors.append(f"rollout.max_prompt_length + max_response_length = {longest} exceeds the model's "
                       f"max_position_embeddings {spec.max_position_embeddings}")  # fmt: skip
     return errors
+
+
+def _fp8_errors(spec: DecoderSpec, config: Any, layout: Layout) -> list[str]:
+    """FP8 settings checked as on an H100 (compute capability 9.0), the GPUs the run configs target."""
+    fp8 = FP8Config(fp8=config.model.fp8, recipe=config.model.fp8_recipe)
+    try:
+        check_fp8(fp8, spec, pp=layout.pp, capability=H100_CAPABILITY)
+    except ValueError as exc:
+        return [f"model.fp8 on H100: {exc}"]
+    return []
 
 
 def _batch_errors(config: Any, layout: Layout) -> list[str]:
@@ -175,6 +189,8 @@ def plan_run(spec: DecoderSpec, config: Any, layout: Layout) -> Plan:
     sequence = config.rollout.max_prompt_length + config.rollout.max_response_length
     plan.rollout = {"weights": plan.total_params * 2 / layout.engine_tp,
                     "kv_per_sequence": sequence * 2 * spec.num_layers * kv_heads * spec.head_dim * 2}  # fmt: skip
+    if config.model.fp8:
+        plan.notes.append("fp8: estimated as bf16 (Transformer Engine's FP8 weight copies are transient per layer)")
     if layout.pp == 2 and layout.vpp:
         plan.notes.append("PP=2 with virtual stages: the trainer turns batch_p2p_comm off (known-bad batched P2P)")
     plan.notes.append(f"vocabulary padded to {spec.padded_vocab_size(layout.tp)} rows for TP {layout.tp}")

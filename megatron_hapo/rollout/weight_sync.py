@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_hapo.models.hf_config import DecoderSpec
-from megatron_hapo.models.loading import chunk_rules, unwrap
+from megatron_hapo.models.loading import chunk_rules, unwrap, uses_te_spec
 from megatron_hapo.models.mapping import to_hf
 from megatron_hapo.models.mcore_reader import checkpoint_key, pack_by_bytes
 from megatron_hapo.parallel.collectives import group_rank_size
@@ -75,7 +75,7 @@ def _local_units(chunks: list, spec: DecoderSpec, tp_size: int, stage: int) -> l
     for index, chunk in enumerate(chunks):
         params = dict(unwrap(chunk).named_parameters())
         grouped: dict[int, list] = {}
-        for name, rule in chunk_rules(chunk, spec, te=False).items():
+        for name, rule in chunk_rules(chunk, spec, te=uses_te_spec(chunk)).items():
             if name not in params:
                 raise ValueError(f"the model has no parameter {name} (spec does not fit the model)")
             position = _position(rule.megatron, spec.num_layers)
@@ -112,7 +112,8 @@ def bucket_hf_tensors(units: Sequence[SyncUnit], chunks: list, spec: DecoderSpec
     for unit in units:
         if unit.chunk not in tables:
             chunk = chunks[unit.chunk]
-            tables[unit.chunk] = dict(unwrap(chunk).named_parameters()), chunk_rules(chunk, spec, te=False)
+            rules = chunk_rules(chunk, spec, te=uses_te_spec(chunk))
+            tables[unit.chunk] = dict(unwrap(chunk).named_parameters()), rules
         params, table = tables[unit.chunk]
         for name in unit.params:
             rule, shard = table[name], params[name].detach()

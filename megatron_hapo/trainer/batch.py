@@ -30,11 +30,17 @@ class PackedRollout:
         return self.tokens.shape[0]
 
 
+#: The trainer pads sequence widths to a multiple of this: FP8 GEMMs (Transformer Engine) need token counts in
+#: multiples of 8 / 16, and sequence parallelism a multiple of the TP size.
+SEQUENCE_MULTIPLE = 16
+
+
 def pack_rollout(prompts: Sequence[Sequence[int]], responses: Sequence[Response], *, pad_id: int,
-                 max_response_length: int) -> PackedRollout:  # fmt: skip
-    """Pack ``responses`` (each pointing at its prompt by ``prompt_index``) into padded tensors."""
+                 max_response_length: int, width_multiple: int = 1) -> PackedRollout:  # fmt: skip
+    """Pack ``responses`` (each pointing at its prompt by ``prompt_index``) into tensors right-padded to the
+    longest sequence, rounded up to ``width_multiple``."""
     seqs = [list(prompts[r.prompt_index]) + r.token_ids for r in responses]
-    width = max(len(s) for s in seqs)
+    width = -(-max(len(s) for s in seqs) // width_multiple) * width_multiple
     tokens = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros(len(seqs), width, dtype=torch.bool)
     rollout_log_prob = torch.zeros(len(seqs), width)

@@ -19,7 +19,7 @@ import torch
 
 from megatron_hapo.algos import grpo_advantages, shape_rewards, zero_reward_groups
 from megatron_hapo.rollout.engine import RolloutEngine, SamplingSettings
-from megatron_hapo.trainer.batch import PackedRollout, pack_rollout, position_view
+from megatron_hapo.trainer.batch import SEQUENCE_MULTIPLE, PackedRollout, pack_rollout, position_view
 
 #: Offset of the guide engine's request seeds from the policy's (so the two never draw the same stream).
 GUIDE_SEED_OFFSET = 500_009
@@ -71,7 +71,9 @@ def guide_rollout(engine: RolloutEngine | None, score: Any, *, prompts: Sequence
     routed_prompts = [prompts[i] for i in routed.tolist()]
     responses = engine.generate(routed_prompts, n, guide_sampling, None)
     max_length = config.rollout.max_response_length
-    packed = pack_rollout(routed_prompts, responses, pad_id=0, max_response_length=max_length)
+    packed = pack_rollout(
+        routed_prompts, responses, pad_id=0, max_response_length=max_length, width_multiple=SEQUENCE_MULTIPLE
+    )
     routed_answers = [answers[i] for i in routed.repeat_interleave(n).tolist()]
     rewards, guide_correct = score([r.token_ids for r in responses], routed_answers)
     shaped = shape_rewards(algo, rewards, packed.response_mask.sum(-1), max_length=max_length)

@@ -7,6 +7,7 @@ TP x PP group, or identical seeds), so all ranks of a replica build the same bat
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from megatron_hapo.parallel.policy_loss import (
 from megatron_hapo.rollout.engine import RolloutEngine, SamplingSettings, temperature_metrics
 from megatron_hapo.rollout.weight_sync import SyncPlan, sync_weights, verify_sync
 from megatron_hapo.trainer.batch import (
+    SEQUENCE_MULTIPLE,
     PackedRollout,
     cat_rows,
     concat_packed,
@@ -52,12 +54,15 @@ from megatron_hapo.trainer.metrics import PhaseClock, entropy_stats_metrics, red
 Scorer = Callable[[Sequence[list[int]], Sequence[Any]], tuple[torch.Tensor, torch.Tensor]]
 
 
-def worker_scorer(workers: Any, failure: tuple[float, bool] = (-1.0, False)) -> Scorer:
+def worker_scorer(workers: Any, failure: tuple[float, bool] = (-1.0, False),
+                  decode: Callable[[list[list[int]]], list[str]] | None = None) -> Scorer:  # fmt: skip
     """A :data:`Scorer` over a :class:`~megatron_hapo.rewards.RewardWorkers` whose function returns ``(reward,
-    correct)``; a response whose verification timed out, crashed or raised scores ``failure`` (and is counted)."""
+    correct)``; a response whose verification timed out, crashed or raised scores ``failure`` (and is counted).
+    ``decode`` (e.g. a tokenizer's ``batch_decode``) turns the token ids into the text the verifier reads."""
 
     def score(token_ids: Sequence[list[int]], answers: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        outcomes = workers.map(list(zip(token_ids, answers, strict=True)))
+        responses = decode(list(token_ids)) if decode is not None else token_ids
+        outcomes = workers.map(list(zip(responses, answers, strict=True)))
         values = [o.value if o.status == "ok" else failure for o in outcomes]
         return torch.tensor([v[0] for v in values]), torch.tensor([v[1] for v in values])
 
@@ -194,7 +199,9 @@ def rl_step(actor: Actor, engine: RolloutEngine, score: Scorer, *, prompts: Sequ
                                              seed=config.train.seed * 1_000_003 + state.step)  # fmt: skip
     with clock("generate"):
         responses = engine.generate(prompts, n, sampling, state.stats)
-    packed = pack_rollout(prompts, responses, pad_id=0, max_response_length=rollout.max_response_length)
+    packed = pack_rollout(
+        prompts, responses, pad_id=0, max_response_length=rollout.max_response_length, width_multiple=SEQUENCE_MULTIPLE
+    )
     check_same_on_ranks("the rollout batch", packed.tokens, actor.groups.dp)
     group_ids = torch.arange(len(prompts)).repeat_interleave(n)
     with clock("reward"):
@@ -211,7 +218,7 @@ def rl_step(actor: Actor, engine: RolloutEngine, score: Scorer, *, prompts: Sequ
     metrics.update({name: float(value) for name, value in mismatch.items()})
     keep = keep_groups(algo, correct.float(), group_ids)
     metrics["kept_groups"] = float(keep.view(len(prompts), n)[:, 0].sum())
-    with clock("guide"):
+    with clock("guide") if guide_engine is not None else contextlib.nullcontext():
         guide = guide_rollout(guide_engine, score, prompts=prompts, answers=answers, correct=correct.bool(), n=n,
                               sampling=sampling, config=config)  # fmt: skip
     if guide is not None:

@@ -17,7 +17,7 @@ from megatron_hapo.parallel.collectives import group_rank_size, objects_from_las
 from megatron_hapo.parallel.policy_loss import SupervisedStep
 from megatron_hapo.parallel.token_mean import global_denominator
 from megatron_hapo.rollout.engine import Response, RolloutEngine
-from megatron_hapo.trainer.batch import PackedRollout, microbatches, pack_rollout
+from megatron_hapo.trainer.batch import SEQUENCE_MULTIPLE, PackedRollout, microbatches, pack_rollout
 from megatron_hapo.trainer.step import Actor, sync_and_verify
 
 
@@ -39,7 +39,9 @@ def supervised_warmup(actor: Actor, engine: RolloutEngine | None, examples: Sequ
         picked = [examples[order[(step * batch_size + i) % len(order)]] for i in range(batch_size)]
         responses = [Response(prompt_index=i, token_ids=list(answer), log_probs=torch.zeros(len(answer)),
                               finish_reason="stop") for i, (_, answer) in enumerate(picked)]  # fmt: skip
-        packed = pack_rollout([p for p, _ in picked], responses, pad_id=0, max_response_length=width)
+        packed = pack_rollout(
+            [p for p, _ in picked], responses, pad_id=0, max_response_length=width, width_multiple=SEQUENCE_MULTIPLE
+        )
         losses.append(_supervised_update(actor, packed))
     if engine is not None:
         sync_and_verify(actor, engine)

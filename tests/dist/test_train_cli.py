@@ -82,5 +82,8 @@ def test_train_entry_point_refuses_missing_inputs(tmp_path: Path, repo_root: Pat
     (tmp_path / "config.json").write_text("{}")
     result = _train(repo_root, "configs/algo/dapo.yaml", f"model.path={tmp_path}", "data.train_file=/no/such.jsonl")
     assert result.returncode != 0 and "data.train_file='/no/such.jsonl': no such file" in result.stderr
+    result = _train(repo_root, "configs/algo/dapo.yaml", f"model.path={tmp_path}", "data.train_file=/dev/null",
+                    "model.fp8=hybrid")  # fmt: skip
+    assert result.returncode != 0 and "need a CUDA GPU with Transformer Engine" in result.stderr
     result = _train(repo_root, "configs/algo/dapo.yaml", "model.tensor_paralel=2")
     assert result.returncode != 0 and "did you mean 'model.tensor_parallel'" in result.stderr

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[2]
 #: run config -> nodes of 8 GPUs (the launch scripts' #SBATCH --nodes)
 SHIPPED = {
     "qwen2.5-math-1.5b-hapo": 4, "qwen2.5-math-7b-hapo": 4, "qwen3-8b-hapo": 8, "qwen3-14b-hapo": 8,
-    "qwen3-32b-hapo": 8, "llama-3.1-8b-hapo": 4, "llama-3.3-70b-hapo": 8,
+    "qwen3-32b-hapo": 8, "llama-3.1-8b-hapo": 4, "llama-3.3-70b-hapo": 8, "llama-3.3-70b-hapo-fp8": 8,
 }  # fmt: skip
 
 
@@ -52,6 +52,7 @@ def test_broken_layouts_are_refused_with_the_reason(capsys: pytest.CaptureFixtur
         (["rollout.max_response_length=40000"], "exceeds the model's max_position_embeddings 32768"),
         (["model.tensor_parallel=1", "model.recompute=none", "model.micro_batch_size=4"], "training needs"),
         (["engine.gpu_memory_utilization=0.05", "engine.tensor_parallel=1"], "KV cache holds no full-length"),
+        (["model.fp8=hybrid", "model.fp8_recipe=mxfp8"], "model.fp8 on H100: fp8 recipe mxfp8 needs compute"),
     ]
     for overrides, reason in cases:
         assert tool.main([config, *overrides, "--nodes", "4", "--gpus-per-node", "8"]) == 1, overrides

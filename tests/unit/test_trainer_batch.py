@@ -29,3 +29,14 @@ def test_short_last_microbatch_is_filled_with_masked_copies() -> None:
     first, last = microbatches(packed, torch.arange(3), 2)
     assert last.tokens.shape == first.tokens.shape == (2, 5)
     assert last.mask[0].any() and not last.mask[1].any()
+
+
+def test_width_rounds_up_to_the_multiple_with_masked_padding() -> None:
+    prompts = [[5, 6, 7], [8]]
+    responses = [_response(0, [1, 2]), _response(1, [3, 4, 6])]
+    plain = pack_rollout(prompts, responses, pad_id=0, max_response_length=4)
+    wide = pack_rollout(prompts, responses, pad_id=0, max_response_length=4, width_multiple=16)
+    assert plain.tokens.shape == (2, 5) and wide.tokens.shape == (2, 16)
+    assert torch.equal(wide.tokens[:, :5], plain.tokens) and not wide.tokens[:, 5:].any()
+    assert torch.equal(wide.mask[:, :5], plain.mask) and not wide.mask[:, 5:].any()
+    assert torch.equal(wide.response_mask, plain.response_mask)
