@@ -171,7 +171,8 @@ def _rank(rank: int, world: int, config: Any) -> bool:
                             failure_value=(-1.0, False))  # fmt: skip
     eval_settings = EvalSettings(k=out.eval_k, max_tokens=config.rollout.max_response_length, seed=config.train.seed)
     settings = LoopSettings(Path(out.dir), eval_interval=out.eval_interval, save_interval=out.save_interval,
-                            eval_settings=eval_settings)  # fmt: skip
+                            eval_settings=eval_settings, keep_last=out.keep_last, model_dir=Path(model.path),
+                            max_consecutive_skips=config.train.max_consecutive_skips)  # fmt: skip
     stops = StopRequests()
     try:
         state = _resume(actor, engine, Path(out.dir) / "checkpoints")

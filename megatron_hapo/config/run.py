@@ -52,6 +52,8 @@ class TrainConfig:
     """RL steps to run (>= 1)."""
     seed: int = 1
     """Global random seed."""
+    max_consecutive_skips: int = 5
+    """Stop after this many steps in a row whose every update had a non-finite gradient norm (0: never)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -130,6 +132,8 @@ class OutputConfig:
     """Evaluate every this many steps (0: only at the end; needs ``data.eval_file``)."""
     save_interval: int = 0
     """Checkpoint every this many steps (0: only at the end)."""
+    keep_last: int = 3
+    """Keep the newest this many checkpoints, delete older ones (0: keep all)."""
     eval_k: int = 8
     """Samples per evaluation prompt (avg@k, pass@k; paper: 8 at T = 0.5, top-p 0.7)."""
     reward_workers: int = 4

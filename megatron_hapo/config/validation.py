@@ -82,12 +82,32 @@ def _check_run(config: Config, errors: list[str]) -> None:
         errors.append(
             f"train.mini_batch_prompts={t.mini_batch_prompts} must divide train.prompts_per_step={t.prompts_per_step}"
         )
+    _in_range(errors, "train.max_consecutive_skips", t.max_consecutive_skips, 0, None)
+    _check_layout_fields(config, errors)
     shaping = config.algo.reward_shaping
     if shaping.kind == "dapo_overlong" and shaping.buffer_length > r.max_response_length:
         errors.append(
             f"algo.reward_shaping.buffer_length={shaping.buffer_length} exceeds "
             f"rollout.max_response_length={r.max_response_length}"
         )
+
+
+def _check_layout_fields(config: Config, errors: list[str]) -> None:
+    """Ranges of the model / engine / output sections (divisibility against a cluster: ``tools/plan.py``)."""
+    m, e, out = config.model, config.engine, config.output
+    for key in ("tensor_parallel", "pipeline_parallel", "micro_batch_size"):
+        _in_range(errors, f"model.{key}", getattr(m, key), 1, None)
+    if m.virtual_pipeline is not None:
+        _in_range(errors, "model.virtual_pipeline", m.virtual_pipeline, 2, None)
+    for key in ("tensor_parallel", "max_num_seqs", "cpu_kv_cache_gib"):
+        _in_range(errors, f"engine.{key}", getattr(e, key), 1, None)
+    _in_range(errors, "engine.gpu_memory_utilization", e.gpu_memory_utilization, 0.0, 1.0, low_open=True)
+    _in_range(errors, "engine.sync_tolerance", e.sync_tolerance, 0.0, None, low_open=True)
+    for key in ("eval_interval", "save_interval", "keep_last"):
+        _in_range(errors, f"output.{key}", getattr(out, key), 0, None)
+    _in_range(errors, "output.eval_k", out.eval_k, 1, None)
+    _in_range(errors, "output.reward_workers", out.reward_workers, 1, None)
+    _in_range(errors, "output.reward_timeout_s", out.reward_timeout_s, 0.0, None, low_open=True)
 
 
 def validate(config: Config) -> None:

@@ -48,7 +48,8 @@ def publish_staging(staging: Path, out_dir: Path) -> None:
     dist.barrier()
 
 
-def _copy_side_files(src: Path, dst: Path) -> None:
+def copy_side_files(src: Path, dst: Path) -> None:
+    """Copy an HF directory's config and tokenizer files (not its weights) into ``dst``."""
     dst.mkdir(parents=True, exist_ok=True)
     for name in HF_SIDE_FILES:
         if (src / name).is_file():
@@ -99,7 +100,7 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype |
             writer_start.join()
     if dist.get_rank() == 0:
         shutil.rmtree(staging, ignore_errors=True)
-        _copy_side_files(hf_dir, staging / "hf")
+        copy_side_files(hf_dir, staging / "hf")
     dist.barrier()
     dist_checkpointing.save(chunks_sharded_state_dict(chunks), str(staging))
     publish_staging(staging, out_dir)
@@ -193,7 +194,7 @@ def mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, max_shard_bytes: i
     spec = read_decoder_spec(ckpt_dir / "hf")
     reader = McoreReader(ckpt_dir)
     shutil.rmtree(staging, ignore_errors=True)
-    _copy_side_files(ckpt_dir / "hf", staging)
+    copy_side_files(ckpt_dir / "hf", staging)
     writer = _ShardWriter(staging, max_shard_bytes)
     for group in reader.groups(rules(spec, te=True), read_bytes):
         full = reader.read(group)

@@ -1,17 +1,22 @@
 """Trainer checkpoints: model + optimizer (Megatron ``dist_checkpointing``, reshardable) + the trainer's own state.
 
-A checkpoint is ``ROOT/step_XXXXXX/``: the torch_dist files of ``{"model", "optimizer"}`` and
-``trainer_state.json`` (step, the EntropyStats for the next rollout, counters). It is written into a staging
-directory and renamed into place once every rank is done; then ``ROOT/latest`` (a one-line file naming it) is
-replaced atomically. A run killed while saving leaves the previous checkpoint and pointer intact. The rollout
-is reproducible from the step alone (its seeds derive from ``train.seed`` and the step), and so is the data
-order, so these files are the whole state of a run.
+A checkpoint is ``ROOT/step_XXXXXX/``: the torch_dist files of ``{"model", "optimizer"}``,
+``trainer_state.json`` (step, the EntropyStats for the next rollout, counters, best evaluation), ``hf/`` (the
+policy's HF config and tokenizer, so ``tools/convert_mcore_to_hf.py`` exports it) and ``manifest.json`` (every
+file's size and SHA-256, :mod:`megatron_hapo.trainer.manifest`). It is written into a staging directory and
+renamed into place once every rank is done; then ``ROOT/latest`` (a one-line file naming it) is replaced
+atomically, and all but the newest ``keep_last`` checkpoints are deleted. A run killed while saving leaves the
+previous checkpoint and pointer intact; a corrupt or partial checkpoint is refused on load, naming the file,
+and the newest intact one is used instead. The rollout is reproducible from the step alone (its seeds derive
+from ``train.seed`` and the step), and so is the data order, so these files are the whole state of a run.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,17 +26,26 @@ import torch.distributed as dist
 from megatron_hapo.algos import EntropyStats
 from megatron_hapo.models.checkpoint import (
     chunks_sharded_state_dict,
+    copy_side_files,
     load_chunks_state,
     publish_staging,
     staging_dir,
 )
+from megatron_hapo.trainer.manifest import verify_manifest, write_manifest
 from megatron_hapo.trainer.step import Actor, StepState
 
+logger = logging.getLogger(__name__)
 TRAINER_STATE = "trainer_state.json"
+_STEP_DIR = re.compile(r"step_(\d{6,})")
 
 
-def save_checkpoint(root: Path, actor: Actor, state: StepState) -> Path:
-    """Model + optimizer (torch_dist) + trainer state at ``root/step_XXXXXX``; then ``root/latest`` (collective)."""
+def save_checkpoint(root: Path, actor: Actor, state: StepState, *, hf_dir: Path | None = None,
+                    keep_last: int = 0) -> Path:  # fmt: skip
+    """Model + optimizer (torch_dist) + trainer state at ``root/step_XXXXXX``; then ``root/latest`` (collective).
+
+    ``hf_dir``: the policy's HF directory, whose config and tokenizer are copied in; ``keep_last``: delete all
+    but this many newest checkpoints afterwards (0: keep all).
+    """
     from megatron.core import dist_checkpointing  # noqa: PLC0415
 
     out = root / f"step_{state.step:06d}"
@@ -53,13 +67,25 @@ def save_checkpoint(root: Path, actor: Actor, state: StepState) -> Path:
         trainer_state = {"step": state.step, "entropy_stats": stats, "skipped_updates": state.skipped_updates,
                          "eval_best": state.eval_best}  # fmt: skip
         _write_synced(staging / TRAINER_STATE, json.dumps(trainer_state))
+        if hf_dir is not None:
+            copy_side_files(Path(hf_dir), staging / "hf")
+    write_manifest(staging)
     publish_staging(staging, out)
     if dist.get_rank() == 0:
         pointer = root / ".latest.partial"
         _write_synced(pointer, out.name)
         os.replace(pointer, root / "latest")
+        if keep_last > 0:
+            for old in _step_dirs(root)[keep_last:]:
+                shutil.rmtree(old)
     dist.barrier()
     return out
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    """The published checkpoints under ``root``, newest first."""
+    found = [p for p in root.glob("step_*") if p.is_dir() and _STEP_DIR.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(p.name.removeprefix("step_")), reverse=True)
 
 
 def _write_synced(path: Path, text: str) -> None:
@@ -70,14 +96,23 @@ def _write_synced(path: Path, text: str) -> None:
 
 
 def latest_checkpoint(root: Path) -> Path | None:
-    """The checkpoint ``root/latest`` names, or ``None`` for a fresh run (no pointer yet)."""
+    """The newest intact checkpoint under ``root``: the one ``root/latest`` names when it verifies, else the newest
+    older one that does, with a warning naming what was wrong (collective). ``None`` for a fresh run; an error
+    when checkpoints exist but none is intact."""
     pointer = root / "latest"
-    if not pointer.is_file():
-        return None
-    path = root / pointer.read_text().strip()
-    if not (path / TRAINER_STATE).is_file():
-        raise FileNotFoundError(f"{pointer} names {path.name}, which is missing or incomplete")
-    return path
+    named = root / pointer.read_text().strip() if pointer.is_file() else None
+    candidates = ([named] if named is not None else []) + [p for p in _step_dirs(root) if p != named]
+    refused = []
+    for candidate in candidates:
+        problems = verify_manifest(candidate) if candidate.is_dir() else [f"{candidate.name}: missing"]
+        if not problems:
+            if refused:
+                logger.warning("refused %s; resuming from %s instead", "; ".join(refused), candidate.name)
+            return candidate
+        refused.append("; ".join(problems))
+    if refused:
+        raise RuntimeError(f"no intact checkpoint under {root}: {'; '.join(refused)}")
+    return None
 
 
 def read_trainer_state(checkpoint: Path) -> StepState:

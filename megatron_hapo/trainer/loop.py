@@ -40,6 +40,13 @@ class LoopSettings:
     """Evaluate every this many steps (0: never; the last step is always evaluated when eval prompts exist)."""
     save_interval: int = 0
     """Checkpoint every this many steps (0: only at the end)."""
+    keep_last: int = 0
+    """Keep only this many newest checkpoints (0: all)."""
+    model_dir: Path | None = None
+    """The policy's HF directory: its config and tokenizer go into every checkpoint (exportable to HF)."""
+    max_consecutive_skips: int = 0
+    """Stop the run (last good checkpoint intact) after this many steps in a row whose every update was skipped
+    for a non-finite gradient norm (0: never)."""
     eval_settings: EvalSettings = field(default_factory=EvalSettings)
 
 
@@ -51,6 +58,17 @@ def learning_rate(step: int, *, peak: float, warmup_steps: int) -> float:
 def _set_lr(optimizer: Any, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def _check_skips(state: StepState, metrics: dict, limit: int) -> None:
+    """Count steps whose every optimizer step was skipped; raise once ``limit`` of them come in a row."""
+    skipped_all = metrics.get("optimizer_steps", 0) > 0 and metrics["updates_skipped"] == metrics["optimizer_steps"]
+    state.consecutive_skips = state.consecutive_skips + 1 if skipped_all else 0
+    if limit and state.consecutive_skips >= limit:
+        raise FloatingPointError(
+            f"{state.consecutive_skips} steps in a row had only non-finite gradient norms (last: step "
+            f"{state.step - 1}); stopping with the last checkpoint intact. Lower optim.lr or check the data"
+        )
 
 
 def train(actor: Actor, engine: Any, score: Scorer, config: Any, settings: LoopSettings, *,
@@ -68,7 +86,7 @@ def train(actor: Actor, engine: Any, score: Scorer, config: Any, settings: LoopS
     if per_step > len(prompts):
         raise ValueError(f"train.prompts_per_step={per_step} exceeds the {len(prompts)} prompts available")
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(config.train.seed)).tolist()
-    writer = MetricsWriter(settings.run_dir, enabled=dist.get_rank() == 0)
+    writer = MetricsWriter(settings.run_dir, enabled=dist.get_rank() == 0, first_step=state.step)
     tracker = BestAndFinal(f"avg@{settings.eval_settings.k}")
     if state.eval_best is not None:  # a resumed run keeps the best evaluation so far
         tracker.best, tracker.best_step = state.eval_best
@@ -87,6 +105,7 @@ def train(actor: Actor, engine: Any, score: Scorer, config: Any, settings: LoopS
                               answers=[answers[i] for i in picked], config=config, state=state,
                               guide_engine=guide_engine)  # fmt: skip
             metrics["lr"] = lr
+            _check_skips(state, metrics, settings.max_consecutive_skips)
             progress.update()
             progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics['accuracy']:.3f}")
             last = state.step == total
@@ -98,7 +117,8 @@ def train(actor: Actor, engine: Any, score: Scorer, config: Any, settings: LoopS
             writer.write(step, metrics)
             stop = any_rank(should_stop is not None and should_stop())
             if last or stop or (settings.save_interval and state.step % settings.save_interval == 0):
-                save_checkpoint(settings.run_dir / "checkpoints", actor, state)
+                save_checkpoint(settings.run_dir / "checkpoints", actor, state, hf_dir=settings.model_dir,
+                                keep_last=settings.keep_last)  # fmt: skip
             if stop and not last:
                 state.stopped = True
                 break

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,13 +25,21 @@ class MetricsWriter:
     """Writes ``metrics.jsonl`` and TensorBoard events under ``run_dir`` (rank 0 only)."""
 
     def __init__(self, run_dir: str | Path, *, enabled: bool = True, wandb_project: str | None = None,
-                 config: dict[str, Any] | None = None) -> None:  # fmt: skip
+                 config: dict[str, Any] | None = None, first_step: int = 0) -> None:  # fmt: skip
+        """``first_step``: a resumed run's step; rows of that step or later (written after the checkpoint it
+        resumes from, by the run that was killed) are dropped from ``metrics.jsonl`` so that no step repeats."""
         self.run_dir, self.enabled = Path(run_dir), enabled
         self._jsonl = self._tensorboard = self._wandb = None
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = (self.run_dir / "metrics.jsonl").open("a")
+        path = self.run_dir / "metrics.jsonl"
+        if path.is_file():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] < first_step]
+            staged = path.with_suffix(".jsonl.partial")
+            staged.write_text("".join(f"{line}\n" for line in kept))
+            os.replace(staged, path)
+        self._jsonl = path.open("a")
         from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415  (needs the tensorboard package)
 
         self._tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"))

@@ -94,6 +94,8 @@ class StepState:
     """``(best evaluation value, its step)`` so far (kept across a resume)."""
     stopped: bool = False
     """The loop stopped early on request (a signal), after saving a checkpoint."""
+    consecutive_skips: int = 0
+    """Steps in a row whose every update was skipped (non-finite gradient norm)."""
     metrics: list[dict] = field(default_factory=list)
 
 
