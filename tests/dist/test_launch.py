@@ -24,6 +24,7 @@ pytest.importorskip("vllm", reason="the rollout engine needs vLLM (scripts/setup
 def _overrides(model: Path, data: Path, steps: int) -> list[str]:
     return [
         f"model.path={model}", "model.dtype=float32", "model.recompute=none", "model.micro_batch_size=4",
+        "model.transformer_engine=false",
         f"data.train_file={data}", "data.eval_file=null", "rollout.num_samples_per_prompt=4",
         "rollout.max_prompt_length=32", "rollout.max_response_length=6", "algo.reward_shaping.buffer_length=2",
         "train.prompts_per_step=4", "train.mini_batch_prompts=2", f"train.total_steps={steps}", "optim.lr=1e-4",

