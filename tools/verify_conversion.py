@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "megatron.pt")
         run_local_ranks(_rank, args.tp, args, tokens, out)
-        megatron = torch.load(out)
+        megatron = torch.load(out, weights_only=True)
     diff = float((megatron["logits"] - hf_logits).abs().max())
     log_p, log_q = torch.log_softmax(hf_logits, -1), torch.log_softmax(megatron["logits"], -1)
     kl = float((log_p.exp() * (log_p - log_q)).sum(-1).mean())

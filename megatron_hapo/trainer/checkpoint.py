@@ -1,7 +1,8 @@
 """Trainer checkpoints: model + optimizer (Megatron ``dist_checkpointing``, reshardable) + the trainer's own state.
 
 A checkpoint is ``ROOT/step_XXXXXX/``: the torch_dist files of ``{"model", "optimizer"}``,
-``trainer_state.json`` (step, the EntropyStats for the next rollout, counters, best evaluation), ``hf/`` (the
+``trainer_state.json`` (step, the EntropyStats for the next rollout, counters, best evaluation), ``rng/`` (every
+rank's Python, NumPy and torch generator states), ``hf/`` (the
 policy's HF config and tokenizer, so ``tools/convert_mcore_to_hf.py`` exports it) and ``manifest.json`` (every
 file's size and SHA-256, :mod:`megatron_hapo.trainer.manifest`). It is written into a staging directory and
 renamed into place once every rank is done; then ``ROOT/latest`` (a one-line file naming it) is replaced
@@ -16,11 +17,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 import torch.distributed as dist
 
 from megatron_hapo.algos import EntropyStats
@@ -31,7 +35,7 @@ from megatron_hapo.models.checkpoint import (
     publish_staging,
     staging_dir,
 )
-from megatron_hapo.trainer.manifest import verify_manifest, write_manifest
+from megatron_hapo.trainer.manifest import rank_world, verify_manifest, write_manifest
 from megatron_hapo.trainer.step import Actor, StepState
 
 logger = logging.getLogger(__name__)
@@ -62,6 +66,7 @@ def save_checkpoint(root: Path, actor: Actor, state: StepState, *, hf_dir: Path 
     model_state = chunks_sharded_state_dict(actor.chunks)
     payload = {"model": model_state, "optimizer": actor.optimizer.sharded_state_dict(model_state)}
     dist_checkpointing.save(payload, str(staging))
+    write_rng_state(staging)
     if dist.get_rank() == 0:
         stats = None if state.stats is None else state.stats.as_floats()
         trainer_state = {"step": state.step, "entropy_stats": stats, "skipped_updates": state.skipped_updates,
@@ -137,4 +142,42 @@ def load_checkpoint(checkpoint: Path, actor: Actor) -> StepState:
     loaded = dist_checkpointing.load(request, str(checkpoint))
     load_chunks_state(actor.chunks, loaded["model"], checkpoint)
     actor.optimizer.load_state_dict(loaded["optimizer"])
+    restore_rng_state(checkpoint)
     return read_trainer_state(checkpoint)
+
+
+def _rng_path(directory: Path, rank: int, world: int) -> Path:
+    return directory / "rng" / f"rank_{rank:05d}_of_{world:05d}.json"
+
+
+def write_rng_state(directory: Path) -> None:
+    """This rank's Python, NumPy and torch CPU generators (and CUDA's on a GPU) as JSON."""
+    rank, world = rank_world()
+    numpy_state = np.random.get_state()
+    state = {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+        "torch": torch.get_rng_state().tolist(),
+        "cuda": torch.cuda.get_rng_state().tolist() if torch.cuda.is_available() else None,
+    }
+    path = _rng_path(directory, rank, world)
+    path.parent.mkdir(exist_ok=True)
+    _write_synced(path, json.dumps(state))
+
+
+def restore_rng_state(checkpoint: Path) -> None:
+    """Restore this rank's generators when the checkpoint was saved by as many ranks (else keep them, warned)."""
+    rank, world = rank_world()
+    path = _rng_path(checkpoint, rank, world)
+    if not path.is_file():
+        logger.warning("%s has no random state for %d ranks (saved with another world size); generators keep "
+                       "their seeds", checkpoint.name, world)  # fmt: skip
+        return
+    state = json.loads(path.read_text())
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))

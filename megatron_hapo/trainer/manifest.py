@@ -34,13 +34,14 @@ def _listing(directory: Path) -> list[str]:
     return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
-def _rank_world() -> tuple[int, int]:
+def rank_world() -> tuple[int, int]:
+    """``(rank, world size)`` of the default process group; ``(0, 1)`` without one."""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 def write_manifest(directory: Path) -> None:
     """Hash every file of ``directory`` (shared over the ranks) and write ``manifest.json`` (collective)."""
-    rank, world = _rank_world()
+    rank, world = rank_world()
     if world > 1:
         dist.barrier()  # every rank's files are complete
     names = _listing(directory)
@@ -60,7 +61,7 @@ def write_manifest(directory: Path) -> None:
 
 def verify_manifest(directory: Path) -> list[str]:
     """What is wrong with the checkpoint ``directory`` (empty: intact); the same list on every rank (collective)."""
-    rank, world = _rank_world()
+    rank, world = rank_world()
     problems: list[str] = []
     manifest = directory / MANIFEST
     if not manifest.is_file():

@@ -46,7 +46,7 @@ def _logits(rank: int, world: int, root: Path, tp: int, pp: int, out: Path) -> N
     megatron_cpu.initialize_model_parallel(tp, pp)
     errors = {}
     for family in FAMILIES:
-        reference = torch.load(root / family / "reference.pt")
+        reference = torch.load(root / family / "reference.pt", weights_only=True)
         spec, chunks = load_mcore(root / f"{family}-mcore-tp1pp1")
         logits = _megatron_logits(spec, None, reference["tokens"], chunks=chunks)
         err = torch.tensor([-1.0 if logits is None else float((logits - reference["logits"]).abs().max())])
@@ -181,7 +181,7 @@ def _vpp_round(rank: int, world: int, root: Path, out: Path) -> None:
 
     megatron_cpu.initialize_model_parallel(1, 2, 2)
     hf_to_mcore(root / "deep", root / "deep-mcore-vpp")  # saved from four chunks on two stages
-    reference = torch.load(root / "deep" / "reference.pt")
+    reference = torch.load(root / "deep" / "reference.pt", weights_only=True)
     errors = {}
     for tp, pp, vpp in ((2, 1, None), (1, 2, 2)):
         megatron_cpu.initialize_model_parallel(tp, pp, vpp)

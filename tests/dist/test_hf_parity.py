@@ -93,7 +93,7 @@ def _layouts(rank: int, world: int, root: Path, layouts: list[tuple[int, int]], 
     for tp, pp in layouts:
         megatron_cpu.initialize_model_parallel(tp, pp)
         for family in FAMILIES:
-            reference = torch.load(root / family / "reference.pt")
+            reference = torch.load(root / family / "reference.pt", weights_only=True)
             logits = _megatron_logits(read_decoder_spec(root / family), root / family, reference["tokens"])
             err = torch.tensor([-1.0 if logits is None else float((logits - reference["logits"]).abs().max())])
             dist.all_reduce(err, op=dist.ReduceOp.MAX)

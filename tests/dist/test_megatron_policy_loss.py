@@ -190,7 +190,7 @@ def _relative_errors(result: dict, expected: dict) -> tuple[float, float]:
 
 
 def _layouts(rank: int, world: int, reference_file: Path, layouts: list[tuple], out: Path) -> None:
-    reference = torch.load(reference_file, weights_only=False)
+    reference = torch.load(reference_file, weights_only=True)
     report = []
     for tp, pp, vpp in layouts:
         init_megatron(tp, pp, vpp)

@@ -65,3 +65,19 @@ def test_nothing_intact_is_an_error_not_a_fresh_start(tmp_path: Path, faults) ->
         latest_checkpoint(tmp_path)
     faults.survive(fault)
     assert latest_checkpoint(tmp_path / "fresh") is None  # no checkpoints at all: a fresh run
+
+
+def test_random_state_round_trips(tmp_path: Path) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    from megatron_hapo.trainer.checkpoint import restore_rng_state, write_rng_state
+
+    random.seed(3), np.random.seed(3), torch.manual_seed(3)
+    write_rng_state(tmp_path)
+    first = (random.random(), float(np.random.rand()), float(torch.rand(())))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    restore_rng_state(tmp_path)
+    assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == first

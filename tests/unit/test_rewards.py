@@ -1,11 +1,9 @@
 """Math answer rules (DAPO's "Answer:" line, boxed answers) and the verifier worker pool's limits."""
 
-import os
-import time
 
 import pytest
 
-from megatron_hapo.rewards import RewardWorkers, boxed_math_score, dapo_math_score, last_boxed, normalize_answer
+from megatron_hapo.rewards import boxed_math_score, dapo_math_score, last_boxed, normalize_answer
 
 
 @pytest.mark.parametrize(("response", "truth", "correct"), [
@@ -35,32 +33,6 @@ def test_boxed_answers() -> None:
     assert boxed_math_score("thus \\boxed{\\frac{1}{2}}.", "\\boxed{\\frac12}").correct
     assert not boxed_math_score("thus \\boxed{3}", "4").correct
     assert normalize_answer("\\text{(A)}") == "(A)"
-
-
-def _verify(kind: str) -> float:
-    if kind == "raise":
-        raise ValueError("bad input")
-    if kind == "hang":
-        time.sleep(60)
-    if kind == "die":
-        os._exit(3)
-    if kind == "memory":
-        return len(bytearray(4 * 2**30))  # beyond the 1 GiB address-space limit
-    return 1.0
-
-
-def test_workers_survive_hangs_crashes_errors_and_memory_blowups() -> None:
-    workers = RewardWorkers(_verify, workers=2, timeout_s=2.0, memory_mb=1024, failure_value=-1.0)
-    try:
-        start = time.monotonic()
-        outcomes = workers.map([("ok",), ("raise",), ("hang",), ("die",), ("memory",), ("ok",)])
-        assert time.monotonic() - start < 20  # the hang cost one time limit, not 60 s
-        assert [o.status for o in outcomes] == ["ok", "error", "timeout", "crash", "error", "ok"]
-        assert [o.value for o in outcomes] == [1.0, -1.0, -1.0, -1.0, -1.0, 1.0]
-        assert workers.map([("ok",)] * 3)[2].value == 1.0  # replaced workers serve again
-        assert workers.counts == {"ok": 5, "error": 2, "timeout": 1, "crash": 1}
-    finally:
-        workers.close()
 
 
 def test_modular_sum_task() -> None:
