@@ -81,6 +81,9 @@ def test_sigkill_and_resume_is_bit_identical(tiny_llama: Path, tmp_path: Path, r
     stderr = resumed.communicate(timeout=900)[1]
     assert resumed.returncode == 0, stderr[-3000:]
     assert "resumed from" in stderr, stderr[-3000:]
+    recorded = [row["step"] for row in _rows(tmp_path / "killed")]
+    for step in sorted(set(range(STEPS)) - set(recorded)):
+        faults.lose(f"metrics of step {step}")
     assert _rows(tmp_path / "killed") == _rows(tmp_path / "straight")  # every step once, same numbers
     final = f"checkpoints/step_{STEPS:06d}"
     a = _weights(tmp_path / "straight" / final, tmp_path / "hf_a")
