@@ -1,6 +1,6 @@
 """The whole RL stack on a CPU: a tiny Llama learns modular addition with real Megatron and real vLLM.
 
-    .venv/bin/python -m megatron_hapo.rl_demo [--presets hapo dapo] [--steps 80] [--warmup-steps 15] [--tp 2]
+    .venv/bin/python -m megatron_hapo.rl_demo [--presets hapo dapo] [--steps 60] [--warmup-steps 15] [--tp 2]
 
 The task (``rewards.synthetic.modular_sum_prompts``): the prompt is ``a + b =`` over ten digit tokens, the
 answer the digit of ``(a + b) mod 10``; a response is right when its first token is that digit. A random model
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["hapo", "dapo"])
-    parser.add_argument("--steps", type=int, default=80, help="RL steps per preset")
+    parser.add_argument("--steps", type=int, default=60, help="RL steps per preset")
     parser.add_argument("--warmup-steps", type=int, default=15, help="supervised warm-up steps (32 examples each)")
     parser.add_argument("--warmup-lr", type=float, default=2e-3)
     parser.add_argument("--max-addend", type=int, default=1, help="b in a + b = ranges over 0..max_addend")

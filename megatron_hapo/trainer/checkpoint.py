@@ -70,7 +70,7 @@ def save_checkpoint(root: Path, actor: Actor, state: StepState, *, hf_dir: Path 
     if dist.get_rank() == 0:
         stats = None if state.stats is None else state.stats.as_floats()
         trainer_state = {"step": state.step, "entropy_stats": stats, "skipped_updates": state.skipped_updates,
-                         "eval_best": state.eval_best}  # fmt: skip
+                         "eval_best": state.eval_best, "data_cursor": state.data_cursor}  # fmt: skip
         _write_synced(staging / TRAINER_STATE, json.dumps(trainer_state))
         if hf_dir is not None:
             copy_side_files(Path(hf_dir), staging / "hf")
@@ -126,7 +126,7 @@ def read_trainer_state(checkpoint: Path) -> StepState:
     stats = saved["entropy_stats"]
     best = saved.get("eval_best")
     return StepState(step=saved["step"], stats=None if stats is None else EntropyStats.from_floats(**stats),
-                     skipped_updates=saved["skipped_updates"],
+                     skipped_updates=saved["skipped_updates"], data_cursor=int(saved["data_cursor"]),
                      eval_best=None if best is None else (float(best[0]), int(best[1])))  # fmt: skip
 
 

@@ -17,6 +17,7 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,14 @@ def _set_lr(optimizer: Any, lr: float) -> None:
         group["lr"] = lr
 
 
+def _next_prompts(order: list[int], prompts: Sequence[list[int]], answers: Sequence[Any], state: StepState,
+                  count: int) -> tuple[list[list[int]], list[Any]]:  # fmt: skip
+    """The next ``count`` prompts of the seeded order (cycling), advancing ``state.data_cursor``."""
+    picked = [order[(state.data_cursor + i) % len(order)] for i in range(count)]
+    state.data_cursor += count
+    return [list(prompts[i]) for i in picked], [answers[i] for i in picked]
+
+
 def _check_skips(state: StepState, metrics: dict, limit: int) -> None:
     """Count steps whose every optimizer step was skipped; raise once ``limit`` of them come in a row."""
     skipped_all = metrics.get("optimizer_steps", 0) > 0 and metrics["updates_skipped"] == metrics["optimizer_steps"]
@@ -96,14 +105,13 @@ def train(actor: Actor, engine: Any, score: Scorer, config: Any, settings: LoopS
     )  # None: shown on a terminal only
     try:
         while state.step < total:
-            start = state.step * per_step % len(order)
-            picked = [order[(start + i) % len(order)] for i in range(per_step)]
             lr = learning_rate(state.step, peak=config.optim.lr, warmup_steps=config.optim.warmup_steps)
             _set_lr(actor.optimizer, lr)
             step = state.step
-            metrics = rl_step(actor, engine, score, prompts=[prompts[i] for i in picked],
-                              answers=[answers[i] for i in picked], config=config, state=state,
-                              guide_engine=guide_engine)  # fmt: skip
+            take = partial(_next_prompts, order, prompts, answers, state)
+            step_prompts, step_answers = take(per_step)
+            metrics = rl_step(actor, engine, score, prompts=step_prompts, answers=step_answers, config=config,
+                              state=state, guide_engine=guide_engine, more_prompts=take)  # fmt: skip
             metrics["lr"] = lr
             _check_skips(state, metrics, settings.max_consecutive_skips)
             progress.update()

@@ -8,6 +8,7 @@ TP x PP group, or identical seeds), so all ranks of a replica build the same bat
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from megatron_hapo.parallel.policy_loss import (
     pooled_entropy_stats,
     stats_from_last_stage,
 )
-from megatron_hapo.rollout.engine import RolloutEngine, SamplingSettings, temperature_metrics
+from megatron_hapo.rollout.engine import Response, RolloutEngine, SamplingSettings, temperature_metrics
 from megatron_hapo.rollout.weight_sync import SyncPlan, sync_weights, verify_sync
 from megatron_hapo.trainer.batch import (
     SEQUENCE_MULTIPLE,
@@ -96,6 +97,8 @@ class StepState:
     """The loop stopped early on request (a signal), after saving a checkpoint."""
     consecutive_skips: int = 0
     """Steps in a row whose every update was skipped (non-finite gradient norm)."""
+    data_cursor: int = 0
+    """Prompts of the seeded data order consumed so far (dynamic sampling may take several batches a step)."""
     metrics: list[dict] = field(default_factory=list)
 
 
@@ -186,28 +189,87 @@ def _updates(actor: Actor, config: Any, batch: UpdateBatch, n: int, step_stats: 
     return out
 
 
+#: Seed offset between generation rounds of one step (steps are 1 apart; requests add their index).
+ROUND_SEED_OFFSET = 1_000_000_007
+#: ``more_prompts(count) -> (prompts, answers)``: the next prompts of the data order, for extra generation rounds.
+PromptSource = Callable[[int], tuple[list[list[int]], list[Any]]]
+
+
+@dataclass
+class Generated:
+    """The responses of one step's generation rounds, scored and filtered."""
+
+    prompts: list[list[int]]
+    answers: list[Any]
+    responses: list[Response]
+    rewards: torch.Tensor
+    correct: torch.Tensor
+    keep: torch.Tensor
+    """``[P * n]`` bool: the groups the filter keeps, at most the step's number of prompts."""
+    rounds: int
+    sampling: SamplingSettings | None = None
+    """The first round's sampling settings (the guide policy samples like it)."""
+
+
+def _generate_rounds(engine: RolloutEngine, score: Scorer, *, prompts: Sequence[list[int]],
+                     answers: Sequence[Any], more_prompts: PromptSource | None, config: Any, state: StepState,
+                     clock: PhaseClock) -> Generated:  # fmt: skip
+    """Generate, score and filter; with a group filter (DAPO dynamic sampling, spec 1.2) generate further rounds
+    of as many new prompts until the kept groups reach the step's number of prompts (extra ones are dropped) or
+    ``algo.group_filter.max_generation_rounds`` is spent (then the step trains on what it kept, see
+    docs/ALGORITHMS.md)."""
+    algo, n, target = config.algo, config.rollout.num_samples_per_prompt, len(prompts)
+    filtering = algo.group_filter.kind != "none" and more_prompts is not None
+    limit = algo.group_filter.max_generation_rounds
+    out = Generated([], [], [], torch.zeros(0), torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.bool), 0)
+    batch, batch_answers = list(prompts), list(answers)
+    while True:
+        sampling = SamplingSettings.for_training(
+            algo.sampling, max_tokens=config.rollout.max_response_length,
+            seed=config.train.seed * 1_000_003 + state.step + out.rounds * ROUND_SEED_OFFSET,
+        )  # fmt: skip
+        out.sampling = out.sampling or sampling
+        with clock("generate"):
+            new = engine.generate(batch, n, sampling, state.stats)
+        with clock("reward"):
+            rewards, correct = score([r.token_ids for r in new], [batch_answers[r.prompt_index] for r in new])
+        offset = len(out.prompts)
+        out.responses += [dataclasses.replace(r, prompt_index=r.prompt_index + offset) for r in new]
+        out.prompts, out.answers = out.prompts + batch, out.answers + batch_answers
+        out.rewards, out.correct = torch.cat([out.rewards, rewards.float()]), torch.cat([out.correct, correct.bool()])
+        out.rounds += 1
+        group_ids = torch.arange(len(out.prompts)).repeat_interleave(n)
+        out.keep = keep_groups(algo, out.correct.float(), group_ids)
+        kept = out.keep.view(-1, n)[:, 0].nonzero().flatten()
+        if not filtering or len(kept) >= target or (limit > 0 and out.rounds >= limit):
+            break
+        batch, batch_answers = more_prompts(target)
+    per_group = out.keep.view(-1, n)  # a view: clearing rows clears out.keep
+    per_group[kept[target:]] = False  # exactly the step's number of groups, as verl truncates
+    return out
+
+
 def rl_step(actor: Actor, engine: RolloutEngine, score: Scorer, *, prompts: Sequence[list[int]],
-            answers: Sequence[Any], config: Any, state: StepState,
-            guide_engine: RolloutEngine | None = None) -> dict:  # fmt: skip
+            answers: Sequence[Any], config: Any, state: StepState, guide_engine: RolloutEngine | None = None,
+            more_prompts: PromptSource | None = None) -> dict:  # fmt: skip
     """One RL step on ``prompts``; returns its metrics and advances ``state`` (statistics for the next rollout).
 
-    ``guide_engine`` serves the frozen guide policy of mixed-policy algorithms (``algo.guide_policy.kind``).
+    ``guide_engine`` serves the frozen guide policy of mixed-policy algorithms (``algo.guide_policy.kind``);
+    ``more_prompts`` supplies the further generation rounds of dynamic sampling (without it: one round).
     """
     algo, rollout, n = config.algo, config.rollout, config.rollout.num_samples_per_prompt
     check_loss_setup(algo, actor.groups)  # refuse an unsupported composition before spending a rollout on it
     check_guide_setup(algo, guide_engine)
     clock = PhaseClock()
-    sampling = SamplingSettings.for_training(algo.sampling, max_tokens=rollout.max_response_length,
-                                             seed=config.train.seed * 1_000_003 + state.step)  # fmt: skip
-    with clock("generate"):
-        responses = engine.generate(prompts, n, sampling, state.stats)
+    generated = _generate_rounds(engine, score, prompts=prompts, answers=answers, more_prompts=more_prompts,
+                                 config=config, state=state, clock=clock)  # fmt: skip
+    prompts, answers, responses = generated.prompts, generated.answers, generated.responses
+    rewards, correct, keep = generated.rewards, generated.correct, generated.keep
     packed = pack_rollout(
         prompts, responses, pad_id=0, max_response_length=rollout.max_response_length, width_multiple=SEQUENCE_MULTIPLE
     )
     check_same_on_ranks("the rollout batch", packed.tokens, actor.groups.dp)
     group_ids = torch.arange(len(prompts)).repeat_interleave(n)
-    with clock("reward"):
-        rewards, correct = score([r.token_ids for r in responses], [answers[i] for i in group_ids.tolist()])
     lengths = packed.response_mask.sum(-1)
     with clock("old_log_prob"):
         old_log_prob, entropy, last_stage = _forward_only(actor, packed)
@@ -218,11 +280,11 @@ def rl_step(actor: Actor, engine: RolloutEngine, score: Scorer, *, prompts: Sequ
                **entropy_stats_metrics(stats)}  # fmt: skip
     mismatch = rollout_mismatch_metrics(old_log_prob, packed.rollout_log_prob, packed.mask & last_stage)
     metrics.update({name: float(value) for name, value in mismatch.items()})
-    keep = keep_groups(algo, correct.float(), group_ids)
     metrics["kept_groups"] = float(keep.view(len(prompts), n)[:, 0].sum())
+    metrics["generation_rounds"] = float(generated.rounds)
     with clock("guide") if guide_engine is not None else contextlib.nullcontext():
         guide = guide_rollout(guide_engine, score, prompts=prompts, answers=answers, correct=correct.bool(), n=n,
-                              sampling=sampling, config=config)  # fmt: skip
+                              sampling=generated.sampling, config=config)  # fmt: skip
     if guide is not None:
         metrics["guide_groups"] = float(len(guide.routed_prompts))
         metrics["guide_accuracy"] = float(guide.correct.float().mean())

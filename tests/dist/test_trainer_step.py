@@ -155,6 +155,9 @@ def test_rl_steps_end_to_end(tiny_llama: Path, tmp_path: Path, repo_root: Path, 
     for metrics in (first, second):
         assert metrics["kept_groups"] >= 1 and torch.isfinite(torch.tensor(metrics["loss"])), metrics
         assert metrics["optimizer_steps"] == -(-metrics["kept_groups"] // 2), metrics  # mini-batches of 2 prompts
+        assert metrics["kept_groups"] <= 4 and 1 <= metrics["generation_rounds"] <= 10, metrics
+        if preset == "hapo":  # no group filter: one round of exactly the step's prompts
+            assert metrics["generation_rounds"] == 1 and metrics["kept_groups"] == 4, metrics
         assert metrics["sync_probe_error"] <= 1e-4 and metrics["mismatch_max_abs_log_ratio"] < 1e-3, metrics
     assert "temperature_mean" not in first  # no statistics before the first update
     assert ("temperature_mean" in second) == (preset == "hapo"), second
