@@ -1,6 +1,5 @@
 """Math answer rules (DAPO's "Answer:" line, boxed answers) and the verifier worker pool's limits."""
 
-
 import pytest
 
 from megatron_hapo.rewards import boxed_math_score, dapo_math_score, last_boxed, normalize_answer
