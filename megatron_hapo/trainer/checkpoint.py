@@ -9,7 +9,8 @@ renamed into place once every rank is done; then ``ROOT/latest`` (a one-line fil
 atomically, and all but the newest ``keep_last`` checkpoints are deleted. A run killed while saving leaves the
 previous checkpoint and pointer intact; a corrupt or partial checkpoint is refused on load, naming the file,
 and the newest intact one is used instead. The rollout is reproducible from the step alone (its seeds derive
-from ``train.seed`` and the step), and so is the data order, so these files are the whole state of a run.
+from ``train.seed``, the step and the generation round), and the data order from the saved data cursor, so these
+files are the whole state of a run.
 """
 
 from __future__ import annotations

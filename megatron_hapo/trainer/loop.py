@@ -8,7 +8,8 @@
         if asked to stop (a signal before a time limit): checkpoint and return
 
 Checkpoints (:mod:`megatron_hapo.trainer.checkpoint`) hold everything a resumed run needs; the prompt order is
-seeded and indexed by the step, so ``train(..., state=load_checkpoint(...))`` continues where the run stopped.
+seeded and read from ``state.data_cursor`` (saved with the checkpoint), so ``train(...,
+state=load_checkpoint(...))`` continues where the run stopped.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ def learning_rate(step: int, *, peak: float, warmup_steps: int) -> float:
     return peak * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else peak
 
 
-def _set_lr(optimizer: Any, lr: float) -> None:
+def set_learning_rate(optimizer: Any, lr: float) -> None:
+    """Set ``lr`` on every parameter group of ``optimizer`` (the RL loop and the supervised warm-up)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
 
@@ -106,7 +108,7 @@ def train(actor: Actor, engine: Any, score: Scorer, config: Any, settings: LoopS
     try:
         while state.step < total:
             lr = learning_rate(state.step, peak=config.optim.lr, warmup_steps=config.optim.warmup_steps)
-            _set_lr(actor.optimizer, lr)
+            set_learning_rate(actor.optimizer, lr)
             step = state.step
             take = partial(_next_prompts, order, prompts, answers, state)
             step_prompts, step_answers = take(per_step)

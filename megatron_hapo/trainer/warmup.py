@@ -18,6 +18,7 @@ from megatron_hapo.parallel.policy_loss import SupervisedStep
 from megatron_hapo.parallel.token_mean import global_denominator
 from megatron_hapo.rollout.engine import Response, RolloutEngine
 from megatron_hapo.trainer.batch import SEQUENCE_MULTIPLE, PackedRollout, microbatches, pack_rollout
+from megatron_hapo.trainer.loop import set_learning_rate
 from megatron_hapo.trainer.step import Actor, sync_and_verify
 
 
@@ -30,8 +31,7 @@ def supervised_warmup(actor: Actor, engine: RolloutEngine | None, examples: Sequ
     """
     if not examples or steps <= 0:
         raise ValueError(f"the warm-up needs examples and steps > 0, got {len(examples)} examples, {steps} steps")
-    for group in actor.optimizer.param_groups:
-        group["lr"] = lr
+    set_learning_rate(actor.optimizer, lr)
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
     width = max(len(answer) for _, answer in examples)
     losses = []
