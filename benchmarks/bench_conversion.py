@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from megatron_hapo.models import HFCheckpoint
 from megatron_hapo.models.checkpoint import hf_to_mcore, mcore_to_hf
-from megatron_hapo.parallel import megatron_cpu
+from megatron_hapo.parallel import runtime
 from megatron_hapo.parallel.local_launch import run_local_ranks
 
 
@@ -51,8 +51,8 @@ def _plain_copy(src: Path, dst: Path) -> float:
 
 def _convert(rank: int, world: int, src: Path, work: Path, out: Path) -> None:
     """Both directions twice in one process: the first pays Megatron's one-off writer start-up, the second not."""
-    megatron_cpu.quiet_logs()
-    megatron_cpu.initialize_model_parallel(1, 1)
+    runtime.quiet_logs()
+    runtime.initialize_model_parallel(1, 1)
     times = []
     for run in ("first", "second"):
         start = time.perf_counter()

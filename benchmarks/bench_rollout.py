@@ -79,14 +79,14 @@ def _decode(engine, prompts, sampling, stats) -> float:  # noqa: ANN001
 def _rank(rank: int, world: int, args: argparse.Namespace, model_dir: Path, out: Path) -> None:
     from megatron_hapo.algos import EntropyStats  # noqa: PLC0415
     from megatron_hapo.models import HFCheckpoint, build_gpt, load_hf_weights, read_decoder_spec  # noqa: PLC0415
-    from megatron_hapo.parallel import megatron_cpu  # noqa: PLC0415
+    from megatron_hapo.parallel import runtime  # noqa: PLC0415
     from megatron_hapo.parallel.policy_loss import ParallelGroups  # noqa: PLC0415
     from megatron_hapo.rollout import SamplingSettings  # noqa: PLC0415
     from megatron_hapo.rollout.vllm_engine import VLLMConfig, VLLMEngine  # noqa: PLC0415
     from megatron_hapo.rollout.weight_sync import build_sync_plan  # noqa: PLC0415
 
-    megatron_cpu.quiet_logs()
-    megatron_cpu.initialize_model_parallel(1, 1)
+    runtime.quiet_logs()
+    runtime.initialize_model_parallel(1, 1)
     spec = read_decoder_spec(model_dir)
     chunks = build_gpt(spec)
     load_hf_weights(chunks, spec, HFCheckpoint(model_dir).__getitem__, tp_rank=0, tp_size=1)

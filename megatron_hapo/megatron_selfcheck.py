@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from functools import partial
@@ -24,11 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megatron_hapo.algos import SAMPLING, AdvantageInputs, compute_advantages, keep_groups, shape_rewards
-from megatron_hapo.parallel import megatron_cpu
+from megatron_hapo.parallel import runtime
 from megatron_hapo.parallel.collectives import gather_vocab_shards
 from megatron_hapo.parallel.policy_loss import (
     LogProbEntropyStep,
@@ -112,11 +112,11 @@ def _rl_step(chunks: list, optim: torch.optim.Optimizer, config: Any, stats: Any
 
 
 def _rank_main(rank: int, world: int, args: dict, result_file: str) -> None:
-    megatron_cpu.quiet_logs()
+    runtime.quiet_logs()
     from megatron_hapo.models import TinyGPTShape, build_tiny_gpt  # noqa: PLC0415
 
-    dist.init_process_group("gloo", init_method=f"file://{result_file}.rdv", rank=rank, world_size=world)
-    megatron_cpu.initialize_model_parallel(tp=world, seed=args["seed"])
+    runtime.join_process_group("gloo", init_method=f"file://{result_file}.rdv", rank=rank, world_size=world)
+    runtime.initialize_model_parallel(tp=world, seed=args["seed"])
     config = toy_config(Path(args["config"]), args["overrides"])
     torch.manual_seed(args["seed"])
     shape = TinyGPTShape(vocab_size=ToyTask.vocab, seq_length=1 + ToyTask.max_len, num_layers=2)
@@ -128,7 +128,7 @@ def _rank_main(rank: int, world: int, args: dict, result_file: str) -> None:
         accuracy.append(acc)
     if rank == 0:
         Path(result_file).write_text(json.dumps(accuracy))
-    dist.destroy_process_group()
+    runtime.leave_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-gain", type=float, default=0.2, help="required accuracy gain (last 5 - first 5)")
     parser.add_argument("--seed", type=int, default=0)
     args, overrides = parser.parse_known_args(argv)
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # a CPU self-check: its ranks take the CPU path even on a GPU node
     with tempfile.TemporaryDirectory() as tmp:
         result_file = str(Path(tmp) / "accuracy.json")
         settings = {**vars(args), "overrides": overrides}

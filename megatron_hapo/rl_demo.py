@@ -56,7 +56,7 @@ def _rank(rank: int, world: int, args: argparse.Namespace, preset: str, dirs: tu
 
     from megatron_hapo.config import load_config  # noqa: PLC0415
     from megatron_hapo.models import HFCheckpoint, build_gpt, load_hf_weights, read_decoder_spec  # noqa: PLC0415
-    from megatron_hapo.parallel import megatron_cpu  # noqa: PLC0415
+    from megatron_hapo.parallel import runtime  # noqa: PLC0415
     from megatron_hapo.parallel.policy_loss import ParallelGroups  # noqa: PLC0415
     from megatron_hapo.rewards import RewardWorkers, first_token_equals, modular_sum_prompts  # noqa: PLC0415
     from megatron_hapo.rollout.vllm_engine import VLLMConfig, VLLMEngine  # noqa: PLC0415
@@ -67,8 +67,8 @@ def _rank(rank: int, world: int, args: argparse.Namespace, preset: str, dirs: tu
     from megatron_hapo.trainer.warmup import supervised_warmup  # noqa: PLC0415
 
     model_dir, run_dir = dirs
-    megatron_cpu.quiet_logs()
-    megatron_cpu.initialize_model_parallel(world, 1, seed=args.seed)
+    runtime.quiet_logs()
+    runtime.initialize_model_parallel(world, 1, seed=args.seed)
     config = load_config(PRESET_DIR / f"{preset}.yaml", [
         "rollout.num_samples_per_prompt=8", "rollout.max_response_length=4", "algo.reward_shaping.buffer_length=2",
         "train.prompts_per_step=16", "train.mini_batch_prompts=8", f"train.total_steps={args.steps}",

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 logger = logging.getLogger("megatron_hapo.train")
 #: Exit status of a run that stopped on a signal after checkpointing: the launch scripts requeue on it.
@@ -87,39 +86,6 @@ def _prompts(config: Any, tokenizer: Any, path: str | None) -> tuple[list[list[i
     return encoded.token_ids, [e.answer for e in encoded.examples]
 
 
-def _actor(config: Any) -> Any:
-    """The Megatron model of ``model.path`` for this rank's layout, its optimizer and the sync plan."""
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: PLC0415
-
-    from megatron_hapo.models import HFCheckpoint, build_gpt, load_hf_weights, read_decoder_spec  # noqa: PLC0415
-    from megatron_hapo.models.precision import FP8Config  # noqa: PLC0415
-    from megatron_hapo.parallel.policy_loss import ParallelGroups  # noqa: PLC0415
-    from megatron_hapo.rollout.weight_sync import build_sync_plan  # noqa: PLC0415
-    from megatron_hapo.trainer.step import Actor  # noqa: PLC0415
-
-    model, optim = config.model, config.optim
-    spec = read_decoder_spec(model.path)
-    dtype = getattr(torch, model.dtype)
-    # PP2 x VPP with batched P2P gives wrong gradients (parallel.policy_loss.check_pipeline_schedule)
-    overrides: dict[str, Any] = {"batch_p2p_comm": False} if model.virtual_pipeline else {}
-    if model.recompute == "full":
-        overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    te = model.transformer_engine or model.fp8 is not None
-    fp8 = FP8Config(fp8=model.fp8, recipe=model.fp8_recipe) if model.fp8 else None
-    chunks = build_gpt(spec, ddp=True, dtype=dtype, bf16=dtype == torch.bfloat16, te=te, fp8=fp8, **overrides)
-    groups = ParallelGroups.from_megatron()
-    tp_rank = dist.get_rank(groups.tp) if groups.tp is not None else 0
-    load_hf_weights(chunks, spec, HFCheckpoint(model.path).__getitem__, tp_rank=tp_rank, tp_size=model.tensor_parallel,
-                    te=te)  # fmt: skip
-    optimizer = get_megatron_optimizer(OptimizerConfig(
-        optimizer="adam", lr=optim.lr, weight_decay=optim.weight_decay, clip_grad=optim.grad_clip,
-        adam_beta1=optim.betas[0], adam_beta2=optim.betas[1], params_dtype=dtype, bf16=dtype == torch.bfloat16,
-    ), chunks)  # fmt: skip
-    plan = build_sync_plan(chunks, spec, groups, bucket_bytes=512 * 2**20)
-    return Actor(chunks, optimizer, spec, groups, plan, probe=[], micro_batch_size=model.micro_batch_size,
-                 sync_tolerance=config.engine.sync_tolerance)  # fmt: skip
-
-
 def _setup_logging(rank: int) -> None:
     """megatron_hapo's INFO messages on rank 0 (warnings on every rank), in each rank's own process."""
     package = logging.getLogger("megatron_hapo")
@@ -137,35 +103,27 @@ def _rank(rank: int, world: int, config: Any) -> bool:
     _setup_logging(rank)
     import transformers  # noqa: PLC0415
 
-    from megatron_hapo.parallel import megatron_cpu  # noqa: PLC0415
+    from megatron_hapo.parallel import runtime  # noqa: PLC0415
     from megatron_hapo.rewards import RewardWorkers  # noqa: PLC0415
     from megatron_hapo.rewards.math_answer import math_reward  # noqa: PLC0415
-    from megatron_hapo.rollout.vllm_engine import VLLMConfig, VLLMEngine  # noqa: PLC0415
+    from megatron_hapo.rollout.weight_sync import sync_probe  # noqa: PLC0415
+    from megatron_hapo.trainer.actor import build_actor  # noqa: PLC0415
     from megatron_hapo.trainer.evaluation import EvalSettings  # noqa: PLC0415
     from megatron_hapo.trainer.loop import LoopSettings, train  # noqa: PLC0415
     from megatron_hapo.trainer.step import worker_scorer  # noqa: PLC0415
 
     model, out = config.model, config.output
-    megatron_cpu.quiet_logs()
-    megatron_cpu.initialize_model_parallel(model.tensor_parallel, model.pipeline_parallel, model.virtual_pipeline,
-                                           seed=config.train.seed)  # fmt: skip
+    runtime.quiet_logs()
+    runtime.initialize_model_parallel(model.tensor_parallel, model.pipeline_parallel, model.virtual_pipeline,
+                                      seed=config.train.seed)  # fmt: skip
     tokenizer = transformers.AutoTokenizer.from_pretrained(model.path)
     prompts, answers = _prompts(config, tokenizer, config.data.train_file)
     eval_prompts, eval_answers = _prompts(config, tokenizer, config.data.eval_file)
     if not prompts:
         raise ValueError(f"{config.data.train_file}: no prompt fits rollout.max_prompt_length")
-    actor = _actor(config)
-    actor.probe = prompts[0][:32]
-    engine_cfg = config.engine
-    max_len = config.rollout.max_prompt_length + config.rollout.max_response_length
-    engine = VLLMEngine(model.path, VLLMConfig(
-        tensor_parallel_size=engine_cfg.tensor_parallel, max_model_len=max_len, max_num_seqs=engine_cfg.max_num_seqs,
-        gpu_memory_utilization=engine_cfg.gpu_memory_utilization, cpu_kv_cache_gib=engine_cfg.cpu_kv_cache_gib,
-        dtype=model.dtype if engine_cfg.dtype == "auto" else engine_cfg.dtype, seed=config.train.seed,
-    ))  # fmt: skip
-    guide = None
-    if config.algo.guide_policy.kind != "none":
-        guide = VLLMEngine(config.algo.guide_policy.model_path, engine.config)
+    actor = build_actor(config)
+    actor.probe = sync_probe(prompts)
+    engine, guide = _engines(config)
     reward = partial(math_reward, rule=config.data.reward, math_verify=config.data.math_verify)
     workers = RewardWorkers(reward, workers=out.reward_workers, timeout_s=out.reward_timeout_s,
                             failure_value=(-1.0, False))  # fmt: skip
@@ -204,16 +162,36 @@ def _resume(actor: Any, engine: Any, root: Path) -> Any:
     return state
 
 
+def _engines(config: Any) -> tuple[Any, Any]:
+    """The policy's rollout engine and, for mixed-policy algorithms, the frozen guide's (else ``None``).
+
+    The guide engine is built while the policy engine sleeps and is put to sleep itself: each engine's start-up
+    memory check then sees the memory the other one hands back, and each wakes only for its own rollouts.
+    """
+    from megatron_hapo.rollout.factory import make_engine  # noqa: PLC0415
+
+    model = config.model
+    build = partial(make_engine, engine=config.engine, dtype=model.dtype, seed=config.train.seed,
+                    max_model_len=config.rollout.max_prompt_length + config.rollout.max_response_length)  # fmt: skip
+    engine = build(model.path)
+    if config.algo.guide_policy.kind == "none":
+        return engine, None
+    engine.sleep()
+    guide = build(config.algo.guide_policy.model_path)
+    guide.sleep()
+    engine.wake_up()
+    return engine, guide
+
+
 def _joined_rank(config: Any) -> bool:
     """Join the launcher's process group (torchrun / srun environment) and run this rank; whether it stopped."""
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend)
+    from megatron_hapo.parallel import runtime  # noqa: PLC0415
+
+    runtime.join_process_group()  # NCCL on cuda:LOCAL_RANK, gloo on CPU
     try:
-        return _rank(dist.get_rank(), dist.get_world_size(), config)
+        return _rank(runtime.rank(), runtime.world_size(), config)
     finally:
-        dist.destroy_process_group()
+        runtime.leave_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,15 +19,15 @@ import torch
 from tqdm import tqdm
 
 from megatron_hapo.models.checkpoint import hf_to_mcore
-from megatron_hapo.parallel import megatron_cpu
+from megatron_hapo.parallel import runtime
 from megatron_hapo.parallel.local_launch import run_local_ranks
 
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _rank(rank: int, world: int, args: argparse.Namespace) -> None:
-    megatron_cpu.quiet_logs()
-    megatron_cpu.initialize_model_parallel(args.tp, args.pp)
+    runtime.quiet_logs()
+    runtime.initialize_model_parallel(args.tp, args.pp)
     bar = tqdm(desc="tensors read", unit="t", disable=rank != 0)
     progress = (lambda _name: bar.update(1)) if rank == 0 else None
     spec = hf_to_mcore(args.hf_dir, args.out, dtype=DTYPES[args.dtype], progress=progress)

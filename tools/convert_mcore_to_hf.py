@@ -19,7 +19,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from megatron_hapo.models.checkpoint import mcore_to_hf
-from megatron_hapo.parallel import megatron_cpu
+from megatron_hapo.parallel import runtime
 from megatron_hapo.parallel.local_launch import run_local_ranks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -27,8 +27,8 @@ from convert_hf_to_mcore import DTYPES
 
 
 def _rank(rank: int, world: int, args: argparse.Namespace) -> None:
-    megatron_cpu.quiet_logs()
-    megatron_cpu.initialize_model_parallel(1, 1)
+    runtime.quiet_logs()
+    runtime.initialize_model_parallel(1, 1)
     bar = tqdm(desc="tensors written", unit="t")
     mcore_to_hf(args.ckpt, args.out, max_shard_bytes=int(args.max_shard_gb * 2**30), dtype=DTYPES[args.dtype],
                 read_bytes=int(args.read_gb * 2**30), progress=bar.update)  # fmt: skip

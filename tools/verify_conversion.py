@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from megatron_hapo.models.checkpoint import load_mcore
-from megatron_hapo.parallel import megatron_cpu
+from megatron_hapo.parallel import runtime
 from megatron_hapo.parallel.collectives import gather_vocab_shards
 from megatron_hapo.parallel.local_launch import run_local_ranks
 
@@ -44,9 +44,10 @@ def _prompts(hf_dir: Path, texts: list[str], length: int) -> torch.Tensor:
 
 def _megatron_greedy(chunks: list, tokens: torch.Tensor, steps: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logits of the prompt [P, S, V], greedy continuation [P, steps])`` (TP1 / PP1 model, gathered vocab)."""
-    from megatron.core import parallel_state as mpu  # noqa: PLC0415
+    from megatron_hapo.parallel.policy_loss import ParallelGroups  # noqa: PLC0415
 
-    model, group = chunks[0], mpu.get_tensor_model_parallel_group()
+    model, group = chunks[0], ParallelGroups.from_megatron().tp
+    tokens = tokens.to(runtime.rank_device())
     with torch.no_grad():
         first = None
         for _ in range(steps):
@@ -54,12 +55,12 @@ def _megatron_greedy(chunks: list, tokens: torch.Tensor, steps: int, vocab: int)
             logits = gather_vocab_shards(model(tokens, positions, None), group)[..., :vocab]
             first = logits if first is None else first
             tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return first, tokens[:, -steps:]
+    return first.cpu(), tokens[:, -steps:].cpu()
 
 
 def _rank(rank: int, world: int, args: argparse.Namespace, tokens: torch.Tensor, out: str) -> None:
-    megatron_cpu.quiet_logs()
-    megatron_cpu.initialize_model_parallel(args.tp, 1)
+    runtime.quiet_logs()
+    runtime.initialize_model_parallel(args.tp, 1)
     spec, chunks = load_mcore(args.ckpt, dtype=torch.float32)
     logits, greedy = _megatron_greedy(chunks, tokens, args.steps, spec.vocab_size)
     if rank == 0:

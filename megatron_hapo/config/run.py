@@ -106,8 +106,13 @@ class DataConfig:
 
 @dataclass(kw_only=True, slots=True)
 class EngineConfig:
-    """The colocated vLLM rollout engine."""
+    """The colocated rollout engine (vLLM, or Hugging Face transformers where vLLM is not installed)."""
 
+    kind: Literal["vllm", "hf"] = "vllm"
+    """``vllm``: vLLM (``tensor_parallel`` ranks per engine); ``hf``: a transformers model with its own decode
+    loop, a whole copy in each rank (``tensor_parallel`` must be 1), with vLLM's sampling, adaptive temperature and
+    raw log-probs (``megatron_hapo.rollout.hf_engine``; ``max_num_seqs`` is its batch size, the KV-cache and
+    memory settings do not apply)."""
     tensor_parallel: int = 1
     """Ranks per engine (consecutive ranks; independent of the trainer's layout)."""
     max_num_seqs: int = 256

@@ -103,6 +103,9 @@ def _check_layout_fields(config: Config, errors: list[str]) -> None:
         _in_range(errors, f"engine.{key}", getattr(e, key), 1, None)
     _in_range(errors, "engine.gpu_memory_utilization", e.gpu_memory_utilization, 0.0, 1.0, low_open=True)
     _in_range(errors, "engine.sync_tolerance", e.sync_tolerance, 0.0, None, low_open=True)
+    if e.kind == "hf" and e.tensor_parallel != 1:
+        errors.append(f"engine.kind=hf keeps a whole model in each rank: set engine.tensor_parallel=1 "
+                      f"(got {e.tensor_parallel})")  # fmt: skip
     for key in ("eval_interval", "save_interval", "keep_last"):
         _in_range(errors, f"output.{key}", getattr(out, key), 0, None)
     _in_range(errors, "output.eval_k", out.eval_k, 1, None)

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import save_file
 
 from megatron_hapo.models.hf_config import DecoderSpec, read_decoder_spec
@@ -27,6 +26,7 @@ from megatron_hapo.models.loading import load_hf_weights, unwrap
 from megatron_hapo.models.mapping import Rule, rules, to_hf
 from megatron_hapo.models.mcore_reader import McoreReader
 from megatron_hapo.models.provider import build_gpt
+from megatron_hapo.parallel import runtime
 
 #: Files copied alongside the weights (config and tokenizer), when present.
 HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -42,10 +42,10 @@ def staging_dir(out_dir: Path) -> Path:
 
 def publish_staging(staging: Path, out_dir: Path) -> None:
     """Rank 0 renames the staging directory once every rank is done."""
-    dist.barrier()
-    if dist.get_rank() == 0:
+    runtime.barrier()
+    if runtime.rank() == 0:
         staging.rename(out_dir)
-    dist.barrier()
+    runtime.barrier()
 
 
 def copy_side_files(src: Path, dst: Path) -> None:
@@ -65,16 +65,14 @@ def config_dtype(model_dir: Path) -> torch.dtype:
 
 def _load_everywhere(chunks: list, spec: DecoderSpec, reader: Callable) -> set[str]:
     """Load on every rank; an error on any rank is raised on all of them (no rank is left in a collective)."""
-    from megatron.core import parallel_state as mpu  # noqa: PLC0415
-
-    tp_rank, tp_size = mpu.get_tensor_model_parallel_rank(), mpu.get_tensor_model_parallel_world_size()
+    layout = runtime.model_parallel_layout()
+    tp_rank, tp_size = layout.tp_rank, layout.tp
     used, error = set(), None
     try:
         used = load_hf_weights(chunks, spec, reader, tp_rank=tp_rank, tp_size=tp_size)
     except (ValueError, KeyError) as exc:
         error = str(exc)
-    results: list = [None] * dist.get_world_size()
-    dist.all_gather_object(results, (used, error))
+    results = runtime.all_gather_objects((used, error))
     if errors := [e for _, e in results if e]:
         raise ValueError(errors[0])
     return set().union(*(u for u, _ in results))
@@ -98,10 +96,10 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype |
     finally:  # a process must not exit while the writer's helper process is half-started (its exit would hang)
         if writer_start is not None:
             writer_start.join()
-    if dist.get_rank() == 0:
+    if runtime.rank() == 0:
         shutil.rmtree(staging, ignore_errors=True)
         copy_side_files(hf_dir, staging / "hf")
-    dist.barrier()
+    runtime.barrier()
     dist_checkpointing.save(chunks_sharded_state_dict(chunks), str(staging))
     publish_staging(staging, out_dir)
     return spec
@@ -187,7 +185,7 @@ def mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, max_shard_bytes: i
     each safetensors shard is written as soon as it holds ``max_shard_bytes``, so peak memory is about one
     shard plus one read group. ``progress(n)`` is called with the number of HF tensors after each group.
     """
-    if dist.get_world_size() != 1:
+    if runtime.world_size() != 1:
         raise ValueError("mcore_to_hf runs on one rank (it reads full tensors straight from the checkpoint)")
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     staging = staging_dir(out_dir)

@@ -2,8 +2,8 @@
 
 ``fp8`` selects the format (``e4m3`` everywhere, or ``hybrid``: e4m3 forward, e5m2 gradients); ``recipe`` the
 scaling (``delayed`` / ``tensorwise``: Hopper and newer; ``blockwise``: Hopper only in TE 2.x; ``mxfp8``:
-Blackwell). The first and last ``bf16_layers_*`` layers stay in bf16 (not with ``delayed``, which Megatron
-refuses). Checks run on CPU too: dimension divisibility, recipe vs the GPU's compute capability, the layer
+Blackwell). The first and last ``bf16_layers_*`` layers stay in bf16 (one each by default; none with
+``delayed``, for which Megatron refuses them). Checks run on CPU too: dimension divisibility, recipe vs the GPU's compute capability, the layer
 counts vs the pipeline stages; each error names the setting.
 """
 
@@ -31,10 +31,16 @@ class FP8Config:
     """FP8 format, or None for no FP8."""
     recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "tensorwise"
     """Scaling recipe."""
-    bf16_layers_start: int = 1
-    """Leading transformer layers kept in bf16 (0: none)."""
-    bf16_layers_end: int = 1
-    """Trailing transformer layers kept in bf16 (0: none)."""
+    bf16_layers_start: int | None = None
+    """Leading transformer layers kept in bf16 (0: none; ``None``: 1, or 0 with ``delayed``, which cannot)."""
+    bf16_layers_end: int | None = None
+    """Trailing transformer layers kept in bf16 (0: none; ``None``: 1, or 0 with ``delayed``, which cannot)."""
+
+    def bf16_layers(self) -> tuple[int, int]:
+        """``(leading, trailing)`` bf16 layers with the defaults resolved for the recipe."""
+        default = 0 if self.recipe == "delayed" else 1
+        start, end = self.bf16_layers_start, self.bf16_layers_end
+        return (default if start is None else start), (default if end is None else end)
 
 
 def check_fp8(cfg: FP8Config, spec: DecoderSpec, *, pp: int = 1, capability: tuple[int, int] | None) -> None:
@@ -53,11 +59,11 @@ def check_fp8(cfg: FP8Config, spec: DecoderSpec, *, pp: int = 1, capability: tup
     for name, value in (("hidden_size", spec.hidden_size), ("intermediate_size", spec.ffn_hidden_size)):
         if value % multiple:
             raise ValueError(f"{name}={value} must be a multiple of {multiple} for fp8 recipe {cfg.recipe}")
-    keep_bf16 = cfg.bf16_layers_start + cfg.bf16_layers_end
-    if keep_bf16 and cfg.recipe == "delayed":
+    start, end = cfg.bf16_layers()
+    if start + end and cfg.recipe == "delayed":  # Megatron's TransformerConfig raises the same
         raise ValueError("fp8 recipe delayed cannot keep first / last layers in bf16; set bf16_layers_* to 0")
     per_stage = spec.num_layers // pp
-    if max(cfg.bf16_layers_start, cfg.bf16_layers_end) > per_stage:
+    if max(start, end) > per_stage:
         raise ValueError(f"bf16_layers_start / end exceed the {per_stage} layers of a pipeline stage")
 
 
@@ -65,11 +71,11 @@ def fp8_transformer_settings(cfg: FP8Config) -> dict[str, Any]:
     """The ``TransformerConfig`` fields of ``cfg`` (empty without FP8)."""
     if cfg.fp8 is None:
         return {}
-    keep = cfg.bf16_layers_start + cfg.bf16_layers_end > 0
+    start, end = cfg.bf16_layers()
     return {
         "fp8": cfg.fp8,
         "fp8_recipe": cfg.recipe,
-        "first_last_layers_bf16": keep,
-        "num_layers_at_start_in_bf16": cfg.bf16_layers_start,
-        "num_layers_at_end_in_bf16": cfg.bf16_layers_end,
+        "first_last_layers_bf16": start + end > 0,
+        "num_layers_at_start_in_bf16": start,
+        "num_layers_at_end_in_bf16": end,
     }

@@ -14,46 +14,50 @@ import torch
 
 from megatron_hapo.models.hf_config import DecoderSpec
 from megatron_hapo.models.precision import FP8Config, check_fp8, fp8_transformer_settings
+from megatron_hapo.parallel.runtime import model_parallel_layout, on_gpu, rank_device
 
 
 def build_chunks(config: Any, make_model: Callable[[int | None, bool, bool], torch.nn.Module], *,
                  dtype: torch.dtype, ddp: bool) -> list[torch.nn.Module]:  # fmt: skip
-    """One model per virtual stage of the initialised ``parallel_state``.
+    """One model per virtual stage of the initialised model-parallel layout, on this rank's device.
 
-    ``make_model(vp_stage, pre_process, post_process)`` builds one chunk from ``config``.
+    ``make_model(vp_stage, pre_process, post_process)`` builds one chunk from ``config``. As Megatron-LM's
+    ``get_model``, each chunk is moved to this rank's device before the DDP wrap: Megatron's DDP puts its grad
+    buffer on the current device and its optimizer refuses parameters elsewhere. With 16-bit parameters the
+    gradients are accumulated and reduced in float32 (Megatron-LM forces this for bf16): summed in bf16 over many
+    micro-batches they would lose the small contributions.
     """
-    from megatron.core import parallel_state as mpu  # noqa: PLC0415  (megatron imported only when building)
-    from megatron.core.distributed import (  # noqa: PLC0415
+    from megatron.core.distributed import (  # noqa: PLC0415  (megatron imported only when building)
         DistributedDataParallel,
         DistributedDataParallelConfig,
         finalize_model_grads,
     )
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset  # noqa: PLC0415
 
-    vpp = mpu.get_virtual_pipeline_model_parallel_world_size()
+    layout = model_parallel_layout()
+    device = rank_device()
     chunks = []
-    for stage in range(vpp) if vpp else [None]:
-        first = mpu.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
-        last = mpu.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
-        model = make_model(stage, first, last).to(dtype)  # local-spec norms are built in float32 whatever the dtype
+    for stage in range(layout.vpp) if layout.vpp else [None]:
+        model = make_model(stage, layout.first_stage(stage), layout.last_stage(stage))
+        model = model.to(device=device, dtype=dtype)  # local-spec norms are built in float32 whatever the dtype
         if ddp:
-            ddp_config = DistributedDataParallelConfig()
+            ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=dtype in (torch.bfloat16, torch.float16))
             model = DistributedDataParallel(config, ddp_config, model, disable_bucketing=bool(stage))
         model.layer_offset = get_transformer_layer_offset(config, vp_stage=stage)
         chunks.append(model)
     if ddp:
         config.finalize_model_grads_func = finalize_model_grads
-        config.no_sync_func = [chunk.no_sync for chunk in chunks] if vpp else chunks[0].no_sync
+        config.no_sync_func = [chunk.no_sync for chunk in chunks] if layout.vpp else chunks[0].no_sync
     return chunks
 
 
 def transformer_config(spec: DecoderSpec, *, dtype: torch.dtype = torch.float32, **overrides: Any) -> Any:
-    """The Megatron ``TransformerConfig`` of ``spec`` for the initialised ``parallel_state`` (CPU-safe fusions)."""
-    from megatron.core import parallel_state as mpu  # noqa: PLC0415
+    """The Megatron ``TransformerConfig`` of ``spec`` for the initialised layout (CPU-safe fusions; parameters are
+    initialised on the GPU there, on the CPU otherwise)."""
     from megatron.core.transformer import TransformerConfig  # noqa: PLC0415
 
-    tp, pp = mpu.get_tensor_model_parallel_world_size(), mpu.get_pipeline_model_parallel_world_size()
-    vpp = mpu.get_virtual_pipeline_model_parallel_world_size()
+    layout = model_parallel_layout()
+    tp, pp, vpp = layout.tp, layout.pp, layout.vpp
     spec.check_parallel(tp=tp, pp=pp, vpp=vpp)
     settings = dict(
         num_layers=spec.num_layers, hidden_size=spec.hidden_size, num_attention_heads=spec.num_attention_heads,
@@ -62,7 +66,7 @@ def transformer_config(spec: DecoderSpec, *, dtype: torch.dtype = torch.float32,
         activation_func=torch.nn.functional.silu, add_bias_linear=False, add_qkv_bias=spec.qkv_bias,
         qk_layernorm=spec.qk_norm, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp, params_dtype=dtype, pipeline_dtype=dtype,
-        use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0, bias_activation_fusion=False,
+        use_cpu_initialization=not on_gpu(), hidden_dropout=0.0, attention_dropout=0.0, bias_activation_fusion=False,
         bias_dropout_fusion=False, masked_softmax_fusion=False, gradient_accumulation_fusion=False,
         persist_layer_norm=False, apply_rope_fusion=False,
     )  # fmt: skip
@@ -77,21 +81,20 @@ def build_gpt(spec: DecoderSpec, *, dtype: torch.dtype = torch.float32, te: bool
 
     ``fp8`` (with ``te=True`` on a CUDA GPU) turns on FP8 through Transformer Engine after :func:`check_fp8`.
     """
-    from megatron.core import parallel_state as mpu  # noqa: PLC0415
     from megatron.core.models.gpt import GPTModel, gpt_layer_specs  # noqa: PLC0415
 
     if fp8 is not None and fp8.fp8 is not None:
         if not te:
             raise ValueError("fp8 needs the Transformer Engine layer spec: build with te=True")
         capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
-        check_fp8(fp8, spec, pp=mpu.get_pipeline_model_parallel_world_size(), capability=capability)
+        check_fp8(fp8, spec, pp=model_parallel_layout().pp, capability=capability)
         config_overrides = {**fp8_transformer_settings(fp8), **config_overrides}
     config = transformer_config(spec, dtype=dtype, **config_overrides)
     if te:
         layer_spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.qk_norm)
     else:
         layer_spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm")
-    vocab = spec.padded_vocab_size(mpu.get_tensor_model_parallel_world_size(), make_vocab_size_divisible_by)
+    vocab = spec.padded_vocab_size(model_parallel_layout().tp, make_vocab_size_divisible_by)
 
     def make_model(stage: int | None, first: bool, last: bool) -> torch.nn.Module:
         return GPTModel(

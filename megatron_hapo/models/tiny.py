@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_hapo.models.provider import build_chunks
+from megatron_hapo.parallel.runtime import model_parallel_layout
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,7 +45,7 @@ def build_tiny_gpt(
     batch_p2p_comm: bool = True,
     seed: int | None = None,
 ) -> list[torch.nn.Module]:
-    """The model chunks of this rank for the initialised ``megatron.core.parallel_state``.
+    """The model chunks of this rank for the initialised model-parallel layout (on this rank's device).
 
     Args:
         shape: dimensions.
@@ -58,19 +59,18 @@ def build_tiny_gpt(
         One module per virtual pipeline stage (one without VPP); each has a ``layer_offset`` attribute, the
         global index of its first transformer layer.
     """
-    from megatron.core import parallel_state as mpu  # noqa: PLC0415  (megatron imported only when building)
-    from megatron.core.models.gpt import GPTModel  # noqa: PLC0415
+    from megatron.core.models.gpt import GPTModel  # noqa: PLC0415  (megatron imported only when building)
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: PLC0415
     from megatron.core.transformer import TransformerConfig  # noqa: PLC0415
 
     if seed is not None:
         torch.manual_seed(seed)
+    layout = model_parallel_layout()
     config = TransformerConfig(
         num_layers=shape.num_layers, hidden_size=shape.hidden_size, num_attention_heads=shape.num_attention_heads,
         num_query_groups=shape.num_query_groups, ffn_hidden_size=shape.ffn_hidden_size,
-        tensor_model_parallel_size=mpu.get_tensor_model_parallel_world_size(),
-        pipeline_model_parallel_size=mpu.get_pipeline_model_parallel_world_size(),
-        virtual_pipeline_model_parallel_size=mpu.get_virtual_pipeline_model_parallel_world_size(),
+        tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp,
         batch_p2p_comm=batch_p2p_comm, params_dtype=dtype, pipeline_dtype=dtype, use_cpu_initialization=True,
         hidden_dropout=0.0, attention_dropout=0.0, bias_dropout_fusion=False, masked_softmax_fusion=False,
         gradient_accumulation_fusion=False, calculate_per_token_loss=calculate_per_token_loss,

@@ -182,11 +182,18 @@ def prepare_inputs(
     *,
     dtype: torch.dtype,
     vocab_local: int,
+    device: torch.device,
 ) -> tuple[torch.Tensor, list[Chunk]]:
-    """Validate the replicated inputs; returns ``(temperature [N] in dtype, the kept tokens' chunks)``."""
+    """Validate the replicated inputs; returns ``(temperature [N] in dtype on device, the kept tokens' chunks)``.
+
+    ``device`` is the compute device (the logits' / output weight's); targets and mask must already be there
+    (the trainer moves each micro-batch to its rank's device once), a temperature tensor is moved there."""
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 (or None for automatic), got {chunk_size}")
-    temp = torch.as_tensor(temperature, device=targets.device).to(dtype).expand(targets.shape[0])
+    for name, tensor in (("targets", targets), ("mask", mask)):
+        if tensor is not None and tensor.device != device:
+            raise ValueError(f"{name} on {tensor.device} but the logits on {device}: move the micro-batch first")
+    temp = torch.as_tensor(temperature).to(device=device, dtype=dtype).expand(targets.shape[0])
     keep = torch.ones_like(targets, dtype=torch.bool) if mask is None else mask.bool()
     rows = keep.nonzero().squeeze(-1)
     kept_targets = targets.index_select(0, rows)

@@ -1,9 +1,15 @@
-"""The few collective helpers the parallel layer shares; a ``None`` group means "this rank alone"."""
+"""The few collective helpers the parallel layer shares; a ``None`` group means "this rank alone".
+
+Each helper allocates on the device its group's backend needs (:func:`runtime.collective_device`: CUDA for
+NCCL, CPU for gloo) and hands results back on the caller's device, so a caller never has to know the backend.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+from megatron_hapo.parallel.runtime import collective_device
 
 
 def group_rank_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
@@ -14,9 +20,17 @@ def group_rank_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
 
 
 def all_reduce(tensor: torch.Tensor, op: dist.ReduceOp, group: dist.ProcessGroup | None) -> torch.Tensor:
-    """In-place all-reduce of ``tensor`` over ``group`` (a no-op for ``None`` or one rank); returns ``tensor``."""
+    """In-place all-reduce of ``tensor`` over ``group`` (a no-op for ``None`` or one rank); returns ``tensor``.
+
+    A tensor on another device than the backend's is staged there and copied back."""
     if group_rank_size(group)[1] > 1:
-        dist.all_reduce(tensor, op=op, group=group)
+        device = collective_device(group)
+        if tensor.device == device:
+            dist.all_reduce(tensor, op=op, group=group)
+        else:
+            staged = tensor.to(device)
+            dist.all_reduce(staged, op=op, group=group)
+            tensor.copy_(staged)
     return tensor
 
 
@@ -25,9 +39,11 @@ def gather_vocab_shards(local: torch.Tensor, group: dist.ProcessGroup | None) ->
     _, size = group_rank_size(group)
     if size == 1:
         return local
-    pieces = [torch.empty_like(local) for _ in range(size)]
-    dist.all_gather(pieces, local.contiguous(), group=group)
-    return torch.cat(pieces, dim=-1)
+    device = collective_device(group)
+    staged = local.to(device).contiguous()
+    pieces = [torch.empty_like(staged) for _ in range(size)]
+    dist.all_gather(pieces, staged, group=group)
+    return torch.cat(pieces, dim=-1).to(local.device)
 
 
 def objects_from_last_stage(value: object, pp_group: dist.ProcessGroup | None) -> object:
@@ -52,7 +68,7 @@ def check_same_on_ranks(name: str, tensor: torch.Tensor, group: dist.ProcessGrou
     flat = tensor.reshape(-1).to(torch.float64)
     weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64).remainder(9973) + 1
     checksum = torch.stack([(flat * weights).sum(), torch.tensor(float(flat.numel()), dtype=torch.float64)])
-    device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+    device = collective_device(group)
     low, high = checksum.to(device), checksum.clone().to(device)
     dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
     dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
@@ -65,6 +81,6 @@ def any_rank(flag: bool, group: dist.ProcessGroup | None = None) -> bool:
     """Whether ``flag`` is set on any rank of ``group`` (the default group: the whole job); collective."""
     if not dist.is_initialized():
         return flag
-    value = torch.tensor([1.0 if flag else 0.0], device="cuda" if dist.get_backend(group) == "nccl" else "cpu")
+    value = torch.tensor([1.0 if flag else 0.0], device=collective_device(group))
     dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
     return bool(value.item())

@@ -113,7 +113,7 @@ def fused_logprob_entropy(
     _, tp_size = group_rank_size(tp_group)
     vocab = real_vocab(vocab_size, weight.shape[0] * tp_size)
     temp, chunks = prepare_inputs(targets, vocab, temperature, mask, chunk_size, dtype=compute_dtype(weight.dtype),
-                                  vocab_local=weight.shape[0])  # fmt: skip
+                                  vocab_local=weight.shape[0], device=weight.device)  # fmt: skip
     return _FusedOutputLogProbEntropy.apply(
         hidden, weight, targets.long(), temp, chunks, tp_group, with_entropy_grad, vocab_size
     )

@@ -1,25 +1,50 @@
-"""Run a function on ``world`` local CPU processes joined by a gloo process group (tools and self-checks)."""
+"""Run a function on ``world`` local processes joined by one process group (tools, self-checks, ``--local-ranks``).
+
+On a machine with at least ``world`` GPUs each rank takes ``cuda:<rank>`` and the group is NCCL, exactly as
+under ``torchrun``; otherwise the ranks run on the CPU over gloo (with CUDA hidden from them when there are too
+few GPUs, so that every rank takes the CPU path of :mod:`megatron_hapo.parallel.runtime`).
+"""
 
 from __future__ import annotations
 
+import logging
+import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
+import torch
 import torch.multiprocessing as mp
+
+from megatron_hapo.parallel import runtime
+
+logger = logging.getLogger(__name__)
 
 
 def _entry(rank: int, world: int, rendezvous: str, body: Callable[..., None], args: tuple) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    os.environ[runtime.LOCAL_RANK_ENV] = str(rank)
+    runtime.join_process_group(init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
         body(rank, world, *args)
     finally:
-        dist.destroy_process_group()
+        runtime.leave_process_group()
 
 
 def run_local_ranks(body: Callable[..., None], world: int, *args: Any) -> None:
     """Call the module-level ``body(rank, world, *args)`` on ``world`` processes; a failing rank raises here."""
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_entry, args=(world, str(Path(tmp) / "rendezvous"), body, args), nprocs=world, join=True)
+    hide_gpus = torch.cuda.is_available() and torch.cuda.device_count() < world
+    if hide_gpus:
+        logger.warning("%d local ranks but %d GPUs: the ranks run on the CPU", world, torch.cuda.device_count())
+    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if hide_gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # read by the spawned children when they import torch
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            mp.spawn(_entry, args=(world, str(Path(tmp) / "rendezvous"), body, args), nprocs=world, join=True)
+    finally:
+        if hide_gpus:
+            if saved is None:
+                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = saved

@@ -1,6 +1,8 @@
 """Run Megatron-Core 0.19.2 on CPU over gloo: the patches its CUDA-only internals need, in one place.
 
-Used by the CPU tests and the CPU quickstart; never on a GPU (``install`` refuses when CUDA is available).
+A platform adapter: applied only on CPU, by the one model-parallel initialiser
+(:func:`megatron_hapo.parallel.runtime.initialize_model_parallel`); a GPU process never imports it (``install``
+refuses when CUDA is available).
 Megatron-Core uses the CUDA device, streams and RNG unconditionally in a few hundred places; on CPU each of
 these is given a CPU meaning (the facts are in ``shared/spec/CPU_STACK.md``):
 
@@ -22,8 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
-import logging
-import warnings
 from typing import Any
 
 import torch
@@ -133,27 +133,3 @@ def install() -> None:
     _patch_causal_mask()
     _CudaToCpu().__enter__()  # process-wide: never exited
     _installed = True
-
-
-def quiet_logs() -> None:
-    """Silence Megatron's import-time notices (no Apex / TE, deprecations): noise in CPU tools and checks."""
-    warnings.filterwarnings("ignore", module=r"megatron\..*")
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|absl|CUDA_DEVICE_MAX|ShardedTensor).*")
-    logging.getLogger("megatron").setLevel(logging.ERROR)
-
-
-def initialize_model_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, *, seed: int = 1234) -> None:
-    """Patch this CPU process, then (re)initialise Megatron's model-parallel state and its RNG tracker.
-
-    The default process group (gloo) must exist; ``tp * pp`` must divide its size (the rest is DP).
-    """
-    from megatron.core import parallel_state as mpu  # noqa: PLC0415
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed  # noqa: PLC0415
-
-    install()
-    if mpu.model_parallel_is_initialized():
-        mpu.destroy_model_parallel()
-    mpu.initialize_model_parallel(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp
-    )
-    model_parallel_cuda_manual_seed(seed)

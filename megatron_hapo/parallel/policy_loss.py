@@ -32,6 +32,7 @@ from megatron_hapo.algos import EntropyStats, aggregation_terms
 from megatron_hapo.algos.compose import needs_entropy, token_policy_loss
 from megatron_hapo.algos.mixed_policy import guide_policy_surrogate
 from megatron_hapo.parallel.collectives import group_rank_size
+from megatron_hapo.parallel.runtime import collective_device
 from megatron_hapo.parallel.stats import distributed_entropy_stats, normalize_with_stats
 from megatron_hapo.parallel.token_mean import global_denominator, microbatch_loss, per_token_loss_outputs
 from megatron_hapo.parallel.vocab_parallel import vocab_parallel_logprob_entropy
@@ -92,6 +93,12 @@ class PolicyMicroBatch:
     guide_rows: torch.Tensor | None = None
     """``[B]`` bool: sequences sampled by the frozen guide policy (mixed-policy term; their ``old_log_prob`` is
     the guide's log-prob); ``None``: none."""
+
+    def to(self, device: torch.device) -> PolicyMicroBatch:
+        """This micro-batch with every tensor on ``device`` (host-to-device copies are asynchronous)."""
+        moved = {name: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+                 for name, value in vars(self).items()}  # fmt: skip
+        return PolicyMicroBatch(**moved)
 
     def masks(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(on-policy mask [B, S], guide mask [B, S] or None)``."""
@@ -169,7 +176,7 @@ def plan_minibatch(
         num_microbatches=len(microbatches),
         denominator=global_denominator([m for m, _ in split], mode, dp_group=groups.dp_cp),
         total_tokens=global_denominator([mb.mask for mb in microbatches], "token-mean", dp_group=groups.dp_cp),
-        entropy_stats=entropy_stats if scope != "microbatch" else None,
+        entropy_stats=entropy_stats.to(split[0][0].device) if scope != "microbatch" and entropy_stats else None,
         guide_denominator=global_denominator(guide_masks, mode, dp_group=groups.dp_cp) if guide else None,
     )
 
@@ -194,12 +201,12 @@ def stats_from_last_stage(stats: EntropyStats | None, pp_group: dist.ProcessGrou
             raise ValueError("a single pipeline stage must pass its statistics")
         return stats
     last = dist.get_process_group_ranks(pp_group)[-1]
-    device = "cuda" if dist.get_backend(pp_group) == "nccl" else "cpu"
+    device = collective_device(pp_group)
     values = torch.zeros(4, dtype=torch.float32, device=device)
     if stats is not None:
         values = torch.stack([stats.pivot, stats.rms, stats.scale_pos, stats.scale_neg]).float().to(device)
     dist.broadcast(values, src=last, group=pp_group)
-    return EntropyStats(*values.unbind())
+    return EntropyStats(*values.cpu().unbind())
 
 
 def _logprob_entropy(

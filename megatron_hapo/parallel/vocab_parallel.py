@@ -94,7 +94,7 @@ def vocab_parallel_logprob_entropy(
     _, tp_size = group_rank_size(tp_group)
     vocab = real_vocab(vocab_size, logits.shape[-1] * tp_size)
     temp, chunks = prepare_inputs(targets, vocab, temperature, mask, chunk_size, dtype=compute_dtype(logits.dtype),
-                                  vocab_local=logits.shape[-1])  # fmt: skip
+                                  vocab_local=logits.shape[-1], device=logits.device)  # fmt: skip
     return _VocabParallelLogProbEntropy.apply(
         logits, targets.long(), temp, chunks, tp_group, with_entropy_grad, vocab_size
     )

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_hapo.parallel.collectives import group_rank_size
+from megatron_hapo.parallel.runtime import collective_device
 
 
 def gather_shards(shard: torch.Tensor, group: dist.ProcessGroup | None) -> list[torch.Tensor]:
@@ -17,9 +18,10 @@ def gather_shards(shard: torch.Tensor, group: dist.ProcessGroup | None) -> list[
     _, size = group_rank_size(group)
     if size == 1:
         return [shard]
-    pieces = [torch.empty_like(shard) for _ in range(size)]
-    dist.all_gather(pieces, shard.contiguous(), group=group)
-    return pieces
+    staged = shard.to(collective_device(group)).contiguous()
+    pieces = [torch.empty_like(staged) for _ in range(size)]
+    dist.all_gather(pieces, staged, group=group)
+    return [piece.to(shard.device) for piece in pieces]
 
 
 def all_gather_objects(value: object, group: dist.ProcessGroup | None) -> list:
@@ -36,12 +38,14 @@ def share_from_stage(tensors: dict[str, torch.Tensor] | None, src_index: int, gr
                      device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:  # fmt: skip
     """The named tensors of group rank ``src_index`` on every rank of ``group`` (one flat broadcast per dtype).
 
-    ``tensors`` is read on the source rank only (``None`` elsewhere); receivers allocate on ``device``.
+    ``tensors`` is read on the source rank only (``None`` elsewhere); the broadcast runs on the backend's device
+    and every rank gets the tensors on ``device``.
     """
     rank, size = group_rank_size(group)
     if size == 1:
         return dict(tensors or {})
     src = dist.get_global_rank(group, src_index)
+    staging = collective_device(group)
     header = [[(name, tuple(t.shape), t.dtype) for name, t in tensors.items()] if rank == src_index else None]
     dist.broadcast_object_list(header, src=src, group=group)
     out: dict[str, torch.Tensor] = {}
@@ -49,10 +53,11 @@ def share_from_stage(tensors: dict[str, torch.Tensor] | None, src_index: int, gr
         names = [(name, shape) for name, shape, d in header[0] if d == dtype]
         numel = sum(torch.Size(shape).numel() for _, shape in names)
         if rank == src_index:
-            flat = torch.cat([tensors[name].reshape(-1) for name, _ in names])
+            flat = torch.cat([tensors[name].reshape(-1) for name, _ in names]).to(staging)
         else:
-            flat = torch.empty(numel, dtype=dtype, device=device)
+            flat = torch.empty(numel, dtype=dtype, device=staging)
         dist.broadcast(flat, src=src, group=group)
+        flat = flat.to(device)
         for (name, shape), piece in zip(names, flat.split([torch.Size(s).numel() for _, s in names]), strict=True):
             out[name] = piece.view(shape)
     return out

@@ -1,4 +1,5 @@
-"""The rollout engine protocol: generate groups of responses, take new weights, score a probe sequence.
+"""The rollout engine protocol: generate groups of responses, take new weights, score a probe sequence, and
+sleep while the trainer holds the accelerator.
 
 An engine lives in the trainer's ranks. Prompts are token ids (the trainer owns the tokenizer). Every
 response carries the engine's own log-probs of its tokens, so the trainer can measure (and optionally correct)
@@ -86,6 +87,14 @@ class RolloutEngine(Protocol):
 
     def prompt_log_probs(self, token_ids: Sequence[int]) -> torch.Tensor:
         """``[S - 1]`` float32 log-probs of ``token_ids[1:]`` given their prefixes, at temperature 1."""
+        ...
+
+    def sleep(self) -> None:
+        """Hand the engine's accelerator memory to the trainer (no-op where there is nothing to free)."""
+        ...
+
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """Take memory back: ``["weights"]``, ``["kv_cache"]`` or everything (``None``); no-op when awake."""
         ...
 
 

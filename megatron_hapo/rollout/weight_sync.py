@@ -9,19 +9,18 @@ the bucket to its engine, which cuts its own rollout-TP shard. No rank ever hold
 tensors beside its own model shard.
 
 :func:`verify_sync` compares the engine's log-probs of a fixed probe sequence with the trainer's own and raises
-:class:`WeightSyncError` on every rank when they differ by more than the tolerance, before any rollout uses the
-weights.
+:class:`WeightSyncError` on every rank when their mean multiplicative error exceeds the tolerance, before any
+rollout uses the weights.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from megatron_hapo.models.hf_config import DecoderSpec
 from megatron_hapo.models.loading import chunk_rules, unwrap, uses_te_spec
@@ -29,8 +28,12 @@ from megatron_hapo.models.mapping import to_hf
 from megatron_hapo.models.mcore_reader import checkpoint_key, pack_by_bytes
 from megatron_hapo.parallel.collectives import group_rank_size
 from megatron_hapo.parallel.policy_loss import LogProbEntropyStep, ParallelGroups, PolicyMicroBatch
+from megatron_hapo.parallel.runtime import max_over_ranks
 from megatron_hapo.parallel.weight_transfer import all_gather_objects, gather_shards, share_from_stage
 from megatron_hapo.rollout.engine import RolloutEngine
+
+#: Tokens of the sync probe (a multiple of 16: FP8 GEMMs under Transformer Engine need it).
+PROBE_TOKENS = 64
 
 
 class WeightSyncError(RuntimeError):
@@ -131,19 +134,34 @@ class SyncReport:
     buckets: int
 
 
-def sync_weights(engine: RolloutEngine, chunks: list, spec: DecoderSpec, plan: SyncPlan,
-                 groups: ParallelGroups) -> SyncReport:  # fmt: skip
-    """Push the trainer's current weights into ``engine`` (collective over the world, bucket by bucket)."""
-    start = time.perf_counter()
+def _plan_tensors(chunks: list, spec: DecoderSpec, plan: SyncPlan, groups: ParallelGroups,
+                  device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:  # fmt: skip
+    """The full HF tensors of the plan, bucket by bucket (collective between items: consume fully, in order)."""
     stage, _ = group_rank_size(groups.pp)
-    device = next(unwrap(chunks[0]).parameters()).device
     for bucket in plan.buckets:
         tensors: dict[str, torch.Tensor] = {}
         for owner in sorted({unit.stage for unit in bucket}):
             mine = [unit for unit in bucket if unit.stage == owner]
             produced = bucket_hf_tensors(mine, chunks, spec, groups.tp) if owner == stage else None
             tensors.update(share_from_stage(produced, owner, groups.pp, device))
-        engine.load_weights(list(tensors.items()))
+        yield from tensors.items()
+        del tensors  # at most one bucket of full tensors at a time
+
+
+def sync_weights(engine: RolloutEngine, chunks: list, spec: DecoderSpec, plan: SyncPlan,
+                 groups: ParallelGroups) -> SyncReport:  # fmt: skip
+    """Push the trainer's current weights into ``engine`` (collective over the world).
+
+    One ``load_weights`` call takes a lazy stream over every bucket: vLLM runs its layer-wise reload once per
+    sync (not once per bucket, which re-walked the whole model and warned for every module a bucket missed),
+    while no rank holds more than one bucket of full tensors.
+    """
+    start = time.perf_counter()
+    device = next(unwrap(chunks[0]).parameters()).device
+    stream = _plan_tensors(chunks, spec, plan, groups, device)
+    engine.load_weights(stream)
+    if next(stream, None) is not None:  # a rank that stopped early would leave the others in a collective
+        raise WeightSyncError("the engine did not consume the whole weight stream of the sync")
     return SyncReport(plan.total_bytes, time.perf_counter() - start, len(plan.buckets))
 
 
@@ -174,17 +192,39 @@ def trainer_log_probs(chunks: list, token_ids: Sequence[int], groups: ParallelGr
     return share_from_stage(produced, stages - 1, groups.pp, tokens.device)["log_prob"].cpu()
 
 
+def sync_probe(prompts: Sequence[Sequence[int]], length: int = PROBE_TOKENS) -> list[int]:
+    """A fixed probe of exactly ``length`` tokens (a multiple of 16, as FP8 GEMMs need) from the first prompts,
+    cycled when they are shorter."""
+    if length % 16 or length <= 0:
+        raise ValueError(f"probe length must be a positive multiple of 16, got {length}")
+    tokens = [int(t) for prompt in prompts for t in prompt]
+    if not tokens:
+        raise ValueError("no prompt tokens to build the weight-sync probe from")
+    return [tokens[i % len(tokens)] for i in range(length)]
+
+
+def probe_error(served: torch.Tensor, trainer: torch.Tensor) -> dict[str, float]:
+    """How far the engine's probe log-probs ``[P]`` are from the trainer's ``[P]``.
+
+    ``mult_error``: the mean multiplicative probability error ``mean(exp(|served - trainer|)) - 1`` (NeMo-RL's
+    ``token_mult_prob_error``, less one), robust to a single token that bf16 / FP8 kernels round far while any
+    wrong or missing layer moves every token; ``max_abs``: the largest absolute log-prob difference (reported).
+    """
+    diff = (served.double() - trainer.double()).abs()
+    return {"mult_error": float(diff.exp().mean() - 1), "max_abs": float(diff.max())}
+
+
 def verify_sync(engine: RolloutEngine, chunks: list, groups: ParallelGroups, probe: Sequence[int], *,
-                vocab_size: int | None, tolerance: float) -> float:  # fmt: skip
-    """Max |engine - trainer| log-prob over the probe, equal on all ranks; raises ``WeightSyncError`` above it."""
+                vocab_size: int | None, tolerance: float) -> dict[str, float]:  # fmt: skip
+    """The engine's probe error (:func:`probe_error`), worst over all ranks; raises ``WeightSyncError`` on every
+    rank when its ``mult_error`` exceeds ``tolerance`` (or is not finite)."""
     trainer = trainer_log_probs(chunks, probe, groups, vocab_size)
     served = engine.prompt_log_probs(probe)
-    worst = torch.tensor([float((served - trainer).abs().max())])
-    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-    if not float(worst) <= tolerance:  # NaN fails too
+    error = {name: max_over_ranks(value) for name, value in probe_error(served, trainer).items()}
+    if not error["mult_error"] <= tolerance:  # NaN fails too
         raise WeightSyncError(
-            f"after the weight sync the rollout engine's log-probs of the probe differ from the trainer's by "
-            f"{float(worst):.3g} (tolerance {tolerance:g}): wrong or missing weights reached the engine; "
-            f"no rollout was run with them"
+            f"after the weight sync the rollout engine's probe log-probs differ from the trainer's by a mean "
+            f"multiplicative error of {error['mult_error']:.3g} (max |diff| {error['max_abs']:.3g}; tolerance "
+            f"{tolerance:g}): wrong or missing weights reached the engine; no rollout was run with them"
         )
-    return float(worst)
+    return error

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_hapo.parallel.policy_loss import PolicyMicroBatch
+from megatron_hapo.parallel.runtime import rank_device
 from megatron_hapo.rollout.engine import Response
 
 
@@ -105,7 +106,11 @@ def microbatches(packed: PackedRollout, rows: torch.Tensor, size: int, *, old_lo
     copies of its last row whose mask is all False: they add nothing to any loss, count or statistic.
     ``all_masked`` masks every row (a data-parallel rank with no share of the mini-batch still runs one
     micro-batch, so that the gradient all-reduce has every rank).
+
+    This is the trainer's one host-to-device boundary: the step's batch lives in host memory, each
+    micro-batch is built there and moved to this rank's device (:func:`~megatron_hapo.parallel.runtime.rank_device`).
     """
+    device = rank_device()
     fill = -len(rows) % size
     rows = torch.cat([rows, rows[-1:].expand(fill)])
     real = (torch.arange(len(rows)) < len(rows) - fill) & (not all_masked)
@@ -122,5 +127,5 @@ def microbatches(packed: PackedRollout, rows: torch.Tensor, size: int, *, old_lo
             targets=targets[chunk], mask=packed.mask[chunk] & keep[:, None], old_log_prob=take(old_log_prob, chunk),
             advantages=take(advantages, chunk), loss_weights=take(loss_weights, chunk),
             guide_rows=take(guide_rows, chunk),
-        ))  # fmt: skip
+        ).to(device))  # fmt: skip
     return out

@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from megatron_hapo.algos import EntropyStats
 from megatron_hapo.models.checkpoint import (
@@ -36,6 +35,7 @@ from megatron_hapo.models.checkpoint import (
     publish_staging,
     staging_dir,
 )
+from megatron_hapo.parallel import runtime
 from megatron_hapo.trainer.manifest import rank_world, verify_manifest, write_manifest
 from megatron_hapo.trainer.step import Actor, StepState
 
@@ -54,21 +54,21 @@ def save_checkpoint(root: Path, actor: Actor, state: StepState, *, hf_dir: Path 
     from megatron.core import dist_checkpointing  # noqa: PLC0415
 
     out = root / f"step_{state.step:06d}"
-    if dist.get_rank() == 0 and out.exists():  # saved by a run killed before its pointer moved: not the latest
+    if runtime.rank() == 0 and out.exists():  # saved by a run killed before its pointer moved: not the latest
         if (root / "latest").is_file() and (root / "latest").read_text().strip() == out.name:
             raise FileExistsError(f"{out} is the latest checkpoint; the run would overwrite it")
         shutil.rmtree(out)
-    dist.barrier()
+    runtime.barrier()
     staging = staging_dir(out)
-    if dist.get_rank() == 0:
+    if runtime.rank() == 0:
         shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while saving
         staging.mkdir(parents=True)
-    dist.barrier()
+    runtime.barrier()
     model_state = chunks_sharded_state_dict(actor.chunks)
     payload = {"model": model_state, "optimizer": actor.optimizer.sharded_state_dict(model_state)}
     dist_checkpointing.save(payload, str(staging))
     write_rng_state(staging)
-    if dist.get_rank() == 0:
+    if runtime.rank() == 0:
         stats = None if state.stats is None else state.stats.as_floats()
         trainer_state = {"step": state.step, "entropy_stats": stats, "skipped_updates": state.skipped_updates,
                          "eval_best": state.eval_best, "data_cursor": state.data_cursor}  # fmt: skip
@@ -77,14 +77,14 @@ def save_checkpoint(root: Path, actor: Actor, state: StepState, *, hf_dir: Path 
             copy_side_files(Path(hf_dir), staging / "hf")
     write_manifest(staging)
     publish_staging(staging, out)
-    if dist.get_rank() == 0:
+    if runtime.rank() == 0:
         pointer = root / ".latest.partial"
         _write_synced(pointer, out.name)
         os.replace(pointer, root / "latest")
         if keep_last > 0:
             for old in _step_dirs(root)[keep_last:]:
                 shutil.rmtree(old)
-    dist.barrier()
+    runtime.barrier()
     return out
 
 

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from megatron_hapo.parallel import runtime
 from megatron_hapo.parallel.collectives import any_rank
 from megatron_hapo.trainer.checkpoint import save_checkpoint
 from megatron_hapo.trainer.evaluation import BestAndFinal, EvalSettings, evaluate
@@ -97,13 +97,13 @@ def train(actor: Actor, engine: Any, score: Scorer, config: Any, settings: LoopS
     if per_step > len(prompts):
         raise ValueError(f"train.prompts_per_step={per_step} exceeds the {len(prompts)} prompts available")
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(config.train.seed)).tolist()
-    writer = MetricsWriter(settings.run_dir, enabled=dist.get_rank() == 0, first_step=state.step)
+    writer = MetricsWriter(settings.run_dir, enabled=runtime.rank() == 0, first_step=state.step)
     tracker = BestAndFinal(f"avg@{settings.eval_settings.k}")
     if state.eval_best is not None:  # a resumed run keeps the best evaluation so far
         tracker.best, tracker.best_step = state.eval_best
     total = config.train.total_steps
     progress = tqdm(
-        total=total, initial=state.step, desc="RL steps", unit="step", disable=None if dist.get_rank() == 0 else True
+        total=total, initial=state.step, desc="RL steps", unit="step", disable=None if runtime.rank() == 0 else True
     )  # None: shown on a terminal only
     try:
         while state.step < total:
@@ -135,7 +135,7 @@ def train(actor: Actor, engine: Any, score: Scorer, config: Any, settings: LoopS
     finally:
         progress.close()
         writer.close()
-    if not math.isinf(tracker.best) and dist.get_rank() == 0:
+    if not math.isinf(tracker.best) and runtime.rank() == 0:
         summary = {"best": tracker.best, "best_step": tracker.best_step, "final": tracker.final}
         (settings.run_dir / "eval_summary.json").write_text(json.dumps({tracker.name: summary}))
     return state

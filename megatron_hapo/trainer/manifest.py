@@ -13,8 +13,7 @@ import json
 import os
 from pathlib import Path
 
-import torch.distributed as dist
-
+from megatron_hapo.parallel import runtime
 from megatron_hapo.parallel.weight_transfer import all_gather_objects
 
 MANIFEST = "manifest.json"
@@ -36,14 +35,14 @@ def _listing(directory: Path) -> list[str]:
 
 def rank_world() -> tuple[int, int]:
     """``(rank, world size)`` of the default process group; ``(0, 1)`` without one."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    return (runtime.rank(), runtime.world_size())
 
 
 def write_manifest(directory: Path) -> None:
     """Hash every file of ``directory`` (shared over the ranks) and write ``manifest.json`` (collective)."""
     rank, world = rank_world()
     if world > 1:
-        dist.barrier()  # every rank's files are complete
+        runtime.barrier()  # every rank's files are complete
     names = _listing(directory)
     mine = {name: {"bytes": (directory / name).stat().st_size, "sha256": file_digest(directory / name)}
             for name in names[rank::world]}  # fmt: skip
@@ -56,7 +55,7 @@ def write_manifest(directory: Path) -> None:
             handle.flush()
             os.fsync(handle.fileno())
     if world > 1:
-        dist.barrier()
+        runtime.barrier()
 
 
 def verify_manifest(directory: Path) -> list[str]:

@@ -122,7 +122,8 @@ class UpdateBatch:
 
 
 def _forward_only(actor: Actor, packed: PackedRollout) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Old log-probs and entropies ``[N, S]`` of the whole batch (zeros off the last stage), and whether here."""
+    """Old log-probs and entropies ``[N, S]`` of the whole batch in host memory (zeros off the last stage), and
+    whether this is the last stage."""
     from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: PLC0415
 
     mbs = microbatches(packed, torch.arange(packed.num_sequences), actor.micro_batch_size)
@@ -134,8 +135,8 @@ def _forward_only(actor: Actor, packed: PackedRollout) -> tuple[torch.Tensor, to
     if not outputs:
         return torch.zeros(packed.mask.shape), torch.zeros(packed.mask.shape), False
     count = packed.num_sequences  # the last micro-batch may be padded with masked copies
-    log_prob, entropy = (torch.cat([o[key] for o in outputs])[:count] for key in ("log_prob", "entropy"))
-    return log_prob, entropy, True
+    log_prob, entropy = (torch.cat([o[key] for o in outputs])[:count].cpu() for key in ("log_prob", "entropy"))
+    return log_prob, entropy, True  # back in host memory with the rest of the step's batch
 
 
 def _update(actor: Actor, algo: Any, batch: UpdateBatch, rows: torch.Tensor, stats: EntropyStats) -> dict:
@@ -263,6 +264,7 @@ def rl_step(actor: Actor, engine: RolloutEngine, score: Scorer, *, prompts: Sequ
     clock = PhaseClock()
     generated = _generate_rounds(engine, score, prompts=prompts, answers=answers, more_prompts=more_prompts,
                                  config=config, state=state, clock=clock)  # fmt: skip
+    engine.sleep()  # its GPU memory goes to the trainer until the weight sync
     prompts, answers, responses = generated.prompts, generated.answers, generated.responses
     rewards, correct, keep = generated.rewards, generated.correct, generated.keep
     packed = pack_rollout(
@@ -305,6 +307,7 @@ def rl_step(actor: Actor, engine: RolloutEngine, score: Scorer, *, prompts: Sequ
         state.skipped_updates += int(metrics["updates_skipped"])
         with clock("sync"):
             metrics.update(sync_and_verify(actor, engine))
+    engine.wake_up()  # (already awake after a sync) ready for the next rollout or an evaluation
     total_tokens = sum(len(prompts[r.prompt_index]) + len(r.token_ids) for r in responses)
     metrics.update(clock.metrics(response_tokens=int(lengths.sum()), total_tokens=total_tokens))
     state.stats, state.step = stats, state.step + 1
@@ -330,11 +333,17 @@ def _with_guide(batch: UpdateBatch, guide: GuideRollout | None) -> UpdateBatch:
 
 
 def sync_and_verify(actor: Actor, engine: RolloutEngine) -> dict:
-    """Push the updated weights into the engine and verify them (raises ``WeightSyncError`` on a mismatch)."""
+    """Push the updated weights into the engine and verify them (raises ``WeightSyncError`` on a mismatch).
+
+    A sleeping engine wakes its weights first and its KV cache only after the sync (verl's order: the
+    trainer's sync buffers and the KV cache never hold memory at the same time)."""
+    engine.wake_up(tags=["weights"])
     report = sync_weights(engine, actor.chunks, actor.spec, actor.sync_plan, actor.groups)
+    engine.wake_up(tags=["kv_cache"])
     error = verify_sync(engine, actor.chunks, actor.groups, actor.probe, vocab_size=actor.spec.vocab_size,
                         tolerance=actor.sync_tolerance)  # fmt: skip
-    return {"sync_seconds": report.seconds, "sync_probe_error": error}
+    return {"sync_seconds": report.seconds, "sync_probe_error": error["mult_error"],
+            "sync_probe_max_abs": error["max_abs"]}  # fmt: skip
 
 
 def _subset(packed: PackedRollout, keep: torch.Tensor) -> PackedRollout:

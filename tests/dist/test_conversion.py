@@ -20,18 +20,18 @@ FAMILIES = ("llama", "qwen2")
 
 def _convert(rank: int, world: int, root: Path, tp: int, pp: int) -> None:
     from megatron_hapo.models.checkpoint import hf_to_mcore
-    from megatron_hapo.parallel import megatron_cpu
+    from megatron_hapo.parallel import runtime
 
-    megatron_cpu.initialize_model_parallel(tp, pp)
+    runtime.initialize_model_parallel(tp, pp)
     for family in FAMILIES:
         hf_to_mcore(root / family, root / f"{family}-mcore-tp{tp}pp{pp}")
 
 
 def _export(rank: int, world: int, root: Path, layout: str, families: tuple[str, ...] = FAMILIES) -> None:
     from megatron_hapo.models.checkpoint import mcore_to_hf
-    from megatron_hapo.parallel import megatron_cpu
+    from megatron_hapo.parallel import runtime
 
-    megatron_cpu.initialize_model_parallel(1, 1)
+    runtime.initialize_model_parallel(1, 1)
     for family in families:
         mcore_to_hf(root / f"{family}-mcore-{layout}", root / f"{family}-back-{layout}", max_shard_bytes=100_000,
                     read_bytes=40_000)  # many shards, many read groups
@@ -41,9 +41,9 @@ def _logits(rank: int, world: int, root: Path, tp: int, pp: int, out: Path) -> N
     import torch.distributed as dist
 
     from megatron_hapo.models.checkpoint import load_mcore
-    from megatron_hapo.parallel import megatron_cpu
+    from megatron_hapo.parallel import runtime
 
-    megatron_cpu.initialize_model_parallel(tp, pp)
+    runtime.initialize_model_parallel(tp, pp)
     errors = {}
     for family in FAMILIES:
         reference = torch.load(root / family / "reference.pt", weights_only=True)
@@ -90,9 +90,9 @@ BROKEN = {  # how the checkpoint is broken -> the error that must name it
 
 def _convert_broken(rank: int, world: int, root: Path) -> None:
     from megatron_hapo.models.checkpoint import hf_to_mcore
-    from megatron_hapo.parallel import megatron_cpu
+    from megatron_hapo.parallel import runtime
 
-    megatron_cpu.initialize_model_parallel(world, 1)
+    runtime.initialize_model_parallel(world, 1)
     for kind, message in BROKEN.items():
         out = root / f"out-{kind}"
         with pytest.raises(ValueError, match=message):
@@ -177,14 +177,14 @@ def _vpp_round(rank: int, world: int, root: Path, out: Path) -> None:
     import torch.distributed as dist
 
     from megatron_hapo.models.checkpoint import hf_to_mcore, load_mcore
-    from megatron_hapo.parallel import megatron_cpu
+    from megatron_hapo.parallel import runtime
 
-    megatron_cpu.initialize_model_parallel(1, 2, 2)
+    runtime.initialize_model_parallel(1, 2, 2)
     hf_to_mcore(root / "deep", root / "deep-mcore-vpp")  # saved from four chunks on two stages
     reference = torch.load(root / "deep" / "reference.pt", weights_only=True)
     errors = {}
     for tp, pp, vpp in ((2, 1, None), (1, 2, 2)):
-        megatron_cpu.initialize_model_parallel(tp, pp, vpp)
+        runtime.initialize_model_parallel(tp, pp, vpp)
         _, chunks = load_mcore(root / "deep-mcore-vpp", batch_p2p_comm=False)
         logits = _chunked_logits(chunks, reference["tokens"])
         err = -1.0 if logits is None else float((logits[..., :300] - reference["logits"]).abs().max())

@@ -87,11 +87,11 @@ def _megatron_logits(spec, model_dir: Path | None, tokens: torch.Tensor, chunks:
 
 def _layouts(rank: int, world: int, root: Path, layouts: list[tuple[int, int]], out: Path) -> None:
     from megatron_hapo.models import read_decoder_spec
-    from megatron_hapo.parallel import megatron_cpu
+    from megatron_hapo.parallel import runtime
 
     errors = {}
     for tp, pp in layouts:
-        megatron_cpu.initialize_model_parallel(tp, pp)
+        runtime.initialize_model_parallel(tp, pp)
         for family in FAMILIES:
             reference = torch.load(root / family / "reference.pt", weights_only=True)
             logits = _megatron_logits(read_decoder_spec(root / family), root / family, reference["tokens"])

@@ -28,10 +28,10 @@ def _grads(hf_dir: Path, rank: int, recompute: bool) -> dict[str, torch.Tensor]:
 
 
 def _ranks(rank: int, world: int, hf_dir: Path, out: Path) -> None:
-    from megatron_hapo.parallel import megatron_cpu
+    from megatron_hapo.parallel import runtime
 
-    megatron_cpu.quiet_logs()
-    megatron_cpu.initialize_model_parallel(2, 1)
+    runtime.quiet_logs()
+    runtime.initialize_model_parallel(2, 1)
     plain, recomputed = _grads(hf_dir, rank, False), _grads(hf_dir, rank, True)
     worst = max(float((plain[n] - recomputed[n]).abs().max() / plain[n].abs().max().clamp_min(1e-30)) for n in plain)
     if rank == 0:

@@ -26,15 +26,15 @@ def _setup(rank: int, hf_dir: Path, tp: int = 2) -> tuple:
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     from megatron_hapo.models import HFCheckpoint, build_gpt, load_hf_weights, read_decoder_spec
-    from megatron_hapo.parallel import megatron_cpu
+    from megatron_hapo.parallel import runtime
     from megatron_hapo.parallel.policy_loss import ParallelGroups
     from megatron_hapo.rewards import RewardWorkers, first_token_parity
     from megatron_hapo.rollout.vllm_engine import VLLMConfig, VLLMEngine
     from megatron_hapo.rollout.weight_sync import build_sync_plan
     from megatron_hapo.trainer.step import Actor
 
-    megatron_cpu.quiet_logs()
-    megatron_cpu.initialize_model_parallel(tp, 1)
+    runtime.quiet_logs()
+    runtime.initialize_model_parallel(tp, 1)
     spec = read_decoder_spec(hf_dir)
     chunks = build_gpt(spec, ddp=True)
     load_hf_weights(chunks, spec, HFCheckpoint(hf_dir).__getitem__, tp_rank=rank % tp, tp_size=tp)

@@ -18,9 +18,9 @@ VOCAB, SEQ, LAYERS = 128, 16, 4
 
 def init_megatron(tp: int, pp: int, vpp: int | None = None) -> None:
     """(Re)initialise Megatron's model-parallel state on the current gloo world (CPU patches applied)."""
-    from megatron_hapo.parallel import megatron_cpu
+    from megatron_hapo.parallel import runtime
 
-    megatron_cpu.initialize_model_parallel(tp, pp, vpp)
+    runtime.initialize_model_parallel(tp, pp, vpp)
 
 
 def build_model(*, per_token_loss: bool = False, ddp: bool = True, batch_p2p_comm: bool = True) -> list:

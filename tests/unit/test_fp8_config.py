@@ -35,10 +35,19 @@ def test_valid_settings_map_to_megatron_fields():
         (FP8Config(fp8="e4m3", recipe="blockwise"), spec(), BLACKWELL, "Hopper only"),
         (FP8Config(fp8="e4m3", recipe="blockwise"), spec(hidden=192), HOPPER, "hidden_size=192"),
         (FP8Config(fp8="e4m3"), spec(ffn=520), HOPPER, "intermediate_size=520"),
-        (FP8Config(fp8="e4m3", recipe="delayed"), spec(), HOPPER, "delayed cannot keep"),
+        (FP8Config(fp8="e4m3", recipe="delayed", bf16_layers_start=1), spec(), HOPPER, "delayed cannot keep"),
         (FP8Config(fp8="e4m3", bf16_layers_start=3), spec(layers=4), HOPPER, "exceed the 2 layers"),
     ],
 )
 def test_impossible_settings_are_named(cfg, model, capability, message):
     with pytest.raises(ValueError, match=message):
         check_fp8(cfg, model, pp=2, capability=capability)
+
+
+def test_delayed_recipe_defaults_to_no_bf16_layers():
+    """The run config's ``model.fp8_recipe=delayed`` builds FP8Config with the defaults: it must not be refused,
+    and Megatron must not be asked for first / last bf16 layers (its TransformerConfig raises for delayed)."""
+    cfg = FP8Config(fp8="e4m3", recipe="delayed")
+    check_fp8(cfg, spec(), pp=1, capability=HOPPER)
+    assert fp8_transformer_settings(cfg)["first_last_layers_bf16"] is False
+    assert FP8Config(fp8="e4m3").bf16_layers() == (1, 1)

@@ -58,3 +58,59 @@ def test_public_algos_names_import():
     for name in required:
         assert hasattr(algos, name), name
     assert set(algos.__all__) <= set(dir(algos))
+
+
+REPO = PACKAGE.parent
+#: ``torch.distributed`` attributes that code outside ``parallel/`` may still name (types, not calls).
+DIST_ALLOWED_OUTSIDE_PARALLEL = {"ProcessGroup", "ReduceOp"}
+
+
+def _outside_parallel() -> list[Path]:
+    files = [p for p in PACKAGE.rglob("*.py") if p.parent.name != "parallel"]
+    return files + sorted((REPO / "tools").glob("*.py"))
+
+
+def test_torch_distributed_calls_live_in_parallel():
+    """Every collective, rank query and group call goes through ``megatron_hapo.parallel`` (whose helpers pick
+    the backend's device); elsewhere ``dist.<name>`` may only name a type."""
+    for path in _outside_parallel():
+        tree = ast.parse(path.read_text())
+        aliases = {a.asname or a.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                   for a in node.names if a.name == "torch.distributed"}  # fmt: skip
+        aliases |= {a.asname or a.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                    and node.module == "torch" for a in node.names if a.name == "distributed"}  # fmt: skip
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "torch.distributed":
+                assert all(a.name in DIST_ALLOWED_OUTSIDE_PARALLEL for a in node.names), f"{path}:{node.lineno}"
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
+                assert node.attr in DIST_ALLOWED_OUTSIDE_PARALLEL, f"{path}:{node.lineno} dist.{node.attr}"
+
+
+def test_megatron_parallel_state_is_read_in_parallel_only():
+    """Megatron's global ``parallel_state`` getters are read by ``parallel/`` alone; the rest gets groups passed
+    (``ParallelGroups``) or the layout (``runtime.model_parallel_layout``)."""
+    for path in _outside_parallel():
+        for name in _imports(path):
+            assert not name.startswith("megatron.core.parallel_state"), f"{path}: {name}"
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "megatron.core":
+                assert "parallel_state" not in {a.name for a in node.names}, f"{path}:{node.lineno}"
+
+
+def test_cpu_platform_adapter_is_applied_in_one_place():
+    """``megatron_cpu`` patches torch.cuda process-wide: only the one model-parallel initialiser applies it, and
+    only off the GPU, so the GPU path never imports it."""
+    importers = []
+    for path in [*PACKAGE.rglob("*.py"), *(REPO / "tools").glob("*.py"), *(REPO / "benchmarks").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = set()
+            if isinstance(node, ast.ImportFrom):
+                names = {f"{node.module}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                names = {a.name for a in node.names}
+            if any(n.endswith("megatron_cpu") for n in names):
+                importers.append(path.relative_to(REPO).as_posix())
+    assert importers == ["megatron_hapo/parallel/runtime.py"], importers
+    source = (PACKAGE / "parallel" / "runtime.py").read_text()
+    guarded = source.split("if not on_gpu():", 1)[1].split("    if ", 1)[0]
+    assert "import megatron_cpu" in guarded and "megatron_cpu.install()" in guarded

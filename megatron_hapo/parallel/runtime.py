@@ -1,0 +1,175 @@
+"""This rank's platform: its device, its process group and Megatron's model-parallel state, decided in one place.
+
+- :func:`rank_device` is the one answer to "where do this rank's tensors live": ``cuda:LOCAL_RANK`` when CUDA is
+  available (set once by :func:`join_process_group`), else ``cpu``. Nothing else in the trainer guesses.
+- :func:`collective_device` is where a collective over a given group must allocate: NCCL accepts only CUDA
+  tensors, gloo only CPU ones.
+- :func:`initialize_model_parallel` is the one model-parallel initialiser. On CPU it first applies the platform
+  adapter :mod:`megatron_hapo.parallel.megatron_cpu` (Megatron-Core's CUDA-only internals given a CPU meaning);
+  on a GPU that module is never imported.
+- The small rank / world / barrier / broadcast helpers here are what the layers above ``parallel/`` use instead
+  of ``torch.distributed`` (``tests/unit/test_layering.py`` holds that rule).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+#: ``LOCAL_RANK`` (torchrun, ``launch/_run.sh``) picks the GPU of a rank on its node.
+LOCAL_RANK_ENV = "LOCAL_RANK"
+
+
+def on_gpu() -> bool:
+    """Whether this process trains on CUDA (``CUDA_VISIBLE_DEVICES=""`` forces the CPU path)."""
+    return torch.cuda.is_available()
+
+
+def rank_device() -> torch.device:
+    """This rank's device: ``cuda:<current>`` (chosen from ``LOCAL_RANK`` by :func:`join_process_group`) or cpu."""
+    if on_gpu():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def backend_for_device() -> str:
+    """``nccl`` on GPU, ``gloo`` on CPU."""
+    return "nccl" if on_gpu() else "gloo"
+
+
+def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """Where a collective over ``group`` (``None``: the default group) must allocate its tensors."""
+    if dist.is_initialized() and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def join_process_group(backend: str | None = None, **init_kwargs: Any) -> None:
+    """Set this rank's GPU from ``LOCAL_RANK`` (on CUDA), then join the launcher's default process group."""
+    if on_gpu():
+        torch.cuda.set_device(int(os.environ.get(LOCAL_RANK_ENV, "0")))
+    init_kwargs.setdefault("device_id", rank_device() if on_gpu() else None)
+    dist.init_process_group(backend or backend_for_device(), **init_kwargs)
+
+
+def leave_process_group() -> None:
+    """Destroy the default process group if this process joined one."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank() -> int:
+    """Global rank (0 without a process group)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """World size (1 without a process group)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    """A barrier over the whole job (nothing without a process group); on its backend's device."""
+    if world_size() > 1:
+        dist.barrier(device_ids=[torch.cuda.current_device()] if collective_device().type == "cuda" else None)
+
+
+def broadcast_int(value: int, src: int = 0) -> int:
+    """``value`` of global rank ``src`` on every rank."""
+    if world_size() == 1:
+        return value
+    box = torch.tensor([value], dtype=torch.int64, device=collective_device())
+    dist.broadcast(box, src=src)
+    return int(box.item())
+
+
+def max_over_ranks(value: float, group: dist.ProcessGroup | None = None) -> float:
+    """The maximum of ``value`` over ``group`` (the whole job by default); a non-finite value anywhere gives inf."""
+    if world_size() == 1:
+        return value
+    box = torch.tensor([value], dtype=torch.float64, device=collective_device(group))
+    nan = torch.tensor([0.0 if math.isfinite(value) else 1.0], dtype=torch.float64, device=box.device)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX, group=group)
+    dist.all_reduce(nan, op=dist.ReduceOp.MAX, group=group)  # MAX may drop NaN: count non-finite apart
+    return float("inf") if nan.item() else float(box.item())
+
+
+def all_gather_objects(value: object, group: dist.ProcessGroup | None = None) -> list:
+    """``value`` of every rank of ``group`` (the whole job by default), in rank order."""
+    if world_size() == 1:
+        return [value]
+    out: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, value, group=group)
+    return out
+
+
+@dataclass(frozen=True)
+class ModelParallelLayout:
+    """The initialised Megatron layout of this rank (what model builders need to know of it)."""
+
+    tp: int
+    pp: int
+    vpp: int | None
+    tp_rank: int
+    pp_rank: int
+
+    def first_stage(self, vp_stage: int | None) -> bool:
+        """Whether virtual stage ``vp_stage`` of this rank holds the embedding."""
+        from megatron.core import parallel_state as mpu  # noqa: PLC0415
+
+        return mpu.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+
+    def last_stage(self, vp_stage: int | None) -> bool:
+        """Whether virtual stage ``vp_stage`` of this rank holds the output layer."""
+        from megatron.core import parallel_state as mpu  # noqa: PLC0415
+
+        return mpu.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+
+
+def model_parallel_layout() -> ModelParallelLayout:
+    """The layout of the initialised ``megatron.core.parallel_state``."""
+    from megatron.core import parallel_state as mpu  # noqa: PLC0415
+
+    return ModelParallelLayout(
+        tp=mpu.get_tensor_model_parallel_world_size(),
+        pp=mpu.get_pipeline_model_parallel_world_size(),
+        vpp=mpu.get_virtual_pipeline_model_parallel_world_size(),
+        tp_rank=mpu.get_tensor_model_parallel_rank(),
+        pp_rank=mpu.get_pipeline_model_parallel_rank(),
+    )
+
+
+def quiet_logs() -> None:
+    """Silence Megatron's import-time notices (no Apex / TE, deprecations): noise in tools and checks."""
+    warnings.filterwarnings("ignore", module=r"megatron\..*")
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|absl|CUDA_DEVICE_MAX|ShardedTensor).*")
+    logging.getLogger("megatron").setLevel(logging.ERROR)
+
+
+def initialize_model_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, *, seed: int = 1234) -> None:
+    """(Re)initialise Megatron's model-parallel state and its RNG tracker for this rank's platform.
+
+    The default process group must exist (NCCL on GPU, gloo on CPU); ``tp * pp`` must divide its size (the rest
+    is data parallel). On CPU the platform adapter :mod:`megatron_cpu` is applied first; on GPU it is not
+    imported at all.
+    """
+    from megatron.core import parallel_state as mpu  # noqa: PLC0415
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed  # noqa: PLC0415
+
+    if not on_gpu():
+        from megatron_hapo.parallel import megatron_cpu  # noqa: PLC0415  (the CPU platform adapter only)
+
+        megatron_cpu.install()
+    if mpu.model_parallel_is_initialized():
+        mpu.destroy_model_parallel()
+    mpu.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp
+    )
+    model_parallel_cuda_manual_seed(seed)

@@ -1,0 +1,52 @@
+"""Build the trainer's actor from a run config: the Megatron model of ``model.path`` for this rank's layout (on
+this rank's device), its optimizer and the weight-sync plan."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from megatron_hapo.parallel import runtime
+from megatron_hapo.trainer.step import Actor
+
+#: Bytes of full tensors per weight-sync bucket.
+SYNC_BUCKET_BYTES = 512 * 2**20
+
+
+def model_overrides(model: Any) -> dict[str, Any]:
+    """The Megatron ``TransformerConfig`` settings that follow from ``config.model``."""
+    # PP2 x VPP with batched P2P gives wrong gradients (parallel.policy_loss.check_pipeline_schedule)
+    overrides: dict[str, Any] = {"batch_p2p_comm": False} if model.virtual_pipeline else {}
+    if model.recompute == "full":
+        overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    return overrides
+
+
+def build_actor(config: Any) -> Actor:
+    """The actor of ``config`` (after :func:`runtime.initialize_model_parallel`); ``probe`` is left empty."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: PLC0415
+
+    from megatron_hapo.models import HFCheckpoint, build_gpt, load_hf_weights, read_decoder_spec  # noqa: PLC0415
+    from megatron_hapo.models.precision import FP8Config  # noqa: PLC0415
+    from megatron_hapo.parallel.policy_loss import ParallelGroups  # noqa: PLC0415
+    from megatron_hapo.rollout.weight_sync import build_sync_plan  # noqa: PLC0415
+
+    model, optim = config.model, config.optim
+    spec = read_decoder_spec(model.path)
+    dtype = getattr(torch, model.dtype)
+    te = model.transformer_engine or model.fp8 is not None
+    fp8 = FP8Config(fp8=model.fp8, recipe=model.fp8_recipe) if model.fp8 else None
+    chunks = build_gpt(spec, ddp=True, dtype=dtype, bf16=dtype == torch.bfloat16, te=te, fp8=fp8,
+                       **model_overrides(model))  # fmt: skip
+    groups = ParallelGroups.from_megatron()
+    layout = runtime.model_parallel_layout()
+    load_hf_weights(chunks, spec, HFCheckpoint(model.path).__getitem__, tp_rank=layout.tp_rank, tp_size=layout.tp,
+                    te=te)  # fmt: skip
+    optimizer = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=optim.lr, weight_decay=optim.weight_decay, clip_grad=optim.grad_clip,
+        adam_beta1=optim.betas[0], adam_beta2=optim.betas[1], params_dtype=dtype, bf16=dtype == torch.bfloat16,
+    ), chunks)  # fmt: skip
+    plan = build_sync_plan(chunks, spec, groups, bucket_bytes=SYNC_BUCKET_BYTES)
+    return Actor(chunks, optimizer, spec, groups, plan, probe=[], micro_batch_size=model.micro_batch_size,
+                 sync_tolerance=config.engine.sync_tolerance)  # fmt: skip
