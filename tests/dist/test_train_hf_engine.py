@@ -1,0 +1,158 @@
+"""The RL loop with the transformers rollout engine (``engine.kind=hf``): no vLLM needed.
+
+1. ``python -m megatron_hapo.train ... engine.kind=hf --local-ranks 2`` runs HAPO end to end (Megatron TP2, an
+   HF engine per rank, verifier workers, verified syncs, an evaluation and a checkpoint).
+2. The memory handover, through the engine protocol: a recording wrapper around the real HF engines (the policy's
+   and mixed-policy DAPO's frozen guide) and around the optimizer checks, over whole ``rl_step`` calls, that
+   every rollout runs on an awake engine, every optimizer step while the policy engine sleeps, the weights are
+   woken before the sync and the KV cache only after it, and the guide engine sleeps outside its own rollouts.
+   On CPU sleep and wake free nothing; on GPU the same order hands the engine's memory to the trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from gloo import run_on_ranks
+from rl_fixtures import _dapo_jsonl, _model_with_tokenizer
+
+
+@pytest.fixture(scope="module")
+def small_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama with the entry-point tests' word-level tokenizer (vocabulary 20)."""
+    import transformers
+
+    path = tmp_path_factory.mktemp("llama")
+    config = transformers.LlamaConfig(vocab_size=32, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                                      eos_token_id=2, bos_token_id=1)  # fmt: skip
+    config.architectures = ["LlamaForCausalLM"]
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).float().save_pretrained(path / "weights", safe_serialization=True)
+    return _model_with_tokenizer(path / "weights", path / "model")
+
+
+def test_train_entry_point_with_hf_engine(small_llama: Path, tmp_path: Path, repo_root: Path) -> None:
+    run_dir = tmp_path / "run"
+    args = [
+        "configs/algo/hapo.yaml", f"model.path={small_llama}", "model.tensor_parallel=2", "engine.kind=hf",
+        "engine.tensor_parallel=1", "engine.max_num_seqs=16", f"data.train_file={_dapo_jsonl(tmp_path / 't.jsonl', 12)}",
+        f"data.eval_file={_dapo_jsonl(tmp_path / 'e.jsonl', 3)}", "rollout.num_samples_per_prompt=4",
+        "rollout.max_prompt_length=32", "rollout.max_response_length=6", "algo.reward_shaping.buffer_length=2",
+        "train.prompts_per_step=4", "train.mini_batch_prompts=2", "train.total_steps=2", "optim.lr=1e-4",
+        "optim.warmup_steps=0", "output.eval_k=2", "output.reward_workers=1", f"output.dir={run_dir}",
+        "--local-ranks", "2",
+    ]  # fmt: skip
+    result = subprocess.run([sys.executable, "-m", "megatron_hapo.train", *args], cwd=repo_root,
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [0, 1], rows
+    for row in rows:  # float32 trainer and engine: the sync reproduces the trainer's probe log-probs closely
+        assert math.isfinite(row["loss"]) and row["sync_probe_error"] <= 1e-4, row
+        assert row["sync_probe_max_abs"] <= 1e-3 and row["time_generate"] > 0, row
+    assert "temperature_max" in rows[1], rows[1]  # the second rollout sampled with HAPO's adaptive temperature
+    assert 0 <= rows[-1]["avg@2"] <= rows[-1]["pass@2"] <= 1, rows[-1]
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_000002"
+
+
+class RecordingEngine:
+    """A rollout engine that forwards to a real one and checks the sleep / wake protocol on every call."""
+
+    def __init__(self, name: str, engine: object, log: list[str]) -> None:
+        self.name, self.engine, self.log = name, engine, log
+        self.awake = {"weights": True, "kv_cache": True}
+
+    def _require(self, call: str, *parts: str) -> None:
+        asleep = [part for part in parts if not self.awake[part]]
+        assert not asleep, f"{self.name}.{call} while {asleep} sleep (log: {self.log[-6:]})"
+        self.log.append(f"{self.name}.{call}")
+
+    def generate(self, *args: object, **kwargs: object) -> list:
+        self._require("generate", "weights", "kv_cache")
+        return self.engine.generate(*args, **kwargs)
+
+    def load_weights(self, named_tensors: object) -> None:
+        self._require("load_weights", "weights")
+        self.engine.load_weights(named_tensors)
+
+    def prompt_log_probs(self, token_ids: object) -> torch.Tensor:
+        self._require("prompt_log_probs", "weights", "kv_cache")
+        return self.engine.prompt_log_probs(token_ids)
+
+    def sleep(self) -> None:
+        self.awake = dict.fromkeys(self.awake, False)
+        self.log.append(f"{self.name}.sleep")
+        self.engine.sleep()
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        for tag in tags or list(self.awake):
+            self.awake[tag] = True
+        self.log.append(f"{self.name}.wake_up({','.join(tags or ['all'])})")
+        self.engine.wake_up(tags)
+
+
+def _handover_ranks(rank: int, world: int, model: Path, repo_root: Path, out: Path) -> None:
+    from megatron_hapo.config import load_config
+    from megatron_hapo.parallel import runtime
+    from megatron_hapo.rollout.factory import make_engine
+    from megatron_hapo.trainer.actor import build_actor
+    from megatron_hapo.trainer.step import StepState, rl_step
+
+    overrides = [f"model.path={model}", "model.tensor_parallel=2", "engine.kind=hf", "engine.tensor_parallel=1",
+                 f"algo.guide_policy.model_path={model}", "rollout.num_samples_per_prompt=4",
+                 "rollout.max_response_length=4", "algo.reward_shaping.buffer_length=2", "train.prompts_per_step=4",
+                 "train.mini_batch_prompts=2", "optim.lr=1e-3"]  # fmt: skip
+    config = load_config(repo_root / "configs/algo/mixed_dapo.yaml", overrides)
+    runtime.quiet_logs()
+    runtime.initialize_model_parallel(2, 1)
+    actor = build_actor(config)
+    actor.probe = [5, 6, 7, 8, 9, 10, 11, 12]
+    log: list[str] = []
+    build = partial(make_engine, engine=config.engine, dtype="float32", max_model_len=64, seed=0)
+    engine, guide = RecordingEngine("policy", build(model), log), RecordingEngine("guide", build(model), log)
+    guide.sleep()
+    step = actor.optimizer.step
+
+    def recorded_step() -> object:
+        assert not any(engine.awake.values()), f"optimizer step while the policy engine is awake: {log[-6:]}"
+        assert not any(guide.awake.values()), f"optimizer step while the guide engine is awake: {log[-6:]}"
+        log.append("optimizer.step")
+        return step()
+
+    actor.optimizer.step = recorded_step
+
+    def never_right(token_ids: list[list[int]], answers: list) -> tuple[torch.Tensor, torch.Tensor]:
+        correct = torch.tensor([i % 8 == 0 for i in range(len(token_ids))])  # 1 of 2 groups has a right answer
+        return correct.float() * 2 - 1, correct
+
+    state, prompts = StepState(), [[5, 6, 7], [8, 9], [10, 11, 12], [13, 14]]
+    for _ in range(2):
+        rl_step(actor, engine, never_right, prompts=prompts, answers=[0] * 4, config=config, state=state,
+                guide_engine=guide)  # fmt: skip
+    if rank == 0:
+        out.write_text(json.dumps(log))
+
+
+def test_engines_sleep_while_the_trainer_updates(small_llama: Path, tmp_path: Path, repo_root: Path) -> None:
+    out = tmp_path / "log.json"
+    run_on_ranks(partial(_handover_ranks, model=small_llama, repo_root=repo_root, out=out), 2, tmp_path / "ranks")
+    log = json.loads(out.read_text())
+    step_logs = "\n".join(log).split("policy.generate")[1:]
+    assert len(step_logs) == 2, log
+    for entries in (part.strip().split("\n") for part in step_logs):
+        assert "optimizer.step" in entries and entries[0] == "policy.sleep", entries
+        assert "guide.generate" in entries, entries  # a zero-reward group went to the guide
+        guide_at = entries.index("guide.generate")
+        assert entries[guide_at - 1] == "guide.wake_up(all)" and entries[guide_at + 1] == "guide.sleep", entries
+        sync = entries.index("policy.wake_up(weights)")
+        assert entries[sync + 1] == "policy.load_weights", entries  # one reload call per sync
+        assert entries[sync + 2] == "policy.wake_up(kv_cache)" and entries[sync + 3] == "policy.prompt_log_probs"
+        assert max(i for i, e in enumerate(entries) if e == "optimizer.step") < sync, entries
