@@ -102,7 +102,8 @@ def _check_layout_fields(config: Config, errors: list[str]) -> None:
     for key in ("tensor_parallel", "max_num_seqs", "cpu_kv_cache_gib"):
         _in_range(errors, f"engine.{key}", getattr(e, key), 1, None)
     _in_range(errors, "engine.gpu_memory_utilization", e.gpu_memory_utilization, 0.0, 1.0, low_open=True)
-    _in_range(errors, "engine.sync_tolerance", e.sync_tolerance, 0.0, None, low_open=True)
+    if e.sync_tolerance is not None:
+        _in_range(errors, "engine.sync_tolerance", e.sync_tolerance, 0.0, None, low_open=True)
     if e.kind == "hf" and e.tensor_parallel != 1:
         errors.append(f"engine.kind=hf keeps a whole model in each rank: set engine.tensor_parallel=1 "
                       f"(got {e.tensor_parallel})")  # fmt: skip

@@ -12,6 +12,19 @@ from megatron_hapo.trainer.step import Actor
 
 #: Bytes of full tensors per weight-sync bucket.
 SYNC_BUCKET_BYTES = 512 * 2**20
+#: Default ``engine.sync_tolerance`` (mean multiplicative probe error) when trainer and engine are float32, and
+#: otherwise (16-bit or FP8 on either side). benchmarks/bench_sync_probe.py, CPU, random Llamas: correct float32
+#: syncs <= 3.5e-6, correct 16-bit syncs 0.015-0.15, a corrupted layer 2-31, a zeroed final norm 2.8-405.
+FP32_SYNC_TOLERANCE, LOW_PRECISION_SYNC_TOLERANCE = 1e-3, 0.25
+
+
+def sync_tolerance(config: Any) -> float:
+    """``engine.sync_tolerance``, or its default for the trainer's and the engine's dtypes."""
+    if config.engine.sync_tolerance is not None:
+        return config.engine.sync_tolerance
+    engine_dtype = config.model.dtype if config.engine.dtype == "auto" else config.engine.dtype
+    exact = config.model.dtype == "float32" and engine_dtype in ("float32", "float") and config.model.fp8 is None
+    return FP32_SYNC_TOLERANCE if exact else LOW_PRECISION_SYNC_TOLERANCE
 
 
 def model_overrides(model: Any) -> dict[str, Any]:
@@ -49,4 +62,4 @@ def build_actor(config: Any) -> Actor:
     ), chunks)  # fmt: skip
     plan = build_sync_plan(chunks, spec, groups, bucket_bytes=SYNC_BUCKET_BYTES)
     return Actor(chunks, optimizer, spec, groups, plan, probe=[], micro_batch_size=model.micro_batch_size,
-                 sync_tolerance=config.engine.sync_tolerance)  # fmt: skip
+                 sync_tolerance=sync_tolerance(config))  # fmt: skip
