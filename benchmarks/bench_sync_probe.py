@@ -26,7 +26,7 @@ from megatron_hapo.parallel.local_launch import run_local_ranks
 
 
 def _save_llama(path: Path, hidden: int, layers: int, vocab: int, scale: float) -> None:
-    import transformers
+    import transformers  # noqa: PLC0415
 
     config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
                                       num_hidden_layers=layers, num_attention_heads=hidden // 64,
@@ -42,7 +42,7 @@ def _save_llama(path: Path, hidden: int, layers: int, vocab: int, scale: float) 
 
 
 def _probe_errors(engine: object, chunks: list, groups: object, probes: list, vocab: int) -> tuple[float, float]:
-    from megatron_hapo.rollout.weight_sync import probe_error, trainer_log_probs
+    from megatron_hapo.rollout.weight_sync import probe_error, trainer_log_probs  # noqa: PLC0415
 
     worst = {"mult_error": 0.0, "max_abs": 0.0}
     for probe in probes:
@@ -53,7 +53,7 @@ def _probe_errors(engine: object, chunks: list, groups: object, probes: list, vo
 
 def _broken(engine: object, model_dir: Path, case: str, layer: int, stale_lr: float) -> None:
     """Damage the engine's weights in place as a broken sync would."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # noqa: PLC0415
 
     weights = load_file(str(next(model_dir.glob("*.safetensors"))))
     prefix = f"model.layers.{layer}."
@@ -70,10 +70,10 @@ def _broken(engine: object, model_dir: Path, case: str, layer: int, stale_lr: fl
 
 
 def _measure(rank: int, world: int, args: argparse.Namespace, model_dir: Path, out: list) -> None:
-    from megatron_hapo.models import HFCheckpoint, build_gpt, load_hf_weights, read_decoder_spec
-    from megatron_hapo.parallel import runtime
-    from megatron_hapo.parallel.policy_loss import ParallelGroups
-    from megatron_hapo.rollout.hf_engine import HFEngine, HFEngineConfig
+    from megatron_hapo.models import HFCheckpoint, build_gpt, load_hf_weights, read_decoder_spec  # noqa: PLC0415
+    from megatron_hapo.parallel import runtime  # noqa: PLC0415
+    from megatron_hapo.parallel.policy_loss import ParallelGroups  # noqa: PLC0415
+    from megatron_hapo.rollout.hf_engine import HFEngine, HFEngineConfig  # noqa: PLC0415
 
     runtime.quiet_logs()
     runtime.initialize_model_parallel(1, 1)
