@@ -35,7 +35,8 @@ def distributed_kth_smallest(values: torch.Tensor, k: int, group: dist.ProcessGr
     """The ``k``-th smallest (0-based) element of the concatenation of every rank's ``values [N_r]`` (float32).
 
     All ranks of ``group`` must call it with the same ``k``; the result is identical on every rank. The
-    reductions run on ``values``' device (so an NCCL group gets CUDA tensors); each step syncs the host once.
+    counting runs on ``values``' device, the reductions on the backend's (:func:`collectives.all_reduce` stages
+    them); each step syncs the host once.
     """
     keys = _sortable_keys(values)
     low, high = _INT32_MIN, _INT32_MAX

@@ -14,28 +14,39 @@ vLLM changes process-wide state that Megatron relies on; :func:`_guard_process_s
   ``SET_NUM_THREADS``;
 - on CPU, TP >= 2 engines name their shared memory after a constant: a per-job prefix avoids collisions with
   other jobs or a crashed earlier run.
+
+Sleep mode (GPU only; vLLM refuses it on CPU) uses vLLM's ``CuMemAllocator``, a process-wide singleton: one
+sleep-mode engine per process (docs/ROLLOUT.md, "On GPU").
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 
 from megatron_hapo.algos import EntropyStats
+from megatron_hapo.parallel import runtime
 from megatron_hapo.rollout.engine import Response, SamplingSettings
 
 logger = logging.getLogger(__name__)
 
 #: ``torch.set_num_threads`` as it was before vLLM's CPU worker replaced it.
 SET_NUM_THREADS = torch.set_num_threads
+
+#: vLLM's sleep-mode memory tags (``vllm.v1.executor.abstract.SLEEP_TAGS``).
+SLEEP_TAGS = frozenset(("weights", "kv_cache"))
+
+#: The live engines of this process that use vLLM's sleep mode (its allocator allows one).
+_SLEEP_MODE_ENGINES: weakref.WeakSet = weakref.WeakSet()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,21 +59,34 @@ class VLLMConfig:
     """Longest prompt + response in tokens."""
     max_num_seqs: int = 256
     """Sequences decoded together."""
+    max_num_batched_tokens: int | None = None
+    """Token budget of one engine step (``None``: vLLM's default); longer prompts are prefilled in chunks."""
     dtype: str = "auto"
     """Weights / activations dtype of the engine (``auto``: the checkpoint's)."""
     gpu_memory_utilization: float = 0.5
-    """Share of GPU memory for weights + KV cache (the trainer holds the rest while the engine sleeps)."""
+    """This engine's budget for weights + activations + KV cache, as a share of the GPU's *total* memory; at
+    start-up vLLM refuses to run unless that much is free (sleeping engines' memory counts as free)."""
     cpu_kv_cache_gib: int = 1
     """KV-cache size per engine on CPU in whole GiB (``VLLM_CPU_KVCACHE_SPACE``)."""
     logprobs_mode: Literal["raw_logprobs", "processed_logprobs"] = "raw_logprobs"
     """``raw_logprobs``: log-probs at temperature 1 before any processor, comparable with the trainer's;
     ``processed_logprobs``: of the distribution actually sampled from (after the adaptive and base temperature)."""
     enable_sleep_mode: bool = True
-    """On GPU: free weights / KV cache between rollouts (``sleep`` / ``wake_up``); ignored on CPU."""
+    """On GPU: free weights / KV cache between rollouts (``sleep`` / ``wake_up``); ignored on CPU. vLLM allows
+    one sleep-mode engine per process: a second engine (e.g. a frozen guide) must set it off."""
+    sleep_level: Literal[1, 2] = 1
+    """1: weights are copied to host memory and restored on wake-up (usable at once); 2: weights are dropped
+    (no host copy; a full ``load_weights`` must follow every wake-up before the engine is used)."""
+    async_scheduling: bool | None = None
+    """vLLM's async scheduling (``None``: vLLM's default, on with GPUs and this launcher; CPU forces it off)."""
     enforce_eager: bool | None = None
     """Skip CUDA graphs (``None``: eager on CPU, graphs on GPU)."""
     seed: int = 0
     """Engine seed (requests carry their own seeds when ``SamplingSettings.seed`` is set)."""
+
+    def __post_init__(self) -> None:
+        if self.sleep_level not in (1, 2):
+            raise ValueError(f"sleep_level must be 1 or 2, got {self.sleep_level}")
 
 
 def _guard_process_state() -> None:
@@ -80,29 +104,46 @@ def _guard_process_state() -> None:
 
     vllm_state.destroy_distributed_environment = destroy_own_groups_only
     vllm_state._megatron_hapo_guarded = True
-    if not torch.cuda.is_available():
+    if not runtime.on_gpu():
         from vllm.distributed.device_communicators import cpu_communicator  # noqa: PLC0415
 
         shm = cpu_communicator._CPUSHMDistributed
         original = shm.make_group_name
-        job_id = torch.tensor([os.getpid() if dist.get_rank() == 0 else 0])  # one name per job, any rank count
-        dist.broadcast(job_id, src=0)
-        job = f"/mhapo{int(job_id)}-"
+        job = f"/mhapo{runtime.broadcast_int(os.getpid() if runtime.rank() == 0 else 0, src=0)}-"  # one per job
         shm.make_group_name = staticmethod(lambda comm: job + original(comm).lstrip("/"))
 
 
 def _launcher_environment() -> None:
-    """The variables vLLM's external launcher reads, from the initialised default process group."""
-    if not dist.is_initialized():
-        raise RuntimeError("VLLMEngine runs inside the trainer's ranks: initialise torch.distributed first")
-    os.environ.setdefault("RANK", str(dist.get_rank()))
-    os.environ.setdefault("WORLD_SIZE", str(dist.get_world_size()))
-    devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    os.environ.setdefault("LOCAL_RANK", str(dist.get_rank() % devices if devices else dist.get_rank()))
+    """The variables vLLM's external launcher reads, from the trainer's process group.
+
+    Without a process group (a world of one) vLLM's launcher creates the default group itself (``env://`` on
+    ``MASTER_ADDR:MASTER_PORT``).
+    """
+    os.environ.setdefault("RANK", str(runtime.rank()))
+    os.environ.setdefault("WORLD_SIZE", str(runtime.world_size()))
+    local_rank = runtime.rank_device().index if runtime.on_gpu() else runtime.rank()
+    os.environ.setdefault("LOCAL_RANK", str(local_rank))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process engine (external_launcher needs it)
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # our processor uses the V1 interface
+
+
+def trim_records(temperatures: Sequence[float], num_tokens: int, *, request: int) -> torch.Tensor:
+    """``[num_tokens]`` float32: the recorded temperatures of a response's tokens (positions ``0 .. L-1``).
+
+    Records past the last token come from the step async scheduling runs after a stop token before it sees the
+    stop (``AsyncScheduler``); they are always trailing, and dropped. Fewer records than tokens, or a non-finite
+    temperature (NaN / +Inf logits, or every token banned), raise ``RuntimeError``.
+    """
+    if len(temperatures) < num_tokens:
+        raise RuntimeError(f"request {request}: {len(temperatures)} temperatures recorded for {num_tokens} tokens")
+    kept = torch.tensor(temperatures[:num_tokens], dtype=torch.float32)
+    if not bool(torch.isfinite(kept).all()):
+        bad = [t for t, value in enumerate(kept.tolist()) if not math.isfinite(value)]
+        raise RuntimeError(f"request {request}: non-finite adaptive temperature at tokens {bad} (the logits held "
+                           f"NaN / +Inf, or every token was banned)")  # fmt: skip
+    return kept
 
 
 class VLLMEngine:
@@ -113,15 +154,26 @@ class VLLMEngine:
 
         from megatron_hapo.rollout import temperature_processor  # noqa: PLC0415
 
-        if dist.get_world_size() % config.tensor_parallel_size:
+        if runtime.world_size() % config.tensor_parallel_size:
             raise ValueError(f"rollout tensor_parallel_size={config.tensor_parallel_size} must divide the "
-                             f"world size {dist.get_world_size()}")  # fmt: skip
+                             f"world size {runtime.world_size()}")  # fmt: skip
+        on_gpu = runtime.on_gpu()
+        self._sleep_mode = config.enable_sleep_mode and on_gpu
+        """Whether :meth:`sleep` / :meth:`wake_up` reach vLLM (tests may switch it on over CPU's no-op worker)."""
+        if self._sleep_mode and len(_SLEEP_MODE_ENGINES):
+            raise RuntimeError(
+                "a second vLLM engine with sleep mode in this process: vLLM 0.32's CuMemAllocator is a process-wide "
+                "singleton that refuses to load a model while it holds any allocation, asleep ones included "
+                "(vllm/v1/worker/gpu_worker.py, _maybe_get_memory_pool_context), and sleep / wake_up act on all of "
+                "its memory. Build this engine with enable_sleep_mode=False, or close the other one first."
+            )
         _launcher_environment()
-        on_gpu = torch.cuda.is_available()
         if not on_gpu:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(config.cpu_kv_cache_gib)
         _guard_process_state()
         self.config = config
+        optional = {name: getattr(config, name) for name in ("async_scheduling", "max_num_batched_tokens")
+                    if getattr(config, name) is not None}  # fmt: skip
         rng = torch.get_rng_state()
         known = len(temperature_processor.INSTANCES)
         self.llm = LLM(
@@ -130,20 +182,42 @@ class VLLMEngine:
             max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs, seed=config.seed,
             gpu_memory_utilization=config.gpu_memory_utilization, logprobs_mode=config.logprobs_mode,
             enforce_eager=(not on_gpu) if config.enforce_eager is None else config.enforce_eager,
-            enable_sleep_mode=config.enable_sleep_mode and on_gpu,
-            logits_processors=[temperature_processor.AdaptiveTemperatureProcessor],
+            enable_sleep_mode=self._sleep_mode, logits_processors=[temperature_processor.AdaptiveTemperatureProcessor],
+            **optional,
         )  # fmt: skip
         torch.set_rng_state(rng)
         if len(temperature_processor.INSTANCES) != known + 1:
             raise RuntimeError("vLLM did not build exactly one adaptive-temperature processor in this rank")
         self.processor = temperature_processor.INSTANCES[-1]
-        self.asleep = False
+        self._sleeping: set[str] = set()
+        self._weights_dropped = False
+        """Woken from a level-2 sleep and not loaded since: the weights are garbage."""
+        if self._sleep_mode:
+            _SLEEP_MODE_ENGINES.add(self)
+
+    @property
+    def asleep(self) -> bool:
+        """Whether any of the engine's memory (weights or KV cache) is released."""
+        return bool(self._sleeping)
+
+    @property
+    def sleeping_tags(self) -> frozenset[str]:
+        """The memory tags currently released (subset of ``{"weights", "kv_cache"}``)."""
+        return frozenset(self._sleeping)
+
+    def _check_usable(self) -> None:
+        if self._sleeping:
+            raise RuntimeError(f"the vLLM engine is asleep ({sorted(self._sleeping)}): wake_up() before using it")
+        if self._weights_dropped:
+            raise RuntimeError("the vLLM engine woke from a level-2 sleep: load_weights() before using it")
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingSettings,
                  stats: EntropyStats | None) -> list[Response]:  # fmt: skip
         """``n`` responses per prompt, grouped by prompt (see :class:`~.engine.RolloutEngine`)."""
+        self._check_usable()
         requests = [{"prompt_token_ids": list(prompt)} for prompt in prompts for _ in range(n)]
         params = [self._params(i, sampling, stats) for i in range(len(requests))]
+        self.processor.discard_records()  # nothing left over from an interrupted call
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         records = self.processor.take_records()
         responses = []
@@ -153,12 +227,10 @@ class VLLMEngine:
             log_probs = torch.tensor([completion.logprobs[t][tok].logprob for t, tok in enumerate(tokens)],
                                      dtype=torch.float32)  # fmt: skip
             temperatures = records.get(i)
-            if temperatures is not None and len(temperatures) != len(tokens):
-                raise RuntimeError(f"request {i}: {len(temperatures)} temperatures for {len(tokens)} tokens")
             responses.append(Response(
                 prompt_index=i // n, token_ids=tokens, log_probs=log_probs,
                 finish_reason="length" if completion.finish_reason == "length" else "stop",
-                temperatures=None if temperatures is None else torch.tensor(temperatures, dtype=torch.float32),
+                temperatures=None if temperatures is None else trim_records(temperatures, len(tokens), request=i),
             ))  # fmt: skip
         return responses
 
@@ -177,32 +249,79 @@ class VLLMEngine:
         )  # fmt: skip
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Replace weights by HF name (full tensors; complete layers per call; vLLM cuts its own TP shard)."""
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
-        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        """Replace weights by HF name (full tensors; vLLM cuts its own TP shard), in one vLLM reload.
+
+        ``named_tensors`` may be a lazy stream whose production runs collectives (the weight sync): it is
+        consumed exactly once, in order, to its end on every rank (vLLM's loader does; whatever it leaves, also
+        after an error, is drained here so that every rank runs the same collectives), and never materialised.
+        Every layer's tensors must arrive within the one call (vLLM rebuilds a layer from what one reload gave it).
+        """
+        if "weights" in self._sleeping:
+            raise RuntimeError("the vLLM engine's weights are asleep: wake_up(['weights']) before load_weights()")
+        weights = iter(named_tensors)
+        try:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        finally:
+            left = [name for name, _ in weights]  # also after an error, so that no rank skips a collective
+        if left:
+            raise RuntimeError(f"vLLM's reload_weights returned without reading {len(left)} tensors "
+                               f"(first: {left[0]}); they were drained, not loaded")  # fmt: skip
+        self._weights_dropped = False
+        if not self.llm.reset_prefix_cache():  # cached KV blocks were computed with the old weights
+            raise RuntimeError("vLLM could not reset its prefix cache after the weight update (blocks in use)")
 
     def prompt_log_probs(self, token_ids: Sequence[int]) -> torch.Tensor:
         """``[S - 1]`` float32 log-probs of ``token_ids[1:]`` at temperature 1 (vLLM's prompt log-probs)."""
         from vllm import SamplingParams  # noqa: PLC0415
 
+        self._check_usable()
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
         (output,) = self.llm.generate([{"prompt_token_ids": list(token_ids)}], params, use_tqdm=False)
         return torch.tensor([output.prompt_logprobs[t][tok].logprob for t, tok in enumerate(token_ids) if t > 0],
                             dtype=torch.float32)  # fmt: skip
 
     def sleep(self) -> None:
-        """Free the engine's GPU memory for training (weights and KV cache; GPU with sleep mode only)."""
-        if self.config.enable_sleep_mode and torch.cuda.is_available() and not self.asleep:
-            self.llm.sleep(level=1)
-            self.asleep = True
+        """Release the engine's GPU memory (weights and KV cache) for training; no-op on CPU or when asleep.
 
-    def wake_up(self) -> None:
-        """Take the GPU memory back before a rollout (weights must be synced afterwards at level 1)."""
-        if self.asleep:
-            self.llm.wake_up()
-            self.asleep = False
+        At ``sleep_level`` 1 the weights go to host memory and come back on wake-up; at level 2 they are dropped
+        and a full :meth:`load_weights` must follow the wake-up. The KV cache is dropped at both levels, and vLLM
+        resets its prefix cache as it falls asleep. Works right after construction.
+        """
+        if not self._sleep_mode or self._sleeping == SLEEP_TAGS:
+            return
+        if "weights" in self._sleeping:  # vLLM would skip the call and leave the KV cache in memory
+            raise RuntimeError("the vLLM engine's KV cache is awake but its weights are not: wake_up() fully first")
+        self.llm.sleep(level=self.config.sleep_level)
+        self._sleeping = set(SLEEP_TAGS)
+
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """Take GPU memory back: ``["weights"]``, ``["kv_cache"]`` or both (``None``); no-op for awake parts.
+
+        Weights first, then the weight sync, then the KV cache keeps the sync's buffers and the KV cache from
+        holding memory at the same time. vLLM generates only once both are awake. At ``sleep_level`` 1 the
+        woken weights are those from before the sleep; at level 2 they are garbage until :meth:`load_weights`.
+        """
+        wanted = set(SLEEP_TAGS if tags is None else tags)
+        if not wanted <= SLEEP_TAGS:
+            raise ValueError(f"wake_up tags must be among {sorted(SLEEP_TAGS)}, got {sorted(wanted)}")
+        waking = sorted(wanted & self._sleeping)
+        if not waking:
+            return
+        fully_awake = self.llm.wake_up(tags=waking)  # only asleep tags: vLLM ignores the call if one is awake
+        self._sleeping -= set(waking)
+        if "weights" in waking and self.config.sleep_level == 2:
+            self._weights_dropped = True
+        if bool(fully_awake) != (not self._sleeping):
+            raise RuntimeError(f"vLLM reports fully_awake={fully_awake} but {sorted(self._sleeping)} still sleep")
 
     def close(self) -> None:
-        """Shut the engine down, leaving the trainer's process groups alone."""
+        """Shut the engine down, leaving the trainer's process groups alone.
+
+        The shutdown is called explicitly: vLLM's engine core ``gc.freeze()``-s the heap at start-up
+        (``v1/engine/core.py``), so a reference cycle through the ``LLM`` would otherwise keep it, and vLLM's
+        process groups, alive (the next engine then finds a TP group of the old size).
+        """
+        _SLEEP_MODE_ENGINES.discard(self)
+        self.llm.llm_engine.engine_core.shutdown()  # idempotent; the LLM's finalizer will not run it again
         del self.llm
         gc.collect()
