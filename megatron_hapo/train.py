@@ -166,8 +166,9 @@ def _resume(actor: Any, engine: Any, root: Path) -> Any:
 def _engines(config: Any) -> tuple[Any, Any]:
     """The policy's rollout engine and, for mixed-policy algorithms, the frozen guide's (else ``None``).
 
-    The guide engine is built while the policy engine sleeps and is put to sleep itself: each engine's start-up
-    memory check then sees the memory the other one hands back, and each wakes only for its own rollouts.
+    vLLM 0.32 lets one engine per process sleep (its sleep-mode allocator is process-wide), so the guide engine
+    is built without sleep mode and with its own share, ``engine.guide_gpu_memory_utilization``, while the policy
+    engine sleeps: vLLM's start-up memory check then sees the memory the policy engine handed back.
     """
     from megatron_hapo.rollout.factory import make_engine  # noqa: PLC0415
 
@@ -178,8 +179,8 @@ def _engines(config: Any) -> tuple[Any, Any]:
     if config.algo.guide_policy.kind == "none":
         return engine, None
     engine.sleep()
-    guide = build(config.algo.guide_policy.model_path)
-    guide.sleep()
+    guide = build(config.algo.guide_policy.model_path, sleep_mode=False,
+                  gpu_memory_utilization=config.engine.guide_gpu_memory_utilization)  # fmt: skip
     engine.wake_up()
     return engine, guide
 

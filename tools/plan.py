@@ -19,7 +19,15 @@ from pathlib import Path
 from megatron_hapo.config import load_config
 from megatron_hapo.config.errors import ConfigError
 from megatron_hapo.models.hf_config import decoder_spec
-from megatron_hapo.models.plan import GIB, Layout, Plan, fit_errors, full_length_sequences, plan_run
+from megatron_hapo.models.plan import (
+    GIB,
+    Layout,
+    Plan,
+    fit_errors,
+    full_length_sequences,
+    plan_run,
+    trainer_resident_bytes,
+)
 
 
 def _architecture(config: object) -> dict:
@@ -52,6 +60,10 @@ def _report(plan: Plan, layout: Layout, config: object, gpu_bytes: float) -> Non
     )
     detail = ", ".join(f"{name} {value / GIB:.1f}" for name, value in plan.training.items())
     print(f"training (heaviest stage): {sum(plan.training.values()) / GIB:.1f} GiB per GPU ({detail})")
+    print(
+        f"rollout: the trainer keeps {trainer_resident_bytes(plan) / GIB:.1f} GiB per GPU; the engine asks for "
+        f"{config.engine.gpu_memory_utilization * gpu_bytes / GIB:.1f} GiB (engine.gpu_memory_utilization)"
+    )
     print(f"rollout (vLLM): weights {plan.rollout['weights'] / GIB:.1f} GiB per GPU, KV cache "
           f"{plan.rollout['kv_per_sequence'] / GIB:.2f} GiB per full-length sequence; "
           f"{full_length_sequences(plan, config, gpu_bytes)} full-length sequences fit per engine")  # fmt: skip

@@ -119,6 +119,10 @@ class EngineConfig:
     """Sequences decoded together."""
     gpu_memory_utilization: float = 0.5
     """Share of GPU memory for the engine's weights and KV cache."""
+    guide_gpu_memory_utilization: float = 0.15
+    """Share of GPU memory for the mixed-policy guide engine (vLLM). vLLM 0.32 lets one engine per process sleep,
+    so the guide keeps its weights and KV cache for the whole run: the policy engine's share, this one and the
+    trainer's memory must fit the GPU together."""
     cpu_kv_cache_gib: int = 1
     """KV cache per engine on CPU, in GiB."""
     dtype: str = "auto"

@@ -101,7 +101,8 @@ def _check_layout_fields(config: Config, errors: list[str]) -> None:
         _in_range(errors, "model.virtual_pipeline", m.virtual_pipeline, 2, None)
     for key in ("tensor_parallel", "max_num_seqs", "cpu_kv_cache_gib"):
         _in_range(errors, f"engine.{key}", getattr(e, key), 1, None)
-    _in_range(errors, "engine.gpu_memory_utilization", e.gpu_memory_utilization, 0.0, 1.0, low_open=True)
+    for key in ("gpu_memory_utilization", "guide_gpu_memory_utilization"):
+        _in_range(errors, f"engine.{key}", getattr(e, key), 0.0, 1.0, low_open=True)
     if e.sync_tolerance is not None:
         _in_range(errors, "engine.sync_tolerance", e.sync_tolerance, 0.0, None, low_open=True)
     if e.kind == "hf" and e.tensor_parallel != 1:

@@ -4,18 +4,21 @@ Parameters are counted exactly from the Megatron layout of the HF architecture (
 embedding and output layer split over TP with Megatron's vocabulary padding, transformer layers split over
 PP stages and TP (norms replicated). Memory per GPU, in bytes:
 
-- training (the heaviest pipeline stage): parameters (``model.dtype``), gradients (same dtype, Megatron DDP's
-  default buffer), optimizer state (Adam m and v in float32, plus float32 main parameters when the model is
-  bfloat16; not sharded: the trainer does not use Megatron's distributed optimizer), activations of the
-  micro-batches in flight (1F1B keeps up to ``pp`` on the first stage), and the float32 logits of one
-  micro-batch on the last stage. Per layer and micro-batch of ``s`` tokens, with flash attention and without
-  sequence parallelism, activations take ``s b h (10 + 24 / tp)`` bytes in 16-bit precision (Korthikanti et
-  al., 2022), and ``2 s b h`` with full recomputation (the layer input; one layer is rebuilt at a time).
-- rollout (vLLM, colocated, asleep during training): weights ``/ engine TP`` in 16-bit; the rest of
-  ``engine.gpu_memory_utilization x GPU`` is KV cache, ``2 L kv_heads head_dim`` 16-bit values per token (KV
-  heads split over the engine TP, replicated when TP exceeds them). vLLM schedules as many sequences as the
-  cache holds (up to ``max_num_seqs``), so the plan reports how many full-length sequences fit and fails only
-  when not even one does.
+- training (the heaviest pipeline stage): parameters (``model.dtype``), gradients (float32: Megatron DDP's
+  buffer accumulates and reduces in float32 for 16-bit parameters), optimizer state (Adam m and v in float32,
+  plus float32 main parameters when the model is bfloat16; not sharded: the trainer does not use Megatron's
+  distributed optimizer), activations of the micro-batches in flight (1F1B keeps up to ``pp`` on the first
+  stage), and the float32 logits of one micro-batch on the last stage. Per layer and micro-batch of ``s``
+  tokens, with flash attention and without sequence parallelism, activations take ``s b h (10 + 24 / tp)``
+  bytes in 16-bit precision (Korthikanti et al., 2022), and ``2 s b h`` with full recomputation (the layer
+  input; one layer is rebuilt at a time).
+- rollout (vLLM, colocated, asleep during training): the trainer keeps its parameters, gradient buffer and
+  optimizer state on the GPU while the engine generates (no offload yet), so that resident state plus
+  ``engine.gpu_memory_utilization x GPU`` must fit the GPU. The engine's weights are ``/ engine TP`` in
+  16-bit; the rest of ``engine.gpu_memory_utilization x GPU`` is KV cache, ``2 L kv_heads head_dim`` 16-bit
+  values per token (KV heads split over the engine TP, replicated when TP exceeds them). vLLM schedules as
+  many sequences as the cache holds (up to ``max_num_seqs``), so the plan reports how many full-length
+  sequences fit and fails only when not even one does.
 
 These are estimates of what dominates, not an allocator trace; the report says so and adds a fixed allowance
 for the CUDA context and NCCL buffers.
@@ -182,7 +185,7 @@ def plan_run(spec: DecoderSpec, config: Any, layout: Layout) -> Plan:
     width = 2 if config.model.dtype == "bfloat16" else 4
     optimizer_width = 8 + (4 if width == 2 else 0)
     activations, logits = _activation_bytes(spec, config, layout)
-    plan.training = {"parameters": heaviest * width, "gradients": heaviest * width,
+    plan.training = {"parameters": heaviest * width, "gradients": heaviest * 4,
                      "optimizer": heaviest * optimizer_width, "activations": activations, "logits": logits,
                      "runtime": RUNTIME_RESERVE_BYTES}  # fmt: skip
     kv_heads = max(spec.num_query_groups // layout.engine_tp, 1)
@@ -205,6 +208,13 @@ def fit_errors(plan: Plan, config: Any, gpu_bytes: float) -> list[str]:
         errors.append(f"training needs {training / GIB:.1f} GiB per GPU, more than the {gpu_bytes / GIB:.0f} GiB "
                       "available: raise model.tensor_parallel / pipeline_parallel, lower model.micro_batch_size or "
                       "set model.recompute=full")  # fmt: skip
+    resident, engine_share = trainer_resident_bytes(plan), config.engine.gpu_memory_utilization * gpu_bytes
+    if resident + engine_share > gpu_bytes:
+        most = max(int((gpu_bytes - resident) / gpu_bytes * 100) / 100, 0.0)
+        errors.append(f"during rollout the trainer keeps {resident / GIB:.1f} GiB per GPU (parameters, gradients, "
+                      f"optimizer state) beside the engine's engine.gpu_memory_utilization x GPU = "
+                      f"{engine_share / GIB:.1f} GiB: lower engine.gpu_memory_utilization to {most:.2f} or less, or "
+                      "raise model.tensor_parallel / pipeline_parallel")  # fmt: skip
     if (sequences := full_length_sequences(plan, config, gpu_bytes)) < 1:
         weights, budget = plan.rollout["weights"] / GIB, config.engine.gpu_memory_utilization * gpu_bytes / GIB
         errors.append(f"the rollout engine's KV cache holds no full-length sequence ({weights:.1f} GiB of weights "
@@ -215,6 +225,12 @@ def fit_errors(plan: Plan, config: Any, gpu_bytes: float) -> list[str]:
                           f"engine.max_num_seqs={config.engine.max_num_seqs}: vLLM runs fewer at once when all "
                           "responses are long")  # fmt: skip
     return errors
+
+
+def trainer_resident_bytes(plan: Plan) -> float:
+    """What the trainer keeps on a GPU while the engine generates: parameters, gradient buffer, optimizer state
+    and the runtime allowance (activations and logits are freed between steps)."""
+    return sum(plan.training[name] for name in ("parameters", "gradients", "optimizer", "runtime"))
 
 
 def full_length_sequences(plan: Plan, config: Any, gpu_bytes: float) -> int:

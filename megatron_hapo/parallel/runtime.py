@@ -65,6 +65,11 @@ def leave_process_group() -> None:
         dist.destroy_process_group()
 
 
+def initialized() -> bool:
+    """Whether this process has joined a process group."""
+    return dist.is_initialized()
+
+
 def rank() -> int:
     """Global rank (0 without a process group)."""
     return dist.get_rank() if dist.is_initialized() else 0

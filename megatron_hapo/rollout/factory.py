@@ -9,7 +9,7 @@ from megatron_hapo.rollout.engine import RolloutEngine
 
 
 def make_engine(model_dir: str | Path, engine: EngineConfig, *, dtype: str, max_model_len: int, seed: int,
-                gpu_memory_utilization: float | None = None) -> RolloutEngine:  # fmt: skip
+                gpu_memory_utilization: float | None = None, sleep_mode: bool = True) -> RolloutEngine:  # fmt: skip
     """The rollout engine of ``engine.kind`` for the HF checkpoint in ``model_dir``, in this rank.
 
     Args:
@@ -19,6 +19,8 @@ def make_engine(model_dir: str | Path, engine: EngineConfig, *, dtype: str, max_
         max_model_len: longest prompt + response in tokens.
         seed: engine seed (requests carry their own seeds when sampling is seeded).
         gpu_memory_utilization: overrides ``engine.gpu_memory_utilization`` (vLLM only; e.g. a second engine).
+        sleep_mode: whether the engine can sleep on GPU (vLLM 0.32 allows one sleep-mode engine per process:
+            a second engine, such as the guide policy's, keeps its memory for the whole run).
 
     The vLLM engine is built collectively by every rank of the job (torch.distributed must be initialised);
     the HF engine is a whole model per rank and needs no process group.
@@ -39,5 +41,6 @@ def make_engine(model_dir: str | Path, engine: EngineConfig, *, dtype: str, max_
         return VLLMEngine(model_dir, VLLMConfig(
             tensor_parallel_size=engine.tensor_parallel, max_model_len=max_model_len, max_num_seqs=engine.max_num_seqs,
             gpu_memory_utilization=memory, cpu_kv_cache_gib=engine.cpu_kv_cache_gib, dtype=engine_dtype, seed=seed,
+            enable_sleep_mode=sleep_mode,
         ))  # fmt: skip
     raise ValueError(f"engine.kind must be vllm or hf, got {engine.kind!r}")

@@ -114,11 +114,10 @@ def _guard_process_state() -> None:
 
 
 def _launcher_environment() -> None:
-    """The variables vLLM's external launcher reads, from the trainer's process group.
-
-    Without a process group (a world of one) vLLM's launcher creates the default group itself (``env://`` on
-    ``MASTER_ADDR:MASTER_PORT``).
-    """
+    """The variables vLLM's external launcher reads, from the trainer's process group."""
+    if not runtime.initialized():
+        raise RuntimeError("VLLMEngine runs inside the trainer's ranks: join the process group first "
+                           "(megatron_hapo.parallel.runtime.join_process_group or run_local_ranks)")  # fmt: skip
     os.environ.setdefault("RANK", str(runtime.rank()))
     os.environ.setdefault("WORLD_SIZE", str(runtime.world_size()))
     local_rank = runtime.rank_device().index if runtime.on_gpu() else runtime.rank()

@@ -69,7 +69,7 @@ def guide_rollout(engine: RolloutEngine | None, score: Any, *, prompts: Sequence
     seed = None if sampling.seed is None else sampling.seed + GUIDE_SEED_OFFSET
     guide_sampling = dataclasses.replace(sampling, adaptive_tau=None, seed=seed)
     routed_prompts = [prompts[i] for i in routed.tolist()]
-    engine.wake_up()  # the guide engine sleeps between its rollouts (train.py puts it to sleep when built)
+    engine.wake_up()  # an engine that can sleep does so between its rollouts (no-ops for one that cannot)
     responses = engine.generate(routed_prompts, n, guide_sampling, None)
     engine.sleep()
     max_length = config.rollout.max_response_length

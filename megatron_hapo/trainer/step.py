@@ -305,9 +305,8 @@ def rl_step(actor: Actor, engine: RolloutEngine, score: Scorer, *, prompts: Sequ
         with clock("train"):
             metrics.update(_updates(actor, config, batch, n, stats))
         state.skipped_updates += int(metrics["updates_skipped"])
-        with clock("sync"):
-            metrics.update(sync_and_verify(actor, engine))
-    engine.wake_up()  # (already awake after a sync) ready for the next rollout or an evaluation
+    with clock("sync"):  # also after a step that trained nothing: a level-2 sleep dropped the engine's weights
+        metrics.update(sync_and_verify(actor, engine))  # wakes the engine for the next rollout or an evaluation
     total_tokens = sum(len(prompts[r.prompt_index]) + len(r.token_ids) for r in responses)
     metrics.update(clock.metrics(response_tokens=int(lengths.sum()), total_tokens=total_tokens))
     state.stats, state.step = stats, state.step + 1

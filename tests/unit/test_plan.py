@@ -79,3 +79,14 @@ def test_parameter_count_matches_transformers() -> None:
         per_layer_norms = 2 * spec.hidden_size + 2 * spec.head_dim * spec.qk_norm
         norms = (spec.num_layers * per_layer_norms + spec.hidden_size) * (tp - 1)  # replicated on every TP rank
         assert sum(stage_params(spec, tp, pp)) * tp == total_params(spec) + per_copy + norms, path
+
+
+def test_engine_share_must_fit_beside_the_trainers_resident_state(capsys: pytest.CaptureFixture) -> None:
+    """During rollout the trainer keeps parameters, float32 gradients and Adam state on the GPU (no offload yet):
+    the shipped 70B layout with the engine asking for 0.6 of the GPU needs about 89 GiB, and is refused."""
+    config = str(REPO / "configs" / "runs" / "llama-3.3-70b-hapo.yaml")
+    code = _tool().main([config, "engine.gpu_memory_utilization=0.6", "--nodes", "8", "--gpus-per-node", "8"])
+    out = capsys.readouterr()
+    assert code == 1 and "during rollout the trainer keeps 41.1 GiB" in out.err, out.err
+    assert "lower engine.gpu_memory_utilization to 0.48 or less" in out.err
+    assert "gradients 8.5" in out.out  # float32 gradient buffer for bf16 parameters (Megatron-LM's choice)
