@@ -1,4 +1,11 @@
-"""The algos on CUDA tensors: same numbers as on CPU, and the asynchronous NaN guard fires."""
+"""The algos on CUDA tensors: same numbers as on CPU, and the asynchronous NaN guard fires.
+
+The NaN guard is a device-side assert (``torch._assert_async``): once it fires, the process's CUDA context is
+unusable, so that test runs in a process of its own (in this one it would fail every later GPU test).
+"""
+
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -30,9 +37,19 @@ def test_group_advantages_match_cpu():
     torch.testing.assert_close(gpu.cpu(), cpu)
 
 
-def test_nan_entropy_raises_on_cuda():
-    entropy = torch.ones(2, 4, device="cuda")
-    entropy[0, 1] = float("nan")
-    with pytest.raises(RuntimeError):
-        normalized_entropy(entropy, torch.ones_like(entropy, dtype=torch.bool))
-        torch.cuda.synchronize()
+NAN_ENTROPY = """
+import torch
+from megatron_hapo.algos import normalized_entropy
+entropy = torch.ones(2, 4, device="cuda")
+entropy[0, 1] = float("nan")
+normalized_entropy(entropy, torch.ones_like(entropy, dtype=torch.bool))
+torch.cuda.synchronize()
+print("NO ASSERT")
+"""
+
+
+def test_nan_entropy_raises_on_cuda(repo_root):
+    result = subprocess.run([sys.executable, "-c", NAN_ENTROPY], cwd=repo_root, capture_output=True, text=True,
+                            timeout=120)  # fmt: skip
+    assert result.returncode != 0 and "NO ASSERT" not in result.stdout, result.stdout + result.stderr[-2000:]
+    assert "assert" in result.stderr.lower(), result.stderr[-2000:]

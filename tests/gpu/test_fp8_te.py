@@ -7,8 +7,8 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture(scope="module")
-def megatron_world(nccl_megatron_world):
-    pytest.importorskip("transformer_engine")
+def megatron_world(require_te, nccl_megatron_world):
+    """Transformer Engine first (a skip must not wait for NCCL), then the one-rank world."""
 
 
 def _spec():
@@ -20,7 +20,7 @@ def _spec():
 
 
 def _forward_backward(chunks, tokens):
-    model = chunks[0].cuda()
+    model = chunks[0]  # built on this rank's GPU
     logits = model(tokens, torch.arange(tokens.shape[1], device="cuda").expand_as(tokens), None)
     logits.float().logsumexp(-1).mean().backward()
     return logits
