@@ -6,7 +6,8 @@
 The result loads at any TP / PP layout (Megatron reshards torch_dist checkpoints on load). ``--tp`` / ``--pp``
 split the conversion itself over that many local CPU processes, each holding only its shard of the model.
 Tensors are read one at a time from the safetensors files. The output appears only when complete (a failed
-conversion leaves nothing behind). Runs on CPU (gloo); the HF config and tokenizer are kept under ``OUT/hf/``.
+conversion leaves nothing behind). Runs on CPU (gloo), also on a GPU node; the HF config and tokenizer are kept
+under ``OUT/hf/``.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel processes of the conversion job")
     parser.add_argument("--dtype", choices=DTYPES, default="auto", help="stored dtype (auto: the checkpoint's)")
     args = parser.parse_args(argv)
-    run_local_ranks(_rank, args.tp * args.pp, args)
+    run_local_ranks(_rank, args.tp * args.pp, args, device="cpu")
     return 0
 
 

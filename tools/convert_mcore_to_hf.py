@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--read-gb", type=float, default=1.0, help="bytes read from the checkpoint at a time")
     parser.add_argument("--dtype", choices=DTYPES, default="auto", help="written dtype (auto: the stored one)")
     args = parser.parse_args(argv)
-    run_local_ranks(_rank, 1, args)
+    run_local_ranks(_rank, 1, args, device="cpu")
     return 0
 
 

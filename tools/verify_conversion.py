@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             hf_greedy = torch.cat([hf_greedy, hf(hf_greedy).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "megatron.pt")
-        run_local_ranks(_rank, args.tp, args, tokens, out)
+        run_local_ranks(_rank, args.tp, args, tokens, out, device="cpu")
         megatron = torch.load(out, weights_only=True)
     diff = float((megatron["logits"] - hf_logits).abs().max())
     log_p, log_q = torch.log_softmax(hf_logits, -1), torch.log_softmax(megatron["logits"], -1)

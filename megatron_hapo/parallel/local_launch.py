@@ -2,7 +2,8 @@
 
 On a machine with at least ``world`` GPUs each rank takes ``cuda:<rank>`` and the group is NCCL, exactly as
 under ``torchrun``; otherwise the ranks run on the CPU over gloo (with CUDA hidden from them when there are too
-few GPUs, so that every rank takes the CPU path of :mod:`megatron_hapo.parallel.runtime`).
+few GPUs or when asked for the CPU, so that every rank takes the CPU path of
+:mod:`megatron_hapo.parallel.runtime`).
 """
 
 from __future__ import annotations
@@ -31,10 +32,16 @@ def _entry(rank: int, world: int, rendezvous: str, body: Callable[..., None], ar
         runtime.leave_process_group()
 
 
-def run_local_ranks(body: Callable[..., None], world: int, *args: Any) -> None:
-    """Call the module-level ``body(rank, world, *args)`` on ``world`` processes; a failing rank raises here."""
-    hide_gpus = torch.cuda.is_available() and torch.cuda.device_count() < world
-    if hide_gpus:
+def run_local_ranks(body: Callable[..., None], world: int, *args: Any, device: str = "auto") -> None:
+    """Call the module-level ``body(rank, world, *args)`` on ``world`` processes; a failing rank raises here.
+
+    ``device="cpu"`` keeps the ranks on the CPU even on a GPU node (the conversion tools: a whole model shard in
+    host memory, where a GPU might not hold it); ``auto`` uses one GPU per rank when there are enough.
+    """
+    if device not in ("auto", "cpu"):
+        raise ValueError(f"device must be auto or cpu, got {device!r}")
+    hide_gpus = torch.cuda.is_available() and (device == "cpu" or torch.cuda.device_count() < world)
+    if hide_gpus and device == "auto":
         logger.warning("%d local ranks but %d GPUs: the ranks run on the CPU", world, torch.cuda.device_count())
     saved = os.environ.get("CUDA_VISIBLE_DEVICES")
     if hide_gpus:

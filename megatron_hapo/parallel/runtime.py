@@ -52,10 +52,18 @@ def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
 
 
 def join_process_group(backend: str | None = None, **init_kwargs: Any) -> None:
-    """Set this rank's GPU from ``LOCAL_RANK`` (on CUDA), then join the launcher's default process group."""
+    """Set this rank's GPU from ``LOCAL_RANK`` (on CUDA), then join the launcher's default process group.
+
+    No ``device_id`` is bound to the default group, as in Megatron-LM (its commit "Don't pass device_id to
+    torch.distributed.init_process_group, it causes hangs"): with a bound group every later ``new_group`` becomes
+    an NCCL split that all ranks must call in the same order, so a group that only some ranks create would hang.
+    """
     if on_gpu():
+        world = int(init_kwargs.get("world_size", os.environ.get("WORLD_SIZE", "1")))
+        if LOCAL_RANK_ENV not in os.environ and world > 1:
+            raise RuntimeError(f"{LOCAL_RANK_ENV} is not set: with {world} ranks on GPUs each rank must know its GPU "
+                               "(torchrun and launch/_run.sh set it)")  # fmt: skip
         torch.cuda.set_device(int(os.environ.get(LOCAL_RANK_ENV, "0")))
-    init_kwargs.setdefault("device_id", rank_device() if on_gpu() else None)
     dist.init_process_group(backend or backend_for_device(), **init_kwargs)
 
 

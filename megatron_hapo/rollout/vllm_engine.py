@@ -9,7 +9,8 @@ without serialisation.
 vLLM changes process-wide state that Megatron relies on; :func:`_guard_process_state` keeps it intact:
 - tearing an engine down destroys the *default* process group (Megatron's collectives then silently break):
   only vLLM's own groups are destroyed here;
-- ``LLM(seed=...)`` reseeds the CPU generator: the generator state is saved and restored around construction;
+- ``LLM(seed=...)`` reseeds torch (CPU and CUDA), ``random`` and NumPy: their states are saved and restored around
+  construction;
 - on CPU it replaces ``torch.set_num_threads`` with a no-op; the original stays reachable as
   ``SET_NUM_THREADS``;
 - on CPU, TP >= 2 engines name their shared memory after a constant: a per-job prefix avoids collisions with
@@ -113,6 +114,30 @@ def _guard_process_state() -> None:
         shm.make_group_name = staticmethod(lambda comm: job + original(comm).lstrip("/"))
 
 
+def _generator_states() -> tuple:
+    """torch (CPU and this rank's GPU), ``random`` and NumPy generator states: ``LLM(seed=...)`` reseeds them all
+    (vLLM's ``set_random_seed``), and Megatron's CUDA RNG tracker seeds the default CUDA generator."""
+    import random  # noqa: PLC0415
+
+    import numpy as np  # noqa: PLC0415
+
+    cuda = torch.cuda.get_rng_state() if runtime.on_gpu() else None
+    return torch.get_rng_state(), cuda, random.getstate(), np.random.get_state()
+
+
+def _restore_generator_states(states: tuple) -> None:
+    import random  # noqa: PLC0415
+
+    import numpy as np  # noqa: PLC0415
+
+    cpu, cuda, python, numpy_state = states
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda)
+    random.setstate(python)
+    np.random.set_state(numpy_state)
+
+
 def _launcher_environment() -> None:
     """The variables vLLM's external launcher reads, from the trainer's process group."""
     if not runtime.initialized():
@@ -173,7 +198,7 @@ class VLLMEngine:
         self.config = config
         optional = {name: getattr(config, name) for name in ("async_scheduling", "max_num_batched_tokens")
                     if getattr(config, name) is not None}  # fmt: skip
-        rng = torch.get_rng_state()
+        rng = _generator_states()
         known = len(temperature_processor.INSTANCES)
         self.llm = LLM(
             model=str(model_dir), skip_tokenizer_init=True, dtype=config.dtype,
@@ -184,7 +209,7 @@ class VLLMEngine:
             enable_sleep_mode=self._sleep_mode, logits_processors=[temperature_processor.AdaptiveTemperatureProcessor],
             **optional,
         )  # fmt: skip
-        torch.set_rng_state(rng)
+        _restore_generator_states(rng)
         if len(temperature_processor.INSTANCES) != known + 1:
             raise RuntimeError("vLLM did not build exactly one adaptive-temperature processor in this rank")
         self.processor = temperature_processor.INSTANCES[-1]

@@ -26,7 +26,7 @@ from megatron_hapo.models.hf_config import DecoderSpec
 from megatron_hapo.models.loading import chunk_rules, unwrap, uses_te_spec
 from megatron_hapo.models.mapping import to_hf
 from megatron_hapo.models.mcore_reader import checkpoint_key, pack_by_bytes
-from megatron_hapo.parallel.collectives import group_rank_size
+from megatron_hapo.parallel.collectives import any_rank, group_rank_size
 from megatron_hapo.parallel.policy_loss import LogProbEntropyStep, ParallelGroups, PolicyMicroBatch
 from megatron_hapo.parallel.runtime import max_over_ranks
 from megatron_hapo.parallel.weight_transfer import all_gather_objects, gather_shards, share_from_stage
@@ -159,9 +159,17 @@ def sync_weights(engine: RolloutEngine, chunks: list, spec: DecoderSpec, plan: S
     start = time.perf_counter()
     device = next(unwrap(chunks[0]).parameters()).device
     stream = _plan_tensors(chunks, spec, plan, groups, device)
-    engine.load_weights(stream)
-    if next(stream, None) is not None:  # a rank that stopped early would leave the others in a collective
-        raise WeightSyncError("the engine did not consume the whole weight stream of the sync")
+    error: BaseException | None = None
+    try:
+        engine.load_weights(stream)
+    except Exception as exc:  # raised below on every rank, after the collectives are done
+        error = exc
+    finally:  # the stream's collectives must run to the end on every rank, whatever this engine did
+        leftover = sum(1 for _ in stream)
+    if any_rank(error is not None or leftover > 0):
+        detail = f"{type(error).__name__}: {error}" if error else f"{leftover} tensors left unread" if leftover else ""
+        raise WeightSyncError(f"the weight sync failed on at least one rank{f' (here: {detail})' if detail else ''}; "
+                              "no rollout was run with the engine's weights") from error  # fmt: skip
     return SyncReport(plan.total_bytes, time.perf_counter() - start, len(plan.buckets))
 
 

@@ -156,3 +156,49 @@ def test_engines_sleep_while_the_trainer_updates(small_llama: Path, tmp_path: Pa
         assert entries[sync + 1] == "policy.load_weights", entries  # one reload call per sync
         assert entries[sync + 2] == "policy.wake_up(kv_cache)" and entries[sync + 3] == "policy.prompt_log_probs"
         assert max(i for i, e in enumerate(entries) if e == "optimizer.step") < sync, entries
+
+
+class FailingEngine:
+    """Reads two tensors of the sync's stream, then fails (e.g. out of memory) on this rank only."""
+
+    def __init__(self, engine: object) -> None:
+        self.engine = engine
+
+    def load_weights(self, named_tensors: object) -> None:
+        iterator = iter(named_tensors)
+        next(iterator), next(iterator)
+        raise MemoryError("simulated: the engine ran out of memory mid-sync")
+
+
+def _failing_sync_ranks(rank: int, world: int, model: Path, repo_root: Path, out: Path) -> None:
+    from megatron_hapo.config import load_config
+    from megatron_hapo.parallel import runtime
+    from megatron_hapo.rollout.factory import make_engine
+    from megatron_hapo.rollout.weight_sync import WeightSyncError, sync_weights
+    from megatron_hapo.trainer.actor import build_actor
+
+    config = load_config(repo_root / "configs/algo/hapo.yaml",
+                         [f"model.path={model}", "model.tensor_parallel=2", "engine.kind=hf"])  # fmt: skip
+    runtime.quiet_logs()
+    runtime.initialize_model_parallel(2, 1)
+    actor = build_actor(config)
+    engine = make_engine(model, config.engine, dtype="float32", max_model_len=64, seed=0)
+    if rank == 0:
+        engine = FailingEngine(engine)
+    try:
+        sync_weights(engine, actor.chunks, actor.spec, actor.sync_plan, actor.groups)
+        outcome = "no error"
+    except WeightSyncError as exc:
+        outcome = str(exc)
+    out.with_name(f"rank{rank}").write_text(outcome)
+
+
+def test_a_sync_failing_on_one_rank_fails_on_every_rank_without_a_hang(small_llama: Path, tmp_path: Path,
+                                                                       repo_root: Path) -> None:  # fmt: skip
+    """The sync's stream runs TP gathers and PP broadcasts between its tensors: a rank whose engine stops reading
+    still drains it, and every rank raises ``WeightSyncError`` (before, the other ranks waited in a collective)."""
+    out = tmp_path / "out"
+    run_on_ranks(partial(_failing_sync_ranks, model=small_llama, repo_root=repo_root, out=out), 2, tmp_path / "r")
+    rank0, rank1 = (out.with_name(f"rank{r}").read_text() for r in (0, 1))
+    assert "failed on at least one rank" in rank0 and "MemoryError" in rank0, rank0
+    assert "failed on at least one rank" in rank1 and "MemoryError" not in rank1, rank1
