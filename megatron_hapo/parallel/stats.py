@@ -15,7 +15,7 @@ import torch.distributed as dist
 from megatron_hapo.algos import EntropyStats, apply_entropy_stats, nearest_rank_index
 from megatron_hapo.algos._checks import check_finite
 from megatron_hapo.algos.entropy import ENTROPY_EPS, EntropySign, side_scales
-from megatron_hapo.parallel.collectives import all_reduce
+from megatron_hapo.parallel.collectives import all_reduce, group_rank_size
 
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
@@ -38,6 +38,8 @@ def distributed_kth_smallest(values: torch.Tensor, k: int, group: dist.ProcessGr
     counting runs on ``values``' device, the reductions on the backend's (:func:`collectives.all_reduce` stages
     them); each step syncs the host once.
     """
+    if group_rank_size(group)[1] == 1:  # one rank (e.g. the micro-batch scope without CP): one host sync, not 32
+        return float(values.float().kthvalue(k + 1).values)
     keys = _sortable_keys(values)
     low, high = _INT32_MIN, _INT32_MAX
     while low < high:
