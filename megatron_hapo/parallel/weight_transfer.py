@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatron_hapo.parallel import runtime
 from megatron_hapo.parallel.collectives import group_rank_size
-from megatron_hapo.parallel.runtime import collective_device
 
 
 def gather_shards(shard: torch.Tensor, group: dist.ProcessGroup | None) -> list[torch.Tensor]:
@@ -18,20 +18,18 @@ def gather_shards(shard: torch.Tensor, group: dist.ProcessGroup | None) -> list[
     _, size = group_rank_size(group)
     if size == 1:
         return [shard]
-    staged = shard.to(collective_device(group)).contiguous()
+    staged = shard.to(runtime.collective_device(group)).contiguous()
     pieces = [torch.empty_like(staged) for _ in range(size)]
     dist.all_gather(pieces, staged, group=group)
     return [piece.to(shard.device) for piece in pieces]
 
 
 def all_gather_objects(value: object, group: dist.ProcessGroup | None) -> list:
-    """``value`` of every rank of ``group`` (small Python objects: layouts, names, shapes)."""
-    _, size = group_rank_size(group)
-    if size == 1:
+    """``value`` of every rank of ``group`` (small Python objects: layouts, names, shapes); ``None``: this rank
+    alone (unlike :func:`runtime.all_gather_objects`, where ``None`` is the whole job)."""
+    if group_rank_size(group)[1] == 1:
         return [value]
-    out: list = [None] * size
-    dist.all_gather_object(out, value, group=group)
-    return out
+    return runtime.all_gather_objects(value, group)
 
 
 def share_from_stage(tensors: dict[str, torch.Tensor] | None, src_index: int, group: dist.ProcessGroup | None,
@@ -45,7 +43,7 @@ def share_from_stage(tensors: dict[str, torch.Tensor] | None, src_index: int, gr
     if size == 1:
         return dict(tensors or {})
     src = dist.get_global_rank(group, src_index)
-    staging = collective_device(group)
+    staging = runtime.collective_device(group)
     header = [[(name, tuple(t.shape), t.dtype) for name, t in tensors.items()] if rank == src_index else None]
     dist.broadcast_object_list(header, src=src, group=group)
     out: dict[str, torch.Tensor] = {}

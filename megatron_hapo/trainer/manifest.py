@@ -14,7 +14,6 @@ import os
 from pathlib import Path
 
 from megatron_hapo.parallel import runtime
-from megatron_hapo.parallel.weight_transfer import all_gather_objects
 
 MANIFEST = "manifest.json"
 _CHUNK = 8 * 2**20
@@ -47,7 +46,7 @@ def write_manifest(directory: Path) -> None:
     mine = {name: {"bytes": (directory / name).stat().st_size, "sha256": file_digest(directory / name)}
             for name in names[rank::world]}  # fmt: skip
     merged: dict[str, dict] = {}
-    for part in all_gather_objects(mine, None) if world > 1 else [mine]:
+    for part in runtime.all_gather_objects(mine):  # the whole job (``None`` there is the default group)
         merged.update(part)
     if rank == 0:
         with (directory / MANIFEST).open("w") as handle:
@@ -82,4 +81,4 @@ def verify_manifest(directory: Path) -> list[str]:
             problems.append(f"{directory.name}/{name}: SHA-256 differs from the manifest (corrupted)")
     if world == 1:
         return problems
-    return sorted({p for part in all_gather_objects(problems, None) for p in part})
+    return sorted({p for part in runtime.all_gather_objects(problems) for p in part})
