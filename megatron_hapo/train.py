@@ -122,8 +122,7 @@ def _rank(rank: int, world: int, config: Any) -> bool:
     if not prompts:
         raise ValueError(f"{config.data.train_file}: no prompt fits rollout.max_prompt_length")
     actor = build_actor(config)
-    max_len = config.rollout.max_prompt_length + config.rollout.max_response_length  # the engine's context
-    actor.probe = sync_probe(prompts, length=min(PROBE_TOKENS, max_len // 16 * 16))
+    actor.probe = sync_probe(prompts, length=min(PROBE_TOKENS, _context_length(config) // 16 * 16))
     engine, guide = _engines(config)
     reward = partial(math_reward, rule=config.data.reward, math_verify=config.data.math_verify)
     workers = RewardWorkers(reward, workers=out.reward_workers, timeout_s=out.reward_timeout_s,
@@ -163,6 +162,11 @@ def _resume(actor: Any, engine: Any, root: Path) -> Any:
     return state
 
 
+def _context_length(config: Any) -> int:
+    """The engines' context: the longest prompt plus the longest response."""
+    return config.rollout.max_prompt_length + config.rollout.max_response_length
+
+
 def _engines(config: Any) -> tuple[Any, Any]:
     """The policy's rollout engine and, for mixed-policy algorithms, the frozen guide's (else ``None``).
 
@@ -174,7 +178,7 @@ def _engines(config: Any) -> tuple[Any, Any]:
 
     model = config.model
     build = partial(make_engine, engine=config.engine, dtype=model.dtype, seed=config.train.seed,
-                    max_model_len=config.rollout.max_prompt_length + config.rollout.max_response_length)  # fmt: skip
+                    max_model_len=_context_length(config))  # fmt: skip
     engine = build(model.path)
     if config.algo.guide_policy.kind == "none":
         return engine, None
