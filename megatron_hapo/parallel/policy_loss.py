@@ -32,7 +32,7 @@ from megatron_hapo.algos import EntropyStats, aggregation_terms
 from megatron_hapo.algos.compose import needs_entropy, token_policy_loss
 from megatron_hapo.algos.mixed_policy import guide_policy_surrogate
 from megatron_hapo.parallel.collectives import group_rank_size
-from megatron_hapo.parallel.runtime import collective_device
+from megatron_hapo.parallel.runtime import collective_device, rank_device
 from megatron_hapo.parallel.stats import distributed_entropy_stats, normalize_with_stats
 from megatron_hapo.parallel.token_mean import global_denominator, microbatch_loss, per_token_loss_outputs
 from megatron_hapo.parallel.vocab_parallel import vocab_parallel_logprob_entropy
@@ -184,13 +184,19 @@ def plan_minibatch(
 def pooled_entropy_stats(
     entropies: list[torch.Tensor], masks: list[torch.Tensor], algo: Any, groups: ParallelGroups
 ) -> EntropyStats:
-    """EntropyStats over all valid tokens of several ``[B, S]`` micro-batches on every DP x CP rank."""
+    """EntropyStats over all valid tokens of several ``[B, S]`` micro-batches on every DP x CP rank.
+
+    The inputs may live in host memory (the step's batch); the statistics are computed on this rank's device
+    (the 32-step pivot search counts over every token once per step) and returned in host memory."""
+    device = rank_device()
     flat_entropy = torch.cat([e.reshape(-1) for e in entropies]) if entropies else torch.zeros(0)
     flat_mask = torch.cat([m.reshape(-1) for m in masks]) if masks else torch.zeros(0, dtype=torch.bool)
     cfg = algo.entropy
-    return distributed_entropy_stats(
-        flat_entropy, flat_mask, group=groups.dp_cp, pivot_quantile=cfg.pivot_quantile, sign=cfg.sign
-    )
+    stats = distributed_entropy_stats(
+        flat_entropy.to(device), flat_mask.to(device), group=groups.dp_cp, pivot_quantile=cfg.pivot_quantile,
+        sign=cfg.sign,
+    )  # fmt: skip
+    return stats.to("cpu")
 
 
 def stats_from_last_stage(stats: EntropyStats | None, pp_group: dist.ProcessGroup | None) -> EntropyStats:
