@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -99,11 +100,13 @@ def position_view(packed: PackedRollout, per_response: torch.Tensor) -> torch.Te
 def microbatches(packed: PackedRollout, rows: torch.Tensor, size: int, *, old_log_prob: torch.Tensor | None = None,
                  advantages: torch.Tensor | None = None,
                  loss_weights: torch.Tensor | None = None, guide_rows: torch.Tensor | None = None,
-                 all_masked: bool = False) -> list[PolicyMicroBatch]:  # fmt: skip
+                 all_masked: bool = False, count_multiple: int = 1) -> list[PolicyMicroBatch]:  # fmt: skip
     """Micro-batches of exactly ``size`` sequences from ``rows`` (``[N, S]`` / ``[N]`` extras are sliced alike).
 
     Pipeline stages exchange activations of one fixed shape, so a short last micro-batch is filled up with
-    copies of its last row whose mask is all False: they add nothing to any loss, count or statistic.
+    copies of its last row whose mask is all False: they add nothing to any loss, count or statistic. The
+    micro-batch count is filled up the same way to a multiple of ``count_multiple`` (the interleaved schedule's
+    group size, :attr:`~megatron_hapo.trainer.step.Actor.microbatch_multiple`).
     ``all_masked`` masks every row (a data-parallel rank with no share of the mini-batch still runs one
     micro-batch, so that the gradient all-reduce has every rank).
 
@@ -111,7 +114,7 @@ def microbatches(packed: PackedRollout, rows: torch.Tensor, size: int, *, old_lo
     micro-batch is built there and moved to this rank's device (:func:`~megatron_hapo.parallel.runtime.rank_device`).
     """
     device = rank_device()
-    fill = -len(rows) % size
+    fill = -len(rows) % (size * count_multiple)
     rows = torch.cat([rows, rows[-1:].expand(fill)])
     real = (torch.arange(len(rows)) < len(rows) - fill) & (not all_masked)
     targets = torch.roll(packed.tokens, -1, dims=1)
@@ -129,3 +132,19 @@ def microbatches(packed: PackedRollout, rows: torch.Tensor, size: int, *, old_lo
             guide_rows=take(guide_rows, chunk),
         ).to(device))  # fmt: skip
     return out
+
+
+def run_schedule(forward_step: Any, mbs: list[PolicyMicroBatch], chunks: list[Any], *, forward_only: bool) -> list:
+    """Megatron's pipeline schedule over ``mbs`` on the model ``chunks``; returns the last stage's loss outputs.
+
+    The interleaved (virtual-pipeline) schedule runs every micro-batch through each of this rank's model chunks
+    and reads chunk ``i``'s micro-batches from data iterator ``i``: one iterator per chunk, each over all of
+    ``mbs`` (the micro-batches themselves are shared, not copied). Without virtual stages, one iterator.
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: PLC0415
+
+    iterators = [iter(mbs) for _ in chunks] if len(chunks) > 1 else iter(mbs)
+    return get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iterators, model=chunks, num_microbatches=len(mbs),
+        seq_length=mbs[0].tokens.shape[1], micro_batch_size=mbs[0].tokens.shape[0], forward_only=forward_only,
+    )  # fmt: skip

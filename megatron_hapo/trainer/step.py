@@ -47,6 +47,7 @@ from megatron_hapo.trainer.batch import (
     pack_rollout,
     position_view,
     response_view,
+    run_schedule,
 )
 from megatron_hapo.trainer.guide import GuideRollout, check_guide_setup, guide_rollout
 from megatron_hapo.trainer.metrics import PhaseClock, entropy_stats_metrics, reduce_loss_metrics
@@ -82,6 +83,12 @@ class Actor:
     probe: list[int]
     micro_batch_size: int = 4
     sync_tolerance: float = 1e-3
+
+    @property
+    def microbatch_multiple(self) -> int:
+        """Each schedule call runs a multiple of this many micro-batches: with virtual stages, Megatron's
+        interleaved schedule takes them in groups of the pipeline size (``microbatch_group_size_per_vp_stage``)."""
+        return group_rank_size(self.groups.pp)[1] if len(self.chunks) > 1 else 1
 
 
 @dataclass
@@ -124,14 +131,10 @@ class UpdateBatch:
 def _forward_only(actor: Actor, packed: PackedRollout) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Old log-probs and entropies ``[N, S]`` of the whole batch in host memory (zeros off the last stage), and
     whether this is the last stage."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: PLC0415
-
-    mbs = microbatches(packed, torch.arange(packed.num_sequences), actor.micro_batch_size)
-    outputs = get_forward_backward_func()(
-        forward_step_func=LogProbEntropyStep(actor.groups, actor.spec.vocab_size), data_iterator=iter(mbs),
-        model=actor.chunks, num_microbatches=len(mbs), seq_length=packed.tokens.shape[1],
-        micro_batch_size=actor.micro_batch_size, forward_only=True,
-    )  # fmt: skip
+    mbs = microbatches(packed, torch.arange(packed.num_sequences), actor.micro_batch_size,
+                       count_multiple=actor.microbatch_multiple)  # fmt: skip
+    step = LogProbEntropyStep(actor.groups, actor.spec.vocab_size)
+    outputs = run_schedule(step, mbs, actor.chunks, forward_only=True)
     if not outputs:
         return torch.zeros(packed.mask.shape), torch.zeros(packed.mask.shape), False
     count = packed.num_sequences  # the last micro-batch may be padded with masked copies
@@ -142,22 +145,18 @@ def _forward_only(actor: Actor, packed: PackedRollout) -> tuple[torch.Tensor, to
 def _update(actor: Actor, algo: Any, batch: UpdateBatch, rows: torch.Tensor, stats: EntropyStats) -> dict:
     """One optimizer step on the sequences ``rows`` (this DP rank's share of them); a non-finite gradient norm
     skips it. Returns the loss metrics of the last pipeline stage, on every stage."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: PLC0415
-
     dp_rank, dp_size = group_rank_size(actor.groups.dp)
     local = rows.tensor_split(dp_size)[dp_rank]
     mbs = microbatches(batch.packed, local if len(local) else rows[:1], actor.micro_batch_size,
                        old_log_prob=batch.old_log_prob, advantages=batch.advantages, loss_weights=batch.weights,
-                       guide_rows=batch.guide_rows, all_masked=not len(local))  # fmt: skip
+                       guide_rows=batch.guide_rows, all_masked=not len(local),
+                       count_multiple=actor.microbatch_multiple)  # fmt: skip
     plan = plan_minibatch(mbs, algo, actor.groups, entropy_stats=stats)
     for chunk in actor.chunks:
         chunk.zero_grad_buffer()
     actor.optimizer.zero_grad()
     step = PolicyLossStep(algo, actor.groups, plan, actor.spec.vocab_size)
-    outputs = get_forward_backward_func()(
-        forward_step_func=step, data_iterator=iter(mbs), model=actor.chunks, num_microbatches=len(mbs),
-        seq_length=batch.packed.tokens.shape[1], micro_batch_size=actor.micro_batch_size, forward_only=False,
-    )  # fmt: skip
+    outputs = run_schedule(step, mbs, actor.chunks, forward_only=False)
     found_inf = actor.optimizer.prepare_grads()
     grad_norm = float(actor.optimizer.get_grad_norm())
     skipped = found_inf or not math.isfinite(grad_norm)

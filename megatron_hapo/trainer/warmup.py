@@ -17,7 +17,7 @@ from megatron_hapo.parallel.collectives import group_rank_size, objects_from_las
 from megatron_hapo.parallel.policy_loss import SupervisedStep
 from megatron_hapo.parallel.token_mean import global_denominator
 from megatron_hapo.rollout.engine import Response, RolloutEngine
-from megatron_hapo.trainer.batch import SEQUENCE_MULTIPLE, PackedRollout, microbatches, pack_rollout
+from megatron_hapo.trainer.batch import SEQUENCE_MULTIPLE, PackedRollout, microbatches, pack_rollout, run_schedule
 from megatron_hapo.trainer.loop import set_learning_rate
 from megatron_hapo.trainer.step import Actor, sync_and_verify
 
@@ -50,21 +50,17 @@ def supervised_warmup(actor: Actor, engine: RolloutEngine | None, examples: Sequ
 
 def _supervised_update(actor: Actor, packed: PackedRollout) -> float:
     """One optimizer step on this DP rank's share of ``packed``; returns the mini-batch's mean NLL."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: PLC0415
-
     dp_rank, dp_size = group_rank_size(actor.groups.dp)
     rows = torch.arange(packed.num_sequences)
     local = rows.tensor_split(dp_size)[dp_rank]
-    mbs = microbatches(packed, local if len(local) else rows[:1], actor.micro_batch_size, all_masked=not len(local))
+    mbs = microbatches(packed, local if len(local) else rows[:1], actor.micro_batch_size, all_masked=not len(local),
+                       count_multiple=actor.microbatch_multiple)  # fmt: skip
     denominator = global_denominator([mb.mask for mb in mbs], "token-mean", dp_group=actor.groups.dp_cp)
     for chunk in actor.chunks:
         chunk.zero_grad_buffer()
     actor.optimizer.zero_grad()
     step = SupervisedStep(actor.groups, denominator, len(mbs), actor.spec.vocab_size)
-    outputs = get_forward_backward_func()(
-        forward_step_func=step, data_iterator=iter(mbs), model=actor.chunks, num_microbatches=len(mbs),
-        seq_length=packed.tokens.shape[1], micro_batch_size=actor.micro_batch_size, forward_only=False,
-    )  # fmt: skip
+    outputs = run_schedule(step, mbs, actor.chunks, forward_only=False)
     actor.optimizer.step()
     local_nll = sum(float(o["nll_share"]) for o in outputs) if outputs else None
     return float(objects_from_last_stage(local_nll, actor.groups.pp))
