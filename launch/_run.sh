@@ -5,7 +5,9 @@
 # key=value overrides for the trainer (model.path=..., data.train_file=...). Environment (all optional):
 #   MODEL_PATH        HF checkpoint directory, passed as model.path=
 #   RUN_ROOT          where run directories go (default runs/); the run writes to RUN_ROOT/RUN_NAME
-#   GPUS_PER_NODE     ranks per node (default: SLURM_GPUS_ON_NODE, else 8 on GPUs, else 1)
+#   GPUS_PER_NODE     ranks per node (default: what the job asked for, --ntasks-per-node or --gpus-per-node,
+#                     else SLURM_GPUS_ON_NODE, else 8 on GPUs, else 1)
+#   MASTER_ADDR       rendezvous address (default: the first node's NodeAddr in Slurm, 127.0.0.1 locally)
 #   NNODES            nodes when running without Slurm (simulated on this machine; default 1)
 #   MASTER_PORT       rendezvous port (default 29500 + SLURM_JOB_ID % 1000)
 #   PYTHON            interpreter (default .venv/bin/python, else python3)
@@ -20,8 +22,13 @@ if [[ -z "${PYTHON:-}" ]]; then
     if [[ -x "$REPO_ROOT/.venv/bin/python" ]]; then PYTHON="$REPO_ROOT/.venv/bin/python"; else PYTHON=python3; fi
 fi
 RUN_DIR="${RUN_ROOT:-$REPO_ROOT/runs}/$RUN_NAME"
-LOG_DIR="$RUN_DIR/logs/${SLURM_JOB_ID:-local-$(date +%Y%m%d-%H%M%S)}"
+ATTEMPT="${SLURM_RESTART_COUNT:-0}"  # Slurm counts the requeues of a job; each attempt logs to its own directory
+if [[ -n "${SLURM_JOB_ID:-}" ]]; then LOG_DIR="$RUN_DIR/logs/$SLURM_JOB_ID.$ATTEMPT"; else
+    LOG_DIR="$RUN_DIR/logs/local-$(date +%Y%m%d-%H%M%S)"; fi
 mkdir -p "$LOG_DIR"
+# A rank that checkpointed on a stop signal exits 75; under srun it leaves this file and exits 0 instead, since
+# srun --kill-on-bad-exit counts 75 as a failure, kills the other ranks and returns 143.
+export STOP_FLAG="$LOG_DIR/stopped-for-requeue"
 export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"  # a hung collective fails the job
 export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
@@ -31,61 +38,95 @@ args=("$RUN_CONFIG" "output.dir=$RUN_DIR")
 args+=("$@")
 EXIT_REQUEUE=75
 
-if command -v nvidia-smi >/dev/null 2>&1; then default_gpus=8; else default_gpus=1; fi
-GPUS_PER_NODE="${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-$default_gpus}}"
+ranks_per_node() {  # what the job asked for: #SBATCH --exclusive hands over every GPU of a node (and
+    # SLURM_GPUS_ON_NODE follows it), whatever --gpus-per-node said
+    if [[ -n "${GPUS_PER_NODE:-}" ]]; then echo "$GPUS_PER_NODE"
+    elif [[ -n "${SLURM_NTASKS_PER_NODE:-}" ]]; then echo "$SLURM_NTASKS_PER_NODE"
+    elif [[ -n "${SLURM_GPUS_PER_NODE:-}" ]]; then echo "${SLURM_GPUS_PER_NODE##*:}"  # "8" or "h100:8"
+    elif [[ -n "${SLURM_GPUS_ON_NODE:-}" ]]; then echo "$SLURM_GPUS_ON_NODE"
+    elif command -v nvidia-smi >/dev/null 2>&1; then echo 8
+    else echo 1; fi
+}
+GPUS_PER_NODE="$(ranks_per_node)"
 
-write_launch_record() {  # nodes / GPUs of this job, for tools/scaling_study.py
+write_launch_record() {  # nodes / GPUs / rendezvous of this attempt, for tools/scaling_study.py and the logs
     local gpu
     gpu="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 || true)"
-    printf '{"nodes": %d, "gpus_per_node": %d, "gpu": "%s"}\n' "$1" "$GPUS_PER_NODE" "${gpu:-cpu}" >"$RUN_DIR/launch.json"
+    printf '{"nodes": %d, "gpus_per_node": %d, "gpu": "%s", "master_addr": "%s", "attempt": %d}\n' "$1" \
+        "$GPUS_PER_NODE" "${gpu:-cpu}" "$MASTER_ADDR" "$ATTEMPT" >"$RUN_DIR/launch.json"
+}
+
+wait_for() {  # the exit status of process $1; a trapped signal interrupts `wait`, so wait again while it lives
+    local code
+    while true; do
+        code=0
+        wait "$1" || code=$?
+        kill -0 "$1" 2>/dev/null || return "$code"
+    done
+}
+
+rendezvous_address() {  # the first node's address as Slurm itself reaches it (NodeAddr), else its name
+    local first addr
+    first="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+    addr="$(scontrol show node "$first" -o 2>/dev/null | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2 || true)"
+    echo "${addr:-$first}"
 }
 
 run_on_slurm() {
-    local nodes master
-    nodes="$SLURM_JOB_NUM_NODES"
-    master="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
-    export MASTER_ADDR="$master" MASTER_PORT="${MASTER_PORT:-$((29500 + SLURM_JOB_ID % 1000))}"
-    write_launch_record "$nodes"
-    local container=()
+    export MASTER_ADDR="${MASTER_ADDR:-$(rendezvous_address)}"  # a given MASTER_ADDR wins
+    export MASTER_PORT="${MASTER_PORT:-$((29500 + SLURM_JOB_ID % 1000))}"
+    write_launch_record "$SLURM_JOB_NUM_NODES"
+    local container=() srun_pid
     if [[ -n "${CONTAINER_IMAGE:-}" ]]; then
         container=(--container-image="$CONTAINER_IMAGE" --container-workdir="$REPO_ROOT")
         [[ -n "${CONTAINER_MOUNTS:-}" ]] && container+=(--container-mounts="$CONTAINER_MOUNTS")
     fi
-    # one task per GPU; srun forwards the scheduler's signals (SIGUSR1 before the time limit, SIGTERM) to them.
+    # One task per GPU. Each task's shell ignores the stop signals (the trainer inherits that until its own
+    # handling is in place, the first thing it does) and turns the trainer's exit 75 into the stop flag.
     # The single quotes are deliberate: each task expands its own SLURM_PROCID / SLURM_LOCALID.
     # shellcheck disable=SC2016
     srun --kill-on-bad-exit=1 --ntasks-per-node="$GPUS_PER_NODE" --cpu-bind=none "${container[@]}" \
-        --output="$LOG_DIR/rank-%t.log" \
-        bash -c 'export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID
-                 exec "$0" -m megatron_hapo.train "$@"' "$PYTHON" "${args[@]}"
+        --open-mode=append --output="$LOG_DIR/rank-%t.log" \
+        bash -c 'trap "" USR1 TERM INT
+                 export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID
+                 code=0
+                 "$0" -m megatron_hapo.train "$@" || code=$?
+                 if ((code == 75)); then : >"$STOP_FLAG"; exit 0; fi
+                 exit "$code"' "$PYTHON" "${args[@]}" &
+    srun_pid=$!
+    # `--signal=B:USR1...` / `scancel --signal=B:USR1` reach only this shell: srun passes it on to the ranks.
+    # SIGTERM (scancel, time limit, drain) and SIGINT reach the ranks from Slurm itself: keep waiting for them.
+    trap 'kill -USR1 "$srun_pid" 2>/dev/null || true' USR1
+    trap 'echo "[launch] SIGTERM/SIGINT: the ranks checkpoint and stop"' TERM INT
+    wait_for "$srun_pid"
 }
 
 run_locally() {  # NNODES x GPUS_PER_NODE ranks on this machine, joined like the Slurm ones
     local nodes="${NNODES:-1}" world rank pids=()
     world=$((nodes * GPUS_PER_NODE))
-    export MASTER_ADDR=127.0.0.1 MASTER_PORT="${MASTER_PORT:-$((29500 + $$ % 1000))}" WORLD_SIZE="$world"
+    export MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}" MASTER_PORT="${MASTER_PORT:-$((29500 + $$ % 1000))}"
+    export WORLD_SIZE="$world"
     write_launch_record "$nodes"
     for ((rank = 0; rank < world; rank++)); do
-        RANK=$rank LOCAL_RANK=$((rank % GPUS_PER_NODE)) "$PYTHON" -m megatron_hapo.train "${args[@]}" \
+        (trap '' USR1 TERM INT  # as under srun: ignored until the trainer's own handling is in place
+         RANK=$rank LOCAL_RANK=$((rank % GPUS_PER_NODE)) exec "$PYTHON" -m megatron_hapo.train "${args[@]}") \
             >"$LOG_DIR/rank-$rank.log" 2>&1 &
         pids+=($!)
     done
-    # forward a stop request to every rank, as srun does
+    # forward a stop request to every rank, as srun does; Ctrl-C reaches the ranks from the terminal itself
     trap 'kill -USR1 "${pids[@]}" 2>/dev/null || true' USR1
     trap 'kill -TERM "${pids[@]}" 2>/dev/null || true' TERM
-    local status=0 code
+    trap ':' INT
+    local status=0 code pid
     for pid in "${pids[@]}"; do
-        while true; do
-            code=0
-            wait "$pid" || code=$?
-            kill -0 "$pid" 2>/dev/null || break  # wait returned for a trapped signal, not the exit: wait again
-        done
+        code=0
+        wait_for "$pid" || code=$?
         if ((code != 0 && status == 0)); then status=$code; fi
     done
     return "$status"
 }
 
-echo "[launch] $RUN_NAME: $RUN_CONFIG -> $RUN_DIR (rank logs in $LOG_DIR)"
+echo "[launch] $RUN_NAME: $RUN_CONFIG -> $RUN_DIR (attempt $ATTEMPT; rank logs in $LOG_DIR)"
 status=0
 if [[ -n "${SLURM_JOB_ID:-}" ]] && command -v srun >/dev/null 2>&1; then
     run_on_slurm || status=$?
@@ -93,12 +134,13 @@ else
     echo "[launch] no Slurm job here (no srun): ${NNODES:-1} node(s) x $GPUS_PER_NODE rank(s) on this machine"
     run_locally || status=$?
 fi
-if ((status == EXIT_REQUEUE)); then
+if ((status == EXIT_REQUEUE)) || { ((status == 0)) && [[ -f "$STOP_FLAG" ]]; }; then
     if [[ -n "${SLURM_JOB_ID:-}" ]] && command -v scontrol >/dev/null 2>&1; then
         echo "[launch] checkpointed on a stop signal: requeueing job $SLURM_JOB_ID"
         scontrol requeue "$SLURM_JOB_ID"
         exit 0
     fi
     echo "[launch] checkpointed on a stop signal; run the same command again to resume"
+    exit "$EXIT_REQUEUE"
 fi
 exit "$status"

@@ -12,6 +12,7 @@
 #SBATCH --requeue
 #SBATCH --signal=USR1@600
 #SBATCH --output=slurm-%x-%j.out
+#SBATCH --open-mode=append
 REPO_ROOT="${MEGATRON_HAPO_ROOT:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}}"
 RUN_CONFIG=configs/runs/qwen3-14b-hapo.yaml
 RUN_NAME="${RUN_NAME:-qwen3-14b-hapo}"

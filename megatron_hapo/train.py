@@ -10,10 +10,12 @@ workers (``data.reward``), reads and chat-templates ``data.train_file`` / ``data
 ``trainer.loop.train``: metrics, evaluations and checkpoints go to ``output.dir``.
 
 Preemption: a run whose ``output.dir`` holds a checkpoint resumes from it (model, optimizer, step, entropy
-statistics, best evaluation; the data order and rollout seeds follow from the step). SIGUSR1 or SIGTERM (Slurm
-sends one before the time limit, ``#SBATCH --signal``) finishes the step in progress, checkpoints and exits with
-status 75 (``EXIT_REQUEUE``), on which the launch script requeues the job; a second signal exits at once (status
-1), leaving the last complete checkpoint in place.
+statistics, best evaluation; the data order and rollout seeds follow from the step). SIGUSR1, SIGTERM or SIGINT
+(Slurm sends one before the time limit, ``#SBATCH --signal``) finishes the step in progress, checkpoints and
+exits with status 75 (``EXIT_REQUEUE``), on which the launch script requeues the job; during start-up it stops
+before the first step. A second signal kills every process the run started and exits at once (status 1),
+leaving the last complete checkpoint in place. Helper processes never act on these signals
+(:mod:`megatron_hapo.processes`).
 """
 
 from __future__ import annotations
@@ -22,37 +24,15 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import torch
-
 logger = logging.getLogger("megatron_hapo.train")
 #: Exit status of a run that stopped on a signal after checkpointing: the launch scripts requeue on it.
 EXIT_REQUEUE = 75
 STOPPED_MARKER = ".stopped_for_requeue"
-
-
-class StopRequests:
-    """SIGUSR1 / SIGTERM: the first asks the loop to checkpoint and stop; the second exits at once."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        for signum in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(signum, self._handle)
-
-    def _handle(self, signum: int, _frame: object) -> None:
-        self.count += 1
-        if self.count > 1:
-            os._exit(1)  # the last complete checkpoint stays; a save in progress is only a staging directory
-        logger.warning("signal %d: finishing this step, then checkpointing and stopping", signum)
-
-    def requested(self) -> bool:
-        """Whether a stop was asked for (the loop asks after every step)."""
-        return self.count > 0
 
 
 def _check_paths(config: Any) -> None:
@@ -61,6 +41,8 @@ def _check_paths(config: Any) -> None:
         raise SystemExit(f"model.path={config.model.path!r}: not an HF checkpoint directory (config.json missing)")
     if not config.data.train_file:
         raise SystemExit("data.train_file is not set: a .parquet or .jsonl prompt file")
+    import torch  # noqa: PLC0415  (imported late: the stop signals are blocked before anything heavy loads)
+
     if (config.model.transformer_engine or config.model.fp8) and not torch.cuda.is_available():
         raise SystemExit("model.transformer_engine / model.fp8 need a CUDA GPU with Transformer Engine; on CPU set "
                          "model.transformer_engine=false model.fp8=null")  # fmt: skip
@@ -98,8 +80,11 @@ def _setup_logging(rank: int) -> None:
     package.propagate = False
 
 
-def _rank(rank: int, world: int, config: Any) -> bool:
-    """One rank of the run (the process group exists); whether it stopped early on a signal (same on all ranks)."""
+def _rank(rank: int, world: int, config: Any, stop: Any) -> bool:
+    """One rank of the run (the process group exists); whether it stopped early on a signal (same on all ranks).
+
+    ``stop`` is the run's stop request (an event set by :class:`~megatron_hapo.processes.StopSignals`).
+    """
     _setup_logging(rank)
     import transformers  # noqa: PLC0415
 
@@ -131,13 +116,12 @@ def _rank(rank: int, world: int, config: Any) -> bool:
     settings = LoopSettings(Path(out.dir), eval_interval=out.eval_interval, save_interval=out.save_interval,
                             eval_settings=eval_settings, keep_last=out.keep_last, model_dir=Path(model.path),
                             max_consecutive_skips=config.train.max_consecutive_skips)  # fmt: skip
-    stops = StopRequests()
     try:
         state = _resume(actor, engine, Path(out.dir) / "checkpoints")
         score = worker_scorer(workers, decode=partial(tokenizer.batch_decode, skip_special_tokens=True))
         state = train(actor, engine, score, config, settings, prompts=prompts,
                       answers=answers, eval_prompts=eval_prompts, eval_answers=eval_answers, state=state,
-                      guide_engine=guide, should_stop=stops.requested)  # fmt: skip
+                      guide_engine=guide, should_stop=stop.is_set)  # fmt: skip
         if state.stopped and rank == 0:  # for the parent of local ranks (mp.spawn returns no values)
             (Path(out.dir) / STOPPED_MARKER).write_text(str(state.step))
     finally:
@@ -189,18 +173,23 @@ def _engines(config: Any) -> tuple[Any, Any]:
     return engine, guide
 
 
-def _joined_rank(config: Any) -> bool:
+def _joined_rank(config: Any, stop: Any) -> bool:
     """Join the launcher's process group (torchrun / srun environment) and run this rank; whether it stopped."""
     from megatron_hapo.parallel import runtime  # noqa: PLC0415
 
     runtime.join_process_group()  # NCCL on cuda:LOCAL_RANK, gloo on CPU
     try:
-        return _rank(runtime.rank(), runtime.world_size(), config)
+        return _rank(runtime.rank(), runtime.world_size(), config, stop)
     finally:
         runtime.leave_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:
+    from megatron_hapo.processes import StopSignals  # noqa: PLC0415
+
+    # first: every helper process and thread started from here on inherits the blocked stop signals
+    joined = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    stops = StopSignals(shared=not joined)
     from megatron_hapo.config import load_config  # noqa: PLC0415
     from megatron_hapo.config.loader import to_tree  # noqa: PLC0415
     from megatron_hapo.parallel.local_launch import run_local_ranks  # noqa: PLC0415
@@ -217,10 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     (run_dir / "config.json").write_text(json.dumps(to_tree(config), indent=1))
     marker = run_dir / STOPPED_MARKER
     marker.unlink(missing_ok=True)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        stopped = _joined_rank(config)
+    if joined:
+        stopped = _joined_rank(config, stops.event)
     else:
-        run_local_ranks(_rank, args.local_ranks, config)
+        run_local_ranks(_rank, args.local_ranks, config, stops.event)
         stopped = marker.is_file()
     marker.unlink(missing_ok=True)
     if stopped:

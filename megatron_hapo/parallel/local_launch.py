@@ -19,11 +19,13 @@ import torch
 import torch.multiprocessing as mp
 
 from megatron_hapo.parallel import runtime
+from megatron_hapo.processes import die_with_parent
 
 logger = logging.getLogger(__name__)
 
 
 def _entry(rank: int, world: int, rendezvous: str, body: Callable[..., None], args: tuple) -> None:
+    die_with_parent()  # nothing outlives the parent, whatever it dies of
     os.environ[runtime.LOCAL_RANK_ENV] = str(rank)
     runtime.join_process_group(init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:

@@ -79,11 +79,12 @@ class RewardWorkers:
         child.close()
         return _Worker(process, parent)
 
-    def _replace(self, worker: _Worker) -> None:
+    def _replace(self, worker: _Worker) -> _Worker:
         worker.process.kill()
         worker.process.join()
         worker.conn.close()
-        self._pool[self._pool.index(worker)] = self._start()
+        fresh = self._pool[self._pool.index(worker)] = self._start()
+        return fresh
 
     def map(self, calls: Sequence[tuple]) -> list[Outcome]:
         """``fn(*args)`` for every ``args`` in ``calls``, in order, each within the time limit."""
@@ -93,8 +94,7 @@ class RewardWorkers:
             for worker in self._pool:
                 if worker.task is None and pending:
                     worker.task = pending.pop()
-                    worker.deadline = time.monotonic() + self.timeout_s
-                    worker.conn.send((worker.task, calls[worker.task]))
+                    self._send(worker, calls[worker.task])
             busy = [w for w in self._pool if w.task is not None]
             ready = wait([w.conn for w in busy], timeout=max(0.0, min(w.deadline for w in busy) - time.monotonic()))
             for worker in busy:
@@ -106,6 +106,17 @@ class RewardWorkers:
         for outcome in results:
             self.counts[outcome.status] += 1
         return results
+
+    def _send(self, worker: _Worker, args: tuple) -> None:
+        """Give ``worker`` its task; one found dead meanwhile (killed while idle) is replaced and the task goes to
+        the new worker instead (nothing was started, so nothing is counted)."""
+        try:
+            worker.conn.send((worker.task, args))
+        except OSError:  # BrokenPipeError, ConnectionResetError: the worker is gone
+            task, worker = worker.task, self._replace(worker)
+            worker.task = task
+            worker.conn.send((task, args))
+        worker.deadline = time.monotonic() + self.timeout_s
 
     def _collect(self, worker: _Worker, results: list) -> None:
         task = worker.task

@@ -90,7 +90,8 @@ def train(actor: Actor, engine: Any, score: Scorer, config: Any, settings: LoopS
 
     ``guide_engine`` serves the frozen guide policy of mixed-policy algorithms. ``should_stop`` is asked after
     every step (on every rank; any rank may say yes): the run then checkpoints and returns with
-    ``state.stopped`` set. Rank 0 shows a progress bar.
+    ``state.stopped`` set; asked before the first step too, it returns at once (nothing new to save). Rank 0
+    shows a progress bar.
     """
     state = state or StepState()
     per_step = config.train.prompts_per_step
@@ -106,6 +107,9 @@ def train(actor: Actor, engine: Any, score: Scorer, config: Any, settings: LoopS
         total=total, initial=state.step, desc="RL steps", unit="step", disable=None if runtime.rank() == 0 else True
     )  # None: shown on a terminal only
     try:
+        if any_rank(should_stop is not None and should_stop()):  # a stop asked for during start-up
+            state.stopped = True
+            return state
         while state.step < total:
             lr = learning_rate(state.step, peak=config.optim.lr, warmup_steps=config.optim.warmup_steps)
             set_learning_rate(actor.optimizer, lr)

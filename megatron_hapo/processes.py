@@ -1,0 +1,115 @@
+"""Stop signals and the processes a run starts: a stop request reaches the run, never its helper processes, and
+nothing the run started outlives it.
+
+Slurm signals every process of a job step (``scancel --signal``, the ``--signal=SIG@T`` warning, the time limit,
+plain ``scancel``), not only the ranks: the verifier forkserver and its workers, Megatron's checkpoint-writer
+manager (a spawned process) and any other helper get the same SIGUSR1 / SIGTERM, and by default die of it, so
+the rank then fails on a broken pipe. :class:`StopSignals`, installed first thing in a rank (or in the parent of
+local ranks), therefore *blocks* SIGUSR1, SIGTERM and SIGINT in the main thread. Threads and processes started
+later inherit the blocked mask (across ``fork`` and ``exec``), so helpers never act on a stop signal; a watcher
+thread takes them with ``sigwait``:
+
+- the first asks the run to stop (:meth:`StopSignals.requested`: the loop checkpoints after the step and exits
+  with ``EXIT_REQUEUE``);
+- the second kills every descendant process (SIGKILL) and exits at once with status 1.
+
+A helper that must be stopped is therefore killed (SIGKILL), not terminated: a blocked SIGTERM never arrives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+#: The signals that ask a run to stop: Slurm's warning (``--signal=USR1@T``), SIGTERM (scancel, time limit, node
+#: drain) and SIGINT (Ctrl-C; srun forwards it).
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+_PR_SET_PDEATHSIG = 1
+
+
+class StopSignals:
+    """Block :data:`STOP_SIGNALS` in this process's main thread (and so in everything started later) and count
+    them on a watcher thread. Create it in the main thread, before any helper process or thread starts, and
+    before ``import torch`` (which starts a thread; this module imports only the standard library).
+
+    ``shared`` (the parent of local ranks) keeps the request in a ``multiprocessing`` event that the spawned
+    ranks read (:meth:`event`), since they inherit the blocked mask and never see a signal themselves.
+    """
+
+    def __init__(self, *, shared: bool = False) -> None:
+        import multiprocessing as mp  # noqa: PLC0415
+
+        self.count = 0
+        if len(os.listdir("/proc/self/task")) > 1:  # e.g. ``import torch`` starts one
+            logger.warning("threads started before the stop signals were blocked (import torch after StopSignals): "
+                           "a stop signal one of them takes waits until the main thread runs Python")  # fmt: skip
+        self._event: Any = mp.get_context("spawn").Event() if shared else threading.Event()
+        # a thread that existed before (none in our entry points) could still take a signal: handle it the same
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, lambda signum, _frame: self._received(signum))
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        threading.Thread(target=self._watch, name="stop-signals", daemon=True).start()
+
+    @property
+    def event(self) -> Any:
+        """The stop request as an event (a ``multiprocessing`` one when ``shared``)."""
+        return self._event
+
+    def requested(self) -> bool:
+        """Whether a stop was asked for (the loop asks after every step)."""
+        return self._event.is_set()
+
+    def _watch(self) -> None:
+        while True:
+            self._received(signal.sigwait(STOP_SIGNALS))
+
+    def _received(self, signum: int) -> None:
+        self.count += 1
+        if self.count > 1:
+            logger.warning("signal %d again: stopping every process of this run now", signum)
+            kill_descendants()
+            os._exit(1)  # the last complete checkpoint stays; a save in progress is only a staging directory
+        logger.warning("signal %d: finishing this step, then checkpointing and stopping", signum)
+        self._event.set()
+
+
+def descendants(pid: int | None = None) -> list[int]:
+    """Every living descendant of process ``pid`` (default: this one), children before grandchildren (Linux)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):  # gone meanwhile, or not readable
+            stat = (entry / "stat").read_text()
+            parent = int(stat[stat.rindex(")") + 2 :].split()[1])  # after "pid (comm) state"
+            children.setdefault(parent, []).append(int(entry.name))
+    found, frontier = [], [os.getpid() if pid is None else pid]
+    while frontier:
+        kids = [kid for parent in frontier for kid in children.get(parent, [])]
+        found += kids
+        frontier = kids
+    return found
+
+
+def kill_descendants() -> int:
+    """SIGKILL every descendant of this process (stop signals are blocked in them); returns how many."""
+    pids = descendants()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return len(pids)
+
+
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when its parent exits, however the parent dies (Linux; a no-op
+    elsewhere). For the spawned local ranks: a SIGINT death signal (torch's default) waits on the blocked mask."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)

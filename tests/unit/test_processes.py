@@ -1,0 +1,136 @@
+"""Stop signals reach the run, never its helpers, and nothing a run starts outlives it (parallel/processes.py).
+
+Slurm sends a job step's signals to every process it tracks. Here every process of a small program gets them:
+the main process (with :class:`StopSignals`), verifier workers and their forkserver, and a spawned
+``multiprocessing`` manager (what Megatron's checkpoint writer starts). The helpers must keep working; the
+second signal must leave no process behind. The same for the parent of local ranks (``--local-ranks``) under
+two Ctrl-C, with ranks stuck where a signal cannot interrupt them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from megatron_hapo.processes import descendants
+
+HELPERS = """
+import json, multiprocessing as mp, operator, sys
+from megatron_hapo.processes import StopSignals, descendants
+
+if __name__ == "__main__":
+    stops = StopSignals()
+    from megatron_hapo.rewards import RewardWorkers  # after: it imports torch, which starts a thread
+
+    workers = RewardWorkers(operator.add, workers=2, timeout_s=30.0)
+    manager = mp.get_context("spawn").Manager()  # as Megatron's FileSystemWriterAsync does
+    queue = manager.Queue()
+    print(json.dumps(descendants()), flush=True)
+    sys.stdin.readline()  # the test signals every process, then says go
+    outcomes = workers.map([(1, 2), (3, 4), (5, 6)])
+    queue.put("written")
+    print(json.dumps({"requested": stops.requested(), "sums": [o.value for o in outcomes],
+                      "status": [o.status for o in outcomes], "queue": queue.get()}), flush=True)
+    sys.stdin.readline()  # waits here for the second signal
+"""
+
+LOCAL_RANKS = """
+import multiprocessing as mp, sys, time
+from pathlib import Path
+from megatron_hapo.processes import StopSignals
+
+def body(rank, world, stop, out):
+    manager = mp.get_context("spawn").Manager()  # a rank's own helper
+    (Path(out) / f"ready-{rank}").write_text("")
+    while not stop.is_set():
+        time.sleep(0.05)
+    (Path(out) / f"saw-stop-{rank}").write_text("")
+    while True:  # stuck: as in a collective, which no signal interrupts
+        time.sleep(0.05)
+
+if __name__ == "__main__":
+    stops = StopSignals(shared=True)  # before torch (imported by local_launch) starts a thread
+    from megatron_hapo.parallel.local_launch import run_local_ranks
+
+    run_local_ranks(body, 2, stops.event, sys.argv[1], device="cpu")
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def _start(tmp_path: Path, source: str, *args: str) -> subprocess.Popen:
+    script = tmp_path / "program.py"
+    script.write_text(textwrap.dedent(source))
+    return subprocess.Popen([sys.executable, str(script), *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, start_new_session=True)  # fmt: skip
+
+
+def test_helpers_survive_stop_signals_and_the_second_signal_leaves_nothing(tmp_path: Path) -> None:
+    program = _start(tmp_path, HELPERS)
+    try:
+        helpers = json.loads(program.stdout.readline())
+        assert len(helpers) >= 4, helpers  # forkserver, two workers, the manager (and a resource tracker)
+        for pid in [program.pid, *helpers]:  # as slurmstepd does: every process of the step
+            os.kill(pid, signal.SIGUSR1)
+        time.sleep(0.5)
+        assert all(_alive(pid) for pid in helpers), [pid for pid in helpers if not _alive(pid)]
+        program.stdin.write("go\n")
+        program.stdin.flush()
+        report = json.loads(program.stdout.readline())
+        assert report == {"requested": True, "sums": [3, 7, 11], "status": ["ok"] * 3, "queue": "written"}, report
+        os.kill(program.pid, signal.SIGTERM)  # the second stop signal: out at once, and everything with it
+        assert program.wait(timeout=10) == 1
+        time.sleep(0.5)
+        assert not [pid for pid in helpers if _alive(pid)]
+    finally:
+        program.kill()
+
+
+def test_local_ranks_get_the_stop_and_two_ctrl_c_leave_no_rank_behind(tmp_path: Path) -> None:
+    program = _start(tmp_path, LOCAL_RANKS, str(tmp_path))
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob("ready-*"))) < 2 and program.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        started = descendants(program.pid)
+        assert len(started) >= 4, started  # two ranks, their managers
+        os.killpg(program.pid, signal.SIGINT)  # Ctrl-C: the whole foreground process group
+        while len(list(tmp_path.glob("saw-stop-*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert sorted(p.name for p in tmp_path.glob("saw-stop-*")) == ["saw-stop-0", "saw-stop-1"]
+        assert program.poll() is None and all(_alive(pid) for pid in started)  # the first only asks
+        os.killpg(program.pid, signal.SIGINT)
+        assert program.wait(timeout=10) == 1
+        time.sleep(0.5)
+        assert not [pid for pid in started if _alive(pid)]
+    finally:
+        program.kill()
+
+
+def test_a_dead_idle_verifier_worker_is_replaced_on_send() -> None:
+    import operator
+
+    from megatron_hapo.rewards import RewardWorkers
+
+    workers = RewardWorkers(operator.add, workers=2, timeout_s=30.0)
+    try:
+        assert [o.value for o in workers.map([(1, 1), (2, 2)])] == [2, 4]
+        for worker in workers._pool:  # killed while idle (before: BrokenPipeError on the next send)
+            worker.process.kill()
+            worker.process.join()
+        outcomes = workers.map([(1, 2), (3, 4), (5, 6)])
+        assert [(o.value, o.status) for o in outcomes] == [(3, "ok"), (7, "ok"), (11, "ok")]
+    finally:
+        workers.close()
