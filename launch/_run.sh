@@ -97,7 +97,7 @@ run_on_slurm() {
     # `--signal=B:USR1...` / `scancel --signal=B:USR1` reach only this shell: srun passes it on to the ranks.
     # SIGTERM (scancel, time limit, drain) and SIGINT reach the ranks from Slurm itself: keep waiting for them.
     trap 'kill -USR1 "$srun_pid" 2>/dev/null || true' USR1
-    trap 'echo "[launch] SIGTERM/SIGINT: the ranks checkpoint and stop"' TERM INT
+    trap 'TERMINATED=1; echo "[launch] SIGTERM/SIGINT: the ranks checkpoint and stop"' TERM INT
     wait_for "$srun_pid"
 }
 
@@ -126,6 +126,7 @@ run_locally() {  # NNODES x GPUS_PER_NODE ranks on this machine, joined like the
     return "$status"
 }
 
+TERMINATED=""  # set when Slurm SIGTERMs this batch shell: the job is being cancelled or timed out
 echo "[launch] $RUN_NAME: $RUN_CONFIG -> $RUN_DIR (attempt $ATTEMPT; rank logs in $LOG_DIR)"
 status=0
 if [[ -n "${SLURM_JOB_ID:-}" ]] && command -v srun >/dev/null 2>&1; then
@@ -136,6 +137,10 @@ else
 fi
 if ((status == EXIT_REQUEUE)) || { ((status == 0)) && [[ -f "$STOP_FLAG" ]]; }; then
     if [[ -n "${SLURM_JOB_ID:-}" ]] && command -v scontrol >/dev/null 2>&1; then
+        if [[ -n "$TERMINATED" ]]; then  # scancel or the time limit itself: slurmctld would requeue even that
+            echo "[launch] checkpointed; job $SLURM_JOB_ID is being ended (SIGTERM), not requeued: submit again to resume"
+            exit 0
+        fi
         echo "[launch] checkpointed on a stop signal: requeueing job $SLURM_JOB_ID"
         scontrol requeue "$SLURM_JOB_ID"
         exit 0

@@ -11,7 +11,8 @@ thread takes them with ``sigwait``:
 
 - the first asks the run to stop (:meth:`StopSignals.requested`: the loop checkpoints after the step and exits
   with ``EXIT_REQUEUE``);
-- the second kills every descendant process (SIGKILL) and exits at once with status 1.
+- the second kills every descendant process (SIGKILL) and exits at once with status 1. The same signal again
+  within :data:`REPEAT_WINDOW_S` of the first does not count: under Slurm one ``scancel`` arrives twice.
 
 A helper that must be stopped is therefore killed (SIGKILL), not terminated: a blocked SIGTERM never arrives.
 """
@@ -24,6 +25,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,9 @@ logger = logging.getLogger(__name__)
 #: The signals that ask a run to stop: Slurm's warning (``--signal=USR1@T``), SIGTERM (scancel, time limit, node
 #: drain) and SIGINT (Ctrl-C; srun forwards it).
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+#: A repeat of the first stop signal within this many seconds is the same request: a plain ``scancel`` (or the
+#: time limit) SIGTERMs every process of the step and srun passes its own SIGTERM on too, milliseconds apart.
+REPEAT_WINDOW_S = 1.0
 _PR_SET_PDEATHSIG = 1
 
 
@@ -48,6 +53,7 @@ class StopSignals:
         import multiprocessing as mp  # noqa: PLC0415
 
         self.count = 0
+        self._first: tuple[int, float] | None = None
         if len(os.listdir("/proc/self/task")) > 1:  # e.g. ``import torch`` starts one
             logger.warning("threads started before the stop signals were blocked (import torch after StopSignals): "
                            "a stop signal one of them takes waits until the main thread runs Python")  # fmt: skip
@@ -55,6 +61,12 @@ class StopSignals:
         # a thread that existed before (none in our entry points) could still take a signal: handle it the same
         for signum in STOP_SIGNALS:
             signal.signal(signum, lambda signum, _frame: self._received(signum))
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        # multiprocessing's resource tracker, started by the first helper, unblocks SIGINT and SIGTERM in the
+        # starting thread once it runs (CPython's resource_tracker.ensure_running): start it now, block again
+        from multiprocessing import resource_tracker  # noqa: PLC0415
+
+        resource_tracker.ensure_running()
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         threading.Thread(target=self._watch, name="stop-signals", daemon=True).start()
 
@@ -64,7 +76,8 @@ class StopSignals:
         return self._event
 
     def requested(self) -> bool:
-        """Whether a stop was asked for (the loop asks after every step)."""
+        """Whether a stop was asked for (the loop asks after every step; in the main thread)."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # again, should a library have unblocked them
         return self._event.is_set()
 
     def _watch(self) -> None:
@@ -72,6 +85,10 @@ class StopSignals:
             self._received(signal.sigwait(STOP_SIGNALS))
 
     def _received(self, signum: int) -> None:
+        now = time.monotonic()
+        if self._first is not None and signum == self._first[0] and now - self._first[1] < REPEAT_WINDOW_S:
+            return  # the first request again: Slurm delivers scancel's SIGTERM directly and through srun
+        self._first = self._first or (signum, now)
         self.count += 1
         if self.count > 1:
             logger.warning("signal %d again: stopping every process of this run now", signum)

@@ -1,6 +1,6 @@
 """Stop signals through the launch path (`launch/hapo_1.5b.sh` falling back to two local ranks, a tiny model).
 
-Two SIGUSR1 in quick succession: the first asks for a checkpoint after the step, the second makes every rank
+SIGUSR1 then SIGTERM in quick succession: the first asks for a checkpoint after the step, the second makes every rank
 exit at once (status 1) whatever it is doing, a checkpoint save included, and takes every process the run
 started with it (before: Megatron's checkpoint-writer manager stayed behind, 275 MB per rank). Nothing may be
 corrupted: the newest checkpoint on disk verifies against its manifest (a save cut short is only a staging
@@ -48,7 +48,7 @@ def test_second_signal_exits_at_once_without_corrupting_anything(tiny_llama: Pat
     started = descendants(first.pid)  # ranks, verifier forkservers and workers, checkpoint-writer managers
     first.send_signal(signal.SIGUSR1)
     time.sleep(0.3)
-    first.send_signal(signal.SIGUSR1)
+    first.send_signal(signal.SIGTERM)  # (the same signal this soon would count as the same request)
     output, _ = first.communicate(timeout=300)
     assert first.returncode == 1, output  # exited at once, not after a checkpoint (75)
     time.sleep(1)

@@ -82,8 +82,10 @@ def test_helpers_survive_stop_signals_and_the_second_signal_leaves_nothing(tmp_p
     try:
         helpers = json.loads(program.stdout.readline())
         assert len(helpers) >= 4, helpers  # forkserver, two workers, the manager (and a resource tracker)
-        for pid in [program.pid, *helpers]:  # as slurmstepd does: every process of the step
-            os.kill(pid, signal.SIGUSR1)
+        os.kill(program.pid, signal.SIGUSR1)
+        for pid in helpers:  # as slurmstepd does: every process of the step, each stop signal (and SIGCONT)
+            for signum in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGCONT):
+                os.kill(pid, signum)
         time.sleep(0.5)
         assert all(_alive(pid) for pid in helpers), [pid for pid in helpers if not _alive(pid)]
         program.stdin.write("go\n")
@@ -111,6 +113,7 @@ def test_local_ranks_get_the_stop_and_two_ctrl_c_leave_no_rank_behind(tmp_path: 
             time.sleep(0.1)
         assert sorted(p.name for p in tmp_path.glob("saw-stop-*")) == ["saw-stop-0", "saw-stop-1"]
         assert program.poll() is None and all(_alive(pid) for pid in started)  # the first only asks
+        time.sleep(1.1)  # a second press, not the first delivered twice (processes.REPEAT_WINDOW_S)
         os.killpg(program.pid, signal.SIGINT)
         assert program.wait(timeout=10) == 1
         time.sleep(0.5)
@@ -134,3 +137,22 @@ def test_a_dead_idle_verifier_worker_is_replaced_on_send() -> None:
         assert [(o.value, o.status) for o in outcomes] == [(3, "ok"), (7, "ok"), (11, "ok")]
     finally:
         workers.close()
+
+
+def test_the_same_signal_twice_at_once_is_one_request(tmp_path: Path) -> None:
+    program = _start(tmp_path, HELPERS)
+    try:
+        program.stdout.readline()
+        os.kill(program.pid, signal.SIGTERM)  # as a plain scancel under srun: directly, and forwarded by srun
+        time.sleep(0.1)  # taken by the watcher in between (not merged by the kernel)
+        os.kill(program.pid, signal.SIGTERM)
+        time.sleep(0.5)
+        assert program.poll() is None
+        program.stdin.write("go\n")
+        program.stdin.flush()
+        assert json.loads(program.stdout.readline())["requested"] is True
+        time.sleep(1.1)
+        os.kill(program.pid, signal.SIGTERM)  # a real second request
+        assert program.wait(timeout=10) == 1
+    finally:
+        program.kill()
