@@ -62,3 +62,27 @@ def test_second_signal_exits_at_once_without_corrupting_anything(tiny_llama: Pat
         faults.lose(f"metrics of step {step}")
     assert _steps(run_dir) == list(range(4)), _steps(run_dir)
     faults.survive(fault)
+
+
+def test_signal_during_start_up_stops_before_the_first_step(tiny_llama: Path, tmp_path: Path,  # noqa: F811
+                                                            repo_root: Path, faults) -> None:  # fmt: skip
+    model = _model_with_tokenizer(tiny_llama, tmp_path / "model")
+    run_dir = tmp_path / "runs" / "tiny"
+    fault = faults.inject("stop signal during start-up")
+    first = _launch(repo_root, tmp_path / "runs", _overrides(model, _dapo_jsonl(tmp_path / "train.jsonl", 12), steps=4))
+    deadline = time.monotonic() + 300
+    # the data is read: the model, the engine and the verifier workers are being built
+    while (
+        first.poll() is None
+        and time.monotonic() < deadline
+        and not any("12 prompts" in log.read_text() for log in run_dir.glob("logs/*/rank-0.log"))
+    ):
+        time.sleep(0.1)
+    started = descendants(first.pid)
+    first.send_signal(signal.SIGUSR1)
+    output, _ = first.communicate(timeout=300)
+    assert first.returncode == 75, output  # stopped, asking to be started again (before: killed by the signal)
+    assert _steps(run_dir) == [] and not (run_dir / "checkpoints" / "latest").exists()
+    time.sleep(1)
+    assert not [pid for pid in started if _alive(pid)]
+    faults.survive(fault)
