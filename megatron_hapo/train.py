@@ -213,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         stopped = marker.is_file()
     marker.unlink(missing_ok=True)
     if stopped:
-        logger.warning("stopped on a signal after a checkpoint; exit %d asks the launcher to requeue", EXIT_REQUEUE)
+        logger.warning("stopped on a signal (checkpointed, or before the first step); exit %d asks the launcher "
+                       "to requeue", EXIT_REQUEUE)  # fmt: skip
         return EXIT_REQUEUE
     return 0
 
