@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -80,10 +81,10 @@ def _setup_logging(rank: int) -> None:
     package.propagate = False
 
 
-def _rank(rank: int, world: int, config: Any, stop: Any) -> bool:
+def _rank(rank: int, world: int, config: Any, should_stop: Callable[[], bool]) -> bool:
     """One rank of the run (the process group exists); whether it stopped early on a signal (same on all ranks).
 
-    ``stop`` is the run's stop request (an event set by :class:`~megatron_hapo.processes.StopSignals`).
+    ``should_stop`` says whether a stop was asked for (:class:`~megatron_hapo.processes.StopSignals`).
     """
     _setup_logging(rank)
     import transformers  # noqa: PLC0415
@@ -121,7 +122,7 @@ def _rank(rank: int, world: int, config: Any, stop: Any) -> bool:
         score = worker_scorer(workers, decode=partial(tokenizer.batch_decode, skip_special_tokens=True))
         state = train(actor, engine, score, config, settings, prompts=prompts,
                       answers=answers, eval_prompts=eval_prompts, eval_answers=eval_answers, state=state,
-                      guide_engine=guide, should_stop=stop.is_set)  # fmt: skip
+                      guide_engine=guide, should_stop=should_stop)  # fmt: skip
         if state.stopped and rank == 0:  # for the parent of local ranks (mp.spawn returns no values)
             (Path(out.dir) / STOPPED_MARKER).write_text(str(state.step))
     finally:
@@ -152,17 +153,23 @@ def _context_length(config: Any) -> int:
 
 
 def _engines(config: Any) -> tuple[Any, Any]:
-    """The policy's rollout engine and, for mixed-policy algorithms, the frozen guide's (else ``None``).
+    """The policy's rollout engine and, for mixed-policy algorithms, the frozen guide's (else ``None``), each
+    divided over the engine replicas (:mod:`megatron_hapo.rollout.divided`).
 
     vLLM 0.32 lets one engine per process sleep (its sleep-mode allocator is process-wide), so the guide engine
     is built without sleep mode and with its own share, ``engine.guide_gpu_memory_utilization``, while the policy
     engine sleeps: vLLM's start-up memory check then sees the memory the policy engine handed back.
     """
+    from megatron_hapo.rollout.divided import DividedEngine  # noqa: PLC0415
     from megatron_hapo.rollout.factory import make_engine  # noqa: PLC0415
 
     model = config.model
-    build = partial(make_engine, engine=config.engine, dtype=model.dtype, seed=config.train.seed,
-                    max_model_len=_context_length(config))  # fmt: skip
+
+    def build(path: str, **kwargs: Any) -> DividedEngine:  # each replica generates its share of every call
+        engine = make_engine(path, engine=config.engine, dtype=model.dtype, seed=config.train.seed,
+                             max_model_len=_context_length(config), **kwargs)  # fmt: skip
+        return DividedEngine(engine, ranks_per_engine=config.engine.tensor_parallel)
+
     engine = build(model.path)
     if config.algo.guide_policy.kind == "none":
         return engine, None
@@ -173,13 +180,13 @@ def _engines(config: Any) -> tuple[Any, Any]:
     return engine, guide
 
 
-def _joined_rank(config: Any, stop: Any) -> bool:
+def _joined_rank(config: Any, should_stop: Callable[[], bool]) -> bool:
     """Join the launcher's process group (torchrun / srun environment) and run this rank; whether it stopped."""
     from megatron_hapo.parallel import runtime  # noqa: PLC0415
 
     runtime.join_process_group()  # NCCL on cuda:LOCAL_RANK, gloo on CPU
     try:
-        return _rank(runtime.rank(), runtime.world_size(), config, stop)
+        return _rank(runtime.rank(), runtime.world_size(), config, should_stop)
     finally:
         runtime.leave_process_group()
 
@@ -207,9 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     marker = run_dir / STOPPED_MARKER
     marker.unlink(missing_ok=True)
     if joined:
-        stopped = _joined_rank(config, stops.event)
+        stopped = _joined_rank(config, stops.requested)
     else:
-        run_local_ranks(_rank, args.local_ranks, config, stops.event)
+        run_local_ranks(_rank, args.local_ranks, config, stops.event.is_set)  # the ranks read the parent's
         stopped = marker.is_file()
     marker.unlink(missing_ok=True)
     if stopped:

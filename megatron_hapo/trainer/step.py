@@ -36,6 +36,7 @@ from megatron_hapo.parallel.policy_loss import (
     pooled_entropy_stats,
     stats_from_last_stage,
 )
+from megatron_hapo.parallel.runtime import max_over_ranks
 from megatron_hapo.rollout.engine import Response, RolloutEngine, SamplingSettings, temperature_metrics
 from megatron_hapo.rollout.weight_sync import SyncPlan, sync_weights, verify_sync
 from megatron_hapo.trainer.batch import (
@@ -261,6 +262,7 @@ def rl_step(actor: Actor, engine: RolloutEngine, score: Scorer, *, prompts: Sequ
     check_loss_setup(algo, actor.groups)  # refuse an unsupported composition before spending a rollout on it
     check_guide_setup(algo, guide_engine)
     clock = PhaseClock()
+    served = getattr(engine, "requests_served", None)  # a DividedEngine counts its replica's requests
     generated = _generate_rounds(engine, score, prompts=prompts, answers=answers, more_prompts=more_prompts,
                                  config=config, state=state, clock=clock)  # fmt: skip
     engine.sleep()  # its GPU memory goes to the trainer until the weight sync
@@ -283,6 +285,8 @@ def rl_step(actor: Actor, engine: RolloutEngine, score: Scorer, *, prompts: Sequ
     metrics.update({name: float(value) for name, value in mismatch.items()})
     metrics["kept_groups"] = float(keep.view(len(prompts), n)[:, 0].sum())
     metrics["generation_rounds"] = float(generated.rounds)
+    if served is not None:  # the busiest engine replica's requests (all of them without division)
+        metrics["rollout_requests_per_engine"] = max_over_ranks(float(engine.requests_served - served))
     with clock("guide") if guide_engine is not None else contextlib.nullcontext():
         guide = guide_rollout(guide_engine, score, prompts=prompts, answers=answers, correct=correct.bool(), n=n,
                               sampling=generated.sampling, config=config)  # fmt: skip

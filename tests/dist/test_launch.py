@@ -69,5 +69,8 @@ def test_launch_script_runs_two_local_nodes_and_resumes_after_preemption(tiny_ll
     logs = "\n".join(p.read_text()[-3000:] for p in sorted(run_dir.glob("logs/*/rank-*.log")))
     assert second.returncode == 0, output + logs
     assert _steps(run_dir) == list(range(6)), _steps(run_dir)  # resumed: no step repeated or skipped
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    # two vLLM engine replicas (one per rank): each generated half of the 4 x 4 requests of every step
+    assert {row["rollout_requests_per_engine"] for row in rows} == {8.0}, rows
     assert f"resumed from {run_dir / 'checkpoints' / f'step_{stopped_at:06d}'}" in logs
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_000006"
