@@ -98,16 +98,28 @@ class StopSignals:
         self._event.set()
 
 
+def _stat(pid: int | str) -> list[str] | None:
+    """``/proc/<pid>/stat`` after ``pid (comm)``: state, parent pid, ... (``None``: no such process)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def running(pid: int) -> bool:
+    """Whether process ``pid`` exists and has not exited (a zombie has)."""
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z"
+
+
 def descendants(pid: int | None = None) -> list[int]:
     """Every living descendant of process ``pid`` (default: this one), children before grandchildren (Linux)."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError, IndexError, ValueError):  # gone meanwhile, or not readable
-            stat = (entry / "stat").read_text()
-            parent = int(stat[stat.rindex(")") + 2 :].split()[1])  # after "pid (comm) state"
-            children.setdefault(parent, []).append(int(entry.name))
+        fields = _stat(entry.name) if entry.name.isdigit() else None  # gone meanwhile: None
+        if fields is not None:
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
     found, frontier = [], [os.getpid() if pid is None else pid]
     while frontier:
         kids = [kid for parent in frontier for kid in children.get(parent, [])]

@@ -45,7 +45,6 @@ class DividedEngine:
         if ranks_per_engine < 1 or world % ranks_per_engine:
             raise ValueError(f"{ranks_per_engine} ranks per engine must divide the {world} ranks of the job")
         self.engine = engine
-        self.ranks_per_engine = ranks_per_engine
         self.replicas = world // ranks_per_engine
         rank = runtime.rank() if runtime.initialized() else 0
         self.replica, self._first_of_replica = rank // ranks_per_engine, rank % ranks_per_engine == 0

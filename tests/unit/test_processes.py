@@ -18,7 +18,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from megatron_hapo.processes import descendants
+from megatron_hapo.processes import descendants, running
 
 HELPERS = """
 import json, multiprocessing as mp, operator, sys
@@ -62,14 +62,6 @@ if __name__ == "__main__":
 """
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
-
-
 def _start(tmp_path: Path, source: str, *args: str) -> subprocess.Popen:
     script = tmp_path / "program.py"
     script.write_text(textwrap.dedent(source))
@@ -87,7 +79,7 @@ def test_helpers_survive_stop_signals_and_the_second_signal_leaves_nothing(tmp_p
             for signum in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGCONT):
                 os.kill(pid, signum)
         time.sleep(0.5)
-        assert all(_alive(pid) for pid in helpers), [pid for pid in helpers if not _alive(pid)]
+        assert all(running(pid) for pid in helpers), [pid for pid in helpers if not running(pid)]
         program.stdin.write("go\n")
         program.stdin.flush()
         report = json.loads(program.stdout.readline())
@@ -95,7 +87,7 @@ def test_helpers_survive_stop_signals_and_the_second_signal_leaves_nothing(tmp_p
         os.kill(program.pid, signal.SIGTERM)  # the second stop signal: out at once, and everything with it
         assert program.wait(timeout=10) == 1
         time.sleep(0.5)
-        assert not [pid for pid in helpers if _alive(pid)]
+        assert not [pid for pid in helpers if running(pid)]
     finally:
         program.kill()
 
@@ -112,12 +104,12 @@ def test_local_ranks_get_the_stop_and_two_ctrl_c_leave_no_rank_behind(tmp_path: 
         while len(list(tmp_path.glob("saw-stop-*"))) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert sorted(p.name for p in tmp_path.glob("saw-stop-*")) == ["saw-stop-0", "saw-stop-1"]
-        assert program.poll() is None and all(_alive(pid) for pid in started)  # the first only asks
+        assert program.poll() is None and all(running(pid) for pid in started)  # the first only asks
         time.sleep(1.1)  # a second press, not the first delivered twice (processes.REPEAT_WINDOW_S)
         os.killpg(program.pid, signal.SIGINT)
         assert program.wait(timeout=10) == 1
         time.sleep(0.5)
-        assert not [pid for pid in started if _alive(pid)]
+        assert not [pid for pid in started if running(pid)]
     finally:
         program.kill()
 
