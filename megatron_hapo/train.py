@@ -116,6 +116,7 @@ def _rank(rank: int, world: int, config: Any, should_stop: Callable[[], bool]) -
     eval_settings = EvalSettings(k=out.eval_k, max_tokens=config.rollout.max_response_length, seed=config.train.seed)
     settings = LoopSettings(Path(out.dir), eval_interval=out.eval_interval, save_interval=out.save_interval,
                             eval_settings=eval_settings, keep_last=out.keep_last, model_dir=Path(model.path),
+                            optimizer_sharding=out.optimizer_sharding,
                             max_consecutive_skips=config.train.max_consecutive_skips)  # fmt: skip
     try:
         state = _resume(actor, engine, Path(out.dir) / "checkpoints")

@@ -82,6 +82,16 @@ class ModelConfig:
     """FP8 training through Transformer Engine (GPU, compute capability >= 8.9), or null for bf16 / fp32."""
     fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "tensorwise"
     """FP8 scaling recipe (``models.precision``: which GPUs run which)."""
+    distributed_optimizer: bool = True
+    """Megatron's distributed optimizer (ZeRO-1): Adam state and float32 main parameters sharded over the
+    data-parallel ranks, gradients reduce-scattered during the backward pass and parameters all-gathered during
+    the next forward (overlapped)."""
+    sequence_parallel: bool = True
+    """Megatron sequence parallelism when ``tensor_parallel`` > 1: norms, dropout and residuals hold ``1 / TP`` of
+    the sequence, so activations outside attention and MLP are split over TP too."""
+    offload: Literal["none", "optimizer"] = "none"
+    """``optimizer``: the optimizer state (Adam moments, main parameters) and the gradient buffers leave the GPU
+    between updates (CPU memory), so the rollout engine has that memory while it generates."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -145,6 +155,10 @@ class OutputConfig:
     """Checkpoint every this many steps (0: only at the end)."""
     keep_last: int = 3
     """Keep the newest this many checkpoints, delete older ones (0: keep all)."""
+    optimizer_sharding: Literal["dp_reshardable", "fully_reshardable"] = "dp_reshardable"
+    """How the distributed optimizer's state is saved: ``dp_reshardable`` (each rank writes its shard, no
+    gather; a resume may change the data-parallel size only, Megatron-LM's default) or ``fully_reshardable`` (the
+    state gathered per parameter on DP rank 0 while saving; a resume may change TP, PP and DP)."""
     eval_k: int = 8
     """Samples per evaluation prompt (avg@k, pass@k; paper: 8 at T = 0.5, top-p 0.7)."""
     reward_workers: int = 4

@@ -7,6 +7,8 @@ first layer), optionally wrapped in Megatron DDP with ``finalize_model_grads``.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +20,8 @@ from megatron_hapo.parallel.runtime import model_parallel_layout, on_gpu, rank_d
 
 
 def build_chunks(config: Any, make_model: Callable[[int | None, bool, bool], torch.nn.Module], *,
-                 dtype: torch.dtype, ddp: bool) -> list[torch.nn.Module]:  # fmt: skip
+                 dtype: torch.dtype, ddp: bool,
+                 distributed_optimizer: bool = False) -> list[torch.nn.Module]:  # fmt: skip
     """One model per virtual stage of the initialised model-parallel layout, on this rank's device.
 
     ``make_model(vp_stage, pre_process, post_process)`` builds one chunk from ``config``. As Megatron-LM's
@@ -26,6 +29,13 @@ def build_chunks(config: Any, make_model: Callable[[int | None, bool, bool], tor
     buffer on the current device and its optimizer refuses parameters elsewhere. With 16-bit parameters the
     gradients are accumulated and reduced in float32 (Megatron-LM forces this for bf16): summed in bf16 over many
     micro-batches they would lose the small contributions.
+
+    ``distributed_optimizer`` lays the DDP buffers out for Megatron's distributed optimizer (ZeRO-1: each
+    data-parallel rank owns a shard of the optimizer state and main parameters) and overlaps the gradient
+    reduce-scatter with the backward pass and the parameter all-gather with the next forward, as Megatron-LM's
+    ``get_model`` / ``setup_model_and_optimizer`` wire it (``grad_sync_func`` / ``param_sync_func`` let the
+    pipeline schedules start each chunk's communication). Parameters are then all-gathered only in the next
+    forward: :func:`sync_params` gathers them at once before anything reads them outside a forward.
     """
     from megatron.core.distributed import (  # noqa: PLC0415  (megatron imported only when building)
         DistributedDataParallel,
@@ -41,14 +51,33 @@ def build_chunks(config: Any, make_model: Callable[[int | None, bool, bool], tor
         model = make_model(stage, layout.first_stage(stage), layout.last_stage(stage))
         model = model.to(device=device, dtype=dtype)  # local-spec norms are built in float32 whatever the dtype
         if ddp:
-            ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=dtype in (torch.bfloat16, torch.float16))
+            ddp_config = DistributedDataParallelConfig(
+                grad_reduce_in_fp32=dtype in (torch.bfloat16, torch.float16),
+                use_distributed_optimizer=distributed_optimizer, overlap_grad_reduce=distributed_optimizer,
+                overlap_param_gather=distributed_optimizer, align_param_gather=distributed_optimizer,
+            )  # fmt: skip
             model = DistributedDataParallel(config, ddp_config, model, disable_bucketing=bool(stage))
         model.layer_offset = get_transformer_layer_offset(config, vp_stage=stage)
         chunks.append(model)
     if ddp:
+
+        def per_chunk(name: str) -> Any:
+            return [getattr(chunk, name) for chunk in chunks] if layout.vpp else getattr(chunks[0], name)
+
         config.finalize_model_grads_func = finalize_model_grads
-        config.no_sync_func = [chunk.no_sync for chunk in chunks] if layout.vpp else chunks[0].no_sync
+        config.no_sync_func = per_chunk("no_sync")
+        if distributed_optimizer:
+            config.grad_sync_func, config.param_sync_func = per_chunk("start_grad_sync"), per_chunk("start_param_sync")
     return chunks
+
+
+def sync_params(chunks: list[torch.nn.Module]) -> None:
+    """All-gather the parameters an overlapped distributed optimizer updated, now (collective over DP): its
+    step leaves them to the next forward's pre-hooks, but the weight sync and checkpoints read them directly."""
+    for chunk in chunks:
+        if getattr(getattr(chunk, "ddp_config", None), "overlap_param_gather", False):
+            with torch.no_grad():
+                chunk.start_param_sync(force_sync=True)
 
 
 def transformer_config(spec: DecoderSpec, *, dtype: torch.dtype = torch.float32, **overrides: Any) -> Any:
@@ -76,7 +105,7 @@ def transformer_config(spec: DecoderSpec, *, dtype: torch.dtype = torch.float32,
 
 def build_gpt(spec: DecoderSpec, *, dtype: torch.dtype = torch.float32, te: bool = False, ddp: bool = False,
               make_vocab_size_divisible_by: int = 128, fp8: FP8Config | None = None,
-              **config_overrides: Any) -> list[torch.nn.Module]:  # fmt: skip
+              distributed_optimizer: bool = False, **config_overrides: Any) -> list[torch.nn.Module]:  # fmt: skip
     """The Megatron GPT of an HF decoder family for this rank (random weights; load them with ``loading``).
 
     ``fp8`` (with ``te=True`` on a CUDA GPU) turns on FP8 through Transformer Engine after :func:`check_fp8`.
@@ -90,19 +119,63 @@ def build_gpt(spec: DecoderSpec, *, dtype: torch.dtype = torch.float32, te: bool
         check_fp8(fp8, spec, pp=model_parallel_layout().pp, capability=capability)
         config_overrides = {**fp8_transformer_settings(fp8), **config_overrides}
     config = transformer_config(spec, dtype=dtype, **config_overrides)
+    from megatron.core.transformer.transformer_block import (  # noqa: PLC0415
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
     if te:
         layer_spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.qk_norm)
     else:
         layer_spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm")
     vocab = spec.padded_vocab_size(model_parallel_layout().tp, make_vocab_size_divisible_by)
 
+    def block_spec(stage: int | None) -> Any:
+        if te or not config.sequence_parallel:
+            return layer_spec
+        # the local spec's torch norms refuse sequence parallelism: use ones that mark their weights for it
+        layers = get_num_layers_to_build(config, vp_stage=stage)
+        return TransformerBlockSubmodules(layer_specs=[_with_norm(layer_spec, SequenceParallelTorchNorm)] * layers,
+                                          layer_norm=SequenceParallelTorchNorm)  # fmt: skip
+
     def make_model(stage: int | None, first: bool, last: bool) -> torch.nn.Module:
         return GPTModel(
-            config=config, transformer_layer_spec=layer_spec, vocab_size=vocab,
+            config=config, transformer_layer_spec=block_spec(stage), vocab_size=vocab,
             max_sequence_length=spec.max_position_embeddings, pre_process=first, post_process=last,
             share_embeddings_and_output_weights=spec.tie_word_embeddings, position_embedding_type="rope",
             rotary_base=int(spec.rope_theta), rope_scaling=spec.rope_scaling_factor is not None,
             rope_scaling_factor=spec.rope_scaling_factor or 8.0, vp_stage=stage,
         )  # fmt: skip
 
-    return build_chunks(config, make_model, dtype=dtype, ddp=ddp)
+    return build_chunks(config, make_model, dtype=dtype, ddp=ddp, distributed_optimizer=distributed_optimizer)
+
+
+class SequenceParallelTorchNorm:
+    """Megatron's ``WrappedTorchNorm`` (the local spec's norm) under sequence parallelism.
+
+    Megatron-Core 0.19.2 refuses sequence parallelism in it only because it does not mark its weight: under
+    sequence parallelism each TP rank normalises ``1 / TP`` of the sequence, so the weight's gradient is partial
+    and ``finalize_model_grads`` all-reduces it over TP for parameters flagged ``sequence_parallel``, as the
+    Transformer Engine and Apex norms flag theirs (also the q / k norms, whose heads are split over TP)."""
+
+    def __new__(cls, config: Any, hidden_size: int, eps: float = 1e-5, **kwargs: Any) -> torch.nn.Module:
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm  # noqa: PLC0415
+
+        plain = copy.copy(config)
+        plain.sequence_parallel = False
+        norm = WrappedTorchNorm(plain, hidden_size, eps, **kwargs)
+        for param in norm.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def _with_norm(spec: Any, norm: Any) -> Any:
+    """``spec`` (a Megatron ``ModuleSpec`` tree) with every ``WrappedTorchNorm`` replaced by ``norm``."""
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm  # noqa: PLC0415
+
+    if spec is WrappedTorchNorm:
+        return norm
+    if not dataclasses.is_dataclass(spec) or isinstance(spec, type):
+        return spec
+    changes = {f.name: _with_norm(getattr(spec, f.name), norm) for f in dataclasses.fields(spec)}
+    return dataclasses.replace(spec, **changes)

@@ -84,3 +84,21 @@ def any_rank(flag: bool, group: dist.ProcessGroup | None = None) -> bool:
     value = torch.tensor([1.0 if flag else 0.0], device=collective_device(group))
     dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
     return bool(value.item())
+
+
+#: Bytes of one all-reduce of :func:`rows_from_owners` (bounds the staging copy on the backend's device).
+ROWS_CHUNK_BYTES = 64 * 2**20
+
+
+def rows_from_owners(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Every rank of ``group`` fills the rows it owns (``[N, ...]``, zeros elsewhere, each row owned by one rank);
+    afterwards each rank holds every row (in place; returns ``tensor``).
+
+    A sum of one value and zeros is exact, so this equals a gather of the owners' rows. It runs as all-reduces of
+    at most :data:`ROWS_CHUNK_BYTES` each, so a large batch never stages a whole copy on the GPU (NCCL)."""
+    if group_rank_size(group)[1] == 1 or tensor.numel() == 0:
+        return tensor
+    row_bytes = max(1, tensor[0].numel() * tensor.element_size())
+    for part in tensor.split(max(1, ROWS_CHUNK_BYTES // row_bytes)):
+        all_reduce(part, dist.ReduceOp.SUM, group)
+    return tensor

@@ -27,10 +27,12 @@ def sync_tolerance(config: Any) -> float:
     return FP32_SYNC_TOLERANCE if exact else LOW_PRECISION_SYNC_TOLERANCE
 
 
-def model_overrides(model: Any) -> dict[str, Any]:
-    """The Megatron ``TransformerConfig`` settings that follow from ``config.model``."""
+def model_overrides(model: Any, tp: int) -> dict[str, Any]:
+    """The Megatron ``TransformerConfig`` settings that follow from ``config.model`` at tensor-parallel size ``tp``."""
     # PP2 x VPP with batched P2P gives wrong gradients (parallel.policy_loss.check_pipeline_schedule)
     overrides: dict[str, Any] = {"batch_p2p_comm": False} if model.virtual_pipeline else {}
+    if model.sequence_parallel and tp > 1:
+        overrides["sequence_parallel"] = True
     if model.recompute == "full":
         overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     return overrides
@@ -51,7 +53,8 @@ def build_actor(config: Any) -> Actor:
     te = model.transformer_engine or model.fp8 is not None
     fp8 = FP8Config(fp8=model.fp8, recipe=model.fp8_recipe) if model.fp8 else None
     chunks = build_gpt(spec, ddp=True, dtype=dtype, bf16=dtype == torch.bfloat16, te=te, fp8=fp8,
-                       **model_overrides(model))  # fmt: skip
+                       distributed_optimizer=model.distributed_optimizer,
+                       **model_overrides(model, runtime.model_parallel_layout().tp))  # fmt: skip
     groups = ParallelGroups.from_megatron()
     layout = runtime.model_parallel_layout()
     load_hf_weights(chunks, spec, HFCheckpoint(model.path).__getitem__, tp_rank=layout.tp_rank, tp_size=layout.tp,
@@ -59,6 +62,7 @@ def build_actor(config: Any) -> Actor:
     optimizer = get_megatron_optimizer(OptimizerConfig(
         optimizer="adam", lr=optim.lr, weight_decay=optim.weight_decay, clip_grad=optim.grad_clip,
         adam_beta1=optim.betas[0], adam_beta2=optim.betas[1], params_dtype=dtype, bf16=dtype == torch.bfloat16,
+        use_distributed_optimizer=model.distributed_optimizer,
     ), chunks)  # fmt: skip
     plan = build_sync_plan(chunks, spec, groups, bucket_bytes=SYNC_BUCKET_BYTES)
     return Actor(chunks, optimizer, spec, groups, plan, probe=[], micro_batch_size=model.micro_batch_size,

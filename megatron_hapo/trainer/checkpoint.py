@@ -35,6 +35,7 @@ from megatron_hapo.models.checkpoint import (
     publish_staging,
     staging_dir,
 )
+from megatron_hapo.models.provider import sync_params
 from megatron_hapo.parallel import runtime
 from megatron_hapo.trainer.manifest import rank_world, verify_manifest, write_manifest
 from megatron_hapo.trainer.step import Actor, StepState
@@ -45,11 +46,12 @@ _STEP_DIR = re.compile(r"step_(\d{6,})")
 
 
 def save_checkpoint(root: Path, actor: Actor, state: StepState, *, hf_dir: Path | None = None,
-                    keep_last: int = 0) -> Path:  # fmt: skip
+                    keep_last: int = 0, optimizer_sharding: str = "dp_reshardable") -> Path:  # fmt: skip
     """Model + optimizer (torch_dist) + trainer state at ``root/step_XXXXXX``; then ``root/latest`` (collective).
 
     ``hf_dir``: the policy's HF directory, whose config and tokenizer are copied in; ``keep_last``: delete all
-    but this many newest checkpoints afterwards (0: keep all).
+    but this many newest checkpoints afterwards (0: keep all); ``optimizer_sharding``: the distributed
+    optimizer's format (``output.optimizer_sharding``), recorded in the checkpoint with the layout.
     """
     from megatron.core import dist_checkpointing  # noqa: PLC0415
 
@@ -64,9 +66,11 @@ def save_checkpoint(root: Path, actor: Actor, state: StepState, *, hf_dir: Path 
         shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while saving
         staging.mkdir(parents=True)
     runtime.barrier()
+    sync_params(actor.chunks)  # current parameters, also under an overlapped distributed optimizer
     model_state = chunks_sharded_state_dict(actor.chunks)
-    payload = {"model": model_state, "optimizer": actor.optimizer.sharded_state_dict(model_state)}
-    dist_checkpointing.save(payload, str(staging))
+    metadata = {"distrib_optim_sharding_type": optimizer_sharding, "layout": _layout()}
+    payload = {"model": model_state, "optimizer": actor.optimizer.sharded_state_dict(model_state, metadata=metadata)}
+    dist_checkpointing.save(payload, str(staging), content_metadata=metadata)
     write_rng_state(staging)
     if runtime.rank() == 0:
         stats = None if state.stats is None else state.stats.as_floats()
@@ -135,16 +139,61 @@ def load_checkpoint(checkpoint: Path, actor: Actor) -> StepState:
     """Load model + optimizer into ``actor`` (any TP / PP layout) and return the trainer state (collective)."""
     from megatron.core import dist_checkpointing  # noqa: PLC0415
 
+    metadata = _optimizer_metadata(checkpoint, actor)
+    _allocate_optimizer_state(actor.optimizer)
     model_state = chunks_sharded_state_dict(actor.chunks)
     request: dict[str, Any] = {
         "model": model_state,
-        "optimizer": actor.optimizer.sharded_state_dict(model_state, is_loading=True),
+        "optimizer": actor.optimizer.sharded_state_dict(model_state, is_loading=True, metadata=metadata),
     }
     loaded = dist_checkpointing.load(request, str(checkpoint))
     load_chunks_state(actor.chunks, loaded["model"], checkpoint)
-    actor.optimizer.load_state_dict(loaded["optimizer"])
+    with torch.no_grad():  # a float32 model's distributed optimizer holds views of the parameters: in-place copies
+        actor.optimizer.load_state_dict(loaded["optimizer"])
     restore_rng_state(checkpoint)
     return read_trainer_state(checkpoint)
+
+
+def _layout() -> list[int]:
+    """``[TP, PP, VPP or 0]`` of this run (a ``dp_reshardable`` optimizer state loads only into the same)."""
+    layout = runtime.model_parallel_layout()
+    return [layout.tp, layout.pp, layout.vpp or 0]
+
+
+def _optimizer_metadata(checkpoint: Path, actor: Actor) -> dict:
+    """The saved optimizer format, checked against this run's layout and optimizer."""
+    from megatron.core import dist_checkpointing  # noqa: PLC0415
+
+    saved = dist_checkpointing.load_content_metadata(str(checkpoint))
+    if saved is None:  # written before formats were recorded: the plain optimizer's per-parameter state
+        saved = {"distrib_optim_sharding_type": "fully_reshardable", "layout": _layout()}
+    distributed = any(type(o).__name__ == "DistributedOptimizer"
+                      for o in getattr(actor.optimizer, "chained_optimizers", [actor.optimizer]))  # fmt: skip
+    if distributed and saved["distrib_optim_sharding_type"] == "dp_reshardable" and saved["layout"] != _layout():
+        raise ValueError(f"{checkpoint} holds the distributed optimizer's state for TP x PP x VPP = "
+                         f"{saved['layout']} (output.optimizer_sharding=dp_reshardable, which reshards over data "
+                         f"parallelism only); this run is {_layout()}. Resume at that layout, or save the "
+                         "checkpoint with output.optimizer_sharding=fully_reshardable")  # fmt: skip
+    return {"distrib_optim_sharding_type": saved["distrib_optim_sharding_type"]}
+
+
+def _allocate_optimizer_state(optimizer: Any) -> None:
+    """Give a distributed optimizer that has not stepped yet its state tensors, which loading overwrites.
+
+    Megatron-Core 0.19.2's ``DistributedOptimizer.state_dict`` reads the step from each parameter's state when
+    torch's Adam runs it (no Apex / Transformer Engine, as on CPU), so a fresh one cannot build its loading
+    request. Its own dummy initialisation (a step on zero gradients, used for Megatron-FSDP) runs here at
+    learning rate 0, which leaves the parameters untouched."""
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(part, "optimizer", None)
+        if type(part).__name__ != "DistributedOptimizer" or inner is None or len(inner.state):
+            continue
+        rates = [group["lr"] for group in inner.param_groups]
+        for group in inner.param_groups:
+            group["lr"] = 0.0
+        part._init_optimizer_states_with_dummy_values()  # upstream's own (pinned megatron-core)
+        for group, rate in zip(inner.param_groups, rates, strict=True):
+            group["lr"] = rate
 
 
 def _rng_path(directory: Path, rank: int, world: int) -> Path:

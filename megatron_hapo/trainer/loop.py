@@ -44,6 +44,8 @@ class LoopSettings:
     """Checkpoint every this many steps (0: only at the end)."""
     keep_last: int = 0
     """Keep only this many newest checkpoints (0: all)."""
+    optimizer_sharding: str = "dp_reshardable"
+    """The distributed optimizer's checkpoint format (``output.optimizer_sharding``)."""
     model_dir: Path | None = None
     """The policy's HF directory: its config and tokenizer go into every checkpoint (exportable to HF)."""
     max_consecutive_skips: int = 0
@@ -132,7 +134,8 @@ def train(actor: Actor, engine: Any, score: Scorer, config: Any, settings: LoopS
             stop = any_rank(should_stop is not None and should_stop())
             if last or stop or (settings.save_interval and state.step % settings.save_interval == 0):
                 save_checkpoint(settings.run_dir / "checkpoints", actor, state, hf_dir=settings.model_dir,
-                                keep_last=settings.keep_last)  # fmt: skip
+                                keep_last=settings.keep_last,
+                                optimizer_sharding=settings.optimizer_sharding)  # fmt: skip
             if stop and not last:
                 state.stopped = True
                 break

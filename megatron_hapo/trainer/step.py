@@ -26,7 +26,13 @@ from megatron_hapo.algos import (
     shape_rewards,
 )
 from megatron_hapo.models.hf_config import DecoderSpec
-from megatron_hapo.parallel.collectives import check_same_on_ranks, group_rank_size, objects_from_last_stage
+from megatron_hapo.models.provider import sync_params
+from megatron_hapo.parallel.collectives import (
+    check_same_on_ranks,
+    group_rank_size,
+    objects_from_last_stage,
+    rows_from_owners,
+)
 from megatron_hapo.parallel.policy_loss import (
     LogProbEntropyStep,
     ParallelGroups,
@@ -36,7 +42,7 @@ from megatron_hapo.parallel.policy_loss import (
     pooled_entropy_stats,
     stats_from_last_stage,
 )
-from megatron_hapo.parallel.runtime import max_over_ranks
+from megatron_hapo.parallel.runtime import all_gather_objects, max_over_ranks
 from megatron_hapo.rollout.engine import Response, RolloutEngine, SamplingSettings, temperature_metrics
 from megatron_hapo.rollout.weight_sync import SyncPlan, sync_weights, verify_sync
 from megatron_hapo.trainer.batch import (
@@ -52,6 +58,7 @@ from megatron_hapo.trainer.batch import (
 )
 from megatron_hapo.trainer.guide import GuideRollout, check_guide_setup, guide_rollout
 from megatron_hapo.trainer.metrics import PhaseClock, entropy_stats_metrics, reduce_loss_metrics
+from megatron_hapo.trainer.plan import SequencePlan
 
 #: ``score(response token ids, answer) -> (reward, correct)`` per response.
 Scorer = Callable[[Sequence[list[int]], Sequence[Any]], tuple[torch.Tensor, torch.Tensor]]
@@ -129,28 +136,45 @@ class UpdateBatch:
     """``[N]`` bool guide-policy sequences, or ``None``."""
 
 
-def _forward_only(actor: Actor, packed: PackedRollout) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Old log-probs and entropies ``[N, S]`` of the whole batch in host memory (zeros off the last stage), and
-    whether this is the last stage."""
-    mbs = microbatches(packed, torch.arange(packed.num_sequences), actor.micro_batch_size,
-                       count_multiple=actor.microbatch_multiple)  # fmt: skip
+def _forward_only(actor: Actor, packed: PackedRollout, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Old log-probs and entropies ``[N, S]`` in host memory, computed for ``rows`` (this data-parallel rank's
+    sequences, :meth:`SequencePlan.forward_rows`) and zero elsewhere; zeros off the last pipeline stage."""
+    log_prob, entropy = torch.zeros(packed.mask.shape), torch.zeros(packed.mask.shape)
+    if not len(rows):  # no share: the pass has no collective across data-parallel ranks, so skip it
+        return log_prob, entropy
+    mbs = microbatches(packed, rows, actor.micro_batch_size, count_multiple=actor.microbatch_multiple)
     step = LogProbEntropyStep(actor.groups, actor.spec.vocab_size)
     outputs = run_schedule(step, mbs, actor.chunks, forward_only=True)
-    if not outputs:
-        return torch.zeros(packed.mask.shape), torch.zeros(packed.mask.shape), False
-    count = packed.num_sequences  # the last micro-batch may be padded with masked copies
-    log_prob, entropy = (torch.cat([o[key] for o in outputs])[:count].cpu() for key in ("log_prob", "entropy"))
-    return log_prob, entropy, True  # back in host memory with the rest of the step's batch
+    if outputs:  # the last stage; the last micro-batch may be padded with masked copies
+        for out, key in ((log_prob, "log_prob"), (entropy, "entropy")):
+            out[rows] = torch.cat([o[key] for o in outputs])[: len(rows)].cpu()  # host memory, as the batch
+    return log_prob, entropy
 
 
-def _update(actor: Actor, algo: Any, batch: UpdateBatch, rows: torch.Tensor, stats: EntropyStats) -> dict:
-    """One optimizer step on the sequences ``rows`` (this DP rank's share of them); a non-finite gradient norm
-    skips it. Returns the loss metrics of the last pipeline stage, on every stage."""
-    dp_rank, dp_size = group_rank_size(actor.groups.dp)
-    local = rows.tensor_split(dp_size)[dp_rank]
-    mbs = microbatches(batch.packed, local if len(local) else rows[:1], actor.micro_batch_size,
-                       old_log_prob=batch.old_log_prob, advantages=batch.advantages, loss_weights=batch.weights,
-                       guide_rows=batch.guide_rows, all_masked=not len(local),
+def _old_log_prob_and_stats(actor: Actor, packed: PackedRollout, plan: SequencePlan,
+                            algo: Any) -> tuple[torch.Tensor, torch.Tensor, EntropyStats, bool]:  # fmt: skip
+    """The forward-only pass divided over the data-parallel ranks: each computes only its own sequences, the
+    entropy statistics pool every sequence once over the DP x CP group, and then every rank of the last stage
+    holds the whole batch's old log-probs and entropies (the advantages and metrics read other ranks' rows).
+    Returns them ``[N, S]``, the statistics, and whether this is the last pipeline stage."""
+    rows = plan.forward_rows()
+    log_prob, entropy = _forward_only(actor, packed, rows)
+    pp_rank, pp_size = group_rank_size(actor.groups.pp)
+    last_stage = pp_rank == pp_size - 1
+    stats = pooled_entropy_stats([entropy[rows]], [packed.mask[rows] & last_stage], algo, actor.groups)
+    stats = stats_from_last_stage(stats if last_stage else None, actor.groups.pp)
+    if last_stage:
+        rows_from_owners(log_prob, actor.groups.dp)
+        rows_from_owners(entropy, actor.groups.dp)
+    return log_prob, entropy, stats, last_stage
+
+
+def _update(actor: Actor, algo: Any, batch: UpdateBatch, local: torch.Tensor, stats: EntropyStats) -> dict:
+    """One optimizer step on a mini-batch of which ``local`` are this data-parallel rank's rows; a non-finite
+    gradient norm skips it. Returns the loss metrics of the last pipeline stage, on every stage."""
+    mbs = microbatches(batch.packed, local if len(local) else torch.zeros(1, dtype=torch.long),
+                       actor.micro_batch_size, old_log_prob=batch.old_log_prob, advantages=batch.advantages,
+                       loss_weights=batch.weights, guide_rows=batch.guide_rows, all_masked=not len(local),
                        count_multiple=actor.microbatch_multiple)  # fmt: skip
     plan = plan_minibatch(mbs, algo, actor.groups, entropy_stats=stats)
     for chunk in actor.chunks:
@@ -163,26 +187,29 @@ def _update(actor: Actor, algo: Any, batch: UpdateBatch, rows: torch.Tensor, sta
     skipped = found_inf or not math.isfinite(grad_norm)
     if not skipped:  # Megatron's step clips to optim.grad_clip and updates
         skipped = not actor.optimizer.step()[0]
-    metrics = objects_from_last_stage(reduce_loss_metrics(outputs) if outputs else None, actor.groups.pp)
+    metrics = None
+    if outputs:  # the last stage: the metrics of the whole mini-batch, every DP x CP rank's micro-batches
+        local = [{name: float(value) for name, value in out.items()} for out in outputs]
+        metrics = reduce_loss_metrics([out for part in all_gather_objects(local, actor.groups.dp_cp) for out in part])
+    metrics = objects_from_last_stage(metrics, actor.groups.pp)
     return {**metrics, "grad_norm": grad_norm, "update_skipped": float(skipped)}
 
 
-def _updates(actor: Actor, config: Any, batch: UpdateBatch, n: int, step_stats: EntropyStats) -> dict:
-    """PPO epochs over mini-batches of ``train.mini_batch_prompts`` kept groups; each metric is averaged over the
-    updates that have it (an update of guide sequences only has no on-policy clip fractions)."""
+def _updates(actor: Actor, config: Any, batch: UpdateBatch, plan: SequencePlan, step_stats: EntropyStats) -> dict:
+    """PPO epochs over the plan's mini-batches; each metric is averaged over the updates that have it (an update
+    of guide sequences only has no on-policy clip fractions)."""
     algo = config.algo
-    kept_groups = batch.keep.view(-1, n)[:, 0].nonzero().flatten()
     on_policy = batch.packed.mask
     if batch.guide_rows is not None:
         on_policy = on_policy & ~batch.guide_rows[:, None]
     results = []
     for _ in range(config.train.ppo_epochs):
-        for groups in kept_groups.split(config.train.mini_batch_prompts):
-            rows = (groups[:, None] * n + torch.arange(n)).flatten()
+        for rows in plan.minibatches:
+            local = plan.local(rows)
             stats = step_stats
-            if algo.entropy.scope == "minibatch":
-                stats = pooled_entropy_stats([batch.entropy[rows]], [on_policy[rows]], algo, actor.groups)
-            results.append(_update(actor, algo, batch, rows, stats))
+            if algo.entropy.scope == "minibatch":  # each token of the mini-batch once, on the rank that trains it
+                stats = pooled_entropy_stats([batch.entropy[local]], [on_policy[local]], algo, actor.groups)
+            results.append(_update(actor, algo, batch, local, stats))
     names = {name for r in results for name in r} - {"update_skipped"}
     out = {name: sum(r[name] for r in results if name in r) / sum(name in r for r in results) for name in names}
     out["updates_skipped"] = float(sum(r["update_skipped"] for r in results))
@@ -274,10 +301,15 @@ def rl_step(actor: Actor, engine: RolloutEngine, score: Scorer, *, prompts: Sequ
     check_same_on_ranks("the rollout batch", packed.tokens, actor.groups.dp)
     group_ids = torch.arange(len(prompts)).repeat_interleave(n)
     lengths = packed.response_mask.sum(-1)
+    with clock("guide") if guide_engine is not None else contextlib.nullcontext():
+        guide = guide_rollout(guide_engine, score, prompts=prompts, answers=answers, correct=correct.bool(), n=n,
+                              sampling=generated.sampling, config=config)  # fmt: skip
+    guide_count = 0 if guide is None else guide.packed.num_sequences
+    plan = SequencePlan.build(torch.cat([keep, torch.ones(guide_count, dtype=torch.bool)]), n,
+                              config.train.mini_batch_prompts, num_on_policy=packed.num_sequences,
+                              dp=group_rank_size(actor.groups.dp))  # fmt: skip
     with clock("old_log_prob"):
-        old_log_prob, entropy, last_stage = _forward_only(actor, packed)
-        stats = pooled_entropy_stats([entropy], [packed.mask & last_stage], algo, actor.groups)
-        stats = stats_from_last_stage(stats if last_stage else None, actor.groups.pp)
+        old_log_prob, entropy, stats, last_stage = _old_log_prob_and_stats(actor, packed, plan, algo)
     metrics = {"reward_mean": float(rewards.mean()), "accuracy": float(correct.float().mean()),
                "response_length_mean": float(lengths.float().mean()), **temperature_metrics(responses),
                **entropy_stats_metrics(stats)}  # fmt: skip
@@ -285,11 +317,9 @@ def rl_step(actor: Actor, engine: RolloutEngine, score: Scorer, *, prompts: Sequ
     metrics.update({name: float(value) for name, value in mismatch.items()})
     metrics["kept_groups"] = float(keep.view(len(prompts), n)[:, 0].sum())
     metrics["generation_rounds"] = float(generated.rounds)
+    metrics["forward_only_sequences"] = max_over_ranks(float(len(plan.forward_rows())))  # the busiest DP rank's
     if served is not None:  # the busiest engine replica's requests (all of them without division)
         metrics["rollout_requests_per_engine"] = max_over_ranks(float(engine.requests_served - served))
-    with clock("guide") if guide_engine is not None else contextlib.nullcontext():
-        guide = guide_rollout(guide_engine, score, prompts=prompts, answers=answers, correct=correct.bool(), n=n,
-                              sampling=generated.sampling, config=config)  # fmt: skip
     if guide is not None:
         metrics["guide_groups"] = float(len(guide.routed_prompts))
         metrics["guide_accuracy"] = float(guide.correct.float().mean())
@@ -306,7 +336,7 @@ def rl_step(actor: Actor, engine: RolloutEngine, score: Scorer, *, prompts: Sequ
         )
         batch = _with_guide(UpdateBatch(packed, keep, old_log_prob, advantages, entropy, weights), guide)
         with clock("train"):
-            metrics.update(_updates(actor, config, batch, n, stats))
+            metrics.update(_updates(actor, config, batch, plan, stats))
         state.skipped_updates += int(metrics["updates_skipped"])
     with clock("sync"):  # also after a step that trained nothing: a level-2 sleep dropped the engine's weights
         metrics.update(sync_and_verify(actor, engine))  # wakes the engine for the next rollout or an evaluation
@@ -339,6 +369,7 @@ def sync_and_verify(actor: Actor, engine: RolloutEngine) -> dict:
 
     A sleeping engine wakes its weights first and its KV cache only after the sync (verl's order: the
     trainer's sync buffers and the KV cache never hold memory at the same time)."""
+    sync_params(actor.chunks)  # an overlapped distributed optimizer left the gather to the next forward
     engine.wake_up(tags=["weights"])
     report = sync_weights(engine, actor.chunks, actor.spec, actor.sync_plan, actor.groups)
     engine.wake_up(tags=["kv_cache"])

@@ -1,4 +1,5 @@
-"""Kill and resume the real trainer (vLLM + Megatron TP2 on two CPU ranks, `python -m megatron_hapo.train`).
+"""Kill and resume the real trainer (`python -m megatron_hapo.train`, two CPU ranks: Megatron TP1 x DP2 with its
+distributed optimizer, so each rank saves and loads its shard of the Adam state; a vLLM engine per rank).
 
 SIGKILL mid-run, then the same command: the run resumes from its last checkpoint by itself, and its weights at
 the end and every metric of every step are bit-identical to an uninterrupted run with the same seed (rollout
@@ -31,7 +32,7 @@ TIMING = ("time_", "tokens_per_second", "rollout_tokens_per_second", "sync_secon
 def _start(repo_root: Path, model: Path, data: Path, run_dir: Path) -> subprocess.Popen:
     args = [
         sys.executable, "-m", "megatron_hapo.train", "configs/algo/hapo.yaml", f"model.path={model}",
-        "model.tensor_parallel=2", "engine.tensor_parallel=2", "engine.max_num_seqs=32", f"data.train_file={data}",
+        "model.tensor_parallel=1", "engine.tensor_parallel=1", "engine.max_num_seqs=32", f"data.train_file={data}",
         "rollout.num_samples_per_prompt=4", "rollout.max_prompt_length=32", "rollout.max_response_length=6",
         "algo.reward_shaping.buffer_length=2", "train.prompts_per_step=4", "train.mini_batch_prompts=2",
         f"train.total_steps={STEPS}", "optim.lr=1e-3", "optim.warmup_steps=0", "output.save_interval=1",

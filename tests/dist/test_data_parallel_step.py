@@ -1,0 +1,163 @@
+"""The step's work divided over four gloo ranks (issue 17): TP1 x DP4 with four engine replicas, TP2 x DP2 with
+two (each replica spans a TP pair, as vLLM's external launcher groups ranks), each against one data-parallel
+rank at the same TP (TP1 x DP1, TP2 x DP1). The 4-rank runs use Megatron's distributed optimizer (ZeRO-1, with
+overlapped gradient reduce-scatter and parameter all-gather) and, at TP2, sequence parallelism; the references
+use neither.
+
+One HAPO step with dynamic-sampling's group filter (so some groups are trained on and some are not) and
+mini-batch-scoped entropy statistics, on the transformers engine (tokens depend on prompt, seed and weights
+only, so every layout samples the same rollout). Checked: each request is generated once job-wide (requests each
+replica served), each forward-only sequence is computed on exactly one data-parallel rank and each rank computes
+its share, and the loss, gradient norm, updated weights (read back from the engine after the verified sync) and
+the metrics equal the DP1 run's.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from gloo import run_on_ranks
+from test_hf_engine import _engine, tiny_llama  # noqa: F401  (the shared fixture)
+
+PROMPTS = [[5 + i, 40 + 3 * i, 7, 300 + i] for i in range(8)]
+ANSWERS = [0, 1, 2, 0, 1, 2, 0, 1]  # parity 2: never correct, so the filter drops those groups
+#: Metrics that describe the layout or the clock, not the step's result.
+#: Relative tolerance of the metrics that are small differences of larger terms (see the test).
+CANCELLING = {"loss": 3e-5, "h_hat_mean": 3e-5}
+LAYOUT_METRICS = ("rollout_requests_per_engine", "forward_only_sequences", "sync_", "time_")
+
+
+def _config(hf_dir: Path, extra: list[str]):  # noqa: ANN202
+    from megatron_hapo.config import Config
+    from megatron_hapo.config.loader import build_dataclass, resolve_tree
+
+    overrides = [f"model.path={hf_dir}", "model.dtype=float32", "model.recompute=none", "model.micro_batch_size=2",
+                 "model.transformer_engine=false", "rollout.num_samples_per_prompt=4",
+                 "rollout.max_response_length=6", "algo.reward_shaping.buffer_length=2", "train.seed=5",
+                 "train.prompts_per_step=8", "train.mini_batch_prompts=4", "optim.lr=1e-3", "optim.warmup_steps=0",
+                 "algo.group_filter.kind=all_equal", "algo.group_filter.metric=acc", "algo.entropy.scope=minibatch", *extra]  # fmt: skip
+    return build_dataclass(Config, resolve_tree(Path(__file__).parents[2] / "configs/algo/hapo.yaml", overrides))
+
+
+def _score(token_ids: list[list[int]], answers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    from megatron_hapo.rewards import first_token_parity
+
+    verdicts = [first_token_parity(ids, answer) for ids, answer in zip(token_ids, answers, strict=True)]
+    return torch.tensor([v[0] for v in verdicts]), torch.tensor([v[1] for v in verdicts])
+
+
+def _step_ranks(rank: int, world: int, hf_dir: Path, tp: int, extra: list[str], out: Path,
+                checkpoints: Path | None, resume: bool) -> None:  # fmt: skip
+    """One RL step (from the latest checkpoint under ``checkpoints`` when ``resume``); without ``resume`` a
+    checkpoint is saved after it and a second step taken."""
+    from megatron_hapo.parallel import runtime
+    from megatron_hapo.rollout.divided import DividedEngine
+    from megatron_hapo.rollout.weight_sync import sync_probe
+    from megatron_hapo.trainer import step as step_module
+    from megatron_hapo.trainer.actor import build_actor
+    from megatron_hapo.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
+    runtime.quiet_logs()
+    runtime.initialize_model_parallel(tp, 1)
+    config = _config(hf_dir, extra)
+    actor = build_actor(config)
+    actor.probe = sync_probe(PROMPTS)
+    engine = DividedEngine(_engine(hf_dir, max_num_seqs=32), ranks_per_engine=tp)
+    forward_rows: list[int] = []
+    plain = step_module.microbatches
+
+    def recording(packed, rows, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if kwargs.get("old_log_prob") is None:  # the forward-only pass (the updates pass old log-probs)
+            forward_rows.extend(rows.tolist())
+        return plain(packed, rows, *args, **kwargs)
+
+    step_module.microbatches = recording
+    state = step_module.StepState()
+    if resume:
+        state = load_checkpoint(latest_checkpoint(checkpoints), actor)
+        step_module.sync_and_verify(actor, engine)
+    step = partial(step_module.rl_step, actor, engine, _score, prompts=PROMPTS, answers=ANSWERS, config=config,
+                   state=state)  # fmt: skip
+    def engine_weights() -> dict[str, torch.Tensor]:  # after the verified sync: the trainer's, unsharded
+        return {name: p.detach().clone() for name, p in engine.engine.model.named_parameters()}
+
+    metrics, second = step(), None
+    weights = {"first": engine_weights()}
+    layout = runtime.model_parallel_layout()
+    rows = runtime.all_gather_objects(forward_rows if layout.tp_rank == 0 else None)
+    if checkpoints is not None and not resume:
+        save_checkpoint(checkpoints, actor, state)
+        second = step()
+        weights["second"] = engine_weights()
+    if rank == 0:
+        torch.save(weights, out.with_suffix(".pt"))
+        optimizers = getattr(actor.optimizer, "chained_optimizers", [actor.optimizer])
+        out.write_text(json.dumps({"metrics": metrics, "second": second,
+                                   "forward_rows": [r for r in rows if r is not None],
+                                   "optimizers": sorted({type(o).__name__ for o in optimizers}),
+                                   "sequence_parallel": actor.chunks[0].config.sequence_parallel}))  # fmt: skip
+
+
+def _run(hf_dir: Path, tmp_path: Path, world: int, tp: int, extra: list[str], checkpoints: Path | None = None,
+         resume: bool = False) -> tuple[dict, dict]:  # fmt: skip
+    """The rank-0 report and the engine's weights after each step (``{"first": ..., "second": ...}``)."""
+    out = tmp_path / f"tp{tp}_world{world}.json"
+    body = partial(_step_ranks, hf_dir=hf_dir, tp=tp, extra=extra, out=out, checkpoints=checkpoints, resume=resume)
+    run_on_ranks(body, world, tmp_path / f"ranks_{tp}_{world}")
+    return json.loads(out.read_text()), torch.load(out.with_suffix(".pt"), weights_only=True)
+
+
+def _assert_same_step(metrics: dict, expected: dict, weights: dict, expected_weights: dict) -> None:
+    """Equal metrics (layout and clock metrics aside) and updated weights (relative 1e-6)."""
+    compared = [name for name in expected if not name.startswith(LAYOUT_METRICS) and "second" not in name]
+    # Two metrics are small differences of order-1 terms: the loss (advantage-weighted ratios that nearly cancel)
+    # and h_hat_mean (entropies minus the pivot, over their RMS). In the second update the weights differ by the
+    # order of the data-parallel gradient sum (measured: <= 1e-7 relative), which they amplify to 1e-5 / 4e-6.
+    differ = {name: (metrics[name], expected[name]) for name in compared
+              if metrics[name] != pytest.approx(expected[name], rel=CANCELLING.get(name, 1e-6), abs=1e-7)}  # fmt: skip
+    assert not differ, differ
+    for name, reference_value in expected_weights.items():
+        error = (weights[name] - reference_value).norm() / reference_value.norm()
+        assert error <= 1e-6, (name, float(error))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp", [1, 2], ids=["tp1xdp4", "tp2xdp2"])
+def test_step_work_is_divided_and_equals_one_replica(tiny_llama: Path, tmp_path: Path, tp: int) -> None:  # noqa: F811
+    # the reference: one data-parallel rank at the same TP (the same tensor-parallel float sums), with neither the
+    # distributed optimizer nor sequence parallelism; the 4-rank run has both (the defaults)
+    plain = ["model.distributed_optimizer=false", "model.sequence_parallel=false"]
+    reference, reference_weights = _run(tiny_llama, tmp_path / "reference", world=tp, tp=tp, extra=plain)
+    checkpoints = tmp_path / "checkpoints" if tp == 1 else None  # TP1 x DP4 saves after its step, then steps on
+    report, weights = _run(tiny_llama, tmp_path, world=4, tp=tp, extra=[], checkpoints=checkpoints)
+    assert report["optimizers"] == ["DistributedOptimizer"] and report["sequence_parallel"] == (tp > 1), report
+    assert "DistributedOptimizer" not in reference["optimizers"] and not reference["sequence_parallel"]
+    dp, metrics, expected = 4 // tp, report["metrics"], reference["metrics"]
+    requests = len(PROMPTS) * 4
+    # each request generated once: the DP1 engine served all of them, each of the 4 / tp replicas its share
+    assert expected["rollout_requests_per_engine"] == requests
+    assert metrics["rollout_requests_per_engine"] == requests / dp
+    # each forward-only sequence on exactly one data-parallel rank, each rank its share
+    per_rank = report["forward_rows"]
+    assert len(per_rank) == dp and sorted(r for rows in per_rank for r in rows) == list(range(requests)), per_rank
+    assert max(len(rows) for rows in per_rank) == requests / dp == metrics["forward_only_sequences"]
+    assert 0 < expected["kept_groups"] < len(PROMPTS), expected  # trained and untrained groups both present
+    _assert_same_step(metrics, expected, weights["first"], reference_weights["first"])
+    assert any(not torch.equal(w, _initial(tiny_llama)[n]) for n, w in weights["first"].items())  # the step changed them
+
+
+def _initial(hf_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {name: tensor for path in hf_dir.glob("*.safetensors") for name, tensor in load_file(path).items()}
+    if checkpoints is not None:  # resumed at DP2 (the sharded optimizer state resharded): DP4's second step
+        resumed, resumed_weights = _run(tiny_llama, tmp_path / "resumed", world=2, tp=1, extra=[],
+                                        checkpoints=checkpoints, resume=True)  # fmt: skip
+        assert resumed["optimizers"] == ["DistributedOptimizer"]
+        assert resumed["metrics"]["rollout_requests_per_engine"] == len(PROMPTS) * 4 / 2
+        assert report["second"]["rollout_requests_per_engine"] == requests / dp  # a real second step
+        _assert_same_step(resumed["metrics"], report["second"], resumed_weights["first"], weights["second"])
