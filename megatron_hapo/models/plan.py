@@ -6,19 +6,20 @@ PP stages and TP (norms replicated). Memory per GPU, in bytes:
 
 - training (the heaviest pipeline stage): parameters (``model.dtype``), gradients (float32: Megatron DDP's
   buffer accumulates and reduces in float32 for 16-bit parameters), optimizer state (Adam m and v in float32,
-  plus float32 main parameters when the model is bfloat16; not sharded: the trainer does not use Megatron's
-  distributed optimizer), activations of the micro-batches in flight (1F1B keeps up to ``pp`` on the first
-  stage), and the float32 logits of one micro-batch on the last stage. Per layer and micro-batch of ``s``
-  tokens, with flash attention and without sequence parallelism, activations take ``s b h (10 + 24 / tp)``
-  bytes in 16-bit precision (Korthikanti et al., 2022), and ``2 s b h`` with full recomputation (the layer
-  input; one layer is rebuilt at a time).
-- rollout (vLLM, colocated, asleep during training): the trainer keeps its parameters, gradient buffer and
-  optimizer state on the GPU while the engine generates (no offload yet), so that resident state plus
-  ``engine.gpu_memory_utilization x GPU`` must fit the GPU. The engine's weights are ``/ engine TP`` in
-  16-bit; the rest of ``engine.gpu_memory_utilization x GPU`` is KV cache, ``2 L kv_heads head_dim`` 16-bit
-  values per token (KV heads split over the engine TP, replicated when TP exceeds them). vLLM schedules as
-  many sequences as the cache holds (up to ``max_num_seqs``), so the plan reports how many full-length
-  sequences fit and fails only when not even one does.
+  plus float32 main parameters when the model is bfloat16; divided by the data-parallel size with Megatron's
+  distributed optimizer, ``model.distributed_optimizer``), activations of the micro-batches in flight (1F1B
+  keeps up to ``pp`` on the first stage), and the float32 logits of one micro-batch on the last stage. Per
+  layer and micro-batch of ``s`` tokens, with flash attention, activations take ``s b h (10 + 24 / tp)`` bytes
+  in 16-bit precision without sequence parallelism and ``34 s b h / tp`` with it (Korthikanti et al., 2022),
+  and the layer input, ``2 s b h`` (``/ tp`` with sequence parallelism), with full recomputation (one layer
+  is rebuilt at a time).
+- rollout (vLLM, colocated, asleep during training): the trainer keeps its parameters on the GPU while the
+  engine generates, and its gradient buffer and optimizer state too unless ``model.offload=optimizer`` moves
+  them to CPU memory; that resident state plus ``engine.gpu_memory_utilization x GPU`` must fit the GPU. The
+  engine's weights are ``/ engine TP`` in 16-bit; the rest of ``engine.gpu_memory_utilization x GPU`` is KV
+  cache, ``2 L kv_heads head_dim`` 16-bit values per token (KV heads split over the engine TP, replicated when
+  TP exceeds them). vLLM schedules as many sequences as the cache holds (up to ``max_num_seqs``), so the plan
+  reports how many full-length sequences fit and fails only when not even one does.
 
 These are estimates of what dominates, not an allocator trace; the report says so and adds a fixed allowance
 for the CUDA context and NCCL buffers.
@@ -70,6 +71,8 @@ class Plan:
     rollout: dict[str, float] = field(default_factory=dict)
     params_per_stage: list[int] = field(default_factory=list)
     total_params: int = 0
+    offloaded: tuple[str, ...] = ()
+    """Parts of ``training`` that leave the GPU while the engine generates (``model.offload``)."""
 
 
 def layer_params(spec: DecoderSpec, tp: int) -> int:
@@ -167,10 +170,12 @@ def _activation_bytes(spec: DecoderSpec, config: Any, layout: Layout) -> tuple[f
     """``(activations of the micro-batches in flight on the first stage, float32 logits on the last)``."""
     seq = config.rollout.max_prompt_length + config.rollout.max_response_length
     mbs, h = config.model.micro_batch_size, spec.hidden_size
-    per_layer = 2 * seq * mbs * h if config.model.recompute == "full" else seq * mbs * h * (10 + 24 / layout.tp)
+    split = layout.tp if config.model.sequence_parallel and layout.tp > 1 else 1  # sequence parallelism
+    layer = seq * mbs * h * (34 / layout.tp if split > 1 else 10 + 24 / layout.tp)
+    per_layer = 2 * seq * mbs * h / split if config.model.recompute == "full" else layer
     layers = spec.num_layers // layout.pp
     in_flight = layout.pp
-    rebuilt = seq * mbs * h * (10 + 24 / layout.tp) if config.model.recompute == "full" else 0.0
+    rebuilt = layer if config.model.recompute == "full" else 0.0
     logits = 2 * 4 * seq * mbs * spec.padded_vocab_size(layout.tp) / layout.tp  # logits + softmax, float32
     return in_flight * layers * per_layer + rebuilt, logits
 
@@ -185,9 +190,11 @@ def plan_run(spec: DecoderSpec, config: Any, layout: Layout) -> Plan:
     width = 2 if config.model.dtype == "bfloat16" else 4
     optimizer_width = 8 + (4 if width == 2 else 0)
     activations, logits = _activation_bytes(spec, config, layout)
+    shards = layout.dp if config.model.distributed_optimizer else 1
     plan.training = {"parameters": heaviest * width, "gradients": heaviest * 4,
-                     "optimizer": heaviest * optimizer_width, "activations": activations, "logits": logits,
+                     "optimizer": heaviest * optimizer_width / shards, "activations": activations, "logits": logits,
                      "runtime": RUNTIME_RESERVE_BYTES}  # fmt: skip
+    plan.offloaded = ("gradients", "optimizer") if config.model.offload == "optimizer" else ()
     kv_heads = max(spec.num_query_groups // layout.engine_tp, 1)
     sequence = config.rollout.max_prompt_length + config.rollout.max_response_length
     plan.rollout = {"weights": plan.total_params * 2 / layout.engine_tp,
@@ -211,10 +218,11 @@ def fit_errors(plan: Plan, config: Any, gpu_bytes: float) -> list[str]:
     resident, engine_share = trainer_resident_bytes(plan), config.engine.gpu_memory_utilization * gpu_bytes
     if resident + engine_share > gpu_bytes:
         most = max(int((gpu_bytes - resident) / gpu_bytes * 100) / 100, 0.0)
-        errors.append(f"during rollout the trainer keeps {resident / GIB:.1f} GiB per GPU (parameters, gradients, "
-                      f"optimizer state) beside the engine's engine.gpu_memory_utilization x GPU = "
-                      f"{engine_share / GIB:.1f} GiB: lower engine.gpu_memory_utilization to {most:.2f} or less, or "
-                      "raise model.tensor_parallel / pipeline_parallel")  # fmt: skip
+        kept = ", ".join(name for name in ("parameters", "gradients", "optimizer") if name not in plan.offloaded)
+        errors.append(f"during rollout the trainer keeps {resident / GIB:.1f} GiB per GPU ({kept}) beside the "
+                      f"engine's engine.gpu_memory_utilization x GPU = "
+                      f"{engine_share / GIB:.1f} GiB: lower engine.gpu_memory_utilization to {most:.2f} or less, "
+                      "set model.offload=optimizer, or raise model.tensor_parallel / pipeline_parallel")  # fmt: skip
     if (sequences := full_length_sequences(plan, config, gpu_bytes)) < 1:
         weights, budget = plan.rollout["weights"] / GIB, config.engine.gpu_memory_utilization * gpu_bytes / GIB
         errors.append(f"the rollout engine's KV cache holds no full-length sequence ({weights:.1f} GiB of weights "
@@ -228,9 +236,11 @@ def fit_errors(plan: Plan, config: Any, gpu_bytes: float) -> list[str]:
 
 
 def trainer_resident_bytes(plan: Plan) -> float:
-    """What the trainer keeps on a GPU while the engine generates: parameters, gradient buffer, optimizer state
-    and the runtime allowance (activations and logits are freed between steps)."""
-    return sum(plan.training[name] for name in ("parameters", "gradients", "optimizer", "runtime"))
+    """What the trainer keeps on a GPU while the engine generates: parameters, gradient buffer and optimizer state
+    (less what ``model.offload`` moves to CPU memory) and the runtime allowance (activations and logits are freed
+    between steps)."""
+    kept = [name for name in ("parameters", "gradients", "optimizer") if name not in plan.offloaded]
+    return sum(plan.training[name] for name in (*kept, "runtime"))
 
 
 def full_length_sequences(plan: Plan, config: Any, gpu_bytes: float) -> int:

@@ -66,4 +66,4 @@ def build_actor(config: Any) -> Actor:
     ), chunks)  # fmt: skip
     plan = build_sync_plan(chunks, spec, groups, bucket_bytes=SYNC_BUCKET_BYTES)
     return Actor(chunks, optimizer, spec, groups, plan, probe=[], micro_batch_size=model.micro_batch_size,
-                 sync_tolerance=sync_tolerance(config))  # fmt: skip
+                 sync_tolerance=sync_tolerance(config), offload=model.offload == "optimizer")  # fmt: skip

@@ -112,6 +112,7 @@ def train(actor: Actor, engine: Any, score: Scorer, config: Any, settings: LoopS
         if any_rank(should_stop is not None and should_stop()):  # a stop asked for during start-up
             state.stopped = True
             return state
+        actor.offload_training_state()  # model.offload: the engine generates without the optimizer state beside it
         while state.step < total:
             lr = learning_rate(state.step, peak=config.optim.lr, warmup_steps=config.optim.warmup_steps)
             set_learning_rate(actor.optimizer, lr)

@@ -42,7 +42,7 @@ from megatron_hapo.parallel.policy_loss import (
     pooled_entropy_stats,
     stats_from_last_stage,
 )
-from megatron_hapo.parallel.runtime import all_gather_objects, max_over_ranks
+from megatron_hapo.parallel.runtime import all_gather_objects, max_over_ranks, on_gpu
 from megatron_hapo.rollout.engine import Response, RolloutEngine, SamplingSettings, temperature_metrics
 from megatron_hapo.rollout.weight_sync import SyncPlan, sync_weights, verify_sync
 from megatron_hapo.trainer.batch import (
@@ -91,6 +91,27 @@ class Actor:
     probe: list[int]
     micro_batch_size: int = 4
     sync_tolerance: float = 1e-3
+    offload: bool = False
+    """``model.offload=optimizer``: optimizer state and gradient buffers leave the GPU outside the updates."""
+    offloaded: bool = False
+
+    def offload_training_state(self) -> None:
+        """Move the optimizer state to CPU memory and release the gradient buffers (with ``offload``), through
+        Megatron-Core's own hooks for RL (``MegatronOptimizer.offload_to_cpu``, DDP ``offload_grad_buffers``).
+        Off a GPU the optimizer state stays (it is host memory already); the gradient buffers are released."""
+        if self.offload and not self.offloaded:
+            for chunk in self.chunks:
+                chunk.offload_grad_buffers(synchronize=on_gpu(), empty_cache=on_gpu())
+            self.optimizer.offload_to_cpu()
+            self.offloaded = True
+
+    def restore_training_state(self) -> None:
+        """Undo :meth:`offload_training_state` before an update (the gradient buffers come back zeroed)."""
+        if self.offloaded:
+            self.optimizer.restore_from_cpu()
+            for chunk in self.chunks:
+                chunk.restore_grad_buffers(synchronize=on_gpu())
+            self.offloaded = False
 
     @property
     def microbatch_multiple(self) -> int:
@@ -299,7 +320,6 @@ def rl_step(actor: Actor, engine: RolloutEngine, score: Scorer, *, prompts: Sequ
         prompts, responses, pad_id=0, max_response_length=rollout.max_response_length, width_multiple=SEQUENCE_MULTIPLE
     )
     check_same_on_ranks("the rollout batch", packed.tokens, actor.groups.dp)
-    group_ids = torch.arange(len(prompts)).repeat_interleave(n)
     lengths = packed.response_mask.sum(-1)
     with clock("guide") if guide_engine is not None else contextlib.nullcontext():
         guide = guide_rollout(guide_engine, score, prompts=prompts, answers=answers, correct=correct.bool(), n=n,
@@ -324,19 +344,11 @@ def rl_step(actor: Actor, engine: RolloutEngine, score: Scorer, *, prompts: Sequ
         metrics["guide_groups"] = float(len(guide.routed_prompts))
         metrics["guide_accuracy"] = float(guide.correct.float().mean())
     if bool(keep.any()) or guide is not None:
-        shaped = shape_rewards(algo, rewards, lengths, max_length=rollout.max_response_length)
-        inputs = AdvantageInputs(shaped[keep], group_ids[keep], packed.response_mask[keep], correct[keep],
-                                 response_view(packed, entropy)[keep])  # fmt: skip
-        advantages = torch.zeros(packed.mask.shape)
-        if bool(keep.any()):
-            advantages[keep] = position_view(_subset(packed, keep), compute_advantages(algo, inputs))
-        correction = algo.rollout_correction
-        weights = ROLLOUT_CORRECTION.get(correction.kind).fn(
-            old_log_prob, packed.rollout_log_prob, packed.mask, **ROLLOUT_CORRECTION.params(correction.kind, correction)
-        )
-        batch = _with_guide(UpdateBatch(packed, keep, old_log_prob, advantages, entropy, weights), guide)
+        batch = _update_batch(config, generated, packed, old_log_prob=old_log_prob, entropy=entropy, guide=guide)
         with clock("train"):
+            actor.restore_training_state()
             metrics.update(_updates(actor, config, batch, plan, stats))
+            actor.offload_training_state()  # before the engine wakes for the sync
         state.skipped_updates += int(metrics["updates_skipped"])
     with clock("sync"):  # also after a step that trained nothing: a level-2 sleep dropped the engine's weights
         metrics.update(sync_and_verify(actor, engine))  # wakes the engine for the next rollout or an evaluation
@@ -345,6 +357,26 @@ def rl_step(actor: Actor, engine: RolloutEngine, score: Scorer, *, prompts: Sequ
     state.stats, state.step = stats, state.step + 1
     state.metrics.append(metrics)
     return metrics
+
+
+def _update_batch(config: Any, generated: Generated, packed: PackedRollout, *, old_log_prob: torch.Tensor,
+                  entropy: torch.Tensor, guide: GuideRollout | None) -> UpdateBatch:  # fmt: skip
+    """Shaped rewards -> advantages of the kept groups, rollout-correction weights, and the guide's sequences:
+    what the PPO epochs train on (``old_log_prob`` / ``entropy`` ``[N, S]`` of the whole batch)."""
+    algo, rollout, n = config.algo, config.rollout, config.rollout.num_samples_per_prompt
+    keep, correct, lengths = generated.keep, generated.correct, packed.response_mask.sum(-1)
+    shaped = shape_rewards(algo, generated.rewards, lengths, max_length=rollout.max_response_length)
+    group_ids = torch.arange(len(generated.prompts)).repeat_interleave(n)
+    inputs = AdvantageInputs(shaped[keep], group_ids[keep], packed.response_mask[keep], correct[keep],
+                             response_view(packed, entropy)[keep])  # fmt: skip
+    advantages = torch.zeros(packed.mask.shape)
+    if bool(keep.any()):
+        advantages[keep] = position_view(_subset(packed, keep), compute_advantages(algo, inputs))
+    correction = algo.rollout_correction
+    weights = ROLLOUT_CORRECTION.get(correction.kind).fn(
+        old_log_prob, packed.rollout_log_prob, packed.mask, **ROLLOUT_CORRECTION.params(correction.kind, correction)
+    )
+    return _with_guide(UpdateBatch(packed, keep, old_log_prob, advantages, entropy, weights), guide)
 
 
 def _with_guide(batch: UpdateBatch, guide: GuideRollout | None) -> UpdateBatch:

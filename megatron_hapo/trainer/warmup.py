@@ -32,6 +32,7 @@ def supervised_warmup(actor: Actor, engine: RolloutEngine | None, examples: Sequ
     if not examples or steps <= 0:
         raise ValueError(f"the warm-up needs examples and steps > 0, got {len(examples)} examples, {steps} steps")
     set_learning_rate(actor.optimizer, lr)
+    actor.restore_training_state()  # the optimizer state back on the device (model.offload)
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
     width = max(len(answer) for _, answer in examples)
     losses = []

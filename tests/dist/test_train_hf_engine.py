@@ -16,6 +16,7 @@ import math
 import subprocess
 import sys
 from functools import partial
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -109,7 +110,7 @@ def _handover_ranks(rank: int, world: int, model: Path, repo_root: Path, out: Pa
     overrides = [f"model.path={model}", "model.tensor_parallel=2", "engine.kind=hf", "engine.tensor_parallel=1",
                  f"algo.guide_policy.model_path={model}", "rollout.num_samples_per_prompt=4",
                  "rollout.max_response_length=4", "algo.reward_shaping.buffer_length=2", "train.prompts_per_step=4",
-                 "train.mini_batch_prompts=2", "optim.lr=1e-3"]  # fmt: skip
+                 "train.mini_batch_prompts=2", "optim.lr=1e-3", "model.offload=optimizer"]  # fmt: skip
     config = load_config(repo_root / "configs/algo/mixed_dapo.yaml", overrides)
     runtime.quiet_logs()
     runtime.initialize_model_parallel(2, 1)
@@ -128,6 +129,25 @@ def _handover_ranks(rank: int, world: int, model: Path, repo_root: Path, out: Pa
         return step()
 
     actor.optimizer.step = recorded_step
+    offload, restore, generate = actor.offload_training_state, actor.restore_training_state, engine.generate
+
+    def released() -> bool:  # the gradient buffers' storage (really freed on CPU too)
+        return all(buffer.grad_data.untyped_storage().size() == 0 for c in actor.chunks for buffer in c.buffers)
+
+    def recorded(name: str, call: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            log.append(f"trainer.{name}")
+            call()
+
+        return run
+
+    def recorded_generate(*args: object, **kwargs: object) -> list:
+        assert actor.offloaded and released(), f"rollout beside the optimizer state: {log[-6:]}"
+        return generate(*args, **kwargs)
+
+    actor.offload_training_state, actor.restore_training_state = recorded("offload", offload), recorded("restore", restore)
+    engine.generate = recorded_generate
+    actor.offload_training_state()  # as the loop does before its first step
 
     def never_right(token_ids: list[list[int]], answers: list) -> tuple[torch.Tensor, torch.Tensor]:
         correct = torch.tensor([i % 8 == 0 for i in range(len(token_ids))])  # 1 of 2 groups has a right answer
@@ -156,6 +176,9 @@ def test_engines_sleep_while_the_trainer_updates(small_llama: Path, tmp_path: Pa
         assert entries[sync + 1] == "policy.load_weights", entries  # one reload call per sync
         assert entries[sync + 2] == "policy.wake_up(kv_cache)" and entries[sync + 3] == "policy.prompt_log_probs"
         assert max(i for i, e in enumerate(entries) if e == "optimizer.step") < sync, entries
+        # model.offload=optimizer: restored for the updates only, offloaded again before the engine wakes
+        steps = [i for i, e in enumerate(entries) if e == "optimizer.step"]
+        assert entries.index("trainer.restore") < steps[0] and steps[-1] < entries.index("trainer.offload") < sync
 
 
 class FailingEngine:

@@ -81,12 +81,42 @@ def test_parameter_count_matches_transformers() -> None:
         assert sum(stage_params(spec, tp, pp)) * tp == total_params(spec) + per_copy + norms, path
 
 
-def test_engine_share_must_fit_beside_the_trainers_resident_state(capsys: pytest.CaptureFixture) -> None:
-    """During rollout the trainer keeps parameters, float32 gradients and Adam state on the GPU (no offload yet):
-    the shipped 70B layout with the engine asking for 0.6 of the GPU needs about 89 GiB, and is refused."""
+def _plan_70b(capsys: pytest.CaptureFixture, *overrides: str) -> tuple[int, str, str]:
     config = str(REPO / "configs" / "runs" / "llama-3.3-70b-hapo.yaml")
-    code = _tool().main([config, "engine.gpu_memory_utilization=0.6", "--nodes", "8", "--gpus-per-node", "8"])
+    code = _tool().main([config, *overrides, "--nodes", "8", "--gpus-per-node", "8"])
     out = capsys.readouterr()
-    assert code == 1 and "during rollout the trainer keeps 41.1 GiB" in out.err, out.err
-    assert "lower engine.gpu_memory_utilization to 0.48 or less" in out.err
-    assert "gradients 8.5" in out.out  # float32 gradient buffer for bf16 parameters (Megatron-LM's choice)
+    return code, out.out, out.err
+
+
+def test_engine_share_must_fit_beside_the_trainers_resident_state(capsys: pytest.CaptureFixture) -> None:
+    """During rollout the trainer keeps parameters, float32 gradients and Adam state on the GPU: the shipped 70B
+    layout (TP8 x PP4, DP2) with the engine asking for 0.6 of the GPU needs about 89 GiB without the distributed
+    optimizer and is refused; sharded over the two data-parallel ranks, the Adam state halves and it fits."""
+    code, out, err = _plan_70b(capsys, "engine.gpu_memory_utilization=0.6", "model.distributed_optimizer=false")
+    assert code == 1 and "during rollout the trainer keeps 41.1 GiB" in err, err
+    assert "lower engine.gpu_memory_utilization to 0.48 or less" in err
+    assert "gradients 8.5" in out and "optimizer 25.4" in out  # float32 gradient buffer for bf16 parameters
+    code, out, err = _plan_70b(capsys, "engine.gpu_memory_utilization=0.6")
+    assert code == 0 and "optimizer 12.7" in out and "the trainer keeps 28.4 GiB" in out, out + err
+
+
+def test_offload_hands_the_optimizer_memory_to_the_engine(capsys: pytest.CaptureFixture) -> None:
+    """``model.offload=optimizer``: gradients and Adam state leave the GPU during rollout (parameters stay)."""
+    code, _, err = _plan_70b(capsys, "engine.gpu_memory_utilization=0.75")
+    assert code == 1 and "keeps 28.4 GiB per GPU (parameters, gradients, optimizer)" in err, err
+    assert "set model.offload=optimizer" in err
+    code, out, err = _plan_70b(capsys, "engine.gpu_memory_utilization=0.75", "model.offload=optimizer")
+    assert code == 0 and "the trainer keeps 7.2 GiB" in out, out + err  # 4.2 parameters + 3.0 runtime
+
+
+def test_sequence_parallelism_splits_the_activations_over_tp(capsys: pytest.CaptureFixture) -> None:
+    """Korthikanti et al.: ``s b h (10 + 24 / tp)`` per layer without sequence parallelism, ``34 s b h / tp`` with
+    it; at TP8 and the 70B shape that is 13 / 4.25, so the activations shrink about 3x."""
+    import re
+
+    sizes = []
+    for flag in ("false", "true"):
+        code, out, err = _plan_70b(capsys, f"model.sequence_parallel={flag}", "model.recompute=none")
+        assert code == 0, err
+        sizes.append(float(re.search(r"activations ([0-9.]+)", out).group(1)))
+    assert sizes[0] / sizes[1] == pytest.approx(13 / 4.25, rel=0.05), sizes
