@@ -114,6 +114,20 @@ def max_over_ranks(value: float, group: dist.ProcessGroup | None = None) -> floa
     return float("inf") if nan.item() else float(box.item())
 
 
+_HOST_GROUP: list[dist.ProcessGroup | None] = []
+
+
+def host_group() -> dist.ProcessGroup | None:
+    """A gloo group of the whole job, for large Python objects (``None`` where the job is gloo already).
+
+    ``all_gather_object`` over NCCL pickles into CUDA tensors: world x the largest part on every GPU, at a
+    moment the rollout engine holds its memory. Over gloo the same gather stays in host memory (Megatron keeps
+    gloo twins of its groups for the same reason). The first call is collective (``new_group``)."""
+    if not _HOST_GROUP:
+        _HOST_GROUP.append(dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None)
+    return _HOST_GROUP[0]
+
+
 def all_gather_objects(value: object, group: dist.ProcessGroup | None = None) -> list:
     """``value`` of every rank of ``group`` (the whole job by default), in rank order."""
     if world_size() == 1:

@@ -50,6 +50,7 @@ class DividedEngine:
         self.replica, self._first_of_replica = rank // ranks_per_engine, rank % ranks_per_engine == 0
         self.requests_served = 0
         """Requests this replica's engine generated so far (each replica counts its own)."""
+        self._group = runtime.host_group() if world > 1 else None  # the responses travel in host memory
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingSettings,
                  stats: EntropyStats | None) -> list[Response]:  # fmt: skip
@@ -64,7 +65,7 @@ class DividedEngine:
             local = self.engine.generate(prompts[start:stop], n, dataclasses.replace(sampling, seed=seed), stats)
             self.requests_served += (stop - start) * n
         mine = [dataclasses.replace(r, prompt_index=r.prompt_index + start) for r in local]
-        parts = runtime.all_gather_objects(mine if self._first_of_replica else [])
+        parts = runtime.all_gather_objects(mine if self._first_of_replica else [], group=self._group)
         return [response for part in parts for response in part]
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
