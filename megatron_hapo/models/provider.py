@@ -156,7 +156,8 @@ class SequenceParallelTorchNorm:
     Megatron-Core 0.19.2 refuses sequence parallelism in it only because it does not mark its weight: under
     sequence parallelism each TP rank normalises ``1 / TP`` of the sequence, so the weight's gradient is partial
     and ``finalize_model_grads`` all-reduces it over TP for parameters flagged ``sequence_parallel``, as the
-    Transformer Engine and Apex norms flag theirs (also the q / k norms, whose heads are split over TP)."""
+    Transformer Engine and Apex norms flag theirs. (The q / k norms, flagged too as TE's are, are summed over TP
+    by name in any case; ``finalize_model_grads`` reduces a weight once whichever rule picks it.)"""
 
     def __new__(cls, config: Any, hidden_size: int, eps: float = 1e-5, **kwargs: Any) -> torch.nn.Module:
         from megatron.core.transformer.torch_norm import WrappedTorchNorm  # noqa: PLC0415
