@@ -255,6 +255,12 @@ def train_overrides(model_dir: Path) -> list[str]:
 # The suite: one process, one actor
 
 
+def _optimizer_state(optimizer: Any) -> list[dict]:
+    """The torch optimizer state under a Megatron optimizer: Adam's moments and step (this rank's shard with the
+    distributed optimizer, whose own ``state_dict`` leaves the parameter state out)."""
+    return [part.optimizer.state_dict() for part in getattr(optimizer, "chained_optimizers", [optimizer])]
+
+
 def _tensors(value: Any, path: str = "") -> Iterator[tuple[str, Any]]:
     """Every tensor inside a nested state dict, with its path (deterministic order)."""
     import torch
@@ -584,14 +590,14 @@ class Suite:
         self.checkpoint = save_checkpoint(root, actor, state, hf_dir=self.model_dir)
         save_s = time.monotonic() - start
         expect(latest_checkpoint(root) == self.checkpoint, f"latest_checkpoint: {latest_checkpoint(root)}")
-        trained, trained_opt = self.parameters(actor), list(_tensors(actor.optimizer.state_dict()))
+        trained, trained_opt = self.parameters(actor), list(_tensors(_optimizer_state(actor.optimizer)))
         fresh = build_actor(self.config())
         differed = sum(not _bit_equal(p, trained[k]) for k, p in self.parameters(fresh).items())
         loaded = load_checkpoint(self.checkpoint, fresh)
         params = self.parameters(fresh)
         expect(params.keys() == trained.keys(), "the reloaded model has other parameters")
         bad = [k for k in trained if not _bit_equal(params[k], trained[k])]
-        fresh_opt = list(_tensors(fresh.optimizer.state_dict()))
+        fresh_opt = list(_tensors(_optimizer_state(fresh.optimizer)))
         expect(len(fresh_opt) == len(trained_opt) and len(trained_opt) > 0,
                f"optimizer state: {len(trained_opt)} tensors saved, {len(fresh_opt)} reloaded")  # fmt: skip
         bad_opt = [p for (p, a), (_, b) in zip(trained_opt, fresh_opt, strict=True) if not _bit_equal(a, b)]

@@ -150,6 +150,7 @@ def load_checkpoint(checkpoint: Path, actor: Actor) -> StepState:
     load_chunks_state(actor.chunks, loaded["model"], checkpoint)
     with torch.no_grad():  # a float32 model's distributed optimizer holds views of the parameters: in-place copies
         actor.optimizer.load_state_dict(loaded["optimizer"])
+    _restore_adam_steps(actor.optimizer)
     restore_rng_state(checkpoint)
     return read_trainer_state(checkpoint)
 
@@ -194,6 +195,26 @@ def _allocate_optimizer_state(optimizer: Any) -> None:
         part._init_optimizer_states_with_dummy_values()  # upstream's own (pinned megatron-core)
         for group, rate in zip(inner.param_groups, rates, strict=True):
             group["lr"] = rate
+
+
+def _restore_adam_steps(optimizer: Any) -> None:
+    """Set each parameter's Adam step to its group's loaded step (torch Adam keeps one per parameter).
+
+    megatron-core 0.19.2's ``DistributedOptimizer.load_state_dict`` sets them from the checkpoint's param groups,
+    then copies the ``dp_reshardable`` parameter state over them, whose ``step`` entries are the loading
+    request's placeholders (measured: a checkpoint after 3 steps reloaded with step 1, which changes Adam's bias
+    correction). Apex / Transformer Engine's fused Adam keeps the step in the param groups only."""
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(part, "optimizer", None)
+        if type(part).__name__ != "DistributedOptimizer" or inner is None:
+            continue
+        for group in inner.param_groups:
+            if "step" not in group:
+                continue
+            for param in group["params"]:
+                state = inner.state.get(param)
+                if state and isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = torch.full_like(state["step"], float(group["step"]))
 
 
 def _rng_path(directory: Path, rank: int, world: int) -> Path:

@@ -161,3 +161,7 @@ def _initial(hf_dir: Path) -> dict[str, torch.Tensor]:
         assert resumed["metrics"]["rollout_requests_per_engine"] == len(PROMPTS) * 4 / 2
         assert report["second"]["rollout_requests_per_engine"] == requests / dp  # a real second step
         _assert_same_step(resumed["metrics"], report["second"], resumed_weights["first"], weights["second"])
+        # the sharded state of output.optimizer_sharding=dp_reshardable reshards over DP only: TP2 is refused
+        with pytest.raises(Exception, match="Resume at that layout, or save the checkpoint with "
+                                            "output.optimizer_sharding=fully_reshardable"):  # fmt: skip
+            _run(tiny_llama, tmp_path / "tp2", world=2, tp=2, extra=[], checkpoints=checkpoints, resume=True)

@@ -158,11 +158,14 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(runs: Runs, refe
 def test_time_limit_signal_checkpoints_requeues_and_resumes_exactly(runs: Runs, reference: tuple[int, Path],
                                                                     tmp_path: Path) -> None:  # fmt: skip
     # slurmctld checks time limits every 30 s and sends the warning at the first check within T + 30 s of the
-    # limit (measured: 57 s after the start for --time=2 --signal=USR1@60 and for --time=3 --signal=USR1@100),
-    # so here 25-55 s after the start: after the ~20 s start-up, while steps run (to ~60 s)
-    job = runs.submit("time-limit", "--time=2", "--signal=USR1@65")
+    # limit (measured: 57 s after the start for --time=2 --signal=USR1@60 and for --time=3 --signal=USR1@100).
+    # With @95 of 120 s that is the first check, 0-30 s after the start: during the ~20 s start-up (then the job
+    # stops before its first step, and the next attempt starts afresh) or while steps run. The whole job takes
+    # 40-65 s, so a later window could miss it (@65 did, once the steps got faster)
+    job = runs.submit("time-limit", "--time=2", "--signal=USR1@95")
     runs.release_requeued("time-limit", job, "TimeLimit=30")  # the next attempt has the time to finish
-    stopped_at = read_trainer_state(latest_checkpoint(runs.run_dir("time-limit") / "checkpoints")).step
+    latest = latest_checkpoint(runs.run_dir("time-limit") / "checkpoints")
+    stopped_at = 0 if latest is None else read_trainer_state(latest).step
     print(f"the time-limit warning stopped the first attempt after step {stopped_at}")
     _assert_exact_resume(runs, "time-limit", job, reference, tmp_path, checkpointed=stopped_at > 0)
 
