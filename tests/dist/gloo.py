@@ -11,8 +11,14 @@ def _entry(rank: int, world: int, init_file: str, body: Callable[[int, int], Non
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         body(rank, world)
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        dist.destroy_process_group()  # mp.spawn stops the other ranks
+        raise
+    # every rank done before any tears its gloo pairs down: a rank that destroyed the group while another was
+    # still completing the body's last collective aborted that one once in CI ("terminate called without an
+    # active exception", SIGABRT in tests/dist/test_divided_rollout.py)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def run_on_ranks(body: Callable[[int, int], None], world: int, tmp_path: Path) -> None:
