@@ -100,20 +100,24 @@ def position_view(packed: PackedRollout, per_response: torch.Tensor) -> torch.Te
 def microbatches(packed: PackedRollout, rows: torch.Tensor, size: int, *, old_log_prob: torch.Tensor | None = None,
                  advantages: torch.Tensor | None = None,
                  loss_weights: torch.Tensor | None = None, guide_rows: torch.Tensor | None = None,
-                 all_masked: bool = False, count_multiple: int = 1) -> list[PolicyMicroBatch]:  # fmt: skip
+                 count_multiple: int = 1) -> list[PolicyMicroBatch]:  # fmt: skip
     """Micro-batches of exactly ``size`` sequences from ``rows`` (``[N, S]`` / ``[N]`` extras are sliced alike).
 
     Pipeline stages exchange activations of one fixed shape, so a short last micro-batch is filled up with
     copies of its last row whose mask is all False: they add nothing to any loss, count or statistic. The
     micro-batch count is filled up the same way to a multiple of ``count_multiple`` (the interleaved schedule's
     group size, :attr:`~megatron_hapo.trainer.step.Actor.microbatch_multiple`).
-    ``all_masked`` masks every row (a data-parallel rank with no share of the mini-batch still runs one
-    micro-batch, so that the gradient all-reduce has every rank).
+    Empty ``rows`` give one fully masked micro-batch: a data-parallel rank with no share still runs the
+    schedule, so that it joins its collectives (the gradient reduction, and the parameter all-gather an
+    overlapped distributed optimizer starts in the next forward).
 
     This is the trainer's one host-to-device boundary: the step's batch lives in host memory, each
     micro-batch is built there and moved to this rank's device (:func:`~megatron_hapo.parallel.runtime.rank_device`).
     """
     device = rank_device()
+    all_masked = not len(rows)
+    if all_masked:
+        rows = torch.zeros(1, dtype=torch.long)  # any row: its mask is cleared below
     fill = -len(rows) % (size * count_multiple)
     rows = torch.cat([rows, rows[-1:].expand(fill)])
     real = (torch.arange(len(rows)) < len(rows) - fill) & (not all_masked)

@@ -21,6 +21,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -168,14 +169,20 @@ def _optimizer_metadata(checkpoint: Path, actor: Actor) -> dict:
     saved = dist_checkpointing.load_content_metadata(str(checkpoint))
     if saved is None:  # written before formats were recorded: the plain optimizer's per-parameter state
         saved = {"distrib_optim_sharding_type": "fully_reshardable", "layout": _layout()}
-    distributed = any(type(o).__name__ == "DistributedOptimizer"
-                      for o in getattr(actor.optimizer, "chained_optimizers", [actor.optimizer]))  # fmt: skip
+    distributed = any(True for _ in _distributed_parts(actor.optimizer))
     if distributed and saved["distrib_optim_sharding_type"] == "dp_reshardable" and saved["layout"] != _layout():
         raise ValueError(f"{checkpoint} holds the distributed optimizer's state for TP x PP x VPP = "
                          f"{saved['layout']} (output.optimizer_sharding=dp_reshardable, which reshards over data "
                          f"parallelism only); this run is {_layout()}. Resume at that layout, or save the "
                          "checkpoint with output.optimizer_sharding=fully_reshardable")  # fmt: skip
     return {"distrib_optim_sharding_type": saved["distrib_optim_sharding_type"]}
+
+
+def _distributed_parts(optimizer: Any) -> Iterator[tuple[Any, Any]]:
+    """``(DistributedOptimizer, its torch optimizer)`` for each distributed part of a (chained) Megatron optimizer."""
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if type(part).__name__ == "DistributedOptimizer" and getattr(part, "optimizer", None) is not None:
+            yield part, part.optimizer
 
 
 def _allocate_optimizer_state(optimizer: Any) -> None:
@@ -185,9 +192,8 @@ def _allocate_optimizer_state(optimizer: Any) -> None:
     torch's Adam runs it (no Apex / Transformer Engine, as on CPU), so a fresh one cannot build its loading
     request. Its own dummy initialisation (a step on zero gradients, used for Megatron-FSDP) runs here at
     learning rate 0, which leaves the parameters untouched."""
-    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(part, "optimizer", None)
-        if type(part).__name__ != "DistributedOptimizer" or inner is None or len(inner.state):
+    for part, inner in _distributed_parts(optimizer):
+        if len(inner.state):
             continue
         rates = [group["lr"] for group in inner.param_groups]
         for group in inner.param_groups:
@@ -204,10 +210,7 @@ def _restore_adam_steps(optimizer: Any) -> None:
     then copies the ``dp_reshardable`` parameter state over them, whose ``step`` entries are the loading
     request's placeholders (measured: a checkpoint after 3 steps reloaded with step 1, which changes Adam's bias
     correction). Apex / Transformer Engine's fused Adam keeps the step in the param groups only."""
-    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(part, "optimizer", None)
-        if type(part).__name__ != "DistributedOptimizer" or inner is None:
-            continue
+    for _, inner in _distributed_parts(optimizer):
         for group in inner.param_groups:
             if "step" not in group:
                 continue

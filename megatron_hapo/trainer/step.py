@@ -161,24 +161,24 @@ def _forward_only(actor: Actor, packed: PackedRollout, rows: torch.Tensor) -> tu
     """Old log-probs and entropies ``[N, S]`` in host memory, computed for ``rows`` (this data-parallel rank's
     sequences, :meth:`SequencePlan.forward_rows`) and zero elsewhere; zeros off the last pipeline stage."""
     log_prob, entropy = torch.zeros(packed.mask.shape), torch.zeros(packed.mask.shape)
-    if not len(rows):  # no share: the pass has no collective across data-parallel ranks, so skip it
-        return log_prob, entropy
+    # a rank with no share still runs one masked micro-batch: an overlapped distributed optimizer's parameter
+    # all-gather starts in the first forward, and every data-parallel rank must join it
     mbs = microbatches(packed, rows, actor.micro_batch_size, count_multiple=actor.microbatch_multiple)
     step = LogProbEntropyStep(actor.groups, actor.spec.vocab_size)
     outputs = run_schedule(step, mbs, actor.chunks, forward_only=True)
-    if outputs:  # the last stage; the last micro-batch may be padded with masked copies
+    if outputs and len(rows):  # the last stage; the last micro-batch may be padded with masked copies
         for out, key in ((log_prob, "log_prob"), (entropy, "entropy")):
             out[rows] = torch.cat([o[key] for o in outputs])[: len(rows)].cpu()  # host memory, as the batch
     return log_prob, entropy
 
 
-def _old_log_prob_and_stats(actor: Actor, packed: PackedRollout, plan: SequencePlan,
+def _old_log_prob_and_stats(actor: Actor, packed: PackedRollout, rows: torch.Tensor,
                             algo: Any) -> tuple[torch.Tensor, torch.Tensor, EntropyStats, bool]:  # fmt: skip
     """The forward-only pass divided over the data-parallel ranks: each computes only its own sequences, the
     entropy statistics pool every sequence once over the DP x CP group, and then every rank of the last stage
     holds the whole batch's old log-probs and entropies (the advantages and metrics read other ranks' rows).
-    Returns them ``[N, S]``, the statistics, and whether this is the last pipeline stage."""
-    rows = plan.forward_rows()
+    ``rows``: this rank's :meth:`SequencePlan.forward_rows`. Returns them ``[N, S]``, the statistics, and
+    whether this is the last pipeline stage."""
     log_prob, entropy = _forward_only(actor, packed, rows)
     pp_rank, pp_size = group_rank_size(actor.groups.pp)
     last_stage = pp_rank == pp_size - 1
@@ -193,9 +193,8 @@ def _old_log_prob_and_stats(actor: Actor, packed: PackedRollout, plan: SequenceP
 def _update(actor: Actor, algo: Any, batch: UpdateBatch, local: torch.Tensor, stats: EntropyStats) -> dict:
     """One optimizer step on a mini-batch of which ``local`` are this data-parallel rank's rows; a non-finite
     gradient norm skips it. Returns the loss metrics of the last pipeline stage, on every stage."""
-    mbs = microbatches(batch.packed, local if len(local) else torch.zeros(1, dtype=torch.long),
-                       actor.micro_batch_size, old_log_prob=batch.old_log_prob, advantages=batch.advantages,
-                       loss_weights=batch.weights, guide_rows=batch.guide_rows, all_masked=not len(local),
+    mbs = microbatches(batch.packed, local, actor.micro_batch_size, old_log_prob=batch.old_log_prob,
+                       advantages=batch.advantages, loss_weights=batch.weights, guide_rows=batch.guide_rows,
                        count_multiple=actor.microbatch_multiple)  # fmt: skip
     plan = plan_minibatch(mbs, algo, actor.groups, entropy_stats=stats)
     for chunk in actor.chunks:
@@ -329,7 +328,8 @@ def rl_step(actor: Actor, engine: RolloutEngine, score: Scorer, *, prompts: Sequ
                               config.train.mini_batch_prompts, num_on_policy=packed.num_sequences,
                               dp=group_rank_size(actor.groups.dp))  # fmt: skip
     with clock("old_log_prob"):
-        old_log_prob, entropy, stats, last_stage = _old_log_prob_and_stats(actor, packed, plan, algo)
+        forward_rows = plan.forward_rows()
+        old_log_prob, entropy, stats, last_stage = _old_log_prob_and_stats(actor, packed, forward_rows, algo)
     metrics = {"reward_mean": float(rewards.mean()), "accuracy": float(correct.float().mean()),
                "response_length_mean": float(lengths.float().mean()), **temperature_metrics(responses),
                **entropy_stats_metrics(stats)}  # fmt: skip
@@ -337,7 +337,7 @@ def rl_step(actor: Actor, engine: RolloutEngine, score: Scorer, *, prompts: Sequ
     metrics.update({name: float(value) for name, value in mismatch.items()})
     metrics["kept_groups"] = float(keep.view(len(prompts), n)[:, 0].sum())
     metrics["generation_rounds"] = float(generated.rounds)
-    metrics["forward_only_sequences"] = max_over_ranks(float(len(plan.forward_rows())))  # the busiest DP rank's
+    metrics["forward_only_sequences"] = max_over_ranks(float(len(forward_rows)))  # the busiest DP rank's
     if served is not None:  # the busiest engine replica's requests (all of them without division)
         metrics["rollout_requests_per_engine"] = max_over_ranks(float(engine.requests_served - served))
     if guide is not None:

@@ -54,8 +54,7 @@ def _supervised_update(actor: Actor, packed: PackedRollout) -> float:
     dp_rank, dp_size = group_rank_size(actor.groups.dp)
     rows = torch.arange(packed.num_sequences)
     local = rows.tensor_split(dp_size)[dp_rank]
-    mbs = microbatches(packed, local if len(local) else rows[:1], actor.micro_batch_size, all_masked=not len(local),
-                       count_multiple=actor.microbatch_multiple)  # fmt: skip
+    mbs = microbatches(packed, local, actor.micro_batch_size, count_multiple=actor.microbatch_multiple)
     denominator = global_denominator([mb.mask for mb in mbs], "token-mean", dp_group=actor.groups.dp_cp)
     for chunk in actor.chunks:
         chunk.zero_grad_buffer()

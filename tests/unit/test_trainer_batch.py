@@ -31,6 +31,14 @@ def test_short_last_microbatch_is_filled_with_masked_copies() -> None:
     assert last.mask[0].any() and not last.mask[1].any()
 
 
+def test_a_rank_without_a_share_gets_one_masked_microbatch_of_the_same_shape() -> None:
+    """It still runs the schedule, and so joins the gradient reduction and the parameter all-gather."""
+    packed = pack_rollout([[7, 8]], [_response(0, [1, 2, 3])] * 3, pad_id=0, max_response_length=3)
+    (empty,) = microbatches(packed, torch.zeros(0, dtype=torch.long), 2, old_log_prob=packed.rollout_log_prob)
+    (full, _) = microbatches(packed, torch.arange(3), 2)
+    assert empty.tokens.shape == full.tokens.shape and not empty.mask.any()
+
+
 def test_width_rounds_up_to_the_multiple_with_masked_padding() -> None:
     prompts = [[5, 6, 7], [8]]
     responses = [_response(0, [1, 2]), _response(1, [3, 4, 6])]
