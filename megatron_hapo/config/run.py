@@ -54,6 +54,16 @@ class TrainConfig:
     """Global random seed."""
     max_consecutive_skips: int = 5
     """Stop after this many steps in a row whose every update had a non-finite gradient norm (0: never)."""
+    max_tokens_per_microbatch: int | None = None
+    """Token budget of a training micro-batch: sequences are grouped so that each micro-batch computes on at most
+    this many tokens (a longer sequence gets one of its own), each padded only to its own micro-batch's longest
+    (or packed, ``pack_sequences``). ``null``: ``model.micro_batch_size`` sequences per micro-batch."""
+    forward_max_tokens_per_microbatch: int | None = None
+    """The same for the forward-only pass (no activations kept for a backward, so it can be larger); ``null``:
+    twice ``max_tokens_per_microbatch``."""
+    pack_sequences: bool = True
+    """With a token budget, put several sequences in one row (THD: Transformer Engine's attention on a GPU, a
+    per-sequence local attention on CPU) instead of one padded row each."""
 
 
 @dataclass(kw_only=True, slots=True)

@@ -76,6 +76,9 @@ def _check_run(config: Config, errors: list[str]) -> None:
     _in_range(errors, "optim.grad_clip", o.grad_clip, 0.0, None, low_open=True)
     for i, beta in enumerate(o.betas):
         _in_range(errors, f"optim.betas[{i}]", beta, 0.0, 1.0, high_open=True)
+    for key in ("max_tokens_per_microbatch", "forward_max_tokens_per_microbatch"):
+        if getattr(t, key) is not None:
+            _in_range(errors, f"train.{key}", getattr(t, key), 16, None)
     for key in ("prompts_per_step", "mini_batch_prompts", "ppo_epochs", "total_steps"):
         _in_range(errors, f"train.{key}", getattr(t, key), 1, None)
     if t.mini_batch_prompts >= 1 and t.prompts_per_step % t.mini_batch_prompts:

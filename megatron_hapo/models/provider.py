@@ -8,12 +8,12 @@ first layer), optionally wrapped in Megatron DDP with ``finalize_model_grads``.
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from megatron_hapo.models.attention import replace_module, with_packed_attention
 from megatron_hapo.models.hf_config import DecoderSpec
 from megatron_hapo.models.precision import FP8Config, check_fp8, fp8_transformer_settings
 from megatron_hapo.parallel.runtime import model_parallel_layout, on_gpu, rank_device
@@ -80,6 +80,18 @@ def sync_params(chunks: list[torch.nn.Module]) -> None:
                 chunk.start_param_sync(force_sync=True)
 
 
+def variable_shapes(pp: int, vpp: int | None) -> bool:
+    """Whether pipeline stages exchange each micro-batch's shape (Megatron's ``variable_seq_lengths``), so that
+    micro-batches are padded only to their own longest sequence (or packed to their own length).
+
+    Not at PP2 with virtual stages: megatron-core 0.19.2 exchanges the shapes of both directions in one batch of
+    P2P ops whatever ``batch_p2p_comm`` says, and with one peer in both directions they pair up crosswise (as the
+    tensors do with batched P2P, :func:`~megatron_hapo.parallel.policy_loss.check_pipeline_schedule`): a stage
+    received the shape of a gradient for an activation. There the micro-batches of one schedule call share one
+    shape (:class:`~megatron_hapo.trainer.microbatch.BatchLayout` ``uniform_shape``)."""
+    return pp > 1 and not (pp == 2 and vpp is not None and vpp > 1)
+
+
 def transformer_config(spec: DecoderSpec, *, dtype: torch.dtype = torch.float32, **overrides: Any) -> Any:
     """The Megatron ``TransformerConfig`` of ``spec`` for the initialised layout (CPU-safe fusions; parameters are
     initialised on the GPU there, on the CPU otherwise)."""
@@ -98,6 +110,7 @@ def transformer_config(spec: DecoderSpec, *, dtype: torch.dtype = torch.float32,
         use_cpu_initialization=not on_gpu(), hidden_dropout=0.0, attention_dropout=0.0, bias_activation_fusion=False,
         bias_dropout_fusion=False, masked_softmax_fusion=False, gradient_accumulation_fusion=False,
         persist_layer_norm=False, apply_rope_fusion=False,
+        variable_seq_lengths=variable_shapes(pp, vpp), moe_token_dispatcher_type="alltoall",  # allgather refuses it
     )  # fmt: skip
     settings.update(overrides)
     return TransformerConfig(**settings)
@@ -126,8 +139,10 @@ def build_gpt(spec: DecoderSpec, *, dtype: torch.dtype = torch.float32, te: bool
 
     if te:
         layer_spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.qk_norm)
-    else:
-        layer_spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm")
+    else:  # the local attention, extended to packed sequences (models.attention)
+        layer_spec = with_packed_attention(
+            gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm")
+        )
     vocab = spec.padded_vocab_size(model_parallel_layout().tp, make_vocab_size_divisible_by)
 
     def block_spec(stage: int | None) -> Any:
@@ -135,8 +150,10 @@ def build_gpt(spec: DecoderSpec, *, dtype: torch.dtype = torch.float32, te: bool
             return layer_spec
         # the local spec's torch norms refuse sequence parallelism: use ones that mark their weights for it
         layers = get_num_layers_to_build(config, vp_stage=stage)
-        return TransformerBlockSubmodules(layer_specs=[_with_norm(layer_spec, SequenceParallelTorchNorm)] * layers,
-                                          layer_norm=SequenceParallelTorchNorm)  # fmt: skip
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm  # noqa: PLC0415
+
+        norm_spec = replace_module(layer_spec, WrappedTorchNorm, SequenceParallelTorchNorm)
+        return TransformerBlockSubmodules(layer_specs=[norm_spec] * layers, layer_norm=SequenceParallelTorchNorm)
 
     def make_model(stage: int | None, first: bool, last: bool) -> torch.nn.Module:
         return GPTModel(
@@ -168,15 +185,3 @@ class SequenceParallelTorchNorm:
         for param in norm.parameters():
             param.sequence_parallel = config.sequence_parallel
         return norm
-
-
-def _with_norm(spec: Any, norm: Any) -> Any:
-    """``spec`` (a Megatron ``ModuleSpec`` tree) with every ``WrappedTorchNorm`` replaced by ``norm``."""
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm  # noqa: PLC0415
-
-    if spec is WrappedTorchNorm:
-        return norm
-    if not dataclasses.is_dataclass(spec) or isinstance(spec, type):
-        return spec
-    changes = {f.name: _with_norm(getattr(spec, f.name), norm) for f in dataclasses.fields(spec)}
-    return dataclasses.replace(spec, **changes)

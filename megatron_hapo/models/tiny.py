@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_hapo.models.provider import build_chunks
+from megatron_hapo.models.attention import with_packed_attention
+from megatron_hapo.models.provider import build_chunks, variable_shapes
 from megatron_hapo.parallel.runtime import model_parallel_layout
 
 
@@ -74,11 +75,13 @@ def build_tiny_gpt(
         batch_p2p_comm=batch_p2p_comm, params_dtype=dtype, pipeline_dtype=dtype, use_cpu_initialization=True,
         hidden_dropout=0.0, attention_dropout=0.0, bias_dropout_fusion=False, masked_softmax_fusion=False,
         gradient_accumulation_fusion=False, calculate_per_token_loss=calculate_per_token_loss,
+        variable_seq_lengths=variable_shapes(layout.pp, layout.vpp), moe_token_dispatcher_type="alltoall",
     )  # fmt: skip
 
     def make_model(stage: int | None, first: bool, last: bool) -> torch.nn.Module:
         return GPTModel(
-            config=config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=shape.vocab_size,
+            config=config, transformer_layer_spec=with_packed_attention(get_gpt_layer_local_spec()),
+            vocab_size=shape.vocab_size,
             max_sequence_length=shape.seq_length, position_embedding_type="rope",
             share_embeddings_and_output_weights=False, pre_process=first, post_process=last, vp_stage=stage,
         )  # fmt: skip

@@ -91,8 +91,18 @@ class PolicyMicroBatch:
     loss_weights: torch.Tensor | None = None
     """``[B, S]`` per-token loss multipliers (rollout correction, e.g. TIS weights); ``None``: all 1."""
     guide_rows: torch.Tensor | None = None
-    """``[B]`` bool: sequences sampled by the frozen guide policy (mixed-policy term; their ``old_log_prob`` is
+    """``[n]`` bool: sequences sampled by the frozen guide policy (mixed-policy term; their ``old_log_prob`` is
     the guide's log-prob); ``None``: none."""
+    cu_seqlens: torch.Tensor | None = None
+    """``[k + 1]`` int32 for a packed row (``B = 1``, the THD layout): where each of its sequences starts, the
+    last entry ``S``; ``None``: each row is one sequence."""
+    max_seqlen: int = 0
+    """The longest sequence of a packed row."""
+    sequences: torch.Tensor | None = None
+    """``[n, L]`` int64 for a packed row: the flat ``[B * S]`` position of each sequence's loss tokens (-1 beyond
+    them). The loss reads every per-token value through it (:meth:`per_sequence`), so per-sequence terms
+    (``seq-mean-*`` aggregation, sequence-level ratios) see one sequence per row however the sequences are
+    packed. ``None``: the rows are the sequences, ``n = B``."""
 
     def to(self, device: torch.device) -> PolicyMicroBatch:
         """This micro-batch with every tensor on ``device`` (host-to-device copies are asynchronous)."""
@@ -100,12 +110,22 @@ class PolicyMicroBatch:
                  for name, value in vars(self).items()}  # fmt: skip
         return PolicyMicroBatch(**moved)
 
+    def per_sequence(self, values: torch.Tensor | None) -> torch.Tensor | None:
+        """``[B, S]`` per-position values -> ``[n, L]`` one sequence per row (0 / False beyond each sequence's
+        loss tokens); unchanged when the rows are the sequences (or for ``None`` / per-sequence ``[B]``)."""
+        if self.sequences is None or values is None or values.dim() != 2:
+            return values
+        valid = self.sequences >= 0
+        picked = values.reshape(-1)[self.sequences.clamp_min(0)]
+        return torch.where(valid, picked, torch.zeros((), dtype=values.dtype, device=values.device))
+
     def masks(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(on-policy mask [B, S], guide mask [B, S] or None)``."""
+        """``(on-policy mask [n, L], guide mask [n, L] or None)``, one sequence per row."""
+        mask = self.per_sequence(self.mask)
         if self.guide_rows is None:
-            return self.mask, None
+            return mask, None
         rows = self.guide_rows.bool()[:, None]
-        return self.mask & ~rows, self.mask & rows
+        return mask & ~rows, mask & rows
 
 
 @dataclass(kw_only=True)
@@ -245,7 +265,13 @@ def _logprob_entropy(
 
 
 def _run_model(model: Any, batch: PolicyMicroBatch) -> torch.Tensor:
-    return model(batch.tokens, batch.position_ids, None)
+    if batch.cu_seqlens is None:
+        return model(batch.tokens, batch.position_ids, None)
+    from megatron.core.packed_seq_params import PackedSeqParams  # noqa: PLC0415
+
+    packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=batch.cu_seqlens, cu_seqlens_kv=batch.cu_seqlens,
+                             max_seqlen_q=batch.max_seqlen, max_seqlen_kv=batch.max_seqlen)  # fmt: skip
+    return model(batch.tokens, batch.position_ids, None, packed_seq_params=packed)
 
 
 @dataclass(frozen=True)
@@ -302,14 +328,17 @@ class PolicyLossStep:
         if batch.old_log_prob is None or batch.advantages is None:
             raise ValueError("training micro-batches need old_log_prob and advantages")
         log_prob, entropy = _logprob_entropy(batch, logits, self.groups, self.chunk_size, self.vocab_size)
+        log_prob, entropy = batch.per_sequence(log_prob), batch.per_sequence(entropy)  # [n, L] from here
+        old_log_prob = batch.per_sequence(batch.old_log_prob)
         on_mask, guide_mask = batch.masks()
         per_token, metrics = token_policy_loss(
-            log_prob, batch.old_log_prob, batch.advantages, on_mask, algo=self.algo,
-            h_hat=self._h_hat(batch, entropy.detach(), on_mask), token_weights=batch.loss_weights,
+            log_prob, old_log_prob, batch.per_sequence(batch.advantages), on_mask, algo=self.algo,
+            h_hat=self._h_hat(batch, entropy.detach(), on_mask),
+            token_weights=batch.per_sequence(batch.loss_weights),
         )  # fmt: skip
         terms = [(per_token, on_mask, self.plan.denominator, 1.0)]
         if guide_mask is not None and self.algo.guide_policy.kind != "none":
-            guide_per_token, guide_metrics = self._guide_term(batch, log_prob, guide_mask)
+            guide_per_token, guide_metrics = self._guide_term(batch, log_prob, old_log_prob, guide_mask)
             metrics.update(guide_metrics, guide_num_tokens=guide_mask.sum())
             terms.append((guide_per_token, guide_mask, self.plan.guide_denominator, self.algo.guide_policy.weight))
         mode = self.algo.aggregation.kind
@@ -330,15 +359,16 @@ class PolicyLossStep:
                    for pt, m, d, weight in terms)  # fmt: skip
         return loss, metrics
 
-    def _guide_term(self, batch: PolicyMicroBatch, log_prob: torch.Tensor,
+    def _guide_term(self, batch: PolicyMicroBatch, log_prob: torch.Tensor, old_log_prob: torch.Tensor,
                     guide_mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
-        """Per-token guide-policy surrogate ``[B, S]`` (ratio ``pi_theta / pi_phi``) and its ``guide_`` metrics."""
+        """Per-token guide-policy surrogate ``[n, L]`` (ratio ``pi_theta / pi_phi``) and its ``guide_`` metrics."""
         if self.plan.guide_denominator is None:
             raise ValueError("guide rows in a mini-batch planned without the guide term: pass the same algo")
         cfg = self.algo.guide_policy
-        guide_log_prob = torch.where(guide_mask, batch.old_log_prob, log_prob.detach())  # ratio 1 off the guide rows
-        return guide_policy_surrogate(log_prob, guide_log_prob, batch.advantages, guide_mask, eps_low=cfg.eps_low,
-                                      eps_high=cfg.eps_high, dual_clip_c=cfg.dual_clip_c)  # fmt: skip
+        guide_log_prob = torch.where(guide_mask, old_log_prob, log_prob.detach())  # ratio 1 off the guide rows
+        return guide_policy_surrogate(log_prob, guide_log_prob, batch.per_sequence(batch.advantages), guide_mask,
+                                      eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+                                      dual_clip_c=cfg.dual_clip_c)  # fmt: skip
 
 
 @dataclass(frozen=True)

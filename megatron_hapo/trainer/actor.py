@@ -65,5 +65,8 @@ def build_actor(config: Any) -> Actor:
         use_distributed_optimizer=model.distributed_optimizer,
     ), chunks)  # fmt: skip
     plan = build_sync_plan(chunks, spec, groups, bucket_bytes=SYNC_BUCKET_BYTES)
+    train = config.train
     return Actor(chunks, optimizer, spec, groups, plan, probe=[], micro_batch_size=model.micro_batch_size,
+                 max_tokens=train.max_tokens_per_microbatch,
+                 forward_max_tokens=train.forward_max_tokens_per_microbatch, pack=train.pack_sequences,
                  sync_tolerance=sync_tolerance(config), offload=model.offload == "optimizer")  # fmt: skip

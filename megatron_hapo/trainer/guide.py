@@ -19,7 +19,7 @@ import torch
 
 from megatron_hapo.algos import grpo_advantages, shape_rewards, zero_reward_groups
 from megatron_hapo.rollout.engine import RolloutEngine, SamplingSettings
-from megatron_hapo.trainer.batch import SEQUENCE_MULTIPLE, PackedRollout, pack_rollout, position_view
+from megatron_hapo.trainer.batch import StepBatch
 
 #: Offset of the guide engine's request seeds from the policy's (so the two never draw the same stream).
 GUIDE_SEED_OFFSET = 500_009
@@ -29,10 +29,9 @@ GUIDE_SEED_OFFSET = 500_009
 class GuideRollout:
     """The guide policy's responses to the routed prompts."""
 
-    packed: PackedRollout
-    """``M = routed x n`` sequences; ``rollout_log_prob`` holds the guide's log-probs ``pi_phi``."""
-    advantages: torch.Tensor
-    """``[M, S]`` GRPO advantages within each routed group, at the response positions."""
+    batch: StepBatch
+    """``M = routed x n`` sequences flagged ``guide_rows``; ``old_log_prob`` holds the guide's log-probs
+    ``pi_phi``, ``advantages`` the GRPO advantages within each routed group."""
     routed_prompts: torch.Tensor
     """``[routed]`` indices of the routed prompts in the step's prompt list."""
     correct: torch.Tensor
@@ -73,11 +72,10 @@ def guide_rollout(engine: RolloutEngine | None, score: Any, *, prompts: Sequence
     responses = engine.generate(routed_prompts, n, guide_sampling, None)
     engine.sleep()
     max_length = config.rollout.max_response_length
-    packed = pack_rollout(
-        routed_prompts, responses, pad_id=0, max_response_length=max_length, width_multiple=SEQUENCE_MULTIPLE
-    )
+    batch = StepBatch.from_responses(routed_prompts, responses, max_response_length=max_length, guide=True)
     routed_answers = [answers[i] for i in routed.repeat_interleave(n).tolist()]
     rewards, guide_correct = score([r.token_ids for r in responses], routed_answers)
-    shaped = shape_rewards(algo, rewards, packed.response_mask.sum(-1), max_length=max_length)
+    shaped = shape_rewards(algo, rewards, batch.response_lengths, max_length=max_length)
     advantages = grpo_advantages(shaped, torch.arange(len(routed)).repeat_interleave(n))
-    return GuideRollout(packed, position_view(packed, advantages), routed, guide_correct.bool())
+    batch.advantages = advantages[:, None] * batch.response_mask
+    return GuideRollout(batch, routed, guide_correct.bool())

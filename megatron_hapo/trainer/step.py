@@ -45,19 +45,10 @@ from megatron_hapo.parallel.policy_loss import (
 from megatron_hapo.parallel.runtime import all_gather_objects, max_over_ranks, on_gpu
 from megatron_hapo.rollout.engine import Response, RolloutEngine, SamplingSettings, temperature_metrics
 from megatron_hapo.rollout.weight_sync import SyncPlan, sync_weights, verify_sync
-from megatron_hapo.trainer.batch import (
-    SEQUENCE_MULTIPLE,
-    PackedRollout,
-    cat_rows,
-    concat_packed,
-    microbatches,
-    pack_rollout,
-    position_view,
-    response_view,
-    run_schedule,
-)
-from megatron_hapo.trainer.guide import GuideRollout, check_guide_setup, guide_rollout
+from megatron_hapo.trainer.batch import StepBatch
+from megatron_hapo.trainer.guide import check_guide_setup, guide_rollout
 from megatron_hapo.trainer.metrics import PhaseClock, entropy_stats_metrics, reduce_loss_metrics
+from megatron_hapo.trainer.microbatch import BatchLayout, microbatches, run_schedule
 from megatron_hapo.trainer.plan import SequencePlan
 
 #: ``score(response token ids, answer) -> (reward, correct)`` per response.
@@ -90,6 +81,13 @@ class Actor:
     sync_plan: SyncPlan
     probe: list[int]
     micro_batch_size: int = 4
+    """Sequences per micro-batch without a token budget."""
+    max_tokens: int | None = None
+    """Token budget of a training micro-batch (``train.max_tokens_per_microbatch``), or ``None``."""
+    forward_max_tokens: int | None = None
+    """Token budget of a forward-only micro-batch; ``None``: twice ``max_tokens``."""
+    pack: bool = False
+    """Pack several sequences into one row under the budget (``train.pack_sequences``)."""
     sync_tolerance: float = 1e-3
     offload: bool = False
     """``model.offload=optimizer``: optimizer state and gradient buffers leave the GPU outside the updates."""
@@ -119,6 +117,16 @@ class Actor:
         interleaved schedule takes them in groups of the pipeline size (``microbatch_group_size_per_vp_stage``)."""
         return group_rank_size(self.groups.pp)[1] if len(self.chunks) > 1 else 1
 
+    def layout(self, *, forward_only: bool = False) -> BatchLayout:
+        """How this actor cuts a share of sequences into micro-batches (training or forward-only)."""
+        budget = self.max_tokens
+        if forward_only and budget is not None:
+            budget = self.forward_max_tokens or 2 * budget
+        uniform = group_rank_size(self.groups.pp)[1] > 1 and not self.chunks[0].config.variable_seq_lengths
+        return BatchLayout(micro_batch_size=self.micro_batch_size, max_tokens=budget,
+                           pack=self.pack and budget is not None, count_multiple=self.microbatch_multiple,
+                           uniform_shape=uniform)  # fmt: skip
+
 
 @dataclass
 class StepState:
@@ -138,64 +146,43 @@ class StepState:
     metrics: list[dict] = field(default_factory=list)
 
 
-@dataclass
-class UpdateBatch:
-    """What the PPO epochs train on: the kept on-policy sequences plus any guide-policy sequences."""
-
-    packed: PackedRollout
-    keep: torch.Tensor
-    """``[N]`` bool: sequences of the groups that are trained on (whole groups of ``n``)."""
-    old_log_prob: torch.Tensor
-    """``[N, S]`` behaviour log-probs (the guide's own on ``guide_rows``)."""
-    advantages: torch.Tensor
-    """``[N, S]``."""
-    entropy: torch.Tensor
-    """``[N, S]`` forward-only entropies (0 on ``guide_rows``)."""
-    weights: torch.Tensor | None
-    """``[N, S]`` rollout-correction weights or ``None``."""
-    guide_rows: torch.Tensor | None = None
-    """``[N]`` bool guide-policy sequences, or ``None``."""
-
-
-def _forward_only(actor: Actor, packed: PackedRollout, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Old log-probs and entropies ``[N, S]`` in host memory, computed for ``rows`` (this data-parallel rank's
-    sequences, :meth:`SequencePlan.forward_rows`) and zero elsewhere; zeros off the last pipeline stage."""
-    log_prob, entropy = torch.zeros(packed.mask.shape), torch.zeros(packed.mask.shape)
+def _forward_only(actor: Actor, batch: StepBatch, rows: torch.Tensor) -> None:
+    """Fill ``batch.old_log_prob`` / ``batch.entropy`` (host memory) for ``rows``, this data-parallel rank's
+    sequences (:meth:`SequencePlan.forward_rows`); only the last pipeline stage has outputs."""
     # a rank with no share still runs one masked micro-batch: an overlapped distributed optimizer's parameter
     # all-gather starts in the first forward, and every data-parallel rank must join it
-    mbs = microbatches(packed, rows, actor.micro_batch_size, count_multiple=actor.microbatch_multiple)
+    mbs, slots = microbatches(batch, rows, actor.layout(forward_only=True))
     step = LogProbEntropyStep(actor.groups, actor.spec.vocab_size)
     outputs = run_schedule(step, mbs, actor.chunks, forward_only=True)
-    if outputs and len(rows):  # the last stage; the last micro-batch may be padded with masked copies
-        for out, key in ((log_prob, "log_prob"), (entropy, "entropy")):
-            out[rows] = torch.cat([o[key] for o in outputs])[: len(rows)].cpu()  # host memory, as the batch
-    return log_prob, entropy
+    for out, where in zip(outputs, slots, strict=False):  # no outputs off the last stage
+        width = where.index.shape[1]
+        for values, key in ((batch.old_log_prob, "log_prob"), (batch.entropy, "entropy")):
+            values[where.rows, :width] = where.read(out[key].cpu())  # host memory, as the batch
 
 
-def _old_log_prob_and_stats(actor: Actor, packed: PackedRollout, rows: torch.Tensor,
-                            algo: Any) -> tuple[torch.Tensor, torch.Tensor, EntropyStats, bool]:  # fmt: skip
+def _old_log_prob_and_stats(actor: Actor, batch: StepBatch, rows: torch.Tensor,
+                            algo: Any) -> tuple[EntropyStats, bool]:  # fmt: skip
     """The forward-only pass divided over the data-parallel ranks: each computes only its own sequences, the
     entropy statistics pool every sequence once over the DP x CP group, and then every rank of the last stage
     holds the whole batch's old log-probs and entropies (the advantages and metrics read other ranks' rows).
-    ``rows``: this rank's :meth:`SequencePlan.forward_rows`. Returns them ``[N, S]``, the statistics, and
-    whether this is the last pipeline stage."""
-    log_prob, entropy = _forward_only(actor, packed, rows)
+    ``rows``: this rank's :meth:`SequencePlan.forward_rows`. Returns the statistics, and whether this is the last
+    pipeline stage."""
+    _forward_only(actor, batch, rows)
     pp_rank, pp_size = group_rank_size(actor.groups.pp)
     last_stage = pp_rank == pp_size - 1
-    stats = pooled_entropy_stats([entropy[rows]], [packed.mask[rows] & last_stage], algo, actor.groups)
+    stats = pooled_entropy_stats([batch.entropy[rows]], [batch.response_mask[rows] & last_stage], algo, actor.groups)
     stats = stats_from_last_stage(stats if last_stage else None, actor.groups.pp)
-    if last_stage:
-        rows_from_owners(log_prob, actor.groups.dp)
-        rows_from_owners(entropy, actor.groups.dp)
-    return log_prob, entropy, stats, last_stage
+    if last_stage:  # the policy's rows (the guide's come after them): zero but for this rank's, until summed
+        policy_rows = int((~batch.guide_rows).sum())
+        rows_from_owners(batch.old_log_prob[:policy_rows], actor.groups.dp)
+        rows_from_owners(batch.entropy[:policy_rows], actor.groups.dp)
+    return stats, last_stage
 
 
-def _update(actor: Actor, algo: Any, batch: UpdateBatch, local: torch.Tensor, stats: EntropyStats) -> dict:
+def _update(actor: Actor, algo: Any, batch: StepBatch, local: torch.Tensor, stats: EntropyStats) -> dict:
     """One optimizer step on a mini-batch of which ``local`` are this data-parallel rank's rows; a non-finite
     gradient norm skips it. Returns the loss metrics of the last pipeline stage, on every stage."""
-    mbs = microbatches(batch.packed, local, actor.micro_batch_size, old_log_prob=batch.old_log_prob,
-                       advantages=batch.advantages, loss_weights=batch.weights, guide_rows=batch.guide_rows,
-                       count_multiple=actor.microbatch_multiple)  # fmt: skip
+    mbs, _ = microbatches(batch, local, actor.layout(), train=True)
     plan = plan_minibatch(mbs, algo, actor.groups, entropy_stats=stats)
     for chunk in actor.chunks:
         chunk.zero_grad_buffer()
@@ -215,13 +202,11 @@ def _update(actor: Actor, algo: Any, batch: UpdateBatch, local: torch.Tensor, st
     return {**metrics, "grad_norm": grad_norm, "update_skipped": float(skipped)}
 
 
-def _updates(actor: Actor, config: Any, batch: UpdateBatch, plan: SequencePlan, step_stats: EntropyStats) -> dict:
+def _updates(actor: Actor, config: Any, batch: StepBatch, plan: SequencePlan, step_stats: EntropyStats) -> dict:
     """PPO epochs over the plan's mini-batches; each metric is averaged over the updates that have it (an update
     of guide sequences only has no on-policy clip fractions)."""
     algo = config.algo
-    on_policy = batch.packed.mask
-    if batch.guide_rows is not None:
-        on_policy = on_policy & ~batch.guide_rows[:, None]
+    on_policy = batch.on_policy_mask()
     results = []
     for _ in range(config.train.ppo_epochs):
         for rows in plan.minibatches:
@@ -315,25 +300,26 @@ def rl_step(actor: Actor, engine: RolloutEngine, score: Scorer, *, prompts: Sequ
     engine.sleep()  # its GPU memory goes to the trainer until the weight sync
     prompts, answers, responses = generated.prompts, generated.answers, generated.responses
     rewards, correct, keep = generated.rewards, generated.correct, generated.keep
-    packed = pack_rollout(
-        prompts, responses, pad_id=0, max_response_length=rollout.max_response_length, width_multiple=SEQUENCE_MULTIPLE
-    )
-    check_same_on_ranks("the rollout batch", packed.tokens, actor.groups.dp)
-    lengths = packed.response_mask.sum(-1)
+    batch = StepBatch.from_responses(prompts, responses, max_response_length=rollout.max_response_length)
+    check_same_on_ranks("the rollout batch", batch.tokens, actor.groups.dp)
+    num_on_policy, lengths = batch.num_sequences, batch.response_lengths
     with clock("guide") if guide_engine is not None else contextlib.nullcontext():
         guide = guide_rollout(guide_engine, score, prompts=prompts, answers=answers, correct=correct.bool(), n=n,
                               sampling=generated.sampling, config=config)  # fmt: skip
-    guide_count = 0 if guide is None else guide.packed.num_sequences
-    plan = SequencePlan.build(torch.cat([keep, torch.ones(guide_count, dtype=torch.bool)]), n,
-                              config.train.mini_batch_prompts, num_on_policy=packed.num_sequences,
-                              dp=group_rank_size(actor.groups.dp))  # fmt: skip
+    if guide is not None:
+        batch = batch.join(guide.batch)
+    plan = SequencePlan.build(torch.cat([keep, batch.guide_rows[num_on_policy:]]), n, config.train.mini_batch_prompts,
+                              num_on_policy=num_on_policy, dp=group_rank_size(actor.groups.dp),
+                              lengths=batch.lengths)  # fmt: skip
     with clock("old_log_prob"):
         forward_rows = plan.forward_rows()
-        old_log_prob, entropy, stats, last_stage = _old_log_prob_and_stats(actor, packed, forward_rows, algo)
+        stats, last_stage = _old_log_prob_and_stats(actor, batch, forward_rows, algo)
     metrics = {"reward_mean": float(rewards.mean()), "accuracy": float(correct.float().mean()),
                "response_length_mean": float(lengths.float().mean()), **temperature_metrics(responses),
                **entropy_stats_metrics(stats)}  # fmt: skip
-    mismatch = rollout_mismatch_metrics(old_log_prob, packed.rollout_log_prob, packed.mask & last_stage)
+    policy = slice(0, num_on_policy)
+    mismatch = rollout_mismatch_metrics(batch.old_log_prob[policy], batch.rollout_log_prob[policy],
+                                        batch.response_mask[policy] & last_stage)  # fmt: skip
     metrics.update({name: float(value) for name, value in mismatch.items()})
     metrics["kept_groups"] = float(keep.view(len(prompts), n)[:, 0].sum())
     metrics["generation_rounds"] = float(generated.rounds)
@@ -344,7 +330,7 @@ def rl_step(actor: Actor, engine: RolloutEngine, score: Scorer, *, prompts: Sequ
         metrics["guide_groups"] = float(len(guide.routed_prompts))
         metrics["guide_accuracy"] = float(guide.correct.float().mean())
     if bool(keep.any()) or guide is not None:
-        batch = _update_batch(config, generated, packed, old_log_prob=old_log_prob, entropy=entropy, guide=guide)
+        _fill_advantages(config, generated, batch)
         with clock("train"):
             actor.restore_training_state()
             metrics.update(_updates(actor, config, batch, plan, stats))
@@ -352,48 +338,42 @@ def rl_step(actor: Actor, engine: RolloutEngine, score: Scorer, *, prompts: Sequ
         state.skipped_updates += int(metrics["updates_skipped"])
     with clock("sync"):  # also after a step that trained nothing: a level-2 sleep dropped the engine's weights
         metrics.update(sync_and_verify(actor, engine))  # wakes the engine for the next rollout or an evaluation
-    total_tokens = sum(len(prompts[r.prompt_index]) + len(r.token_ids) for r in responses)
+    total_tokens = int(batch.lengths[policy].sum())
     metrics.update(clock.metrics(response_tokens=int(lengths.sum()), total_tokens=total_tokens))
     state.stats, state.step = stats, state.step + 1
     state.metrics.append(metrics)
     return metrics
 
 
-def _update_batch(config: Any, generated: Generated, packed: PackedRollout, *, old_log_prob: torch.Tensor,
-                  entropy: torch.Tensor, guide: GuideRollout | None) -> UpdateBatch:  # fmt: skip
-    """Shaped rewards -> advantages of the kept groups, rollout-correction weights, and the guide's sequences:
-    what the PPO epochs train on (``old_log_prob`` / ``entropy`` ``[N, S]`` of the whole batch)."""
-    algo, rollout, n = config.algo, config.rollout, config.rollout.num_samples_per_prompt
-    keep, correct, lengths = generated.keep, generated.correct, packed.response_mask.sum(-1)
-    shaped = shape_rewards(algo, generated.rewards, lengths, max_length=rollout.max_response_length)
+def _fill_advantages(config: Any, generated: Generated, batch: StepBatch) -> None:
+    """Shaped rewards -> advantages of the kept groups and rollout-correction weights, into ``batch``'s policy
+    rows (the guide's rows came with their own advantages, and weight 1)."""
+    algo, n = config.algo, config.rollout.num_samples_per_prompt
+    keep, correct = generated.keep, generated.correct
+    policy = slice(0, len(keep))
+    response_mask = batch.response_mask[policy]
+    lengths = response_mask.sum(-1)
+    shaped = shape_rewards(algo, generated.rewards, lengths, max_length=config.rollout.max_response_length)
     group_ids = torch.arange(len(generated.prompts)).repeat_interleave(n)
-    inputs = AdvantageInputs(shaped[keep], group_ids[keep], packed.response_mask[keep], correct[keep],
-                             response_view(packed, entropy)[keep])  # fmt: skip
-    advantages = torch.zeros(packed.mask.shape)
     if bool(keep.any()):
-        advantages[keep] = position_view(_subset(packed, keep), compute_advantages(algo, inputs))
+        inputs = AdvantageInputs(shaped[keep], group_ids[keep], response_mask[keep], correct[keep],
+                                 batch.entropy[policy][keep])  # fmt: skip
+        batch.advantages[policy][keep] = per_token(compute_advantages(algo, inputs), response_mask[keep])
     correction = algo.rollout_correction
     weights = ROLLOUT_CORRECTION.get(correction.kind).fn(
-        old_log_prob, packed.rollout_log_prob, packed.mask, **ROLLOUT_CORRECTION.params(correction.kind, correction)
-    )
-    return _with_guide(UpdateBatch(packed, keep, old_log_prob, advantages, entropy, weights), guide)
+        batch.old_log_prob[policy], batch.rollout_log_prob[policy], response_mask,
+        **ROLLOUT_CORRECTION.params(correction.kind, correction),
+    )  # fmt: skip
+    if weights is not None:
+        batch.weights = torch.ones(batch.response_mask.shape)
+        batch.weights[policy] = weights
 
 
-def _with_guide(batch: UpdateBatch, guide: GuideRollout | None) -> UpdateBatch:
-    """``batch`` followed by the guide's sequences (kept whole, flagged ``guide_rows``)."""
-    if guide is None:
-        return batch
-    count = guide.packed.num_sequences
-    weights = None if batch.weights is None else cat_rows(batch.weights, torch.ones(guide.packed.mask.shape))
-    return UpdateBatch(
-        packed=concat_packed(batch.packed, guide.packed, pad_id=0),
-        keep=torch.cat([batch.keep, torch.ones(count, dtype=torch.bool)]),
-        old_log_prob=cat_rows(batch.old_log_prob, guide.packed.rollout_log_prob),
-        advantages=cat_rows(batch.advantages, guide.advantages),
-        entropy=cat_rows(batch.entropy, torch.zeros(guide.packed.mask.shape)),
-        weights=weights,
-        guide_rows=torch.arange(batch.packed.num_sequences + count) >= batch.packed.num_sequences,
-    )
+def per_token(advantages: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """``[M]`` per-sequence or ``[M, L]`` per-token advantages -> ``[M, L]`` (0 beyond each response)."""
+    if advantages.dim() == 1:
+        advantages = advantages[:, None]
+    return advantages * response_mask
 
 
 def sync_and_verify(actor: Actor, engine: RolloutEngine) -> dict:
@@ -409,8 +389,3 @@ def sync_and_verify(actor: Actor, engine: RolloutEngine) -> dict:
                         tolerance=actor.sync_tolerance)  # fmt: skip
     return {"sync_seconds": report.seconds, "sync_probe_error": error["mult_error"],
             "sync_probe_max_abs": error["max_abs"]}  # fmt: skip
-
-
-def _subset(packed: PackedRollout, keep: torch.Tensor) -> PackedRollout:
-    return PackedRollout(packed.tokens[keep], packed.mask[keep], packed.rollout_log_prob[keep],
-                         packed.response_mask[keep])  # fmt: skip

@@ -17,8 +17,10 @@ from megatron_hapo.parallel.collectives import group_rank_size, objects_from_las
 from megatron_hapo.parallel.policy_loss import SupervisedStep
 from megatron_hapo.parallel.token_mean import global_denominator
 from megatron_hapo.rollout.engine import Response, RolloutEngine
-from megatron_hapo.trainer.batch import SEQUENCE_MULTIPLE, PackedRollout, microbatches, pack_rollout, run_schedule
+from megatron_hapo.trainer.batch import StepBatch
 from megatron_hapo.trainer.loop import set_learning_rate
+from megatron_hapo.trainer.microbatch import microbatches, run_schedule
+from megatron_hapo.trainer.plan import balanced_split
 from megatron_hapo.trainer.step import Actor, sync_and_verify
 
 
@@ -40,21 +42,18 @@ def supervised_warmup(actor: Actor, engine: RolloutEngine | None, examples: Sequ
         picked = [examples[order[(step * batch_size + i) % len(order)]] for i in range(batch_size)]
         responses = [Response(prompt_index=i, token_ids=list(answer), log_probs=torch.zeros(len(answer)),
                               finish_reason="stop") for i, (_, answer) in enumerate(picked)]  # fmt: skip
-        packed = pack_rollout(
-            [p for p, _ in picked], responses, pad_id=0, max_response_length=width, width_multiple=SEQUENCE_MULTIPLE
-        )
-        losses.append(_supervised_update(actor, packed))
+        batch = StepBatch.from_responses([p for p, _ in picked], responses, max_response_length=width)
+        losses.append(_supervised_update(actor, batch))
     if engine is not None:
         sync_and_verify(actor, engine)
     return losses
 
 
-def _supervised_update(actor: Actor, packed: PackedRollout) -> float:
-    """One optimizer step on this DP rank's share of ``packed``; returns the mini-batch's mean NLL."""
+def _supervised_update(actor: Actor, batch: StepBatch) -> float:
+    """One optimizer step on this DP rank's share of ``batch``; returns the mini-batch's mean NLL."""
     dp_rank, dp_size = group_rank_size(actor.groups.dp)
-    rows = torch.arange(packed.num_sequences)
-    local = rows.tensor_split(dp_size)[dp_rank]
-    mbs = microbatches(packed, local, actor.micro_batch_size, count_multiple=actor.microbatch_multiple)
+    local = balanced_split(torch.arange(batch.num_sequences), batch.lengths, dp_size)[dp_rank]
+    mbs, _ = microbatches(batch, local, actor.layout())
     denominator = global_denominator([mb.mask for mb in mbs], "token-mean", dp_group=actor.groups.dp_cp)
     for chunk in actor.chunks:
         chunk.zero_grad_buffer()

@@ -20,7 +20,8 @@ from gloo import run_on_ranks
 def _placement(rank: int, world: int, out: Path) -> None:
     from megatron_hapo.models import TinyGPTShape, build_tiny_gpt
     from megatron_hapo.parallel import runtime
-    from megatron_hapo.trainer.batch import microbatches, pack_rollout
+    from megatron_hapo.trainer.batch import StepBatch
+    from megatron_hapo.trainer.microbatch import BatchLayout, microbatches
     from megatron_hapo.rollout.engine import Response
 
     runtime.quiet_logs()
@@ -35,8 +36,8 @@ def _placement(rank: int, world: int, out: Path) -> None:
         }
     responses = [Response(prompt_index=i % 2, token_ids=[3, 4, 5][: i + 1], log_probs=torch.zeros(i + 1),
                           finish_reason="stop") for i in range(3)]  # fmt: skip
-    packed = pack_rollout([[1, 2], [7]], responses, pad_id=0, max_response_length=4)
-    mbs = microbatches(packed, torch.arange(3), 2, old_log_prob=packed.rollout_log_prob, advantages=packed.mask.float())
+    batch = StepBatch.from_responses([[1, 2], [7]], responses, max_response_length=4)
+    mbs, _ = microbatches(batch, torch.arange(3), BatchLayout(max_tokens=32, pack=True), train=True)
     facts["microbatch_devices"] = sorted({str(t.device) for mb in mbs for t in vars(mb).values()
                                           if isinstance(t, torch.Tensor)})  # fmt: skip
     facts["rank_device"] = str(runtime.rank_device())

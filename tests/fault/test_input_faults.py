@@ -120,13 +120,17 @@ def test_empty_response_is_packed_and_scored_wrong(faults) -> None:
 
     from megatron_hapo.rewards import first_token_equals
     from megatron_hapo.rollout.engine import Response
-    from megatron_hapo.trainer.batch import pack_rollout
+    from megatron_hapo.trainer.batch import StepBatch
+    from megatron_hapo.trainer.microbatch import build_microbatch
 
     fault = faults.inject("empty response")
     empty = Response(prompt_index=0, token_ids=[], log_probs=torch.zeros(0), finish_reason="stop")
     full = Response(prompt_index=0, token_ids=[5, 2], log_probs=torch.zeros(2), finish_reason="stop")
-    packed = pack_rollout([[7, 8, 9]], [empty, full], pad_id=0, max_response_length=4, width_multiple=16)
-    assert packed.mask[0].sum() == 0 and packed.mask[1].sum() == 2 and packed.response_mask[0].sum() == 0
+    batch = StepBatch.from_responses([[7, 8, 9]], [empty, full], max_response_length=4)
+    for pack in (False, True):
+        micro, _ = build_microbatch(batch, torch.arange(2), pack=pack, train=True)
+        assert micro.masks()[0].sum(-1).tolist() == [0, 2]
+    assert batch.response_mask[0].sum() == 0
     assert first_token_equals([], 5) == (-1.0, False)
     faults.survive(fault)
 

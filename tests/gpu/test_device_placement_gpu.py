@@ -20,7 +20,8 @@ def test_model_batches_and_collectives_on_the_rank_device(nccl_megatron_world: N
     from megatron_hapo.parallel import runtime
     from megatron_hapo.parallel.collectives import all_reduce, any_rank, check_same_on_ranks
     from megatron_hapo.rollout.engine import Response
-    from megatron_hapo.trainer.batch import microbatches, pack_rollout
+    from megatron_hapo.trainer.batch import StepBatch
+    from megatron_hapo.trainer.microbatch import BatchLayout, microbatches
 
     device = runtime.rank_device()
     assert device.type == "cuda" and runtime.collective_device().type == "cuda"
@@ -29,14 +30,13 @@ def test_model_batches_and_collectives_on_the_rank_device(nccl_megatron_world: N
     assert {b.grad_data.device for b in chunk.buffers} == {device}
     assert {b.grad_data.dtype for b in chunk.buffers} == {torch.float32}
     responses = [Response(prompt_index=0, token_ids=[3, 4, 5], log_probs=torch.zeros(3), finish_reason="stop")]
-    packed = pack_rollout([[1, 2]], responses, pad_id=0, max_response_length=4, width_multiple=16)
-    (batch,) = microbatches(packed, torch.arange(1), 1, old_log_prob=packed.rollout_log_prob,
-                            advantages=packed.mask.float())  # fmt: skip
+    step_batch = StepBatch.from_responses([[1, 2]], responses, max_response_length=4)
+    (batch,), _ = microbatches(step_batch, torch.arange(1), BatchLayout(max_tokens=32, pack=True), train=True)
     assert {t.device for t in vars(batch).values() if isinstance(t, torch.Tensor)} == {device}
     host = torch.tensor([2.0])
     assert all_reduce(host, dist.ReduceOp.SUM, dist.group.WORLD) is host and host.device.type == "cpu"
     assert runtime.max_over_ranks(0.5) == 0.5 and runtime.broadcast_int(7) == 7 and not any_rank(False)
-    check_same_on_ranks("tokens", packed.tokens, dist.group.WORLD)
+    check_same_on_ranks("tokens", step_batch.tokens, dist.group.WORLD)
     runtime.barrier()
 
 

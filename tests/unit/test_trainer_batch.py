@@ -1,50 +1,108 @@
-"""Packing responses into next-token micro-batches, and the views between positions and response slots."""
+"""The step batch, token-budget micro-batches, packing, and the data-parallel split."""
 
+import pytest
 import torch
 
 from megatron_hapo.rollout import Response
-from megatron_hapo.trainer.batch import microbatches, pack_rollout, position_view, response_view
+from megatron_hapo.trainer.batch import StepBatch
+from megatron_hapo.trainer.microbatch import BatchLayout, assign_microbatches, build_microbatch, microbatches
+from megatron_hapo.trainer.plan import balanced_split
 
 
 def _response(prompt_index: int, tokens: list[int]) -> Response:
     return Response(prompt_index, tokens, torch.tensor([-0.5 * (i + 1) for i in range(len(tokens))]), "stop")
 
 
-def test_packing_aligns_targets_log_probs_and_views() -> None:
-    prompts = [[7, 8, 9], [5]]
-    packed = pack_rollout(prompts, [_response(0, [1, 2]), _response(1, [3, 4, 6])], pad_id=0, max_response_length=4)
-    assert packed.tokens.tolist() == [[7, 8, 9, 1, 2], [5, 3, 4, 6, 0]]
-    assert packed.mask.tolist() == [[False, False, True, True, False], [True, True, True, False, False]]
-    assert packed.rollout_log_prob[1, :3].tolist() == [-0.5, -1.0, -1.5]
-    (mb,) = microbatches(packed, torch.arange(2), 2)
+def _batch() -> StepBatch:
+    return StepBatch.from_responses([[7, 8, 9], [5]], [_response(0, [1, 2]), _response(1, [3, 4, 6])],
+                                    max_response_length=4)  # fmt: skip
+
+
+def test_step_batch_stores_sequences_back_to_back_and_responses_left_aligned() -> None:
+    batch = _batch()
+    assert batch.tokens.tolist() == [7, 8, 9, 1, 2, 5, 3, 4, 6]
+    assert batch.starts.tolist() == [0, 5, 9] and batch.prompt_lengths.tolist() == [3, 1]
+    assert batch.response_mask.tolist() == [[True, True, False, False], [True, True, True, False]]
+    assert batch.rollout_log_prob[1, :3].tolist() == [-0.5, -1.0, -1.5]
+
+
+def test_padded_microbatch_aligns_targets_values_and_reads_back() -> None:
+    batch = _batch()
+    batch.advantages = torch.tensor([[1.0, 2.0, 0, 0], [3.0, 4.0, 5.0, 0]])
+    mb, slots = build_microbatch(batch, torch.arange(2), pack=False, train=True)
+    assert mb.tokens.shape == (2, 16) and mb.tokens[0, :5].tolist() == [7, 8, 9, 1, 2]
+    assert mb.mask[0, :5].tolist() == [False, False, True, True, False] and not mb.mask[:, 5:].any()
     assert mb.targets[0, 2:4].tolist() == [1, 2] and mb.targets[1, 0:3].tolist() == [3, 4, 6]  # position t -> t + 1
-    left = response_view(packed, packed.rollout_log_prob)
-    assert left.tolist() == [[-0.5, -1.0, 0.0, 0.0], [-0.5, -1.0, -1.5, 0.0]]
-    assert torch.equal(position_view(packed, left), packed.rollout_log_prob)
-    assert position_view(packed, torch.tensor([2.0, 3.0]))[1].tolist() == [3.0, 3.0, 3.0, 0.0, 0.0]
+    assert mb.advantages[1, :3].tolist() == [3.0, 4.0, 5.0] and mb.sequences is None
+    assert torch.equal(slots.read(mb.advantages), batch.advantages[:, :3])
 
 
-def test_short_last_microbatch_is_filled_with_masked_copies() -> None:
-    packed = pack_rollout([[7, 8]], [_response(0, [1, 2, 3])] * 3, pad_id=0, max_response_length=3)
-    first, last = microbatches(packed, torch.arange(3), 2)
-    assert last.tokens.shape == first.tokens.shape == (2, 5)
-    assert last.mask[0].any() and not last.mask[1].any()
+def test_packed_microbatch_puts_sequences_in_one_row_with_their_own_positions() -> None:
+    batch = _batch()
+    batch.old_log_prob = batch.rollout_log_prob.clone()
+    mb, slots = build_microbatch(batch, torch.arange(2), pack=True, train=True)
+    assert mb.tokens.shape == (1, 16) and mb.tokens[0, :9].tolist() == [7, 8, 9, 1, 2, 5, 3, 4, 6]
+    assert mb.position_ids[0, :9].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3]
+    assert mb.cu_seqlens.tolist() == [0, 5, 9, 16] and mb.max_seqlen == 7  # the padding is its own sequence
+    assert mb.mask[0].nonzero().flatten().tolist() == [2, 3, 5, 6, 7]  # never the boundary between sequences
+    # the loss sees one sequence per row, whatever the packing
+    assert mb.per_sequence(mb.old_log_prob).tolist() == [[-0.5, -1.0, 0.0], [-0.5, -1.0, -1.5]]
+    assert mb.masks()[0].tolist() == [[True, True, False], [True, True, True]]
+    assert torch.equal(slots.read(mb.old_log_prob), batch.old_log_prob[:, :3])
 
 
-def test_a_rank_without_a_share_gets_one_masked_microbatch_of_the_same_shape() -> None:
+def test_token_budget_groups_longest_first_and_never_exceeds_it() -> None:
+    lengths = torch.tensor([100, 20, 300, 40, 30, 600, 10])
+    padded = BatchLayout(max_tokens=320)
+    groups = assign_microbatches(lengths, padded)
+    assert sorted(torch.cat(groups).tolist()) == list(range(7))
+    for group in groups:  # over budget only alone
+        assert padded.cost(lengths[group].tolist()) <= 320 or len(group) == 1
+    assert [g.tolist() for g in groups] == [[5], [2], [0, 3], [1, 4, 6]]  # 100 pads to 112: 3 x 112 > 320
+    packed = BatchLayout(max_tokens=320, pack=True)
+    assert [g.tolist() for g in assign_microbatches(lengths, packed)] == [[5], [1, 2], [0, 3, 4, 6]]
+
+
+def test_fixed_microbatches_without_a_budget_pad_each_to_its_own_longest() -> None:
+    batch = StepBatch.from_responses([[7, 8]], [_response(0, [1] * 30), _response(0, [1])] * 2,
+                                     max_response_length=30)  # fmt: skip
+    mbs, _ = microbatches(batch, torch.tensor([1, 3, 0, 2]), BatchLayout(micro_batch_size=2))
+    assert [tuple(mb.tokens.shape) for mb in mbs] == [(2, 16), (2, 32)]
+
+
+def test_a_rank_without_a_share_gets_one_masked_microbatch() -> None:
     """It still runs the schedule, and so joins the gradient reduction and the parameter all-gather."""
-    packed = pack_rollout([[7, 8]], [_response(0, [1, 2, 3])] * 3, pad_id=0, max_response_length=3)
-    (empty,) = microbatches(packed, torch.zeros(0, dtype=torch.long), 2, old_log_prob=packed.rollout_log_prob)
-    (full, _) = microbatches(packed, torch.arange(3), 2)
-    assert empty.tokens.shape == full.tokens.shape and not empty.mask.any()
+    (empty,), _ = microbatches(_batch(), torch.zeros(0, dtype=torch.long), BatchLayout(max_tokens=64, pack=True),
+                               train=True)  # fmt: skip
+    assert empty.tokens.shape == (1, 16) and not empty.mask.any()
 
 
-def test_width_rounds_up_to_the_multiple_with_masked_padding() -> None:
-    prompts = [[5, 6, 7], [8]]
-    responses = [_response(0, [1, 2]), _response(1, [3, 4, 6])]
-    plain = pack_rollout(prompts, responses, pad_id=0, max_response_length=4)
-    wide = pack_rollout(prompts, responses, pad_id=0, max_response_length=4, width_multiple=16)
-    assert plain.tokens.shape == (2, 5) and wide.tokens.shape == (2, 16)
-    assert torch.equal(wide.tokens[:, :5], plain.tokens) and not wide.tokens[:, 5:].any()
-    assert torch.equal(wide.mask[:, :5], plain.mask) and not wide.mask[:, 5:].any()
-    assert torch.equal(wide.response_mask, plain.response_mask)
+def test_microbatch_count_fills_up_to_the_interleaved_group() -> None:
+    mbs, _ = microbatches(_batch(), torch.arange(2), BatchLayout(micro_batch_size=1, count_multiple=4))
+    assert len(mbs) == 4 and mbs[0].mask.any() and not any(mb.mask.any() for mb in mbs[2:])
+
+
+def test_balanced_split_evens_tokens_and_covers_every_row_once() -> None:
+    rows = torch.arange(10, 20)
+    lengths = torch.tensor([900, 50, 60, 70, 80, 400, 300, 100, 20, 30])
+    shares = balanced_split(rows, lengths, 3)
+    assert sorted(torch.cat(shares).tolist()) == rows.tolist()
+    loads = [int(lengths[share - 10].sum()) for share in shares]
+    assert max(loads) == 900 and min(loads) >= 500  # the 900-token sequence alone; the rest shared evenly
+    assert [s.tolist() for s in shares] == [s.sort().values.tolist() for s in shares]
+
+
+def test_join_appends_guide_rows_with_unit_weights() -> None:
+    policy = _batch()
+    policy.weights = torch.full((2, 4), 0.5)
+    guide = StepBatch.from_responses([[4, 4]], [_response(0, [9])], max_response_length=4, guide=True)
+    joined = policy.join(guide)
+    assert joined.guide_rows.tolist() == [False, False, True] and joined.starts.tolist() == [0, 5, 9, 12]
+    assert joined.weights[2].tolist() == [1.0] * 4 and joined.old_log_prob[2, 0] == -0.5
+
+
+def test_a_response_longer_than_the_limit_or_without_a_prompt_is_refused() -> None:
+    with pytest.raises(ValueError, match="more than max_response_length"):
+        StepBatch.from_responses([[1]], [_response(0, [1, 2, 3])], max_response_length=2)
+    with pytest.raises(ValueError, match="empty prompt"):
+        StepBatch.from_responses([[]], [_response(0, [1])], max_response_length=2)
