@@ -99,6 +99,10 @@ class ModelConfig:
     sequence_parallel: bool = True
     """Megatron sequence parallelism when ``tensor_parallel`` > 1: norms, dropout and residuals hold ``1 / TP`` of
     the sequence, so activations outside attention and MLP are split over TP too."""
+    fused_output: bool = False
+    """Compute the log-probs and entropies from the final hidden states and the output weight chunk by chunk
+    (``parallel.fused_output``): the ``[tokens, V / tp]`` logits never exist. Off by default: on CPU it measured
+    slower at equal memory (docs/PERFORMANCE.md, "Fused output layer in the trainer")."""
     offload: Literal["none", "optimizer"] = "none"
     """``optimizer``: the optimizer state (Adam moments, main parameters) and the gradient buffers leave the GPU
     between updates (CPU memory), so the rollout engine has that memory while it generates."""

@@ -142,6 +142,8 @@ def _batch_errors(config: Any, layout: Layout) -> list[str]:
         errors.append(f"train.mini_batch_prompts={train.mini_batch_prompts} does not divide "
                       f"train.prompts_per_step={train.prompts_per_step}")  # fmt: skip
     per_rank = train.mini_batch_prompts * n / max(layout.dp, 1)
+    if train.max_tokens_per_microbatch is not None:  # token budget: any count, filled up for the interleaving
+        return errors
     if per_rank != int(per_rank) or int(per_rank) % mbs:
         errors.append(f"a mini-batch of {train.mini_batch_prompts} prompts x {n} samples does not split into "
                       f"micro-batches of {mbs} over {layout.dp} data-parallel ranks")  # fmt: skip
@@ -166,17 +168,27 @@ def _engine_errors(spec: DecoderSpec, config: Any, layout: Layout) -> list[str]:
     return errors
 
 
+def microbatch_tokens(config: Any) -> int:
+    """The most tokens one training micro-batch computes on."""
+    longest = config.rollout.max_prompt_length + config.rollout.max_response_length
+    budget = config.train.max_tokens_per_microbatch
+    return max(budget, longest) if budget is not None else longest * config.model.micro_batch_size
+
+
 def _activation_bytes(spec: DecoderSpec, config: Any, layout: Layout) -> tuple[float, float]:
-    """``(activations of the micro-batches in flight on the first stage, float32 logits on the last)``."""
-    seq = config.rollout.max_prompt_length + config.rollout.max_response_length
-    mbs, h = config.model.micro_batch_size, spec.hidden_size
+    """``(activations of the micro-batches in flight on the first stage, float32 logits on the last)``.
+
+    A micro-batch holds ``train.max_tokens_per_microbatch`` tokens (or one longest sequence where that is more),
+    without a budget ``model.micro_batch_size`` sequences of the longest possible length."""
+    h = spec.hidden_size
+    tokens = microbatch_tokens(config)
     split = layout.tp if config.model.sequence_parallel and layout.tp > 1 else 1  # sequence parallelism
-    layer = seq * mbs * h * (34 / layout.tp if split > 1 else 10 + 24 / layout.tp)
-    per_layer = 2 * seq * mbs * h / split if config.model.recompute == "full" else layer
+    layer = tokens * h * (34 / layout.tp if split > 1 else 10 + 24 / layout.tp)
+    per_layer = 2 * tokens * h / split if config.model.recompute == "full" else layer
     layers = spec.num_layers // layout.pp
     in_flight = layout.pp
     rebuilt = layer if config.model.recompute == "full" else 0.0
-    logits = 2 * 4 * seq * mbs * spec.padded_vocab_size(layout.tp) / layout.tp  # logits + softmax, float32
+    logits = 2 * 4 * tokens * spec.padded_vocab_size(layout.tp) / layout.tp  # logits + softmax, float32
     return in_flight * layers * per_layer + rebuilt, logits
 
 
@@ -213,7 +225,8 @@ def fit_errors(plan: Plan, config: Any, gpu_bytes: float) -> list[str]:
     training = sum(plan.training.values())
     if training > gpu_bytes:
         errors.append(f"training needs {training / GIB:.1f} GiB per GPU, more than the {gpu_bytes / GIB:.0f} GiB "
-                      "available: raise model.tensor_parallel / pipeline_parallel, lower model.micro_batch_size or "
+                      "available: raise model.tensor_parallel / pipeline_parallel, lower "
+                      "train.max_tokens_per_microbatch (or model.micro_batch_size without a budget) or "
                       "set model.recompute=full")  # fmt: skip
     resident, engine_share = trainer_resident_bytes(plan), config.engine.gpu_memory_utilization * gpu_bytes
     if resident + engine_share > gpu_bytes:

@@ -35,7 +35,7 @@ from megatron_hapo.parallel.collectives import all_reduce, group_rank_size
 
 class _FusedOutputLogProbEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, chunks, group, with_entropy_grad, vocab_size):  # noqa: ANN001, ANN205, PLR0917
+    def forward(ctx, hidden, weight, targets, temperature, chunks, group, with_entropy_grad, vocab_size, reduce_grad):  # noqa: ANN001, ANN205, PLR0917
         local = local_target_ids(targets, weight.shape[0], group)
         real = weight[: valid_columns(vocab_size, weight.shape[0], group)]
         log_prob, saved = chunked_forward(
@@ -43,7 +43,7 @@ class _FusedOutputLogProbEntropy(torch.autograd.Function):
             local, temperature, chunks, group=group,
         )  # fmt: skip
         ctx.save_for_backward(hidden, weight, local, temperature, saved.row_max, saved.sum_exp, saved.entropy)
-        ctx.group, ctx.chunks, ctx.with_entropy_grad = group, chunks, with_entropy_grad
+        ctx.group, ctx.chunks, ctx.with_entropy_grad, ctx.reduce_grad = group, chunks, with_entropy_grad, reduce_grad
         ctx.real = real.shape[0]
         if not with_entropy_grad:
             ctx.mark_non_differentiable(saved.entropy)
@@ -66,11 +66,11 @@ class _FusedOutputLogProbEntropy(torch.autograd.Function):
                 grad_hidden.index_copy_(0, rows, grad_z.to(weight.dtype) @ real)
             if need_weight:
                 grad_weight[: ctx.real].addmm_(grad_z.t(), hidden_chunk.to(temperature.dtype))
-        if need_hidden:
+        if need_hidden and ctx.reduce_grad:
             grad_hidden = all_reduce(grad_hidden, dist.ReduceOp.SUM, ctx.group)
         if need_weight:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
 def fused_logprob_entropy(
@@ -84,6 +84,7 @@ def fused_logprob_entropy(
     with_entropy_grad: bool = False,
     mask: torch.Tensor | None = None,
     vocab_size: int | None = None,
+    reduce_hidden_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of ``targets`` and entropy of ``softmax(hidden @ W_full^T / temperature)`` without the logits.
 
@@ -98,6 +99,9 @@ def fused_logprob_entropy(
         with_entropy_grad: let gradients flow through the entropy.
         mask: ``[N]`` bool; tokens outside it are skipped (outputs 0, no gradient, no matmul).
         vocab_size: the real vocabulary size when ``weight`` holds Megatron's padding rows (excluded).
+        reduce_hidden_grad: all-reduce ``hidden``'s gradient over ``tp_group`` (the column-parallel layer's input
+            gradient); ``False`` when ``hidden`` came from a sequence-parallel gather, whose backward
+            reduce-scatters it already.
 
     Returns:
         ``(log_prob [N], entropy [N])`` float32 (float64 for float64 inputs), replicated over ``tp_group``.
@@ -115,5 +119,5 @@ def fused_logprob_entropy(
     temp, chunks = prepare_inputs(targets, vocab, temperature, mask, chunk_size, dtype=compute_dtype(weight.dtype),
                                   vocab_local=weight.shape[0], device=weight.device)  # fmt: skip
     return _FusedOutputLogProbEntropy.apply(
-        hidden, weight, targets.long(), temp, chunks, tp_group, with_entropy_grad, vocab_size
+        hidden, weight, targets.long(), temp, chunks, tp_group, with_entropy_grad, vocab_size, reduce_hidden_grad
     )

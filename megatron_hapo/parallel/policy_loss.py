@@ -235,17 +235,63 @@ def stats_from_last_stage(stats: EntropyStats | None, pp_group: dist.ProcessGrou
     return EntropyStats(*values.cpu().unbind())
 
 
+@dataclass(frozen=True)
+class OutputLayerInputs:
+    """What the last stage returns with the fused output layer: the final hidden states and the output weight,
+    instead of the logits (Megatron ``GPTModel``'s ``output_processor`` hook)."""
+
+    hidden: torch.Tensor
+    """``[S / tp, B, H]`` with sequence parallelism, ``[S, B, H]`` without."""
+    weight: torch.Tensor
+    """``[V / tp, H]`` this rank's rows of the output (or tied embedding) weight."""
+    sequence_parallel: bool
+
+
+def _output_layer_inputs(*, hidden_states: torch.Tensor, output_layer: Any, output_weight: torch.Tensor | None,
+                         **_: Any) -> OutputLayerInputs:  # fmt: skip
+    weight = output_weight if output_weight is not None else output_layer.weight
+    return OutputLayerInputs(hidden_states, weight, bool(getattr(output_layer, "sequence_parallel", False)))
+
+
+def _fused_logprob_entropy(batch: PolicyMicroBatch, inputs: OutputLayerInputs, groups: ParallelGroups,
+                           chunk_size: int | None,
+                           vocab_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """:func:`~megatron_hapo.parallel.fused_output.fused_logprob_entropy` on the masked positions: the
+    ``[B * S, V / tp]`` logits never exist."""
+    from megatron_hapo.parallel.fused_output import fused_logprob_entropy  # noqa: PLC0415
+
+    hidden = inputs.hidden
+    if inputs.sequence_parallel:  # its backward reduce-scatters the hidden gradient over TP
+        from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region  # noqa: PLC0415
+
+        hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True, group=groups.tp)
+    shape = batch.targets.shape
+    hidden = hidden.transpose(0, 1).reshape(-1, hidden.shape[-1])  # [B * S, H]
+    temperature = batch.temperature
+    if isinstance(temperature, torch.Tensor):
+        temperature = temperature.reshape(-1)
+    log_prob, entropy = fused_logprob_entropy(
+        hidden, inputs.weight, batch.targets.reshape(-1), tp_group=groups.tp, temperature=temperature,
+        chunk_size=chunk_size, mask=batch.mask.reshape(-1), vocab_size=vocab_size,
+        reduce_hidden_grad=not inputs.sequence_parallel,
+    )  # fmt: skip
+    return log_prob.reshape(shape), entropy.reshape(shape)
+
+
 def _logprob_entropy(
     batch: PolicyMicroBatch,
-    logits: torch.Tensor,
+    logits: torch.Tensor | OutputLayerInputs,
     groups: ParallelGroups,
     chunk_size: int | None,
     vocab_size: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[B, S, V / tp]`` logits -> ``(log_prob [B, S], entropy [B, S])`` float32 (0 outside the mask).
+    """``[B, S, V / tp]`` logits (or the fused output layer's inputs) -> ``(log_prob [B, S], entropy [B, S])``
+    float32 (0 outside the mask).
 
     Columns at or beyond ``vocab_size`` (Megatron's vocabulary padding) are left out of the softmax.
     """
+    if isinstance(logits, OutputLayerInputs):
+        return _fused_logprob_entropy(batch, logits, groups, chunk_size, vocab_size)
     shape = batch.targets.shape
     if logits.shape[:2] != shape:
         raise ValueError(f"logits {tuple(logits.shape)} do not match targets {tuple(shape)}: expected [B, S, V/tp]")
@@ -264,14 +310,18 @@ def _logprob_entropy(
     return log_prob.reshape(shape), entropy.reshape(shape)
 
 
-def _run_model(model: Any, batch: PolicyMicroBatch) -> torch.Tensor:
-    if batch.cu_seqlens is None:
-        return model(batch.tokens, batch.position_ids, None)
-    from megatron.core.packed_seq_params import PackedSeqParams  # noqa: PLC0415
+def _run_model(model: Any, batch: PolicyMicroBatch, fused_output: bool = False) -> Any:
+    """The model's last-stage output for ``batch``: ``[B, S, V / tp]`` logits, or with ``fused_output`` the
+    :class:`OutputLayerInputs` (the output layer then runs inside the loss, without logits)."""
+    kwargs: dict[str, Any] = {"output_processor": _output_layer_inputs} if fused_output else {}
+    if batch.cu_seqlens is not None:
+        from megatron.core.packed_seq_params import PackedSeqParams  # noqa: PLC0415
 
-    packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=batch.cu_seqlens, cu_seqlens_kv=batch.cu_seqlens,
-                             max_seqlen_q=batch.max_seqlen, max_seqlen_kv=batch.max_seqlen)  # fmt: skip
-    return model(batch.tokens, batch.position_ids, None, packed_seq_params=packed)
+        kwargs["packed_seq_params"] = PackedSeqParams(
+            qkv_format="thd", cu_seqlens_q=batch.cu_seqlens, cu_seqlens_kv=batch.cu_seqlens,
+            max_seqlen_q=batch.max_seqlen, max_seqlen_kv=batch.max_seqlen,
+        )  # fmt: skip
+    return model(batch.tokens, batch.position_ids, None, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -282,15 +332,17 @@ class LogProbEntropyStep:
     vocab_size: int | None
     """The real vocabulary (the model's output is padded beyond it); ``None``: no padded columns."""
     chunk_size: int | None = None
+    fused_output: bool = False
+    """Compute from the final hidden states and the output weight without logits (``model.fused_output``)."""
 
     def __call__(self, data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
         batch = next(data_iterator)
-        return _run_model(model, batch), partial(self.loss, batch)
+        return _run_model(model, batch, self.fused_output), partial(self.loss, batch)
 
-    def loss(self, batch: PolicyMicroBatch, logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, batch: PolicyMicroBatch, logits: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with torch.no_grad():
             log_prob, entropy = _logprob_entropy(batch, logits, self.groups, self.chunk_size, self.vocab_size)
-        return logits.new_zeros(()), {"log_prob": log_prob, "entropy": entropy}
+        return log_prob.new_zeros(()), {"log_prob": log_prob, "entropy": entropy}
 
 
 @dataclass(frozen=True)
@@ -307,10 +359,12 @@ class PolicyLossStep:
     """The real vocabulary (the model's output is padded beyond it); ``None``: no padded columns."""
     calculate_per_token_loss: bool = False
     chunk_size: int | None = None
+    fused_output: bool = False
+    """Compute from the final hidden states and the output weight without logits (``model.fused_output``)."""
 
     def __call__(self, data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
         batch = next(data_iterator)
-        return _run_model(model, batch), partial(self.loss, batch)
+        return _run_model(model, batch, self.fused_output), partial(self.loss, batch)
 
     def _h_hat(self, batch: PolicyMicroBatch, entropy: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
         if not needs_entropy(self.algo):
@@ -323,7 +377,7 @@ class PolicyLossStep:
             )
         return normalize_with_stats(entropy, stats)
 
-    def loss(self, batch: PolicyMicroBatch, logits: torch.Tensor) -> tuple[Any, ...]:
+    def loss(self, batch: PolicyMicroBatch, logits: Any) -> tuple[Any, ...]:
         """Megatron's ``loss_func``: ``(loss, metrics)`` or ``(loss, num_tokens, metrics)`` (per-token path)."""
         if batch.old_log_prob is None or batch.advantages is None:
             raise ValueError("training micro-batches need old_log_prob and advantages")

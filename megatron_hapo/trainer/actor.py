@@ -69,4 +69,5 @@ def build_actor(config: Any) -> Actor:
     return Actor(chunks, optimizer, spec, groups, plan, probe=[], micro_batch_size=model.micro_batch_size,
                  max_tokens=train.max_tokens_per_microbatch,
                  forward_max_tokens=train.forward_max_tokens_per_microbatch, pack=train.pack_sequences,
+                 fused_output=model.fused_output,
                  sync_tolerance=sync_tolerance(config), offload=model.offload == "optimizer")  # fmt: skip

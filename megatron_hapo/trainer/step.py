@@ -88,6 +88,8 @@ class Actor:
     """Token budget of a forward-only micro-batch; ``None``: twice ``max_tokens``."""
     pack: bool = False
     """Pack several sequences into one row under the budget (``train.pack_sequences``)."""
+    fused_output: bool = False
+    """Log-probs and entropies without logits (``model.fused_output``)."""
     sync_tolerance: float = 1e-3
     offload: bool = False
     """``model.offload=optimizer``: optimizer state and gradient buffers leave the GPU outside the updates."""
@@ -152,7 +154,7 @@ def _forward_only(actor: Actor, batch: StepBatch, rows: torch.Tensor) -> None:
     # a rank with no share still runs one masked micro-batch: an overlapped distributed optimizer's parameter
     # all-gather starts in the first forward, and every data-parallel rank must join it
     mbs, slots = microbatches(batch, rows, actor.layout(forward_only=True))
-    step = LogProbEntropyStep(actor.groups, actor.spec.vocab_size)
+    step = LogProbEntropyStep(actor.groups, actor.spec.vocab_size, fused_output=actor.fused_output)
     outputs = run_schedule(step, mbs, actor.chunks, forward_only=True)
     for out, where in zip(outputs, slots, strict=False):  # no outputs off the last stage
         width = where.index.shape[1]
@@ -187,7 +189,7 @@ def _update(actor: Actor, algo: Any, batch: StepBatch, local: torch.Tensor, stat
     for chunk in actor.chunks:
         chunk.zero_grad_buffer()
     actor.optimizer.zero_grad()
-    step = PolicyLossStep(algo, actor.groups, plan, actor.spec.vocab_size)
+    step = PolicyLossStep(algo, actor.groups, plan, actor.spec.vocab_size, fused_output=actor.fused_output)
     outputs = run_schedule(step, mbs, actor.chunks, forward_only=False)
     found_inf = actor.optimizer.prepare_grads()
     grad_norm = float(actor.optimizer.get_grad_norm())

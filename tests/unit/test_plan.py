@@ -47,10 +47,16 @@ def test_broken_layouts_are_refused_with_the_reason(capsys: pytest.CaptureFixtur
         (["model.pipeline_parallel=3"], "not divisible by model.tensor_parallel x model.pipeline_parallel"),
         (["engine.tensor_parallel=16"], "engine.tensor_parallel=16 spans nodes"),
         (["train.mini_batch_prompts=48"], "must divide train.prompts_per_step=512"),
-        (["model.micro_batch_size=3"], "does not split into micro-batches of 3 over 8 data-parallel ranks"),
+        (
+            ["model.micro_batch_size=3", "train.max_tokens_per_microbatch=null"],
+            "does not split into micro-batches of 3 over 8 data-parallel ranks",
+        ),
         (["model.virtual_pipeline=2"], "model.virtual_pipeline needs model.pipeline_parallel > 1"),
         (["rollout.max_response_length=40000"], "exceeds the model's max_position_embeddings 32768"),
-        (["model.tensor_parallel=1", "model.recompute=none", "model.micro_batch_size=4"], "training needs"),
+        (
+            ["model.tensor_parallel=1", "model.recompute=none", "train.max_tokens_per_microbatch=65536"],
+            "training needs",
+        ),
         (["engine.gpu_memory_utilization=0.05", "engine.tensor_parallel=1"], "KV cache holds no full-length"),
         (["model.fp8=hybrid", "model.fp8_recipe=mxfp8"], "model.fp8 on H100: fp8 recipe mxfp8 needs compute"),
     ]
@@ -58,6 +64,22 @@ def test_broken_layouts_are_refused_with_the_reason(capsys: pytest.CaptureFixtur
         assert tool.main([config, *overrides, "--nodes", "4", "--gpus-per-node", "8"]) == 1, overrides
         out = capsys.readouterr()
         assert reason in out.err and ("does not fit" in out.out or "invalid" in out.out), (overrides, out.err)
+
+
+def test_activations_are_sized_by_the_token_budget() -> None:
+    """A micro-batch holds the budget's tokens (one longest sequence at least), not the longest possible
+    sequences times the micro-batch size."""
+    from megatron_hapo.config import load_config
+    from megatron_hapo.models.plan import microbatch_tokens
+
+    config = REPO / "configs" / "runs" / "qwen2.5-math-7b-hapo.yaml"
+    assert load_config(config, warn=False).train.max_tokens_per_microbatch == 16384  # the shipped budget
+    sizes = {}
+    for overrides in (["train.max_tokens_per_microbatch=8192"], ["train.max_tokens_per_microbatch=32768"],
+                      ["train.max_tokens_per_microbatch=null", "model.micro_batch_size=2"]):  # fmt: skip
+        sizes[overrides[0]] = microbatch_tokens(load_config(config, overrides, warn=False))
+    longest = 1024 + 10240  # a sequence longer than the budget gets a micro-batch of its own
+    assert list(sizes.values()) == [longest, 32768, 2 * longest]
 
 
 def test_parameter_count_matches_transformers() -> None:
@@ -116,7 +138,9 @@ def test_sequence_parallelism_splits_the_activations_over_tp(capsys: pytest.Capt
 
     sizes = []
     for flag in ("false", "true"):
-        code, out, err = _plan_70b(capsys, f"model.sequence_parallel={flag}", "model.recompute=none")
+        code, out, err = _plan_70b(
+            capsys, f"model.sequence_parallel={flag}", "model.recompute=none", "train.max_tokens_per_microbatch=null"
+        )
         assert code == 0, err
         sizes.append(float(re.search(r"activations ([0-9.]+)", out).group(1)))
     assert sizes[0] / sizes[1] == pytest.approx(13 / 4.25, rel=0.05), sizes
