@@ -19,14 +19,20 @@ capped (the issue's three distributions: median 2,000 / cap 10,240, the 7B recip
 attention score entries (``S^2`` per row; a packed row attends within each sequence only, as Transformer
 Engine's THD kernels and our local attention do) over the real ones (``sum s_i^2``). Timings run the real path
 (``StepBatch`` -> ``microbatches`` -> ``run_schedule`` with ``PolicyLossStep``) on lengths divided by
-``--scale``; the median of ``--repeats`` steps after one warm-up, all three in one process.
+``--scale``; the median of ``--repeats`` steps after one warm-up, each variant in a fresh process (for its peak
+resident memory), all in one run. A second table compares the packed layout with and without the fused output
+layer (``model.fused_output``) at a vocabulary of 64 x the hidden size, the shipped models' ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -116,39 +122,52 @@ def _model_and_batch(args: argparse.Namespace) -> tuple:
     return chunks, batch
 
 
-def time_table(args: argparse.Namespace) -> str:
+def measure(args: argparse.Namespace) -> dict:
+    """One variant (``args.child``: a layout name, ``+fused`` for the fused output layer) in this process."""
     from megatron_hapo.config import load_config  # noqa: PLC0415
     from megatron_hapo.parallel.policy_loss import ParallelGroups, PolicyLossStep, plan_minibatch  # noqa: PLC0415
     from megatron_hapo.trainer.microbatch import microbatches, run_schedule  # noqa: PLC0415
 
+    name, fused = args.child.removesuffix("+fused"), args.child.endswith("+fused")
     chunks, batch = _model_and_batch(args)
     groups = ParallelGroups.from_megatron()
     algo = load_config("configs/algo/hapo.yaml", ["algo.entropy.scope=microbatch"], warn=False).algo
-    rows = torch.arange(batch.num_sequences)
-    real = int(batch.lengths.sum())
+    mbs, _ = microbatches(batch, torch.arange(batch.num_sequences), layout_of(name, args.budget), train=True)
+    plan = plan_minibatch(mbs, algo, groups)
+    step = PolicyLossStep(algo, groups, plan, args.vocab, fused_output=fused)
+    times = []
+    for _ in range(args.repeats + 1):
+        for chunk in chunks:
+            chunk.zero_grad_buffer()
+        start = time.perf_counter()
+        run_schedule(step, mbs, chunks, forward_only=False)
+        times.append(time.perf_counter() - start)
+    return {"microbatches": len(mbs), "processed": sum(mb.tokens.numel() for mb in mbs),
+            "real": int(batch.lengths.sum()), "longest": int(batch.lengths.max()),
+            "seconds": statistics.median(times[1:]),
+            "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # fmt: skip
+
+
+def time_table(args: argparse.Namespace, variants: tuple[str, ...], baseline: str) -> str:
+    """Each variant in a fresh process (peak memory is per process), all on this machine in one run."""
     results = {}
-    for name in LAYOUTS:
-        mbs, _ = microbatches(batch, rows, layout_of(name, args.budget), train=True)
-        plan = plan_minibatch(mbs, algo, groups)
-        times = []
-        for _ in range(args.repeats + 1):
-            for chunk in chunks:
-                chunk.zero_grad_buffer()
-            start = time.perf_counter()
-            run_schedule(PolicyLossStep(algo, groups, plan, args.vocab), mbs, chunks, forward_only=False)
-            times.append(time.perf_counter() - start)
-        processed = sum(mb.tokens.numel() for mb in mbs)
-        results[name] = (len(mbs), processed / real, statistics.median(times[1:]))
-    base = results["today"][2]
-    lines = [f"CPU timing: {args.sequences} sequences (7B-recipe lengths / {args.scale}: {real} real tokens, longest "
-             f"{int(batch.lengths.max())}), GPT {args.layers} layers x {args.hidden} hidden, vocabulary {args.vocab}, "
-             f"fp32, budget {args.budget}, {torch.get_num_threads()} threads; forward + backward of the policy loss, "
-             f"median of {args.repeats}.\n",
-             "| layout | micro-batches | processed / real | seconds | ms per 1k real tokens | time vs today |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
-    for name, (count, ratio, seconds) in results.items():
-        lines.append(f"| {name} | {count} | {ratio:.2f} | {seconds:.2f} | {1e6 * seconds / real:.1f} | "
-                     f"{seconds / base:.2f}x |")  # fmt: skip
+    for variant in variants:
+        command = [sys.executable, __file__, "--child", variant, *sys.argv[1:]]
+        out = subprocess.run(command, capture_output=True, text=True, check=True, env={**os.environ,
+                             "MASTER_PORT": str(29531 + len(results))}).stdout  # fmt: skip
+        results[variant] = json.loads(out.strip().splitlines()[-1])
+    first = next(iter(results.values()))
+    base = results[baseline]
+    lines = [f"{args.sequences} sequences (7B-recipe lengths / {args.scale}: {first['real']} real tokens, longest "
+             f"{first['longest']}), GPT {args.layers} layers x {args.hidden} hidden, vocabulary {args.vocab}, fp32, "
+             f"budget {args.budget}, {torch.get_num_threads()} threads; forward + backward of the policy loss "
+             f"(median of {args.repeats}); peak resident memory of the whole process.\n",
+             f"| variant | micro-batches | processed / real | seconds | ms per 1k real tokens | time vs {baseline} | "
+             "peak MiB |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for variant, r in results.items():
+        lines.append(f"| {variant} | {r['microbatches']} | {r['processed'] / r['real']:.2f} | {r['seconds']:.2f} | "
+                     f"{1e6 * r['seconds'] / r['real']:.1f} | {r['seconds'] / base['seconds']:.2f}x | "
+                     f"{r['peak_mib']:.0f} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -163,12 +182,26 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--fused-vocab",
+        type=int,
+        default=16384,
+        help="vocabulary of the fused-output comparison (64 x hidden, as the shipped models' V / H)",
+    )
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.sequences, args.repeats = 16, 1
+    if args.child:
+        print(json.dumps(measure(args)))
+        return
     print(count_table(1024, args.full_budget))
-    print()
-    print(time_table(args))
+    print("\n### CPU timing: padding, token budget, packing\n")
+    print(time_table(args, LAYOUTS, "today"))
+    sys.argv += ["--vocab", str(args.fused_vocab)]
+    args.vocab = args.fused_vocab
+    print("\n### CPU timing: the fused output layer (packed micro-batches)\n")
+    print(time_table(args, ("packed", "packed+fused"), "packed"))
 
 
 if __name__ == "__main__":

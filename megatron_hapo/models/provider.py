@@ -132,10 +132,6 @@ def build_gpt(spec: DecoderSpec, *, dtype: torch.dtype = torch.float32, te: bool
         check_fp8(fp8, spec, pp=model_parallel_layout().pp, capability=capability)
         config_overrides = {**fp8_transformer_settings(fp8), **config_overrides}
     config = transformer_config(spec, dtype=dtype, **config_overrides)
-    from megatron.core.transformer.transformer_block import (  # noqa: PLC0415
-        TransformerBlockSubmodules,
-        get_num_layers_to_build,
-    )
 
     if te:
         layer_spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.qk_norm)
@@ -146,14 +142,7 @@ def build_gpt(spec: DecoderSpec, *, dtype: torch.dtype = torch.float32, te: bool
     vocab = spec.padded_vocab_size(model_parallel_layout().tp, make_vocab_size_divisible_by)
 
     def block_spec(stage: int | None) -> Any:
-        if te or not config.sequence_parallel:
-            return layer_spec
-        # the local spec's torch norms refuse sequence parallelism: use ones that mark their weights for it
-        layers = get_num_layers_to_build(config, vp_stage=stage)
-        from megatron.core.transformer.torch_norm import WrappedTorchNorm  # noqa: PLC0415
-
-        norm_spec = replace_module(layer_spec, WrappedTorchNorm, SequenceParallelTorchNorm)
-        return TransformerBlockSubmodules(layer_specs=[norm_spec] * layers, layer_norm=SequenceParallelTorchNorm)
+        return layer_spec if te else sequence_parallel_block_spec(config, layer_spec, stage)
 
     def make_model(stage: int | None, first: bool, last: bool) -> torch.nn.Module:
         return GPTModel(
@@ -165,6 +154,22 @@ def build_gpt(spec: DecoderSpec, *, dtype: torch.dtype = torch.float32, te: bool
         )  # fmt: skip
 
     return build_chunks(config, make_model, dtype=dtype, ddp=ddp, distributed_optimizer=distributed_optimizer)
+
+
+def sequence_parallel_block_spec(config: Any, layer_spec: Any, stage: int | None) -> Any:
+    """The local ``layer_spec`` as a block of this stage's layers whose torch norms take sequence parallelism
+    (they refuse it unless their weights are flagged, :class:`SequenceParallelTorchNorm`); unchanged without it."""
+    if not config.sequence_parallel:
+        return layer_spec
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm  # noqa: PLC0415
+    from megatron.core.transformer.transformer_block import (  # noqa: PLC0415
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    layers = get_num_layers_to_build(config, vp_stage=stage)
+    norm_spec = replace_module(layer_spec, WrappedTorchNorm, SequenceParallelTorchNorm)
+    return TransformerBlockSubmodules(layer_specs=[norm_spec] * layers, layer_norm=SequenceParallelTorchNorm)
 
 
 class SequenceParallelTorchNorm:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_hapo.models.attention import with_packed_attention
-from megatron_hapo.models.provider import build_chunks, variable_shapes
+from megatron_hapo.models.provider import build_chunks, sequence_parallel_block_spec, variable_shapes
 from megatron_hapo.parallel.runtime import model_parallel_layout
 
 
@@ -45,6 +45,7 @@ def build_tiny_gpt(
     calculate_per_token_loss: bool = False,
     batch_p2p_comm: bool = True,
     seed: int | None = None,
+    sequence_parallel: bool = False,
 ) -> list[torch.nn.Module]:
     """The model chunks of this rank for the initialised model-parallel layout (on this rank's device).
 
@@ -55,6 +56,8 @@ def build_tiny_gpt(
         calculate_per_token_loss: Megatron's switch of the same name (see ``parallel.policy_loss``).
         batch_p2p_comm: Megatron's batched pipeline P2P (must be False for PP2 with virtual stages).
         seed: reseed the CPU generator before building (same initial weights for a given layout).
+        sequence_parallel: Megatron sequence parallelism (at TP > 1), with norms flagged for it as in
+            :func:`megatron_hapo.models.provider.build_gpt`.
 
     Returns:
         One module per virtual pipeline stage (one without VPP); each has a ``layer_offset`` attribute, the
@@ -76,11 +79,14 @@ def build_tiny_gpt(
         hidden_dropout=0.0, attention_dropout=0.0, bias_dropout_fusion=False, masked_softmax_fusion=False,
         gradient_accumulation_fusion=False, calculate_per_token_loss=calculate_per_token_loss,
         variable_seq_lengths=variable_shapes(layout.pp, layout.vpp), moe_token_dispatcher_type="alltoall",
+        sequence_parallel=sequence_parallel and layout.tp > 1,
     )  # fmt: skip
+
+    layer_spec = with_packed_attention(get_gpt_layer_local_spec())
 
     def make_model(stage: int | None, first: bool, last: bool) -> torch.nn.Module:
         return GPTModel(
-            config=config, transformer_layer_spec=with_packed_attention(get_gpt_layer_local_spec()),
+            config=config, transformer_layer_spec=sequence_parallel_block_spec(config, layer_spec, stage),
             vocab_size=shape.vocab_size,
             max_sequence_length=shape.seq_length, position_embedding_type="rope",
             share_embeddings_and_output_weights=False, pre_process=first, post_process=last, vp_stage=stage,

@@ -27,7 +27,7 @@ PROMPTS = [[5 + i, 40 + 3 * i, 7, 300 + i] for i in range(8)]
 ANSWERS = [0, 1, 2, 0, 1, 2, 0, 1]  # parity 2: never correct, so the filter drops those groups
 #: Metrics that describe the layout or the clock, not the step's result.
 #: Relative tolerance of the metrics that are small differences of larger terms (see the test).
-CANCELLING = {"loss": 3e-5, "h_hat_mean": 3e-5}
+CANCELLING = {"loss": 3e-5, "h_hat_mean": 3e-5, "approx_kl": 1e-4}
 LAYOUT_METRICS = ("rollout_requests_per_engine", "forward_only_sequences", "sync_", "time_")
 
 
@@ -70,12 +70,22 @@ def _step_ranks(rank: int, world: int, hf_dir: Path, tp: int, extra: list[str], 
     forward_rows: list[int] = []
     plain = step_module.microbatches
 
-    def recording(packed, rows, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-        if kwargs.get("old_log_prob") is None:  # the forward-only pass (the updates pass old log-probs)
+    def recording(batch, rows, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if not kwargs.get("train"):  # the forward-only pass
             forward_rows.extend(rows.tolist())
-        return plain(packed, rows, *args, **kwargs)
+        return plain(batch, rows, *args, **kwargs)
 
     step_module.microbatches = recording
+    lengths = [len(PROMPTS[i // 4]) + 6 for i in range(len(PROMPTS) * 4)]  # (overwritten from the step's batch)
+    plain_build = step_module.StepBatch.from_responses
+
+    def recording_lengths(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        batch = plain_build(*args, **kwargs)
+        if not kwargs.get("guide"):
+            lengths[:] = batch.lengths.tolist()
+        return batch
+
+    step_module.StepBatch.from_responses = recording_lengths
     state = step_module.StepState()
     if resume:
         state = load_checkpoint(latest_checkpoint(checkpoints), actor)
@@ -97,7 +107,7 @@ def _step_ranks(rank: int, world: int, hf_dir: Path, tp: int, extra: list[str], 
         torch.save(weights, out.with_suffix(".pt"))
         optimizers = getattr(actor.optimizer, "chained_optimizers", [actor.optimizer])
         out.write_text(json.dumps({"metrics": metrics, "second": second,
-                                   "forward_rows": [r for r in rows if r is not None],
+                                   "forward_rows": [r for r in rows if r is not None], "lengths": lengths,
                                    "optimizers": sorted({type(o).__name__ for o in optimizers}),
                                    "sequence_parallel": actor.chunks[0].config.sequence_parallel}))  # fmt: skip
 
@@ -117,12 +127,13 @@ def _assert_same_step(metrics: dict, expected: dict, weights: dict, expected_wei
     # Two metrics are small differences of order-1 terms: the loss (advantage-weighted ratios that nearly cancel)
     # and h_hat_mean (entropies minus the pivot, over their RMS). In the second update the weights differ by the
     # order of the data-parallel gradient sum (measured: <= 1e-7 relative), which they amplify to 1e-5 / 4e-6.
+    # approx_kl (a mean of ratio - 1 - log ratio, near 0) differs by up to 3e-5 relative: each micro-batch is
+    # padded to its own longest sequence, so a DP share's GEMM shapes differ from the DP1 run's.
     differ = {name: (metrics[name], expected[name]) for name in compared
               if metrics[name] != pytest.approx(expected[name], rel=CANCELLING.get(name, 1e-6), abs=1e-7)}  # fmt: skip
     assert not differ, differ
-    for name, reference_value in expected_weights.items():
-        error = (weights[name] - reference_value).norm() / reference_value.norm()
-        assert error <= 1e-6, (name, float(error))
+    errors = {name: float((weights[name] - ref).norm() / ref.norm()) for name, ref in expected_weights.items()}
+    assert max(errors.values()) <= 1e-6, max(errors.items(), key=lambda item: item[1])
 
 
 @pytest.mark.slow
@@ -133,6 +144,8 @@ def test_step_work_is_divided_and_equals_one_replica(tiny_llama: Path, tmp_path:
     plain = ["model.distributed_optimizer=false", "model.sequence_parallel=false"]
     reference, reference_weights = _run(tiny_llama, tmp_path / "reference", world=tp, tp=tp, extra=plain)
     checkpoints = tmp_path / "checkpoints" if tp == 1 else None  # TP1 x DP4 saves after its step, then steps on
+    # (packing and the fused output layer change the float32 GEMM shapes, so they are checked in float64 by
+    # tests/dist/test_packing.py instead, at TP2 with sequence parallelism too)
     report, weights = _run(tiny_llama, tmp_path, world=4, tp=tp, extra=[], checkpoints=checkpoints)
     assert report["optimizers"] == ["DistributedOptimizer"] and report["sequence_parallel"] == (tp > 1), report
     assert "DistributedOptimizer" not in reference["optimizers"] and not reference["sequence_parallel"]
@@ -141,19 +154,15 @@ def test_step_work_is_divided_and_equals_one_replica(tiny_llama: Path, tmp_path:
     # each request generated once: the DP1 engine served all of them, each of the 4 / tp replicas its share
     assert expected["rollout_requests_per_engine"] == requests
     assert metrics["rollout_requests_per_engine"] == requests / dp
-    # each forward-only sequence on exactly one data-parallel rank, each rank its share
+    # each forward-only sequence on exactly one data-parallel rank, the shares balanced by tokens
     per_rank = report["forward_rows"]
     assert len(per_rank) == dp and sorted(r for rows in per_rank for r in rows) == list(range(requests)), per_rank
-    assert max(len(rows) for rows in per_rank) == requests / dp == metrics["forward_only_sequences"]
+    assert max(len(rows) for rows in per_rank) == metrics["forward_only_sequences"] < requests
+    loads = [sum(report["lengths"][r] for r in rows) for rows in per_rank]
+    assert max(loads) - min(loads) <= 3 * max(report["lengths"]), loads  # each of <= 3 splits within one sequence
     assert 0 < expected["kept_groups"] < len(PROMPTS), expected  # trained and untrained groups both present
     _assert_same_step(metrics, expected, weights["first"], reference_weights["first"])
     assert any(not torch.equal(w, _initial(tiny_llama)[n]) for n, w in weights["first"].items())  # the step changed them
-
-
-def _initial(hf_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return {name: tensor for path in hf_dir.glob("*.safetensors") for name, tensor in load_file(path).items()}
     if checkpoints is not None:  # resumed at DP2 (the sharded optimizer state resharded): DP4's second step
         resumed, resumed_weights = _run(tiny_llama, tmp_path / "resumed", world=2, tp=1, extra=[],
                                         checkpoints=checkpoints, resume=True)  # fmt: skip
@@ -165,3 +174,9 @@ def _initial(hf_dir: Path) -> dict[str, torch.Tensor]:
         with pytest.raises(Exception, match="Resume at that layout, or save the checkpoint with "
                                             "output.optimizer_sharding=fully_reshardable"):  # fmt: skip
             _run(tiny_llama, tmp_path / "tp2", world=2, tp=2, extra=[], checkpoints=checkpoints, resume=True)
+
+
+def _initial(hf_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {name: tensor for path in hf_dir.glob("*.safetensors") for name, tensor in load_file(path).items()}

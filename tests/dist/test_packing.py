@@ -6,7 +6,8 @@ pooled statistics and ``PolicyLossStep``) runs on a float64 tiny GPT three ways:
 with the sequences packed into one THD row (the local attention per sequence, rotary positions restarting at
 each), and packed with the fused output layer (log-probs from the hidden states, no logits). Old log-probs, entropies, the loss and every gradient must agree within relative 1e-6 for every
 aggregation mode (``seq-mean-*`` count sequences, not rows), a sequence-level ratio and the mixed-policy guide
-term, on one rank, at PP2 (shapes exchanged between stages) and at PP2 x VPP2 (one shape per schedule call).
+term, on one rank, at PP2 (shapes exchanged between stages), at PP2 x VPP2 (one shape per schedule call) and at
+TP2 with sequence parallelism (the fused layer gathers the sequence-parallel hidden states itself).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from gloo import run_on_ranks
-from tiny_gpt import full_grads, full_state, load_full_state
+from tiny_gpt import full_grads
 
 from megatron_hapo.algos import AGGREGATION_MODES
 
@@ -92,7 +93,7 @@ def _relative(value: torch.Tensor, reference: torch.Tensor) -> float:
     return float((value - reference).norm() / reference.norm().clamp_min(1e-30))
 
 
-def _layout_rank(rank: int, world: int, vpp: int | None, out: Path) -> None:
+def _layout_rank(rank: int, world: int, tp: int, vpp: int | None, out: Path) -> None:
     from megatron_hapo.config import load_config
     from megatron_hapo.models import TinyGPTShape, build_tiny_gpt
     from megatron_hapo.parallel import runtime
@@ -100,11 +101,13 @@ def _layout_rank(rank: int, world: int, vpp: int | None, out: Path) -> None:
     from megatron_hapo.trainer.microbatch import BatchLayout
 
     runtime.quiet_logs()
-    runtime.initialize_model_parallel(1, world, vpp)
+    runtime.initialize_model_parallel(tp, world // tp, vpp)
     shape = TinyGPTShape(vocab_size=VOCAB, seq_length=64, num_layers=4)
-    chunks = build_tiny_gpt(shape, dtype=torch.float64, batch_p2p_comm=vpp is None, seed=0)
-    groups, state = ParallelGroups.from_megatron(), full_state(chunks)
-    assert chunks[0].config.variable_seq_lengths == (world > 1 and not vpp)
+    chunks = build_tiny_gpt(shape, dtype=torch.float64, batch_p2p_comm=vpp is None, seed=0, sequence_parallel=True)
+    assert chunks[0].config.sequence_parallel == (tp > 1)
+    params = [p for chunk in chunks for p in chunk.parameters()]
+    groups, state = ParallelGroups.from_megatron(), [p.detach().clone() for p in params]
+    assert chunks[0].config.variable_seq_lengths == (world // tp > 1 and not vpp)
     common = {"count_multiple": world if vpp else 1, "uniform_shape": bool(vpp)}  # as Actor.layout decides
     packed = BatchLayout(max_tokens=96, pack=True, **common)
     layouts = {"reference": (BatchLayout(micro_batch_size=1, **common), False),
@@ -115,7 +118,9 @@ def _layout_rank(rank: int, world: int, vpp: int | None, out: Path) -> None:
         algo = load_config(HAPO, [*overrides, "algo.entropy.scope=step"], warn=False).algo
         results = {}
         for name, (layout, fused) in layouts.items():
-            load_full_state(chunks, state)
+            with torch.no_grad():  # this rank's initial shards
+                for param, value in zip(params, state, strict=True):
+                    param.copy_(value)
             results[name] = _run(_step_batch(guide), layout, algo, chunks, groups, fused)
         ref = results["reference"]
         for name in ("budget", "packed", "packed+fused"):
@@ -130,10 +135,12 @@ def _layout_rank(rank: int, world: int, vpp: int | None, out: Path) -> None:
         out.write_text(json.dumps(report))
 
 
-@pytest.mark.parametrize(("world", "vpp"), [(1, None), (2, None), (2, 2)], ids=["pp1", "pp2", "pp2-vpp2"])
-def test_budget_and_packing_match_one_sequence_per_microbatch(tmp_path: Path, world: int, vpp: int | None) -> None:
+@pytest.mark.parametrize(("world", "tp", "vpp"), [(1, 1, None), (2, 1, None), (2, 1, 2), (2, 2, None)],
+                         ids=["pp1", "pp2", "pp2-vpp2", "tp2-sp"])  # fmt: skip
+def test_budget_and_packing_match_one_sequence_per_microbatch(tmp_path: Path, world: int, tp: int,
+                                                              vpp: int | None) -> None:  # fmt: skip
     report_file = tmp_path / "report.json"
-    run_on_ranks(partial(_layout_rank, vpp=vpp, out=report_file), world, tmp_path)
+    run_on_ranks(partial(_layout_rank, tp=tp, vpp=vpp, out=report_file), world, tmp_path)
     report = json.loads(report_file.read_text())
     assert len(report) == 3 * len(CASES)
 
