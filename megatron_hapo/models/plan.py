@@ -188,7 +188,12 @@ def _activation_bytes(spec: DecoderSpec, config: Any, layout: Layout) -> tuple[f
     layers = spec.num_layers // layout.pp
     in_flight = layout.pp
     rebuilt = layer if config.model.recompute == "full" else 0.0
-    logits = 2 * 4 * tokens * spec.padded_vocab_size(layout.tp) / layout.tp  # logits + softmax, float32
+    vocab_local = spec.padded_vocab_size(layout.tp) / layout.tp
+    if config.model.fused_output:  # no logits: a few chunks of at most MAX_CHUNK_ELEMENTS float32 each
+        from megatron_hapo.parallel.chunked_softmax import MAX_CHUNK_ELEMENTS  # noqa: PLC0415
+
+        return in_flight * layers * per_layer + rebuilt, 4 * 4 * min(tokens * vocab_local, MAX_CHUNK_ELEMENTS)
+    logits = 2 * 4 * tokens * vocab_local  # logits + softmax, float32
     return in_flight * layers * per_layer + rebuilt, logits
 
 

@@ -82,6 +82,18 @@ def test_activations_are_sized_by_the_token_budget() -> None:
     assert list(sizes.values()) == [longest, 32768, 2 * longest]
 
 
+def test_fused_output_leaves_no_logits_in_the_plan(capsys: pytest.CaptureFixture) -> None:
+    """Qwen2.5-Math-1.5B at TP1: the float32 logits of a 16384-token micro-batch dominate training memory."""
+    import re
+
+    config = str(REPO / "configs" / "runs" / "qwen2.5-math-1.5b-hapo.yaml")
+    logits = []
+    for flag in ("false", "true"):
+        assert _tool().main([config, f"model.fused_output={flag}", "--nodes", "4", "--gpus-per-node", "8"]) == 0
+        logits.append(float(re.search(r"logits ([0-9.]+)", capsys.readouterr().out).group(1)))
+    assert logits[0] > 15 and logits[1] <= 1.0, logits
+
+
 def test_parameter_count_matches_transformers() -> None:
     import json
 
