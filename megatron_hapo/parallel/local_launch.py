@@ -30,15 +30,23 @@ def _entry(rank: int, world: int, rendezvous: str, body: Callable[..., None], ar
     runtime.join_process_group(init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
         body(rank, world, *args)
-    finally:
-        runtime.leave_process_group()
+    except BaseException:
+        runtime.leave_process_group()  # the parent's spawn stops the other ranks
+        raise
+    # every rank done before any tears its gloo pairs down: a rank that destroyed the group while another was
+    # still completing the body's last collective aborted that one once in CI ("terminate called without an
+    # active exception", SIGABRT in tests/dist/test_divided_rollout.py)
+    runtime.barrier()
+    runtime.leave_process_group()
 
 
-def run_local_ranks(body: Callable[..., None], world: int, *args: Any, device: str = "auto") -> None:
+def run_local_ranks(body: Callable[..., None], world: int, *args: Any, device: str = "auto",
+                    rendezvous_dir: Path | None = None) -> None:  # fmt: skip
     """Call the module-level ``body(rank, world, *args)`` on ``world`` processes; a failing rank raises here.
 
     ``device="cpu"`` keeps the ranks on the CPU even on a GPU node (the conversion tools: a whole model shard in
     host memory, where a GPU might not hold it); ``auto`` uses one GPU per rank when there are enough.
+    ``rendezvous_dir``: where the ranks meet (a temporary directory by default).
     """
     if device not in ("auto", "cpu"):
         raise ValueError(f"device must be auto or cpu, got {device!r}")
@@ -49,7 +57,7 @@ def run_local_ranks(body: Callable[..., None], world: int, *args: Any, device: s
     if hide_gpus:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # read by the spawned children when they import torch
     try:
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory(dir=rendezvous_dir) as tmp:
             mp.spawn(_entry, args=(world, str(Path(tmp) / "rendezvous"), body, args), nprocs=world, join=True)
     finally:
         if hide_gpus:
