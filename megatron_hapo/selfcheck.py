@@ -162,7 +162,7 @@ def toy_config(path: Path, overrides: list[str]) -> Config:
     toy = [f"rollout.max_response_length={task.max_len}", f"rollout.num_samples_per_prompt={task.group_size}"]
     config = build_dataclass(Config, resolve_tree(path, [*toy, *overrides]))
     shaping = config.algo.reward_shaping
-    if "buffer_length" in REWARD_SHAPING.get(shaping.kind).uses:
+    if "buffer_length" in REWARD_SHAPING.get(shaping.kind).knobs:
         shaping.buffer_length = min(shaping.buffer_length, task.max_len // 2)
     validate(config)
     no_effect_warnings(config, emit=True)

@@ -132,17 +132,19 @@ def _keep_all(metric: torch.Tensor, group_ids: GroupIds) -> torch.Tensor:
     return torch.ones_like(metric, dtype=torch.bool)
 
 
-@GROUP_FILTER.register("all_equal", uses=("metric", "max_generation_rounds"))
+@GROUP_FILTER.register("all_equal", uses=("metric",),
+                       read_by={"max_generation_rounds": "megatron_hapo.trainer.step"})  # fmt: skip
 def _drop_all_equal(metric: torch.Tensor, group_ids: GroupIds) -> torch.Tensor:
     return filter_groups(metric, group_ids)
 
 
-@CLIP.register("fixed", uses=("eps_low", "eps_high", "dual_clip_c"))
+@CLIP.register("fixed", uses=("eps_low", "eps_high"), read_by={"dual_clip_c": "megatron_hapo.algos.compose"})
 def _fixed_clip(h_hat: torch.Tensor | None, *, eps_low: float, eps_high: float) -> tuple[float, float]:
     return eps_low, eps_high
 
 
-@CLIP.register("entropy_adaptive", uses=("eps_low", "eps_high", "dual_clip_c", "alpha"), needs_entropy=True)
+@CLIP.register("entropy_adaptive", uses=("eps_low", "eps_high", "alpha"), needs_entropy=True,
+               read_by={"dual_clip_c": "megatron_hapo.algos.compose"})  # fmt: skip
 def _adaptive_clip(
     h_hat: torch.Tensor, *, eps_low: float, eps_high: float, alpha: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,12 +174,16 @@ for _mode in AGGREGATION_MODES:
     )
 
 
-@SAMPLING.register("fixed", uses=("temperature", "top_p", "top_k"))
+#: The rollout engines sample with top-p / top-k; the registered function is the temperature step alone.
+_SAMPLER_KNOBS = {"top_p": "megatron_hapo.rollout.engine", "top_k": "megatron_hapo.rollout.engine"}
+
+
+@SAMPLING.register("fixed", uses=("temperature",), read_by=_SAMPLER_KNOBS)
 def _fixed_temperature(logits: torch.Tensor, stats: EntropyStats | None, *, temperature: float) -> torch.Tensor:
     return adaptive_temperature(logits, temperature, None, tau=0.0)
 
 
-@SAMPLING.register("entropy_adaptive", uses=("temperature", "top_p", "top_k", "tau"), needs_entropy=True)
+@SAMPLING.register("entropy_adaptive", uses=("temperature", "tau"), needs_entropy=True, read_by=_SAMPLER_KNOBS)
 def _adaptive_temperature(
     logits: torch.Tensor, stats: EntropyStats | None, *, temperature: float, tau: float
 ) -> torch.Tensor:
@@ -207,8 +213,10 @@ def _no_guide(batch: GuideBatch | None) -> None:
 
 
 @GUIDE_POLICY.register(
-    "mixed", uses=("weight", "route_zero_reward_groups", "model_path", "eps_low", "eps_high", "dual_clip_c")
-)
+    "mixed", uses=("eps_low", "eps_high", "dual_clip_c"),
+    read_by={"weight": "megatron_hapo.parallel.policy_loss", "route_zero_reward_groups": "megatron_hapo.trainer.guide",
+             "model_path": "megatron_hapo.train"},
+)  # fmt: skip
 def _mixed_guide(
     batch: GuideBatch | None, *, eps_low: float, eps_high: float, dual_clip_c: float | None
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:

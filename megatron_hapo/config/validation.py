@@ -149,8 +149,8 @@ def no_effect_warnings(config: Config, *, emit: bool = False) -> list[str]:
         cfg = getattr(algo, section)
         entry = registry.get(cfg.kind)
         for name in _changed_fields(cfg):
-            if name != "kind" and name not in entry.uses:
-                readers = [k for k in registry.kinds() if name in registry.get(k).uses]
+            if name != "kind" and name not in entry.knobs:
+                readers = [k for k in registry.kinds() if name in registry.get(k).knobs]
                 messages.append(
                     f"algo.{section}.{name}={getattr(cfg, name)!r} has no effect with algo.{section}.kind={cfg.kind!r}"
                     f" (read by kind: {', '.join(readers) or 'none'})"

@@ -28,9 +28,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_hapo.algos import EntropyStats, aggregation_terms
+from megatron_hapo.algos import GUIDE_POLICY, EntropyStats, GuideBatch, aggregation_terms
 from megatron_hapo.algos.compose import needs_entropy, token_policy_loss
-from megatron_hapo.algos.mixed_policy import guide_policy_surrogate
 from megatron_hapo.parallel.collectives import group_rank_size
 from megatron_hapo.parallel.runtime import collective_device, rank_device
 from megatron_hapo.parallel.stats import distributed_entropy_stats, normalize_with_stats
@@ -420,9 +419,9 @@ class PolicyLossStep:
             raise ValueError("guide rows in a mini-batch planned without the guide term: pass the same algo")
         cfg = self.algo.guide_policy
         guide_log_prob = torch.where(guide_mask, old_log_prob, log_prob.detach())  # ratio 1 off the guide rows
-        return guide_policy_surrogate(log_prob, guide_log_prob, batch.per_sequence(batch.advantages), guide_mask,
-                                      eps_low=cfg.eps_low, eps_high=cfg.eps_high,
-                                      dual_clip_c=cfg.dual_clip_c)  # fmt: skip
+        guide = GuideBatch(log_prob=log_prob, guide_log_prob=guide_log_prob,
+                           advantages=batch.per_sequence(batch.advantages), mask=guide_mask)  # fmt: skip
+        return GUIDE_POLICY.get(cfg.kind).fn(guide, **GUIDE_POLICY.params(cfg.kind, cfg))
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Literal, Protocol
 
 import torch
 
-from megatron_hapo.algos import EntropyStats
+from megatron_hapo.algos import SAMPLING, EntropyStats
 
 FinishReason = Literal["stop", "length"]
 
@@ -49,7 +49,7 @@ class SamplingSettings:
     @classmethod
     def for_training(cls, sampling: object, *, max_tokens: int, seed: int | None = None) -> SamplingSettings:
         """From an ``algo.sampling`` config (``kind`` fixed | entropy_adaptive, temperature, top_p, top_k, tau)."""
-        adaptive = getattr(sampling, "kind") == "entropy_adaptive"  # noqa: B009
+        adaptive = SAMPLING.get(sampling.kind).needs_entropy  # the registry's entry says whether it adapts
         return cls(max_tokens=max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
                    top_k=sampling.top_k, adaptive_tau=sampling.tau if adaptive else None, seed=seed)  # fmt: skip
 

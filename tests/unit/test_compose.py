@@ -115,16 +115,38 @@ def test_registry_duplicate_registration_raises_and_keeps_first():
     assert reg.get("alpha").fn is first
 
 
-def test_registry_params_pass_only_declared_and_accepted_fields():
+def test_registry_passes_declared_fields_and_refuses_ones_its_function_drops():
     reg = Registry("demo")
 
-    @reg.register("k", uses=("x", "y"), needs_entropy=True)
+    @reg.register("k", uses=("x",), needs_entropy=True, read_by={"y": "somewhere"})
     def fn(data, *, x):
         return data + x
 
     cfg = SimpleNamespace(x=3, y=4, z=5)
-    assert reg.params("k", cfg) == {"x": 3}  # y is declared but not taken, z is not declared
-    assert reg.get("k").needs_entropy and reg.get("k").uses == ("x", "y")
+    assert reg.params("k", cfg) == {"x": 3}  # y is read elsewhere, z is not declared
+    assert reg.get("k").needs_entropy and reg.get("k").knobs == ("x", "y")
+    with pytest.raises(ValueError, match=r"declares uses=\['y'\] that its function does not take"):
+        reg.register("dropped", uses=("x", "y"))(fn)
+
+
+def test_every_registered_knob_is_consumed():
+    """Each ``uses`` field is a parameter of its kind's function (registration refuses it otherwise), and each
+    ``read_by`` module really reads the field (``.field`` in its source)."""
+    import importlib
+    import inspect as inspect_module
+
+    from megatron_hapo.config.validation import REGISTRIES
+
+    checked = 0
+    for registry in REGISTRIES.values():
+        for kind in registry.kinds():
+            entry = registry.get(kind)
+            assert set(entry.uses) <= set(inspect_module.signature(entry.fn).parameters), (registry.component, kind)
+            for name, module in entry.read_by:
+                source = inspect_module.getsource(importlib.import_module(module))
+                assert f".{name}" in source, f"{registry.component}.{name} ({kind}) is not read in {module}"
+                checked += 1
+    assert checked >= 8  # clip dual_clip_c x 2, sampling top_p / top_k x 2, group rounds, guide weight / route / path
 
 
 def test_real_registries_kinds():
