@@ -1,10 +1,11 @@
 """Algorithm self-check: every preset learns a toy verifiable task through the real ``algos`` code path.
 
-Until the Megatron trainer lands, this is the project's main job on a laptop. The "model" is a context-free
+The quickstart's first stage, seconds per preset on a laptop. The "model" is a context-free
 policy, a table of logits ``[max_len, vocab]``; a response is sampled token by token (EOS = token 0 ends it) with
 the configured sampling kind (HAPO's adaptive temperature fed the previous step's EntropyStats), scored by a
 verifier (correct when the response holds at least ``min_hits`` copies of the target token), then every step
-runs exactly what the trainer will run: reward shaping -> group filter -> advantages -> old log-probs,
+runs the ``algos`` functions the trainer's step runs (not its Megatron path, which ``megatron_selfcheck`` and
+``rl_demo`` exercise): reward shaping -> group filter -> advantages -> old log-probs,
 entropies and EntropyStats -> mini-batch policy-loss updates (AdamW, gradient clipping). ``mixed`` guide-policy
 presets route zero-reward groups to a frozen guide table.
 
