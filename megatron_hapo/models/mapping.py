@@ -1,6 +1,7 @@
 """HF <-> Megatron-Core parameter mapping for the dense decoder families (Llama 3, Qwen2/2.5, Qwen3).
 
-One table serves checkpoint conversion and the weight sync into the rollout engine (``rollout.weight_sync``). Each :class:`Rule` names one
+One table serves checkpoint conversion and the weight sync into the rollout engine (``rollout.weight_sync``).
+Each :class:`Rule` names one
 Megatron parameter, the HF tensors it is made of, how they are fused (``copy``, ``qkv``: per KV group
 ``[q heads of the group, k, v]`` so that a tensor-parallel split keeps whole groups; ``gate_up``: per TP rank
 ``[gate shard; up shard]``; ``vocab``: padded with zero rows to the padded vocabulary) and the dimension split
