@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole CPU test suite: set up .venv/ (idempotent), lint with ruff, then run pytest. GPU tests (tests/gpu,
+# The whole CPU test suite: set up .venv/ (idempotent), lint with ruff, type-check with mypy, then run pytest. GPU tests (tests/gpu,
 # marker `gpu`) skip themselves without CUDA and are reported as skipped, never as passed.
 # Extra arguments go to pytest (e.g. `-k entropy`).
 set -euo pipefail
@@ -9,5 +9,7 @@ cd "$repo_root"
 echo "[test] ruff check + format check"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+echo "[test] mypy (the packages listed in pyproject.toml [tool.mypy])"
+.venv/bin/python -m mypy
 echo "[test] pytest"
 exec .venv/bin/python -m pytest -p no:cacheprovider "$@"

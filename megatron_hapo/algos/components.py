@@ -15,7 +15,7 @@ from megatron_hapo.algos.aggregation import AGGREGATION_MODES, aggregate_loss
 from megatron_hapo.algos.clipping import adaptive_clip_bounds, redistribute_advantages
 from megatron_hapo.algos.dapo import filter_groups, overlong_penalty
 from megatron_hapo.algos.entropy import EntropyStats
-from megatron_hapo.algos.gtpo import grpo_s_advantages, gtpo_advantages, gtpo_token_rewards
+from megatron_hapo.algos.gtpo import GtpoNorm, grpo_s_advantages, gtpo_advantages, gtpo_token_rewards
 from megatron_hapo.algos.mixed_policy import guide_policy_surrogate
 from megatron_hapo.algos.registry import Registry
 from megatron_hapo.algos.rollout_correction import truncated_importance_weights
@@ -91,7 +91,7 @@ def _hapo_token(
 
 @ADVANTAGE.register("gtpo", uses=("eps", "reward_weight", "entropy_weight", "gtpo_norm"), needs_entropy=True)
 def _gtpo(
-    inputs: AdvantageInputs, *, eps: float, reward_weight: float, entropy_weight: float, gtpo_norm: str
+    inputs: AdvantageInputs, *, eps: float, reward_weight: float, entropy_weight: float, gtpo_norm: GtpoNorm
 ) -> torch.Tensor:
     entropy, correct = _require(inputs, "gtpo")
     token_rewards = gtpo_token_rewards(

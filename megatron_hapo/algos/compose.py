@@ -140,7 +140,7 @@ def policy_loss(
     guide_cfg = algo.guide_policy
     guide = GUIDE_POLICY.get(guide_cfg.kind).fn(guide_batch, **GUIDE_POLICY.params(guide_cfg.kind, guide_cfg))
     guide_loss = None
-    if guide is not None:
+    if guide is not None and guide_batch is not None:
         guide_per_token, guide_metrics = guide
         guide_loss = aggregate(guide_per_token, guide_batch.mask, guide_global_denominator)
         metrics.update(guide_metrics)
