@@ -61,9 +61,8 @@ class BatchLayout:
 
     def cost(self, lengths: list[int]) -> int:
         """Tokens a micro-batch of sequences of ``lengths`` computes on (its padded size)."""
-        if self.pack:
-            return round_up(sum(lengths), SEQUENCE_MULTIPLE)
-        return len(lengths) * round_up(max(lengths), SEQUENCE_MULTIPLE)
+        rows, width = microbatch_shape(lengths, pack=self.pack)
+        return rows * width
 
 
 def assign_microbatches(lengths: torch.Tensor, layout: BatchLayout) -> list[torch.Tensor]:
@@ -106,12 +105,12 @@ class Slots:
         return torch.where(self.index >= 0, flat[self.index.clamp_min(0)], 0)
 
 
-def microbatch_shape(lengths: torch.Tensor, *, pack: bool) -> tuple[int, int]:
+def microbatch_shape(lengths: list[int], *, pack: bool) -> tuple[int, int]:
     """``(rows, width)`` of the micro-batch of sequences of ``lengths`` (at least one row of
     :data:`SEQUENCE_MULTIPLE`)."""
-    if pack or not len(lengths):
-        return 1, round_up(max(int(lengths.sum()), 1), SEQUENCE_MULTIPLE)
-    return len(lengths), round_up(int(lengths.max()), SEQUENCE_MULTIPLE)
+    if pack or not lengths:
+        return 1, round_up(max(sum(lengths), 1), SEQUENCE_MULTIPLE)
+    return len(lengths), round_up(max(lengths), SEQUENCE_MULTIPLE)
 
 
 def build_microbatch(batch: StepBatch, rows: torch.Tensor, *, pack: bool, train: bool = False,
@@ -127,7 +126,7 @@ def build_microbatch(batch: StepBatch, rows: torch.Tensor, *, pack: bool, train:
     responses = batch.response_mask[rows]
     count = len(rows)
     pack = pack and count > 0
-    num_rows, width = microbatch_shape(lengths, pack=pack)
+    num_rows, width = microbatch_shape(lengths.tolist(), pack=pack)
     if shape is not None:
         num_rows, width = max(num_rows, shape[0]), max(width, shape[1])
     offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)[:-1]]) if pack else torch.arange(count) * width
@@ -191,7 +190,7 @@ def microbatches(batch: StepBatch, rows: torch.Tensor, layout: BatchLayout, *,
     groups += [rows[:0]] * (-len(groups) % layout.count_multiple)
     shape = None
     if layout.uniform_shape:
-        shapes = [microbatch_shape(batch.lengths[group], pack=layout.pack) for group in groups]
+        shapes = [microbatch_shape(batch.lengths[group].tolist(), pack=layout.pack) for group in groups]
         shape = (max(rows for rows, _ in shapes), max(width for _, width in shapes))
     built = [build_microbatch(batch, group, pack=layout.pack, train=train, shape=shape) for group in groups]
     device = rank_device()
