@@ -66,8 +66,11 @@ def counts(lengths: list[int], name: str, budget: int) -> dict[str, float]:
     tensor = torch.tensor(lengths)
     if name == "today":
         width = round_up(max(lengths), SEQUENCE_MULTIPLE)
-        return {"tokens": len(lengths) * width / real, "attention": len(lengths) * width**2 / real_attention,
-                "microbatches": len(lengths)}  # fmt: skip
+        return {
+            "tokens": len(lengths) * width / real,
+            "attention": len(lengths) * width**2 / real_attention,
+            "microbatches": len(lengths),
+        }
     layout = layout_of(name, budget)
     groups = assign_microbatches(tensor, layout)
     tokens = attention = 0
@@ -83,16 +86,20 @@ def counts(lengths: list[int], name: str, budget: int) -> dict[str, float]:
 
 
 def count_table(count: int, budget: int) -> str:
-    lines = [f"Full-scale counts: {count} sequences, budget {budget} tokens per micro-batch (seed 0).\n",
-             "| lengths (median / cap) | layout | micro-batches | processed / real | attention / real |",
-             "|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"Full-scale counts: {count} sequences, budget {budget} tokens per micro-batch (seed 0).\n",
+        "| lengths (median / cap) | layout | micro-batches | processed / real | attention / real |",
+        "|---|---|---|---|---|",
+    ]
     for label, (median, cap) in DISTRIBUTIONS.items():
         prompts, responses = sample_lengths(count, median, cap)
         lengths = [p + r for p, r in zip(prompts, responses, strict=True)]
         for name in LAYOUTS:
             c = counts(lengths, name, max(budget, *lengths))
-            lines.append(f"| {label} ({median} / {cap}) | {name} | {c['microbatches']} | {c['tokens']:.2f} | "
-                         f"{c['attention']:.2f} |")  # fmt: skip
+            lines.append(
+                f"| {label} ({median} / {cap}) | {name} | {c['microbatches']} | {c['tokens']:.2f} | "
+                f"{c['attention']:.2f} |"
+            )
     return "\n".join(lines)
 
 
@@ -109,13 +116,22 @@ def _model_and_batch(args: argparse.Namespace) -> tuple:
     runtime.initialize_model_parallel(1, 1)
     median, cap = DISTRIBUTIONS["7B recipe"]
     prompts, responses = sample_lengths(args.sequences, median, cap, scale=args.scale, seed=1)
-    shape = TinyGPTShape(vocab_size=args.vocab, seq_length=4096, num_layers=args.layers, hidden_size=args.hidden,
-                         num_attention_heads=8, num_query_groups=8, ffn_hidden_size=4 * args.hidden)  # fmt: skip
+    shape = TinyGPTShape(
+        vocab_size=args.vocab,
+        seq_length=4096,
+        num_layers=args.layers,
+        hidden_size=args.hidden,
+        num_attention_heads=8,
+        num_query_groups=8,
+        ffn_hidden_size=4 * args.hidden,
+    )
     chunks = build_tiny_gpt(shape, seed=0)
     gen = torch.Generator().manual_seed(2)
     prompt_ids = [torch.randint(3, args.vocab, (p,), generator=gen).tolist() for p in prompts]
-    outs = [Response(i, torch.randint(3, args.vocab, (r,), generator=gen).tolist(), -torch.rand(r, generator=gen),
-                     "stop") for i, r in enumerate(responses)]  # fmt: skip
+    outs = [
+        Response(i, torch.randint(3, args.vocab, (r,), generator=gen).tolist(), -torch.rand(r, generator=gen), "stop")
+        for i, r in enumerate(responses)
+    ]
     batch = StepBatch.from_responses(prompt_ids, outs, max_response_length=max(responses))
     batch.old_log_prob = batch.rollout_log_prob.clone()
     batch.advantages = torch.randn(batch.response_mask.shape, generator=gen) * batch.response_mask
@@ -142,10 +158,14 @@ def measure(args: argparse.Namespace) -> dict:
         start = time.perf_counter()
         run_schedule(step, mbs, chunks, forward_only=False)
         times.append(time.perf_counter() - start)
-    return {"microbatches": len(mbs), "processed": sum(mb.tokens.numel() for mb in mbs),
-            "real": int(batch.lengths.sum()), "longest": int(batch.lengths.max()),
-            "seconds": statistics.median(times[1:]),
-            "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # fmt: skip
+    return {
+        "microbatches": len(mbs),
+        "processed": sum(mb.tokens.numel() for mb in mbs),
+        "real": int(batch.lengths.sum()),
+        "longest": int(batch.lengths.max()),
+        "seconds": statistics.median(times[1:]),
+        "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def time_table(args: argparse.Namespace, variants: tuple[str, ...], baseline: str) -> str:
@@ -153,21 +173,31 @@ def time_table(args: argparse.Namespace, variants: tuple[str, ...], baseline: st
     results = {}
     for variant in variants:
         command = [sys.executable, __file__, "--child", variant, *sys.argv[1:]]
-        out = subprocess.run(command, capture_output=True, text=True, check=True, env={**os.environ,
-                             "MASTER_PORT": str(29531 + len(results))}).stdout  # fmt: skip
+        out = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "MASTER_PORT": str(29531 + len(results))},
+        ).stdout
         results[variant] = json.loads(out.strip().splitlines()[-1])
     first = next(iter(results.values()))
     base = results[baseline]
-    lines = [f"{args.sequences} sequences (7B-recipe lengths / {args.scale}: {first['real']} real tokens, longest "
-             f"{first['longest']}), GPT {args.layers} layers x {args.hidden} hidden, vocabulary {args.vocab}, fp32, "
-             f"budget {args.budget}, {torch.get_num_threads()} threads; forward + backward of the policy loss "
-             f"(median of {args.repeats}); peak resident memory of the whole process.\n",
-             f"| variant | micro-batches | processed / real | seconds | ms per 1k real tokens | time vs {baseline} | "
-             "peak MiB |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"{args.sequences} sequences (7B-recipe lengths / {args.scale}: {first['real']} real tokens, longest "
+        f"{first['longest']}), GPT {args.layers} layers x {args.hidden} hidden, vocabulary {args.vocab}, fp32, "
+        f"budget {args.budget}, {torch.get_num_threads()} threads; forward + backward of the policy loss "
+        f"(median of {args.repeats}); peak resident memory of the whole process.\n",
+        f"| variant | micro-batches | processed / real | seconds | ms per 1k real tokens | time vs {baseline} | "
+        "peak MiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for variant, r in results.items():
-        lines.append(f"| {variant} | {r['microbatches']} | {r['processed'] / r['real']:.2f} | {r['seconds']:.2f} | "
-                     f"{1e6 * r['seconds'] / r['real']:.1f} | {r['seconds'] / base['seconds']:.2f}x | "
-                     f"{r['peak_mib']:.0f} |")  # fmt: skip
+        lines.append(
+            f"| {variant} | {r['microbatches']} | {r['processed'] / r['real']:.2f} | {r['seconds']:.2f} | "
+            f"{1e6 * r['seconds'] / r['real']:.1f} | {r['seconds'] / base['seconds']:.2f}x | "
+            f"{r['peak_mib']:.0f} |"
+        )
     return "\n".join(lines)
 
 

@@ -31,9 +31,14 @@ def _write_model(path: Path, args: argparse.Namespace) -> int:
     import transformers  # noqa: PLC0415
 
     config = transformers.LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=16,
-        num_key_value_heads=4, intermediate_size=args.hidden * 3, dtype="bfloat16",
-    )  # fmt: skip
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        intermediate_size=args.hidden * 3,
+        dtype="bfloat16",
+    )
     config.architectures = ["LlamaForCausalLM"]
     transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
@@ -80,8 +85,12 @@ def main() -> None:
     print(f"checkpoint: {mib:.0f} MiB bf16 ({args.layers} layers, hidden {args.hidden}, vocab {args.vocab})\n")
     print("| step | seconds | MiB/s | ratio vs plain read+write |")
     print("|---|---|---|---|")
-    steps = ("hf_to_mcore, first in the process", "mcore_to_hf, first in the process",
-             "hf_to_mcore, second in the process", "mcore_to_hf, second in the process")  # fmt: skip
+    steps = (
+        "hf_to_mcore, first in the process",
+        "mcore_to_hf, first in the process",
+        "hf_to_mcore, second in the process",
+        "mcore_to_hf, second in the process",
+    )
     for name, seconds in (("plain read + write", plain), *zip(steps, times, strict=True)):
         print(f"| {name} | {seconds:.2f} | {mib / seconds:.0f} | {plain / seconds:.2f} |")
 

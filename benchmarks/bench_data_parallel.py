@@ -42,9 +42,17 @@ PHASES = ("generate", "old_log_prob", "train", "sync")
 
 
 def _model(path: Path) -> Path:
-    config = transformers.LlamaConfig(vocab_size=1000, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
-                                      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256,
-                                      eos_token_id=2, bos_token_id=1)  # fmt: skip
+    config = transformers.LlamaConfig(
+        vocab_size=1000,
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=256,
+        eos_token_id=2,
+        bos_token_id=1,
+    )
     config.architectures = ["LlamaForCausalLM"]
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).float().save_pretrained(path, safe_serialization=True)
@@ -57,10 +65,17 @@ def _rank(rank: int, world: int, model: Path, sizes: tuple[int, int], out: Path)
     prompts_per_step, response = sizes
     runtime.quiet_logs()
     runtime.initialize_model_parallel(1, 1)
-    overrides = [f"model.path={model}", "engine.kind=hf", "model.micro_batch_size=4",
-                 "rollout.num_samples_per_prompt=4", f"rollout.max_response_length={response}",
-                 "algo.reward_shaping.buffer_length=4", f"train.prompts_per_step={prompts_per_step}",
-                 "train.mini_batch_prompts=4", "optim.lr=1e-4"]  # fmt: skip
+    overrides = [
+        f"model.path={model}",
+        "engine.kind=hf",
+        "model.micro_batch_size=4",
+        "rollout.num_samples_per_prompt=4",
+        f"rollout.max_response_length={response}",
+        "algo.reward_shaping.buffer_length=4",
+        f"train.prompts_per_step={prompts_per_step}",
+        "train.mini_batch_prompts=4",
+        "optim.lr=1e-4",
+    ]
     config = load_config(REPO / "configs/algo/hapo.yaml", overrides)
     actor = build_actor(config)
     gen = torch.Generator().manual_seed(0)
@@ -74,8 +89,15 @@ def _rank(rank: int, world: int, model: Path, sizes: tuple[int, int], out: Path)
 
     state = StepState()
     for _ in range(2):
-        metrics = rl_step(actor, engine, score, prompts=prompts, answers=[i % 2 for i in range(len(prompts))],
-                          config=config, state=state)  # fmt: skip
+        metrics = rl_step(
+            actor,
+            engine,
+            score,
+            prompts=prompts,
+            answers=[i % 2 for i in range(len(prompts))],
+            config=config,
+            state=state,
+        )
     times = runtime.all_gather_objects({phase: metrics[f"time_{phase}"] for phase in PHASES})
     if rank == 0:  # each phase's slowest rank (the step waits for it)
         metrics.update({f"time_{phase}": max(t[phase] for t in times) for phase in PHASES})
@@ -100,19 +122,26 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model = _model(Path(tmp) / "model")
         results = {w: measure(w, model, prompts_per_step, response) for w in map(int, args.worlds.split(","))}
-    print(f"One HAPO step, {prompts_per_step} prompts x 4 samples, responses up to {response} tokens, TP1 x DP n "
-          f"(second step; times are each phase's slowest rank, 1 torch thread per rank)\n")  # fmt: skip
+    print(
+        f"One HAPO step, {prompts_per_step} prompts x 4 samples, responses up to {response} tokens, TP1 x DP n "
+        f"(second step; times are each phase's slowest rank, 1 torch thread per rank)\n"
+    )
     base = results.get(1)
     phases = " | ".join(f"{p} s" for p in PHASES)
-    print(f"| DP | requests per engine / step's requests | forward-only sequences per rank / its share | {phases} "
-          "| step s | DP1 step / this step |")  # fmt: skip
+    print(
+        f"| DP | requests per engine / step's requests | forward-only sequences per rank / its share | {phases} "
+        "| step s | DP1 step / this step |"
+    )
     print("|---|---|---|" + "---|" * len(PHASES) + "---|---|")
     for world, m in results.items():
         step = sum(m[f"time_{p}"] for p in PHASES)
         ratio = f"{sum(base[f'time_{p}'] for p in PHASES) / step:.2f}x" if base else "-"
-        print(f"| {world} | {m['rollout_requests_per_engine']:.0f} / {requests} | "
-              f"{m['forward_only_sequences']:.0f} / {requests / world:.0f} | "
-              + " | ".join(f"{m[f'time_{p}']:.2f}" for p in PHASES) + f" | {step:.2f} | {ratio} |")  # fmt: skip
+        print(
+            f"| {world} | {m['rollout_requests_per_engine']:.0f} / {requests} | "
+            f"{m['forward_only_sequences']:.0f} / {requests / world:.0f} | "
+            + " | ".join(f"{m[f'time_{p}']:.2f}" for p in PHASES)
+            + f" | {step:.2f} | {ratio} |"
+        )
     return 0
 
 

@@ -93,8 +93,9 @@ def make_step(variant: str, n: int, v: int, args: argparse.Namespace, device: st
         kwargs = {"tp_group": None, "chunk_size": args.chunk or None, "with_entropy_grad": True}
         return lambda: vocab_parallel_logprob_entropy(logits, targets, **kwargs), [logits]
     if variant == "megatron":
-        dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"file://{tempfile.mktemp()}",
-                                rank=0, world_size=1)  # fmt: skip
+        dist.init_process_group(
+            "nccl" if device == "cuda" else "gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1
+        )
         return lambda: megatron_logprob_entropy(logits, targets), [logits]
     return lambda: torch_logprob_entropy(logits, targets), [logits]
 
@@ -149,8 +150,22 @@ def run_child(variant: str, size: str, args: argparse.Namespace) -> dict[str, fl
 
 def run_variant(variant: str, size: str, args: argparse.Namespace) -> dict | str:
     """The child's result, or why it failed."""
-    cmd = [sys.executable, __file__, "--child", variant, "--sizes", size, "--dtype", args.dtype, "--chunk",
-           str(args.chunk), "--hidden", str(args.hidden), "--repeats", str(args.repeats)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        variant,
+        "--sizes",
+        size,
+        "--dtype",
+        args.dtype,
+        "--chunk",
+        str(args.chunk),
+        "--hidden",
+        str(args.hidden),
+        "--repeats",
+        str(args.repeats),
+    ]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
@@ -163,8 +178,10 @@ def report_size(size: str, results: dict[str, dict | str], args: argparse.Namesp
     n, v = (int(x) for x in size.split("x"))
     fp32 = n * v * 4
     chunk = args.chunk or auto_chunk_rows(n, v)
-    print(f"\n### {n} x {v}, {args.dtype} logits ({n * v * DTYPES[args.dtype].itemsize / 2**20:.0f} MiB), "
-          f"chunk {chunk} ({-(-n // chunk)} chunks), hidden {args.hidden} (fused rows)\n")  # fmt: skip
+    print(
+        f"\n### {n} x {v}, {args.dtype} logits ({n * v * DTYPES[args.dtype].itemsize / 2**20:.0f} MiB), "
+        f"chunk {chunk} ({-(-n // chunk)} chunks), hidden {args.hidden} (fused rows)\n"
+    )
     print("| variant | fwd+bwd time (s) | extra peak (MiB) | (extra − grad) / fp32 logits | time vs megatron |")
     print("|---|---|---|---|---|")
     ok = {k: r for k, r in results.items() if isinstance(r, dict)}
@@ -179,8 +196,10 @@ def report_size(size: str, results: dict[str, dict | str], args: argparse.Namesp
             ratio = "— (baseline of fused)" if name == "torch+matmul" else "—"
         else:
             ratio = f"{r['seconds'] / ok['megatron']['seconds']:.2f}"
-        print(f"| {name} | {r['seconds']:.3f} | {r['extra'] / 2**20:.0f} | {(r['extra'] - r['grad']) / fp32:.3f} "
-              f"| {ratio} |")  # fmt: skip
+        print(
+            f"| {name} | {r['seconds']:.3f} | {r['extra'] / 2**20:.0f} | {(r['extra'] - r['grad']) / fp32:.3f} "
+            f"| {ratio} |"
+        )
     for name, r in results.items():
         if not isinstance(r, dict):
             print(f"\n{name} failed: {r}")
@@ -221,8 +240,10 @@ def main() -> None:
     sizes = sizes[:1] if args.quick else sizes
     variants = ["ours", "megatron", "torch"] + (["torch+matmul", "fused"] if fused_available() else [])
     device = f"CUDA {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "CPU"
-    print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, median of {args.repeats} "
-          "after one warm-up, fresh subprocess per (variant, size)")  # fmt: skip
+    print(
+        f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, median of {args.repeats} "
+        "after one warm-up, fresh subprocess per (variant, size)"
+    )
     for size in sizes:
         report_size(size, {variant: run_variant(variant, size, args) for variant in variants}, args)
 

@@ -26,10 +26,15 @@ def _write_model(path: Path, args: argparse.Namespace) -> None:
     import transformers  # noqa: PLC0415
 
     config = transformers.LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
-        num_attention_heads=args.hidden // 64, num_key_value_heads=max(args.hidden // 256, 1),
-        intermediate_size=args.hidden * 3, max_position_embeddings=1024, dtype="float32",
-    )  # fmt: skip
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64,
+        num_key_value_heads=max(args.hidden // 256, 1),
+        intermediate_size=args.hidden * 3,
+        max_position_embeddings=1024,
+        dtype="float32",
+    )
     config.architectures = ["LlamaForCausalLM"]
     transformers.LlamaForCausalLM(config).save_pretrained(path)
 
@@ -107,9 +112,18 @@ def _rank(rank: int, world: int, args: argparse.Namespace, model_dir: Path, out:
         rates["plain"].append(_decode(engine, prompts, plain, None))
         rates["adaptive"].append(_decode(engine, prompts, adaptive, stats))
     engine.close()
-    out.write_text(json.dumps({"bytes": plan.total_bytes, "sync": sync, "reload": reload, "copy": copy,
-                               "plain": statistics.median(rates["plain"]),
-                               "adaptive": statistics.median(rates["adaptive"])}))  # fmt: skip
+    out.write_text(
+        json.dumps(
+            {
+                "bytes": plan.total_bytes,
+                "sync": sync,
+                "reload": reload,
+                "copy": copy,
+                "plain": statistics.median(rates["plain"]),
+                "adaptive": statistics.median(rates["adaptive"]),
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -129,16 +143,20 @@ def main() -> None:
         run_local_ranks(_rank, 1, args, model_dir, out)
         r = json.loads(out.read_text())
     mib = r["bytes"] / 2**20
-    print(f"model: {mib:.0f} MiB float32 ({args.layers} layers, hidden {args.hidden}, vocab {args.vocab}); "
-          f"decode batch {args.prompts} x {args.tokens} tokens\n")  # fmt: skip
+    print(
+        f"model: {mib:.0f} MiB float32 ({args.layers} layers, hidden {args.hidden}, vocab {args.vocab}); "
+        f"decode batch {args.prompts} x {args.tokens} tokens\n"
+    )
     print("| measurement | value | ratio |")
     print("|---|---|---|")
     print(f"| plain memory copy of the synced bytes | {mib / r['copy']:.0f} MiB/s | 1.00 |")
     print(f"| `sync_weights` into vLLM | {mib / r['sync']:.0f} MiB/s | {r['copy'] / r['sync']:.2f} |")
     print(f"| of which in vLLM's `reload_weights` | {100 * r['reload'] / r['sync']:.0f} % of the sync time | |")
     print(f"| decode, plain temperature | {r['plain']:.0f} tokens/s | 1.00 |")
-    print(f"| decode, adaptive temperature | {r['adaptive']:.0f} tokens/s | {r['adaptive'] / r['plain']:.3f} "
-          f"(overhead {100 * (r['plain'] / r['adaptive'] - 1):.1f} %) |")  # fmt: skip
+    print(
+        f"| decode, adaptive temperature | {r['adaptive']:.0f} tokens/s | {r['adaptive'] / r['plain']:.3f} "
+        f"(overhead {100 * (r['plain'] / r['adaptive'] - 1):.1f} %) |"
+    )
 
 
 if __name__ == "__main__":

@@ -28,9 +28,15 @@ from megatron_hapo.parallel.local_launch import run_local_ranks
 def _save_llama(path: Path, hidden: int, layers: int, vocab: int, scale: float) -> None:
     import transformers  # noqa: PLC0415
 
-    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
-                                      num_hidden_layers=layers, num_attention_heads=hidden // 64,
-                                      num_key_value_heads=hidden // 64, max_position_embeddings=256)  # fmt: skip
+    config = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        max_position_embeddings=256,
+    )
     config.architectures = ["LlamaForCausalLM"]
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).float()
@@ -59,11 +65,17 @@ def _broken(engine: object, model_dir: Path, case: str, layer: int, stale_lr: fl
     prefix = f"model.layers.{layer}."
     gen = torch.Generator().manual_seed(1)
     if case == "corrupted":
-        damaged = {n: torch.randn(t.shape, generator=gen) * t.float().std() for n, t in weights.items()
-                   if n.startswith(prefix) and t.dim() > 1}  # fmt: skip
+        damaged = {
+            n: torch.randn(t.shape, generator=gen) * t.float().std()
+            for n, t in weights.items()
+            if n.startswith(prefix) and t.dim() > 1
+        }
     elif case == "stale":  # the engine kept this layer from before an update of relative size stale_lr
-        damaged = {n: t.float() * (1 + stale_lr * torch.randn(t.shape, generator=gen).sign())
-                   for n, t in weights.items() if n.startswith(prefix)}  # fmt: skip
+        damaged = {
+            n: t.float() * (1 + stale_lr * torch.randn(t.shape, generator=gen).sign())
+            for n, t in weights.items()
+            if n.startswith(prefix)
+        }
     else:
         damaged = {"model.norm.weight": torch.zeros_like(weights["model.norm.weight"])}
     engine.load_weights(iter(damaged.items()))
@@ -87,15 +99,23 @@ def _measure(rank: int, world: int, args: argparse.Namespace, model_dir: Path, o
         load_hf_weights(chunks, spec, HFCheckpoint(model_dir).__getitem__, tp_rank=0, tp_size=1)
         for engine_dtype in ("float32", "bfloat16"):
             engine = HFEngine(model_dir, HFEngineConfig(dtype=engine_dtype, max_model_len=128))
-            rows.append((f"correct sync: trainer {trainer_dtype}, engine {engine_dtype}",
-                         *_probe_errors(engine, chunks, groups, probes, spec.vocab_size)))  # fmt: skip
+            rows.append(
+                (
+                    f"correct sync: trainer {trainer_dtype}, engine {engine_dtype}",
+                    *_probe_errors(engine, chunks, groups, probes, spec.vocab_size),
+                )
+            )
             if trainer_dtype == "bfloat16" and engine_dtype == "float32":
                 for case in ("corrupted", "stale", "zeroed final norm"):
                     broken = HFEngine(model_dir, HFEngineConfig(dtype=engine_dtype, max_model_len=128))
                     _broken(broken, model_dir, case, spec.num_layers // 2, args.stale_lr)
                     label = f"broken sync ({case}{f', lr {args.stale_lr:g}' if case == 'stale' else ''})"
-                    rows.append((f"{label}: trainer bf16, engine fp32",
-                                 *_probe_errors(broken, chunks, groups, probes, spec.vocab_size)))  # fmt: skip
+                    rows.append(
+                        (
+                            f"{label}: trainer bf16, engine fp32",
+                            *_probe_errors(broken, chunks, groups, probes, spec.vocab_size),
+                        )
+                    )
     Path(out[0]).write_text("\n".join(f"{label}\t{mult:.3g}\t{worst:.3g}" for label, mult, worst in rows))
 
 

@@ -63,20 +63,29 @@ def _response_mask(tokens: torch.Tensor) -> torch.Tensor:
     return ended_before == 0
 
 
-def _microbatches(tokens: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor | None,
-                  old_log_prob: torch.Tensor | None, count: int) -> list[PolicyMicroBatch]:  # fmt: skip
+def _microbatches(
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    advantages: torch.Tensor | None,
+    old_log_prob: torch.Tensor | None,
+    count: int,
+) -> list[PolicyMicroBatch]:
     """Split ``[N, 1 + L]`` sequences into ``count`` micro-batches aligned for next-token prediction."""
     seq_mask = torch.cat([mask, torch.zeros_like(mask[:, :1])], dim=1)  # position t predicts token t + 1
     targets = torch.roll(tokens, -1, dims=1)
     padded = None if advantages is None else torch.cat([advantages, torch.zeros_like(advantages[:, :1])], dim=1)
     out = []
     for rows in torch.arange(tokens.shape[0]).chunk(count):
-        out.append(PolicyMicroBatch(
-            tokens=tokens[rows], position_ids=torch.arange(tokens.shape[1]).expand(len(rows), -1),
-            targets=targets[rows], mask=seq_mask[rows],
-            advantages=None if padded is None else padded[rows],
-            old_log_prob=None if old_log_prob is None else old_log_prob[rows],
-        ))  # fmt: skip
+        out.append(
+            PolicyMicroBatch(
+                tokens=tokens[rows],
+                position_ids=torch.arange(tokens.shape[1]).expand(len(rows), -1),
+                targets=targets[rows],
+                mask=seq_mask[rows],
+                advantages=None if padded is None else padded[rows],
+                old_log_prob=None if old_log_prob is None else old_log_prob[rows],
+            )
+        )
     return out
 
 
@@ -86,14 +95,19 @@ def _rl_step(chunks: list, optim: torch.optim.Optimizer, config: Any, stats: Any
 
     algo, task, groups = config.algo, ToyTask(), ParallelGroups.from_megatron()
     group_ids = torch.arange(task.prompts).repeat_interleave(task.group_size)
-    tokens = _sample(chunks[0], torch.randint(1, task.vocab, (task.prompts,), generator=gen)[group_ids], algo,
-                     stats, gen)  # fmt: skip
+    tokens = _sample(
+        chunks[0], torch.randint(1, task.vocab, (task.prompts,), generator=gen)[group_ids], algo, stats, gen
+    )
     mask = _response_mask(tokens)
     correct = ((tokens[:, 1:] == TARGET) & mask).sum(-1) >= task.min_hits
     schedule = partial(get_forward_backward_func(), model=chunks, seq_length=tokens.shape[1], micro_batch_size=16)
     mbs = _microbatches(tokens, mask, None, None, tokens.shape[0] // 16)
-    outs = schedule(forward_step_func=LogProbEntropyStep(groups, task.vocab), data_iterator=iter(mbs),
-                    num_microbatches=len(mbs), forward_only=True)  # fmt: skip
+    outs = schedule(
+        forward_step_func=LogProbEntropyStep(groups, task.vocab),
+        data_iterator=iter(mbs),
+        num_microbatches=len(mbs),
+        forward_only=True,
+    )
     old_log_prob = torch.cat([o["log_prob"] for o in outs])
     entropy = torch.cat([o["entropy"] for o in outs])
     next_stats = pooled_entropy_stats([entropy], [m.mask for m in mbs], algo, groups)
@@ -105,8 +119,13 @@ def _rl_step(chunks: list, optim: torch.optim.Optimizer, config: Any, stats: Any
         mbs = _microbatches(tokens[keep], mask[keep], advantages, old_log_prob[keep], 2)
         plan = plan_minibatch(mbs, algo, groups, entropy_stats=next_stats)
         optim.zero_grad()
-        schedule(forward_step_func=PolicyLossStep(algo, groups, plan, task.vocab), data_iterator=iter(mbs),
-                 num_microbatches=len(mbs), micro_batch_size=mbs[0].tokens.shape[0], forward_only=False)  # fmt: skip
+        schedule(
+            forward_step_func=PolicyLossStep(algo, groups, plan, task.vocab),
+            data_iterator=iter(mbs),
+            num_microbatches=len(mbs),
+            micro_batch_size=mbs[0].tokens.shape[0],
+            forward_only=False,
+        )
         optim.step()
     return float(correct.float().mean()), next_stats
 
@@ -147,8 +166,10 @@ def main(argv: list[str] | None = None) -> int:
         mp.spawn(_rank_main, args=(args.tp, settings, result_file), nprocs=args.tp, join=True)
         accuracy = json.loads(Path(result_file).read_text())
     first, last = sum(accuracy[:5]) / 5, sum(accuracy[-5:]) / 5
-    print(f"Megatron GPT, TP{args.tp}, {Path(args.config).stem}: accuracy {first:.3f} (first 5 steps) -> "
-          f"{last:.3f} (last 5)")  # fmt: skip
+    print(
+        f"Megatron GPT, TP{args.tp}, {Path(args.config).stem}: accuracy {first:.3f} (first 5 steps) -> "
+        f"{last:.3f} (last 5)"
+    )
     ok = last - first >= args.min_gain
     print("megatron self-check passed" if ok else "megatron self-check FAILED")
     return 0 if ok else 1

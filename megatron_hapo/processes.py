@@ -55,8 +55,10 @@ class StopSignals:
         self.count = 0
         self._first: tuple[int, float] | None = None
         if len(os.listdir("/proc/self/task")) > 1:  # e.g. ``import torch`` starts one
-            logger.warning("threads started before the stop signals were blocked (import torch after StopSignals): "
-                           "a stop signal one of them takes waits until the main thread runs Python")  # fmt: skip
+            logger.warning(
+                "threads started before the stop signals were blocked (import torch after StopSignals): "
+                "a stop signal one of them takes waits until the main thread runs Python"
+            )
         self._event: Any = mp.get_context("spawn").Event() if shared else threading.Event()
         # a thread that existed before (none in our entry points) could still take a signal: handle it the same
         for signum in STOP_SIGNALS:

@@ -33,9 +33,17 @@ EOS = 2
 def _tiny_llama(path: Path) -> None:
     import transformers  # noqa: PLC0415
 
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                                      eos_token_id=EOS, bos_token_id=1)  # fmt: skip
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        eos_token_id=EOS,
+        bos_token_id=1,
+    )
     config.architectures = ["LlamaForCausalLM"]
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).float().save_pretrained(path, safe_serialization=True)
@@ -69,34 +77,64 @@ def _rank(rank: int, world: int, args: argparse.Namespace, preset: str, dirs: tu
     model_dir, run_dir = dirs
     runtime.quiet_logs()
     runtime.initialize_model_parallel(world, 1, seed=args.seed)
-    config = load_config(PRESET_DIR / f"{preset}.yaml", [
-        "rollout.num_samples_per_prompt=8", "rollout.max_response_length=4", "algo.reward_shaping.buffer_length=2",
-        "train.prompts_per_step=16", "train.mini_batch_prompts=8", f"train.total_steps={args.steps}",
-        f"train.seed={args.seed}", f"optim.lr={args.lr}", "optim.warmup_steps=0", "optim.weight_decay=0",
-    ])  # fmt: skip
+    config = load_config(
+        PRESET_DIR / f"{preset}.yaml",
+        [
+            "rollout.num_samples_per_prompt=8",
+            "rollout.max_response_length=4",
+            "algo.reward_shaping.buffer_length=2",
+            "train.prompts_per_step=16",
+            "train.mini_batch_prompts=8",
+            f"train.total_steps={args.steps}",
+            f"train.seed={args.seed}",
+            f"optim.lr={args.lr}",
+            "optim.warmup_steps=0",
+            "optim.weight_decay=0",
+        ],
+    )
     spec = read_decoder_spec(model_dir)
     chunks = build_gpt(spec, ddp=True)
     load_hf_weights(chunks, spec, HFCheckpoint(model_dir).__getitem__, tp_rank=rank, tp_size=world)
-    optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=args.lr, weight_decay=0.0,
-                                                       clip_grad=1.0, params_dtype=torch.float32), chunks)  # fmt: skip
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=args.lr, weight_decay=0.0, clip_grad=1.0, params_dtype=torch.float32),
+        chunks,
+    )
     groups = ParallelGroups.from_megatron()
-    engine = VLLMEngine(model_dir, VLLMConfig(tensor_parallel_size=world, max_model_len=32, max_num_seqs=64,
-                                              dtype="float32"))  # fmt: skip
-    actor = Actor(chunks, optimizer, spec, groups, build_sync_plan(chunks, spec, groups, bucket_bytes=2**22),
-                  probe=[5, 17, 99, 300, 7, 11, 12], micro_batch_size=16)  # fmt: skip
+    engine = VLLMEngine(
+        model_dir, VLLMConfig(tensor_parallel_size=world, max_model_len=32, max_num_seqs=64, dtype="float32")
+    )
+    actor = Actor(
+        chunks,
+        optimizer,
+        spec,
+        groups,
+        build_sync_plan(chunks, spec, groups, bucket_bytes=2**22),
+        probe=[5, 17, 99, 300, 7, 11, 12],
+        micro_batch_size=16,
+    )
     workers = RewardWorkers(first_token_equals, workers=1, timeout_s=30.0, failure_value=(-1.0, False))
     prompts, answers = modular_sum_prompts(256, args.seed, max_addend=args.max_addend)
     eval_prompts, eval_answers = _all_sums(args.max_addend)
     settings = LoopSettings(run_dir, eval_interval=10, eval_settings=EvalSettings(max_tokens=4))
     try:
         examples = [(p, [a, EOS]) for p, a in zip(prompts, answers, strict=True)]
-        nll = supervised_warmup(actor, engine, examples, steps=args.warmup_steps, batch_size=32, lr=args.warmup_lr,
-                                seed=args.seed)  # fmt: skip
+        nll = supervised_warmup(
+            actor, engine, examples, steps=args.warmup_steps, batch_size=32, lr=args.warmup_lr, seed=args.seed
+        )
         if rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "warmup.json").write_text(json.dumps({"nll": nll}))
-        train(actor, engine, worker_scorer(workers), config, settings, prompts=prompts, answers=answers,
-              eval_prompts=eval_prompts, eval_answers=eval_answers)  # fmt: skip
+        train(
+            actor,
+            engine,
+            worker_scorer(workers),
+            config,
+            settings,
+            prompts=prompts,
+            answers=answers,
+            eval_prompts=eval_prompts,
+            eval_answers=eval_answers,
+        )
     finally:
         workers.close()
         engine.close()
@@ -125,8 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tp", type=int, default=2, help="ranks (Megatron TP and vLLM TP)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--run-dir", type=Path, default=Path("runs/rl_demo"),
-                        help="metrics per preset and curves.png go here")  # fmt: skip
+    parser.add_argument(
+        "--run-dir", type=Path, default=Path("runs/rl_demo"), help="metrics per preset and curves.png go here"
+    )
     args = parser.parse_args(argv)
     run_dir = args.run_dir
     for preset in args.presets:

@@ -69,8 +69,9 @@ class Rollout:
     temperatures: torch.Tensor
 
 
-def sample(table: torch.Tensor, config: Config, stats: EntropyStats | None, group_ids: torch.Tensor,
-           gen: torch.Generator) -> Rollout:  # fmt: skip
+def sample(
+    table: torch.Tensor, config: Config, stats: EntropyStats | None, group_ids: torch.Tensor, gen: torch.Generator
+) -> Rollout:
     """Sample one response per entry of ``group_ids`` from the logits table with the configured sampling kind."""
     sampling = config.algo.sampling
     num, length = group_ids.numel(), table.shape[0]
@@ -115,8 +116,7 @@ def guide_batch(table: torch.Tensor, samples: Rollout | None) -> GuideBatch | No
         return None
     advantages = grpo_advantages(samples.correct.float() * 2 - 1, samples.group_ids)
     log_prob, _ = score(table, samples.tokens)
-    return GuideBatch(log_prob=log_prob, guide_log_prob=samples.old_log_prob, advantages=advantages,
-                      mask=samples.mask)  # fmt: skip
+    return GuideBatch(log_prob=log_prob, guide_log_prob=samples.old_log_prob, advantages=advantages, mask=samples.mask)
 
 
 def train_preset(config: Config, steps: int, seed: int = 0) -> dict[str, float]:
@@ -132,29 +132,43 @@ def train_preset(config: Config, steps: int, seed: int = 0) -> dict[str, float]:
         roll = sample(table, config, stats, group_ids, gen)
         accuracy.append(float(roll.correct.float().mean()))
         temps.append(roll.temperatures)
-        rewards = shape_rewards(config.algo, roll.correct.float() * 2 - 1, roll.mask.sum(-1),
-                                max_length=config.rollout.max_response_length)  # fmt: skip
+        rewards = shape_rewards(
+            config.algo, roll.correct.float() * 2 - 1, roll.mask.sum(-1), max_length=config.rollout.max_response_length
+        )
         keep = keep_groups(config.algo, roll.correct.float(), roll.group_ids)
-        _, stats = normalized_entropy(roll.entropy, roll.mask, pivot_quantile=config.algo.entropy.pivot_quantile,
-                                      sign=config.algo.entropy.sign)  # fmt: skip
+        _, stats = normalized_entropy(
+            roll.entropy, roll.mask, pivot_quantile=config.algo.entropy.pivot_quantile, sign=config.algo.entropy.sign
+        )
         guided = guide_samples(guide, config, roll, gen)
         if not bool(keep.any()):
             continue
-        inputs = AdvantageInputs(rewards[keep], roll.group_ids[keep], roll.mask[keep], roll.correct[keep],
-                                 roll.entropy[keep])  # fmt: skip
+        inputs = AdvantageInputs(
+            rewards[keep], roll.group_ids[keep], roll.mask[keep], roll.correct[keep], roll.entropy[keep]
+        )
         advantages = compute_advantages(config.algo, inputs)
         tokens, old_log_prob, mask = roll.tokens[keep], roll.old_log_prob[keep], roll.mask[keep]
         for rows in torch.arange(tokens.shape[0]).chunk(2):
             log_prob, entropy = score(table, tokens[rows])
-            loss, _ = policy_loss(log_prob, old_log_prob[rows], advantages[rows], mask[rows], algo=config.algo,
-                                  entropy=entropy, guide_batch=guide_batch(table, guided))  # fmt: skip
+            loss, _ = policy_loss(
+                log_prob,
+                old_log_prob[rows],
+                advantages[rows],
+                mask[rows],
+                algo=config.algo,
+                entropy=entropy,
+                guide_batch=guide_batch(table, guided),
+            )
             optim.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(table, 1.0)
             optim.step()
     all_temps = torch.cat(temps)
-    return {"acc_first": sum(accuracy[:5]) / 5, "acc_last": sum(accuracy[-5:]) / 5,
-            "temp_min": float(all_temps.min()), "temp_max": float(all_temps.max())}  # fmt: skip
+    return {
+        "acc_first": sum(accuracy[:5]) / 5,
+        "acc_last": sum(accuracy[-5:]) / 5,
+        "temp_min": float(all_temps.min()),
+        "temp_max": float(all_temps.max()),
+    }
 
 
 def toy_config(path: Path, overrides: list[str]) -> Config:
@@ -187,8 +201,10 @@ def main(argv: list[str] | None = None) -> int:
         result = train_preset(config, args.steps, args.seed)
         ok = result["acc_last"] - result["acc_first"] >= args.min_gain
         failures += not ok
-        print(f"{path.stem:<14}{result['acc_first']:>10.3f}{result['acc_last']:>10.3f}"
-              f"{result['temp_min']:>8.3f}{result['temp_max']:>8.3f}  {'learns' if ok else 'FAILED'}")  # fmt: skip
+        print(
+            f"{path.stem:<14}{result['acc_first']:>10.3f}{result['acc_last']:>10.3f}"
+            f"{result['temp_min']:>8.3f}{result['temp_max']:>8.3f}  {'learns' if ok else 'FAILED'}"
+        )
     print("self-check passed" if not failures else f"self-check FAILED for {failures} preset(s)")
     return 1 if failures else 0
 

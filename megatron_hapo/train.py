@@ -45,8 +45,10 @@ def _check_paths(config: Any) -> None:
     import torch  # noqa: PLC0415  (imported late: the stop signals are blocked before anything heavy loads)
 
     if (config.model.transformer_engine or config.model.fp8) and not torch.cuda.is_available():
-        raise SystemExit("model.transformer_engine / model.fp8 need a CUDA GPU with Transformer Engine; on CPU set "
-                         "model.transformer_engine=false model.fp8=null")  # fmt: skip
+        raise SystemExit(
+            "model.transformer_engine / model.fp8 need a CUDA GPU with Transformer Engine; on CPU set "
+            "model.transformer_engine=false model.fp8=null"
+        )
     guide = config.algo.guide_policy
     if guide.kind != "none" and not (guide.model_path and (Path(guide.model_path) / "config.json").is_file()):
         raise SystemExit(f"algo.guide_policy.model_path={guide.model_path!r}: the guide policy's HF checkpoint")
@@ -64,8 +66,13 @@ def _prompts(config: Any, tokenizer: Any, path: str | None) -> tuple[list[list[i
     data = config.data
     read = read_prompts(path, prompt_key=data.prompt_key, answer_key=data.answer_key, bad_rows=data.bad_rows)
     encoded = encode_prompts(read.examples, tokenizer, max_prompt_length=config.rollout.max_prompt_length)
-    logger.info("%s: %d prompts, %d malformed rows skipped, %d over rollout.max_prompt_length dropped", path,
-                len(encoded.token_ids), len(read.skipped), encoded.dropped_too_long)  # fmt: skip
+    logger.info(
+        "%s: %d prompts, %d malformed rows skipped, %d over rollout.max_prompt_length dropped",
+        path,
+        len(encoded.token_ids),
+        len(read.skipped),
+        encoded.dropped_too_long,
+    )
     return encoded.token_ids, [e.answer for e in encoded.examples]
 
 
@@ -74,8 +81,9 @@ def _setup_logging(rank: int) -> None:
     package = logging.getLogger("megatron_hapo")
     if not package.handlers:
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s [rank %(rank)s]: %(message)s",
-                                               defaults={"rank": rank}))  # fmt: skip
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(name)s [rank %(rank)s]: %(message)s", defaults={"rank": rank})
+        )
         package.addHandler(handler)
     package.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     package.propagate = False
@@ -100,8 +108,9 @@ def _rank(rank: int, world: int, config: Any, should_stop: Callable[[], bool]) -
 
     model, out = config.model, config.output
     runtime.quiet_logs()
-    runtime.initialize_model_parallel(model.tensor_parallel, model.pipeline_parallel, model.virtual_pipeline,
-                                      seed=config.train.seed)  # fmt: skip
+    runtime.initialize_model_parallel(
+        model.tensor_parallel, model.pipeline_parallel, model.virtual_pipeline, seed=config.train.seed
+    )
     tokenizer = transformers.AutoTokenizer.from_pretrained(model.path)
     prompts, answers = _prompts(config, tokenizer, config.data.train_file)
     eval_prompts, eval_answers = _prompts(config, tokenizer, config.data.eval_file)
@@ -111,19 +120,37 @@ def _rank(rank: int, world: int, config: Any, should_stop: Callable[[], bool]) -
     actor.probe = sync_probe(prompts, length=min(PROBE_TOKENS, _context_length(config) // 16 * 16))
     engine, guide = _engines(config)
     reward = partial(math_reward, rule=config.data.reward, math_verify=config.data.math_verify)
-    workers = RewardWorkers(reward, workers=out.reward_workers, timeout_s=out.reward_timeout_s,
-                            failure_value=(-1.0, False))  # fmt: skip
+    workers = RewardWorkers(
+        reward, workers=out.reward_workers, timeout_s=out.reward_timeout_s, failure_value=(-1.0, False)
+    )
     eval_settings = EvalSettings(k=out.eval_k, max_tokens=config.rollout.max_response_length, seed=config.train.seed)
-    settings = LoopSettings(Path(out.dir), eval_interval=out.eval_interval, save_interval=out.save_interval,
-                            eval_settings=eval_settings, keep_last=out.keep_last, model_dir=Path(model.path),
-                            optimizer_sharding=out.optimizer_sharding,
-                            max_consecutive_skips=config.train.max_consecutive_skips)  # fmt: skip
+    settings = LoopSettings(
+        Path(out.dir),
+        eval_interval=out.eval_interval,
+        save_interval=out.save_interval,
+        eval_settings=eval_settings,
+        keep_last=out.keep_last,
+        model_dir=Path(model.path),
+        optimizer_sharding=out.optimizer_sharding,
+        max_consecutive_skips=config.train.max_consecutive_skips,
+    )
     try:
         state = _resume(actor, engine, Path(out.dir) / "checkpoints")
         score = worker_scorer(workers, decode=partial(tokenizer.batch_decode, skip_special_tokens=True))
-        state = train(actor, engine, score, config, settings, prompts=prompts,
-                      answers=answers, eval_prompts=eval_prompts, eval_answers=eval_answers, state=state,
-                      guide_engine=guide, should_stop=should_stop)  # fmt: skip
+        state = train(
+            actor,
+            engine,
+            score,
+            config,
+            settings,
+            prompts=prompts,
+            answers=answers,
+            eval_prompts=eval_prompts,
+            eval_answers=eval_answers,
+            state=state,
+            guide_engine=guide,
+            should_stop=should_stop,
+        )
         if state.stopped and rank == 0:  # for the parent of local ranks (mp.spawn returns no values)
             (Path(out.dir) / STOPPED_MARKER).write_text(str(state.step))
     finally:
@@ -167,16 +194,25 @@ def _engines(config: Any) -> tuple[Any, Any]:
     model = config.model
 
     def build(path: str, **kwargs: Any) -> DividedEngine:  # each replica generates its share of every call
-        engine = make_engine(path, engine=config.engine, dtype=model.dtype, seed=config.train.seed,
-                             max_model_len=_context_length(config), **kwargs)  # fmt: skip
+        engine = make_engine(
+            path,
+            engine=config.engine,
+            dtype=model.dtype,
+            seed=config.train.seed,
+            max_model_len=_context_length(config),
+            **kwargs,
+        )
         return DividedEngine(engine, ranks_per_engine=config.engine.tensor_parallel)
 
     engine = build(model.path)
     if config.algo.guide_policy.kind == "none":
         return engine, None
     engine.sleep()
-    guide = build(config.algo.guide_policy.model_path, sleep_mode=False,
-                  gpu_memory_utilization=config.engine.guide_gpu_memory_utilization)  # fmt: skip
+    guide = build(
+        config.algo.guide_policy.model_path,
+        sleep_mode=False,
+        gpu_memory_utilization=config.engine.guide_gpu_memory_utilization,
+    )
     engine.wake_up()
     return engine, guide
 
@@ -221,8 +257,10 @@ def main(argv: list[str] | None = None) -> int:
         stopped = marker.is_file()
     marker.unlink(missing_ok=True)
     if stopped:
-        logger.warning("stopped on a signal (checkpointed, or before the first step); exit %d asks the launcher "
-                       "to requeue", EXIT_REQUEUE)  # fmt: skip
+        logger.warning(
+            "stopped on a signal (checkpointed, or before the first step); exit %d asks the launcher to requeue",
+            EXIT_REQUEUE,
+        )
         return EXIT_REQUEUE
     return 0
 

@@ -109,8 +109,15 @@ SYNC_TOLERANCE = 0.03  # verify_sync's mean multiplicative error, both sides in 
 PPO_STEPS, CLI_STEPS = 3, 3
 
 #: The checks of the suite process, in order, with their time limits in seconds (``--budget-scale`` multiplies).
-SUITE = (("device", 60), ("forward_fp32", 40), ("forward_bf16", 40), ("weight_sync", 40), ("ppo_updates", 90),
-         ("checkpoint", 60), ("export_hf", 60))  # fmt: skip
+SUITE = (
+    ("device", 60),
+    ("forward_fp32", 40),
+    ("forward_bf16", 40),
+    ("weight_sync", 40),
+    ("ppo_updates", 90),
+    ("checkpoint", 60),
+    ("export_hf", 60),
+)
 #: Hard limits (seconds) of the stages; they sum to 450 s, under the 8 minutes the check has on a GPU node.
 STAGE_LIMITS = {"tiny_model": 40, "suite": 170, "train_cli": 100, "pytest_gpu": 140}
 #: SKIPs that do not fail the check: what the check machine cannot run (no vLLM, no Transformer Engine, one GPU).
@@ -211,10 +218,17 @@ def make_tiny_inputs(root: Path, seed: int = 0) -> dict[str, Path]:
     root.mkdir(parents=True, exist_ok=True)
     model_dir = root / "model"
     config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=256, bos_token_id=1,
-        eos_token_id=EOS_IDS, tie_word_embeddings=False,
-    )  # fmt: skip
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=FFN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=EOS_IDS,
+        tie_word_embeddings=False,
+    )
     config.architectures = ["LlamaForCausalLM"]
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(config).float()
@@ -225,17 +239,26 @@ def make_tiny_inputs(root: Path, seed: int = 0) -> dict[str, Path]:
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    template = ("{% for m in messages %}<|{{ m.role }}|> {{ m.content }} {% endfor %}"
-                "{% if add_generation_prompt %}<|assistant|>{% endif %}")  # fmt: skip
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                         chat_template=template).save_pretrained(model_dir)  # fmt: skip
+    template = (
+        "{% for m in messages %}<|{{ m.role }}|> {{ m.content }} {% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", chat_template=template
+    ).save_pretrained(model_dir)
     files = {"model": model_dir}
     for name, count in (("train", 16), ("eval", 4)):
         rows = []
         for i in range(count):
             a, b = i % 5, (i * 3 + (name == "eval")) % 5
-            rows.append(json.dumps({"prompt": [{"role": "user", "content": f"What is {a} + {b} ?"}],
-                                    "reward_model": {"ground_truth": str(a + b)}}))  # fmt: skip
+            rows.append(
+                json.dumps(
+                    {
+                        "prompt": [{"role": "user", "content": f"What is {a} + {b} ?"}],
+                        "reward_model": {"ground_truth": str(a + b)},
+                    }
+                )
+            )
         files[name] = root / f"{name}.jsonl"
         files[name].write_text("\n".join(rows) + "\n")
     return files
@@ -244,11 +267,21 @@ def make_tiny_inputs(root: Path, seed: int = 0) -> dict[str, Path]:
 def train_overrides(model_dir: Path) -> list[str]:
     """The run settings of the suite and of ``train_cli``: HAPO, the hf engine, bf16, a tiny batch."""
     return [
-        f"model.path={model_dir}", "model.dtype=bfloat16", "model.micro_batch_size=4", "engine.kind=hf",
-        f"engine.sync_tolerance={SYNC_TOLERANCE}", "rollout.num_samples_per_prompt=4", "rollout.max_prompt_length=56",
-        "rollout.max_response_length=8", "algo.reward_shaping.buffer_length=4", "train.prompts_per_step=4",
-        "train.mini_batch_prompts=2", "optim.lr=1e-3", "optim.warmup_steps=0", "train.seed=3",
-    ]  # fmt: skip
+        f"model.path={model_dir}",
+        "model.dtype=bfloat16",
+        "model.micro_batch_size=4",
+        "engine.kind=hf",
+        f"engine.sync_tolerance={SYNC_TOLERANCE}",
+        "rollout.num_samples_per_prompt=4",
+        "rollout.max_prompt_length=56",
+        "rollout.max_response_length=8",
+        "algo.reward_shaping.buffer_length=4",
+        "train.prompts_per_step=4",
+        "train.mini_batch_prompts=2",
+        "optim.lr=1e-3",
+        "optim.warmup_steps=0",
+        "train.seed=3",
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -278,8 +311,17 @@ def _tensors(value: Any, path: str = "") -> Iterator[tuple[str, Any]]:
 class Suite:
     """The in-process checks (``device`` ... ``export_hf``), sharing one trained bf16 actor."""
 
-    def __init__(self, work: Path, results: Path, out: Path, *, allow_cpu: bool, scale: float, checks: list[str],
-                 inject: dict[str, str]) -> None:  # fmt: skip
+    def __init__(
+        self,
+        work: Path,
+        results: Path,
+        out: Path,
+        *,
+        allow_cpu: bool,
+        scale: float,
+        checks: list[str],
+        inject: dict[str, str],
+    ) -> None:
         self.work, self.results, self.out, self.allow_cpu, self.scale = work, results, out, allow_cpu, scale
         self.checks, self.inject = checks, inject
         self.model_dir = work / "inputs" / "model"
@@ -356,8 +398,9 @@ class Suite:
     def config(self, *extra: str) -> Any:
         from megatron_hapo.config import load_config
 
-        return load_config(REPO / "configs" / "algo" / "hapo.yaml", [*train_overrides(self.model_dir), *extra],
-                           warn=False)  # fmt: skip
+        return load_config(
+            REPO / "configs" / "algo" / "hapo.yaml", [*train_overrides(self.model_dir), *extra], warn=False
+        )
 
     def actor(self) -> Any:
         """The bf16 actor the checks train (built by ``forward_bf16``, or here when that check failed)."""
@@ -400,13 +443,22 @@ class Suite:
         batch, seq = tokens.shape
         mask = torch.ones(batch, seq, dtype=torch.bool)
         mask[:, -1] = False
-        micro = PolicyMicroBatch(tokens=tokens, position_ids=torch.arange(seq).expand(batch, seq).contiguous(),
-                                 targets=torch.roll(tokens, -1, dims=1), mask=mask).to(rank_device())  # fmt: skip
+        micro = PolicyMicroBatch(
+            tokens=tokens,
+            position_ids=torch.arange(seq).expand(batch, seq).contiguous(),
+            targets=torch.roll(tokens, -1, dims=1),
+            mask=mask,
+        ).to(rank_device())
         with torch.no_grad():
             outputs = get_forward_backward_func()(
-                forward_step_func=LogProbEntropyStep(actor.groups, actor.spec.vocab_size), data_iterator=iter([micro]),
-                model=actor.chunks, num_microbatches=1, seq_length=seq, micro_batch_size=batch, forward_only=True,
-            )  # fmt: skip
+                forward_step_func=LogProbEntropyStep(actor.groups, actor.spec.vocab_size),
+                data_iterator=iter([micro]),
+                model=actor.chunks,
+                num_microbatches=1,
+                seq_length=seq,
+                micro_batch_size=batch,
+                forward_only=True,
+            )
         return tuple(outputs[0][key][:, :-1].float().cpu() for key in ("log_prob", "entropy"))
 
     @staticmethod
@@ -414,16 +466,22 @@ class Suite:
         from megatron_hapo.rollout.weight_sync import probe_error
 
         error = probe_error(ours[0].flatten(), reference[0].flatten())
-        return {"mult_error": error["mult_error"], "max_abs_log_prob": error["max_abs"],
-                "mean_abs_log_prob": float((ours[0].double() - reference[0]).abs().mean()),
-                "max_abs_entropy": float((ours[1].double() - reference[1]).abs().max())}  # fmt: skip
+        return {
+            "mult_error": error["mult_error"],
+            "max_abs_log_prob": error["max_abs"],
+            "mean_abs_log_prob": float((ours[0].double() - reference[0]).abs().mean()),
+            "max_abs_entropy": float((ours[1].double() - reference[1]).abs().max()),
+        }
 
     @staticmethod
     def parameters(actor: Any) -> dict:
         from megatron_hapo.models.loading import unwrap
 
-        return {f"{i}.{name}": param.detach().clone() for i, chunk in enumerate(actor.chunks)
-                for name, param in unwrap(chunk).named_parameters()}  # fmt: skip
+        return {
+            f"{i}.{name}": param.detach().clone()
+            for i, chunk in enumerate(actor.chunks)
+            for name, param in unwrap(chunk).named_parameters()
+        }
 
     # -- the checks (each returns (detail, data) or raises)
     def check_device(self) -> tuple[str, dict]:
@@ -433,8 +491,9 @@ class Suite:
 
         from megatron_hapo.parallel import runtime
 
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))  # fmt: skip
+        os.environ.update(
+            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+        )
         cuda = torch.cuda.is_available()
         expect(cuda or self.allow_cpu, "no CUDA device (torch.cuda.is_available() is False); --allow-cpu for a CPU run")
         runtime.quiet_logs()
@@ -445,13 +504,23 @@ class Suite:
         backend, device = dist.get_backend(), runtime.rank_device()
         box = torch.full((4,), 2.0, device=runtime.collective_device())
         dist.all_reduce(box)
-        data = {"backend": backend, "device": str(device), "torch": torch.__version__,
-                "transformers": transformers.__version__, "megatron_core": megatron.core.__version__,
-                "python": sys.version.split()[0]}  # fmt: skip
+        data = {
+            "backend": backend,
+            "device": str(device),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "megatron_core": megatron.core.__version__,
+            "python": sys.version.split()[0],
+        }
         if cuda:
-            data.update(gpu=torch.cuda.get_device_name(), capability=list(torch.cuda.get_device_capability()),
-                        cuda=torch.version.cuda, nccl=_nccl_version(),
-                        bf16=torch.cuda.is_bf16_supported(), gpus=torch.cuda.device_count())  # fmt: skip
+            data.update(
+                gpu=torch.cuda.get_device_name(),
+                capability=list(torch.cuda.get_device_capability()),
+                cuda=torch.version.cuda,
+                nccl=_nccl_version(),
+                bf16=torch.cuda.is_bf16_supported(),
+                gpus=torch.cuda.device_count(),
+            )
             expect(backend == "nccl" and device.type == "cuda", f"CUDA present but backend {backend} on {device}")
         expect(bool((box == 2.0).all()), f"all_reduce at world 1 changed the tensor: {box.tolist()}")
         where = f"{data.get('gpu', 'CPU')} ({device}, {backend})"
@@ -476,10 +545,15 @@ class Suite:
 
     def check_forward_bf16(self) -> tuple[str, dict]:
         errors, self._actor = self._forward_check("bfloat16")
-        detail = (f"mult error {errors['mult_error']:.2e}, max |dlogp| {errors['max_abs_log_prob']:.2e}, "
-                  f"max |dH| {errors['max_abs_entropy']:.2e}")  # fmt: skip
-        within = (errors["mult_error"] <= BF16_MULT_ERROR and errors["max_abs_log_prob"] <= BF16_MAX_ABS
-                  and errors["max_abs_entropy"] <= BF16_ENTROPY_MAX_ABS)  # fmt: skip
+        detail = (
+            f"mult error {errors['mult_error']:.2e}, max |dlogp| {errors['max_abs_log_prob']:.2e}, "
+            f"max |dH| {errors['max_abs_entropy']:.2e}"
+        )
+        within = (
+            errors["mult_error"] <= BF16_MULT_ERROR
+            and errors["max_abs_log_prob"] <= BF16_MAX_ABS
+            and errors["max_abs_entropy"] <= BF16_ENTROPY_MAX_ABS
+        )
         limits = f"<= {BF16_MULT_ERROR:g} / {BF16_MAX_ABS:g} / {BF16_ENTROPY_MAX_ABS:g}"
         expect(within, f"{detail}: over {limits}")
         return f"{detail} vs float64 transformers ({limits})", errors
@@ -500,8 +574,14 @@ class Suite:
         )
         actor.probe = sync_probe(self.probe_tokens().tolist())
         report = sync_weights(self.engine, actor.chunks, actor.spec, actor.sync_plan, actor.groups)
-        error = verify_sync(self.engine, actor.chunks, actor.groups, actor.probe, vocab_size=actor.spec.vocab_size,
-                            tolerance=SYNC_TOLERANCE)  # fmt: skip
+        error = verify_sync(
+            self.engine,
+            actor.chunks,
+            actor.groups,
+            actor.probe,
+            vocab_size=actor.spec.vocab_size,
+            tolerance=SYNC_TOLERANCE,
+        )
         expect(isinstance(error, dict) and {"mult_error", "max_abs"} <= set(error), f"verify_sync returned {error!r}")
         data = {"sync_seconds": report.seconds, "sync_bytes": report.bytes, **error}
         weight = self.engine.model.get_parameter("model.layers.0.mlp.down_proj.weight")
@@ -509,8 +589,14 @@ class Suite:
         with torch.no_grad():
             weight.mul_(-1.0)  # a wrong weight in the engine: the probe must catch it
         try:
-            verify_sync(self.engine, actor.chunks, actor.groups, actor.probe, vocab_size=actor.spec.vocab_size,
-                        tolerance=SYNC_TOLERANCE)  # fmt: skip
+            verify_sync(
+                self.engine,
+                actor.chunks,
+                actor.groups,
+                actor.probe,
+                vocab_size=actor.spec.vocab_size,
+                tolerance=SYNC_TOLERANCE,
+            )
             caught = False
         except WeightSyncError as exc:
             caught = True
@@ -529,8 +615,14 @@ class Suite:
             data.update(engine_sleep_freed_mib=(awake - asleep) / 2**20)
             expect(asleep < awake, f"engine.sleep() freed no GPU memory ({awake} -> {asleep} bytes)")
             detail += f", sleep freed {(awake - asleep) / 2**20:.1f} MiB"
-        after = verify_sync(self.engine, actor.chunks, actor.groups, actor.probe, vocab_size=actor.spec.vocab_size,
-                            tolerance=SYNC_TOLERANCE)  # fmt: skip
+        after = verify_sync(
+            self.engine,
+            actor.chunks,
+            actor.groups,
+            actor.probe,
+            vocab_size=actor.spec.vocab_size,
+            tolerance=SYNC_TOLERANCE,
+        )
         data["mult_error_after_wake"] = after["mult_error"]
         return f"{detail}; a wrong weight is refused (error {data['wrong_weight_mult_error']})", data
 
@@ -545,8 +637,9 @@ class Suite:
         if self.engine is None:
             from megatron_hapo.rollout.factory import make_engine
 
-            self.engine = make_engine(self.model_dir, config.engine, dtype=config.model.dtype, seed=config.train.seed,
-                                      max_model_len=64)  # fmt: skip
+            self.engine = make_engine(
+                self.model_dir, config.engine, dtype=config.model.dtype, seed=config.train.seed, max_model_len=64
+            )
         gen = torch.Generator().manual_seed(5)
         prompts = [torch.randint(3, VOCAB, (6,), generator=gen).tolist() for _ in range(4)]
         answers = [0, 1, 0, 1]
@@ -560,11 +653,25 @@ class Suite:
         self.state = StepState()
         rows = []
         for _ in range(PPO_STEPS):
-            metrics = rl_step(actor, self.engine, score, prompts=prompts, answers=answers, config=config,
-                              state=self.state)  # fmt: skip
-            rows.append({k: metrics.get(k) for k in ("loss", "grad_norm", "updates_skipped", "sync_probe_error",
-                                                     "sync_probe_max_abs", "kept_groups", "accuracy",
-                                                     "mismatch_max_abs_log_ratio", "temperature_mean")})  # fmt: skip
+            metrics = rl_step(
+                actor, self.engine, score, prompts=prompts, answers=answers, config=config, state=self.state
+            )
+            rows.append(
+                {
+                    k: metrics.get(k)
+                    for k in (
+                        "loss",
+                        "grad_norm",
+                        "updates_skipped",
+                        "sync_probe_error",
+                        "sync_probe_max_abs",
+                        "kept_groups",
+                        "accuracy",
+                        "mismatch_max_abs_log_ratio",
+                        "temperature_mean",
+                    )
+                }
+            )
         after = self.parameters(actor)
         moved = max(float((after[k].float() - before[k].float()).abs().max()) for k in before)
         data = {"steps": rows, "max_weight_change": moved}
@@ -575,8 +682,10 @@ class Suite:
         expect(all(r["sync_probe_error"] <= SYNC_TOLERANCE for r in rows), "sync error over tolerance")
         expect(moved > 0, "the weights did not move")
         worst_sync = max(r["sync_probe_error"] for r in rows)
-        return (f"{PPO_STEPS} rl_steps, losses {', '.join(f'{x:.3g}' for x in losses)}, weights moved by up to "
-                f"{moved:.2e}, sync error <= {worst_sync:.2e}"), data  # fmt: skip
+        return (
+            f"{PPO_STEPS} rl_steps, losses {', '.join(f'{x:.3g}' for x in losses)}, weights moved by up to "
+            f"{moved:.2e}, sync error <= {worst_sync:.2e}"
+        ), data
 
     def check_checkpoint(self) -> tuple[str, dict]:
         from megatron_hapo.trainer.actor import build_actor
@@ -598,18 +707,27 @@ class Suite:
         expect(params.keys() == trained.keys(), "the reloaded model has other parameters")
         bad = [k for k in trained if not _bit_equal(params[k], trained[k])]
         fresh_opt = list(_tensors(_optimizer_state(fresh.optimizer)))
-        expect(len(fresh_opt) == len(trained_opt) and len(trained_opt) > 0,
-               f"optimizer state: {len(trained_opt)} tensors saved, {len(fresh_opt)} reloaded")  # fmt: skip
+        expect(
+            len(fresh_opt) == len(trained_opt) and len(trained_opt) > 0,
+            f"optimizer state: {len(trained_opt)} tensors saved, {len(fresh_opt)} reloaded",
+        )
         bad_opt = [p for (p, a), (_, b) in zip(trained_opt, fresh_opt, strict=True) if not _bit_equal(a, b)]
-        data = {"checkpoint": self.checkpoint.name, "save_seconds": save_s, "parameters": len(trained),
-                "differed_before_load": differed, "optimizer_tensors": len(trained_opt),
-                "step": loaded.step}  # fmt: skip
+        data = {
+            "checkpoint": self.checkpoint.name,
+            "save_seconds": save_s,
+            "parameters": len(trained),
+            "differed_before_load": differed,
+            "optimizer_tensors": len(trained_opt),
+            "step": loaded.step,
+        }
         expect(not bad, f"{len(bad)} parameters differ after the reload, e.g. {bad[:3]}")
         expect(not bad_opt, f"{len(bad_opt)} optimizer tensors differ after the reload, e.g. {bad_opt[:3]}")
         expect(loaded.step == state.step, f"step {loaded.step} reloaded, {state.step} saved")
         del fresh
-        return (f"{len(trained)} parameters ({differed} differed before the load) and {len(trained_opt)} optimizer "
-                f"tensors bit-equal after the reload, step {loaded.step}; saved in {save_s:.1f} s"), data  # fmt: skip
+        return (
+            f"{len(trained)} parameters ({differed} differed before the load) and {len(trained_opt)} optimizer "
+            f"tensors bit-equal after the reload, step {loaded.step}; saved in {save_s:.1f} s"
+        ), data
 
     def check_export_hf(self) -> tuple[str, dict]:
         from safetensors.torch import load_file
@@ -620,10 +738,22 @@ class Suite:
         actor, out = self.actor(), self.work / "export"
         log = self.out / "export.log"
         with log.open("w") as handle:
-            result = subprocess.run([sys.executable, str(REPO / "tools" / "convert_mcore_to_hf.py"), "--ckpt",
-                                     str(self.checkpoint), "--out", str(out)], cwd=REPO, env=_subprocess_env(),
-                                    stdout=handle, stderr=subprocess.STDOUT, timeout=max(10, 45 * self.scale),
-                                    check=False)  # fmt: skip
+            result = subprocess.run(
+                [
+                    sys.executable,
+                    str(REPO / "tools" / "convert_mcore_to_hf.py"),
+                    "--ckpt",
+                    str(self.checkpoint),
+                    "--out",
+                    str(out),
+                ],
+                cwd=REPO,
+                env=_subprocess_env(),
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                timeout=max(10, 45 * self.scale),
+                check=False,
+            )
         expect(result.returncode == 0, f"convert_mcore_to_hf.py exited {result.returncode}: {_tail(log, 3)}")
         exported = {}
         for shard in sorted(out.glob("*.safetensors")):
@@ -638,13 +768,21 @@ class Suite:
         initial = self.reference or self.reference_of(self.model_dir)
         trained = self.reference_of(out)
         moved = float((trained[0] - initial[0]).abs().max())
-        data = {"tensors": len(ours), "dtype": str(next(iter(exported.values())).dtype), **errors,
-                "trained_vs_initial_max_abs_log_prob": moved}  # fmt: skip
+        data = {
+            "tensors": len(ours),
+            "dtype": str(next(iter(exported.values())).dtype),
+            **errors,
+            "trained_vs_initial_max_abs_log_prob": moved,
+        }
         detail = f"mult error {errors['mult_error']:.2e}, max |dlogp| {errors['max_abs_log_prob']:.2e}"
-        expect(errors["mult_error"] <= BF16_MULT_ERROR and errors["max_abs_log_prob"] <= BF16_MAX_ABS,
-               f"exported model vs trained Megatron: {detail}")  # fmt: skip
-        return (f"{len(ours)} tensors bit-equal the trained model; its float64 log-probs vs Megatron bf16: {detail} "
-                f"(training moved them by up to {moved:.2e})"), data  # fmt: skip
+        expect(
+            errors["mult_error"] <= BF16_MULT_ERROR and errors["max_abs_log_prob"] <= BF16_MAX_ABS,
+            f"exported model vs trained Megatron: {detail}",
+        )
+        return (
+            f"{len(ours)} tensors bit-equal the trained model; its float64 log-probs vs Megatron bf16: {detail} "
+            f"(training moved them by up to {moved:.2e})"
+        ), data
 
 
 @contextlib.contextmanager
@@ -696,9 +834,15 @@ def _bit_equal(a: Any, b: Any) -> bool:
 
 
 def suite_main(args: argparse.Namespace) -> int:
-    suite = Suite(Path(args.work), Path(args.results), Path(args.out), allow_cpu=args.allow_cpu,
-                  scale=args.budget_scale, checks=args.checks.split(","),
-                  inject=dict(item.split("=", 1) for item in args.inject))  # fmt: skip
+    suite = Suite(
+        Path(args.work),
+        Path(args.results),
+        Path(args.out),
+        allow_cpu=args.allow_cpu,
+        scale=args.budget_scale,
+        checks=args.checks.split(","),
+        inject=dict(item.split("=", 1) for item in args.inject),
+    )
     suite.run()
     with contextlib.suppress(Exception):
         from megatron_hapo.parallel import runtime
@@ -717,8 +861,9 @@ def _run_process(args: list[str], log: Path, limit: float, *, env: dict[str, str
     """Run ``args`` (its own process group) with output to ``log``; past ``limit`` seconds kill the group (after a
     SIGUSR1 stack dump when ``dump_stacks``) and return -9."""
     with log.open("a") as handle:
-        proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            args, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             return proc.wait(timeout=limit)
         except StoppedError:
@@ -744,8 +889,17 @@ class Checker:
         self.args = args
         self.out = Path(args.out or os.environ.get("OUT") or REPO / "runs" / "gpu_check").resolve()
         self.out.mkdir(parents=True, exist_ok=True)
-        for stale in ("gpu_check.log", "summary.json", "suite.log", "suite_results.jsonl", "export.log",
-                      "train_cli.log", "train_cli_metrics.jsonl", "pytest_gpu.log", "pytest_gpu.xml"):  # fmt: skip
+        for stale in (
+            "gpu_check.log",
+            "summary.json",
+            "suite.log",
+            "suite_results.jsonl",
+            "export.log",
+            "train_cli.log",
+            "train_cli_metrics.jsonl",
+            "pytest_gpu.log",
+            "pytest_gpu.xml",
+        ):
             (self.out / stale).unlink(missing_ok=True)
         self.log = Log(self.out / "gpu_check.log")
         self.work = Path(tempfile.mkdtemp(prefix="gpu_check_", dir=args.work_dir))
@@ -789,8 +943,15 @@ class Checker:
         start = time.monotonic()
         try:
             self.inputs = make_tiny_inputs(self.work / "inputs")
-            self.add(Result("tiny_model", "PASS", f"bf16 Llama {LAYERS} layers, hidden {HIDDEN}, {HEADS}/{KV_HEADS} "
-                            f"heads, vocab {VOCAB}; train/eval jsonl", time.monotonic() - start))  # fmt: skip
+            self.add(
+                Result(
+                    "tiny_model",
+                    "PASS",
+                    f"bf16 Llama {LAYERS} layers, hidden {HIDDEN}, {HEADS}/{KV_HEADS} "
+                    f"heads, vocab {VOCAB}; train/eval jsonl",
+                    time.monotonic() - start,
+                )
+            )
         except Exception as exc:
             traceback.print_exc()
             self.add(Result("tiny_model", "FAIL", _error_text(exc), time.monotonic() - start))
@@ -802,16 +963,30 @@ class Checker:
                 self.add(Result(name, "FAIL", "not run: no tiny model", 0.0))
             return
         results_file = self.out / "suite_results.jsonl"
-        args = [sys.executable, str(Path(__file__).resolve()), "--suite-child", "--work", str(self.work), "--results",
-                str(results_file), "--out", str(self.out), "--budget-scale", str(self.args.budget_scale), "--checks",
-                ",".join(checks), *(f"--inject={item}" for item in self.args.inject)]  # fmt: skip
+        args = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--suite-child",
+            "--work",
+            str(self.work),
+            "--results",
+            str(results_file),
+            "--out",
+            str(self.out),
+            "--budget-scale",
+            str(self.args.budget_scale),
+            "--checks",
+            ",".join(checks),
+            *(f"--inject={item}" for item in self.args.inject),
+        ]
         if self.args.allow_cpu:
             args.append("--allow-cpu")
         start = time.monotonic()
         stopped = None
         try:
-            code = _run_process(args, self.out / "suite.log", self.limit("suite"), env=_subprocess_env(),
-                                dump_stacks=True)  # fmt: skip
+            code = _run_process(
+                args, self.out / "suite.log", self.limit("suite"), env=_subprocess_env(), dump_stacks=True
+            )
         except StoppedError as exc:  # report what the suite finished, then stop
             code, stopped = -15, exc
         events = []
@@ -826,8 +1001,9 @@ class Checker:
                 why = {-9: "killed at the suite's time limit", -15: "stopped from outside"}.get(
                     code, f"the suite process died (exit {code})"
                 )
-                self.add(Result(name, "FAIL", f"{why} during this check; stacks in suite.log",
-                                time.monotonic() - start))  # fmt: skip
+                self.add(
+                    Result(name, "FAIL", f"{why} during this check; stacks in suite.log", time.monotonic() - start)
+                )
             else:
                 self.add(Result(name, "FAIL", f"not run: the suite process ended early (exit {code})", 0.0))
         if any(r.status == "FAIL" for r in self.results if r.name in checks):
@@ -841,12 +1017,22 @@ class Checker:
             self.add(Result("train_cli", "FAIL", "not run: no tiny model", 0.0))
             return
         run_dir = self.work / "train_run"
-        args = [sys.executable, "-m", "megatron_hapo.train", "configs/algo/hapo.yaml",
-                *train_overrides(self.inputs["model"]), f"data.train_file={self.inputs['train']}",
-                f"data.eval_file={self.inputs['eval']}", f"train.total_steps={CLI_STEPS}", "output.eval_k=2",
-                "output.reward_workers=1", f"output.dir={run_dir}"]  # fmt: skip
-        env = _subprocess_env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(_free_port()))  # fmt: skip
+        args = [
+            sys.executable,
+            "-m",
+            "megatron_hapo.train",
+            "configs/algo/hapo.yaml",
+            *train_overrides(self.inputs["model"]),
+            f"data.train_file={self.inputs['train']}",
+            f"data.eval_file={self.inputs['eval']}",
+            f"train.total_steps={CLI_STEPS}",
+            "output.eval_k=2",
+            "output.reward_workers=1",
+            f"output.dir={run_dir}",
+        ]
+        env = _subprocess_env(
+            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+        )
         log = self.out / "train_cli.log"
         log.write_text("$ " + " ".join(args) + "\n")
         code = _run_process(args, log, self.limit("train_cli"), env=env)
@@ -865,8 +1051,10 @@ class Checker:
         if not all(finite):
             problems.append(f"losses {[r.get('loss') for r in rows]}, grad norms {[r.get('grad_norm') for r in rows]}")
         if not all(r.get("optimizer_steps", 0) > 0 and r.get("updates_skipped", 1) == 0 for r in rows):
-            problems.append(f"optimizer steps {[r.get('optimizer_steps') for r in rows]}, skipped "
-                            f"{[r.get('updates_skipped') for r in rows]}")  # fmt: skip
+            problems.append(
+                f"optimizer steps {[r.get('optimizer_steps') for r in rows]}, skipped "
+                f"{[r.get('updates_skipped') for r in rows]}"
+            )
         if not all(r.get("sync_probe_error", math.inf) <= SYNC_TOLERANCE for r in rows):
             problems.append(f"sync errors {[r.get('sync_probe_error') for r in rows]}")
         if rows and "avg@2" not in rows[-1]:
@@ -880,9 +1068,17 @@ class Checker:
             return
         losses = ", ".join(f"{r['loss']:.3g}" for r in rows)
         grads = ", ".join(f"{r['grad_norm']:.3g}" for r in rows)
-        self.add(Result("train_cli", "PASS", f"{CLI_STEPS} steps, losses {losses}, grad norms {grads}, sync error <= "
-                        f"{max(r['sync_probe_error'] for r in rows):.2e}, avg@2 {rows[-1]['avg@2']:.2f}, checkpoint "
-                        f"{latest.read_text().strip()}", seconds, data))  # fmt: skip
+        self.add(
+            Result(
+                "train_cli",
+                "PASS",
+                f"{CLI_STEPS} steps, losses {losses}, grad norms {grads}, sync error <= "
+                f"{max(r['sync_probe_error'] for r in rows):.2e}, avg@2 {rows[-1]['avg@2']:.2f}, checkpoint "
+                f"{latest.read_text().strip()}",
+                seconds,
+                data,
+            )
+        )
 
     def stage_pytest_gpu(self) -> None:
         if not self.cuda:
@@ -891,8 +1087,21 @@ class Checker:
         start = time.monotonic()
         log, xml = self.out / "pytest_gpu.log", self.out / "pytest_gpu.xml"
         limit = self.limit("pytest_gpu")
-        args = [sys.executable, "-m", "pytest", "tests/gpu", "-m", "gpu", "-rs", "-v", "-p", "no:cacheprovider",
-                f"--junitxml={xml}", "-o", f"faulthandler_timeout={int(max(30, limit - 20))}"]  # fmt: skip
+        args = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "tests/gpu",
+            "-m",
+            "gpu",
+            "-rs",
+            "-v",
+            "-p",
+            "no:cacheprovider",
+            f"--junitxml={xml}",
+            "-o",
+            f"faulthandler_timeout={int(max(30, limit - 20))}",
+        ]
         code = _run_process(args, log, limit, env=_subprocess_env())
         text = log.read_text(errors="replace") if log.is_file() else ""
         seconds = time.monotonic() - start
@@ -915,9 +1124,16 @@ class Checker:
         passed = not failed and not bad_skips and any(r.status == "PASS" for r in self.results)
         seconds = time.monotonic() - self.start
         mode = "cuda" if getattr(self, "cuda", False) else "cpu"
-        summary = {"passed": passed, "mode": mode, "seconds": round(seconds, 1), "failed": failed,
-                   "skipped": skipped, "unexpected_skips": bad_skips, "checks": [asdict(r) for r in self.results],
-                   "work": str(self.work)}  # fmt: skip
+        summary = {
+            "passed": passed,
+            "mode": mode,
+            "seconds": round(seconds, 1),
+            "failed": failed,
+            "skipped": skipped,
+            "unexpected_skips": bad_skips,
+            "checks": [asdict(r) for r in self.results],
+            "work": str(self.work),
+        }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
         counts = f"{sum(r.status == 'PASS' for r in self.results)} passed, {len(skipped)} allowed skips"
         if skipped:
@@ -940,8 +1156,9 @@ def classify_pytest(text: str, code: int) -> tuple[bool, str, dict[str, list[str
     for count, where, reason in skips:
         name = next((n for n, pattern in ALLOWED_SKIPS.items() if pattern.search(reason)), None)
         (named.setdefault(name, []) if name else unexpected).append(f"{count}x {where}: {reason}")
-    summary = re.findall(r"^=+ (.*(?:passed|failed|error|skipped|no tests ran).*) in [0-9.]+s.* =+$", text,
-                         flags=re.MULTILINE)  # fmt: skip
+    summary = re.findall(
+        r"^=+ (.*(?:passed|failed|error|skipped|no tests ran).*) in [0-9.]+s.* =+$", text, flags=re.MULTILINE
+    )
     outcome = summary[-1] if summary else f"no pytest summary (exit {code})"
     passed = code == 0 and not unexpected and bool(re.search(r"\b[1-9][0-9]* passed", outcome))
     return passed, outcome, named, unexpected
@@ -970,8 +1187,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allow-cpu", action="store_true", help="run without CUDA (gloo, CPU); for CI")
     parser.add_argument("--out", help="results folder (default: $OUT, else runs/gpu_check)")
     parser.add_argument("--work-dir", help="where the scratch folder goes (default: the system temp folder)")
-    parser.add_argument("--deadline", type=float, help="seconds for the whole check (default: the sum of the "
-                        "stage limits, 450 s); the stage limits are cut to what is left of it")  # fmt: skip
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        help="seconds for the whole check (default: the sum of the "
+        "stage limits, 450 s); the stage limits are cut to what is left of it",
+    )
     parser.add_argument("--stages", default="suite,train_cli,pytest_gpu", help="stages to run (comma-separated)")
     parser.add_argument("--checks", default=",".join(name for name, _ in SUITE), help="checks of the suite to run")
     parser.add_argument("--budget-scale", type=float, default=1.0, help="multiplies every time limit")

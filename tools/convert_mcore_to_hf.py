@@ -30,8 +30,14 @@ def _rank(rank: int, world: int, args: argparse.Namespace) -> None:
     runtime.quiet_logs()
     runtime.initialize_model_parallel(1, 1)
     bar = tqdm(desc="tensors written", unit="t")
-    mcore_to_hf(args.ckpt, args.out, max_shard_bytes=int(args.max_shard_gb * 2**30), dtype=DTYPES[args.dtype],
-                read_bytes=int(args.read_gb * 2**30), progress=bar.update)  # fmt: skip
+    mcore_to_hf(
+        args.ckpt,
+        args.out,
+        max_shard_bytes=int(args.max_shard_gb * 2**30),
+        dtype=DTYPES[args.dtype],
+        read_bytes=int(args.read_gb * 2**30),
+        progress=bar.update,
+    )
     bar.close()
     print(f"wrote {args.out}")
 

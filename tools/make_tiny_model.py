@@ -26,8 +26,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     config_cls, model_cls, extra = FAMILIES[args.family]
-    config = config_cls(vocab_size=250, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256, **extra)  # fmt: skip
+    config = config_cls(
+        vocab_size=250,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=96,
+        max_position_embeddings=256,
+        **extra,
+    )
     config.architectures = [model_cls.__name__]
     torch.manual_seed(args.seed)
     model_cls(config).float().save_pretrained(args.out)

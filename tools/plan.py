@@ -34,8 +34,9 @@ def _architecture(config: object) -> dict:
     model = config.model
     source = model.config_file or (str(Path(model.path) / "config.json") if model.path else None)
     if source is None or not Path(source).is_file():
-        raise SystemExit(f"no architecture: set model.config_file (configs/models/*/config.json) or model.path "
-                         f"(got {source!r})")  # fmt: skip
+        raise SystemExit(
+            f"no architecture: set model.config_file (configs/models/*/config.json) or model.path (got {source!r})"
+        )
     return json.loads(Path(source).read_text())
 
 
@@ -51,9 +52,11 @@ def meta_device_params(hf_config: dict) -> int:
 
 
 def _report(plan: Plan, layout: Layout, config: object, gpu_bytes: float) -> None:
-    print(f"GPUs {layout.world} = {layout.nodes} nodes x {layout.gpus_per_node}; trainer TP {layout.tp} x PP "
-          f"{layout.pp}{f' x VPP {layout.vpp}' if layout.vpp else ''} x DP {layout.dp}; engine TP "
-          f"{layout.engine_tp} ({layout.world // layout.engine_tp} engines)")  # fmt: skip
+    print(
+        f"GPUs {layout.world} = {layout.nodes} nodes x {layout.gpus_per_node}; trainer TP {layout.tp} x PP "
+        f"{layout.pp}{f' x VPP {layout.vpp}' if layout.vpp else ''} x DP {layout.dp}; engine TP "
+        f"{layout.engine_tp} ({layout.world // layout.engine_tp} engines)"
+    )
     print(
         f"parameters {plan.total_params / 1e9:.2f} B; per TP rank and stage: "
         + ", ".join(f"{p / 1e9:.2f} B" for p in plan.params_per_stage)
@@ -64,9 +67,11 @@ def _report(plan: Plan, layout: Layout, config: object, gpu_bytes: float) -> Non
         f"rollout: the trainer keeps {trainer_resident_bytes(plan) / GIB:.1f} GiB per GPU; the engine asks for "
         f"{config.engine.gpu_memory_utilization * gpu_bytes / GIB:.1f} GiB (engine.gpu_memory_utilization)"
     )
-    print(f"rollout (vLLM): weights {plan.rollout['weights'] / GIB:.1f} GiB per GPU, KV cache "
-          f"{plan.rollout['kv_per_sequence'] / GIB:.2f} GiB per full-length sequence; "
-          f"{full_length_sequences(plan, config, gpu_bytes)} full-length sequences fit per engine")  # fmt: skip
+    print(
+        f"rollout (vLLM): weights {plan.rollout['weights'] / GIB:.1f} GiB per GPU, KV cache "
+        f"{plan.rollout['kv_per_sequence'] / GIB:.2f} GiB per full-length sequence; "
+        f"{full_length_sequences(plan, config, gpu_bytes)} full-length sequences fit per engine"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,8 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     hf_config = _architecture(config)
     spec = decoder_spec(hf_config)
     model = config.model
-    layout = Layout(args.nodes, args.gpus_per_node, model.tensor_parallel, model.pipeline_parallel,
-                    model.virtual_pipeline, config.engine.tensor_parallel)  # fmt: skip
+    layout = Layout(
+        args.nodes,
+        args.gpus_per_node,
+        model.tensor_parallel,
+        model.pipeline_parallel,
+        model.virtual_pipeline,
+        config.engine.tensor_parallel,
+    )
     plan = plan_run(spec, config, layout)
     counted = meta_device_params(hf_config)
     if counted != plan.total_params:

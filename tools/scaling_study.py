@@ -55,13 +55,22 @@ ROLLOUT_FRACTION = 1050.0 / 1700.0
 #: (parameters, seconds) of verl's full NCCL weight broadcast on H100 (midpoints of 5.5-6.0 s and 14.2-18.1 s).
 SYNC_POINTS = ((7e9, 5.75), (32e9, 16.15))
 DEFAULT_TOKENS_PER_STEP = 1581.0 * 16 * 92.8
-ASSUMPTION = (f"predicted split is an ASSUMPTION: rollout = {ROLLOUT_FRACTION:.1%} of the step (verl DeepSeek-671B "
-              "1050 s of 1700 s; NeMo-RL publishes no split), sync = power law through verl's H100 NCCL broadcast "
-              "times (7B 5.75 s, 32B 16.15 s), train = the rest")  # fmt: skip
+ASSUMPTION = (
+    f"predicted split is an ASSUMPTION: rollout = {ROLLOUT_FRACTION:.1%} of the step (verl DeepSeek-671B "
+    "1050 s of 1700 s; NeMo-RL publishes no split), sync = power law through verl's H100 NCCL broadcast "
+    "times (7B 5.75 s, 32B 16.15 s), train = the rest"
+)
 SPLIT = ("rollout_s", "train_s", "sync_s", "other_s")
-COLUMNS = (("name", "name"), ("params_b", "params (B)"), ("gpus", "GPUs"), ("source", "source"),
-           ("step_s", "step s"), *((key, key.replace("_s", " s")) for key in SPLIT),
-           ("tokens_per_s_per_gpu", "tokens/s/GPU"), ("mfu", "MFU"))  # fmt: skip
+COLUMNS = (
+    ("name", "name"),
+    ("params_b", "params (B)"),
+    ("gpus", "GPUs"),
+    ("source", "source"),
+    ("step_s", "step s"),
+    *((key, key.replace("_s", " s")) for key in SPLIT),
+    ("tokens_per_s_per_gpu", "tokens/s/GPU"),
+    ("mfu", "MFU"),
+)
 PREDICTED_FIELDS = ("step_s", *SPLIT, "tokens_per_s_per_gpu", "mfu")
 
 
@@ -100,16 +109,29 @@ def mfu(num_params: float, tokens_per_s_per_gpu: float, peak_flops: float) -> fl
     return 6.0 * num_params * tokens_per_s_per_gpu / peak_flops
 
 
-def predicted_row(name: str, num_params: int, gpus: int, fit: tuple[float, float], *, tokens_per_step: float,
-                  peak_flops: float) -> dict:  # fmt: skip
+def predicted_row(
+    name: str, num_params: int, gpus: int, fit: tuple[float, float], *, tokens_per_step: float, peak_flops: float
+) -> dict:
     """One ``predicted`` row: throughput from the fit, step from the workload, split from the ASSUMPTION."""
     tps = predict_tokens_per_s_per_gpu(num_params, fit)
     step = tokens_per_step / (tps * gpus)
     rollout, sync = ROLLOUT_FRACTION * step, min(predicted_sync_s(num_params), (1 - ROLLOUT_FRACTION) * step)
-    return {"name": name, "params_b": num_params / 1e9, "gpus": gpus, "source": "predicted", "predicted": True,
-            "predicted_fields": list(PREDICTED_FIELDS), "step_s": step, "rollout_s": rollout,
-            "train_s": step - rollout - sync, "sync_s": sync, "other_s": 0.0, "tokens_per_s_per_gpu": tps,
-            "mfu": mfu(num_params, tps, peak_flops), "tokens_per_step": tokens_per_step}  # fmt: skip
+    return {
+        "name": name,
+        "params_b": num_params / 1e9,
+        "gpus": gpus,
+        "source": "predicted",
+        "predicted": True,
+        "predicted_fields": list(PREDICTED_FIELDS),
+        "step_s": step,
+        "rollout_s": rollout,
+        "train_s": step - rollout - sync,
+        "sync_s": sync,
+        "other_s": 0.0,
+        "tokens_per_s_per_gpu": tps,
+        "mfu": mfu(num_params, tps, peak_flops),
+        "tokens_per_step": tokens_per_step,
+    }
 
 
 def measured_row(name: str, metrics: list[dict], num_params: int, gpus: int, peak_flops: float) -> dict:
@@ -123,10 +145,22 @@ def measured_row(name: str, metrics: list[dict], num_params: int, gpus: int, pea
     step, rollout, sync = mean("time_step"), mean("time_generate"), mean("time_sync")
     train = mean("time_old_log_prob", "time_train")
     tps = mean("tokens_per_second") / gpus
-    return {"name": name, "params_b": num_params / 1e9, "gpus": gpus, "source": "measured", "predicted": False,
-            "predicted_fields": [], "step_s": step, "rollout_s": rollout, "train_s": train, "sync_s": sync,
-            "other_s": step - rollout - train - sync, "tokens_per_s_per_gpu": tps,
-            "mfu": mfu(num_params, tps, peak_flops), "steps_averaged": len(rows)}  # fmt: skip
+    return {
+        "name": name,
+        "params_b": num_params / 1e9,
+        "gpus": gpus,
+        "source": "measured",
+        "predicted": False,
+        "predicted_fields": [],
+        "step_s": step,
+        "rollout_s": rollout,
+        "train_s": train,
+        "sync_s": sync,
+        "other_s": step - rollout - train - sync,
+        "tokens_per_s_per_gpu": tps,
+        "mfu": mfu(num_params, tps, peak_flops),
+        "steps_averaged": len(rows),
+    }
 
 
 def run_params_and_gpus(run_dir: Path, params_b: dict[str, float]) -> tuple[int, int, list[str]]:
@@ -140,8 +174,10 @@ def run_params_and_gpus(run_dir: Path, params_b: dict[str, float]) -> tuple[int,
     elif model_path and (Path(model_path) / "config.json").is_file():
         num_params = dense_decoder_params(json.loads((Path(model_path) / "config.json").read_text()))
     else:
-        raise ValueError(f"{run_dir}: cannot count parameters (model.path={model_path!r} has no config.json); "
-                         f"pass --params-b {run_dir.name}=BILLIONS")  # fmt: skip
+        raise ValueError(
+            f"{run_dir}: cannot count parameters (model.path={model_path!r} has no config.json); "
+            f"pass --params-b {run_dir.name}=BILLIONS"
+        )
     launch_file = run_dir / "launch.json"
     if launch_file.is_file():
         launch = json.loads(launch_file.read_text())
@@ -193,14 +229,24 @@ def plot(rows: list[dict], curves: dict[str, list[tuple[float, float]]], fit: tu
     split_ax.legend(fontsize=8)
     sizes = [row["params_b"] * 1e9 for row in rows] + [dense_decoder_params(c["arch"]) for c in CALIBRATION]
     grid = [min(sizes) / 1.5 * (max(sizes) * 2.25 / min(sizes)) ** (i / 49) for i in range(50)]
-    scale_ax.loglog([n / 1e9 for n in grid], [predict_tokens_per_s_per_gpu(n, fit) for n in grid], "k--",
-                    label=f"fit C*N^-{fit[1]:.3f}")  # fmt: skip
+    scale_ax.loglog(
+        [n / 1e9 for n in grid],
+        [predict_tokens_per_s_per_gpu(n, fit) for n in grid],
+        "k--",
+        label=f"fit C*N^-{fit[1]:.3f}",
+    )
     published = [(dense_decoder_params(c["arch"]) / 1e9, c["tokens_per_s_per_gpu"]) for c in CALIBRATION]
     scale_ax.scatter(*zip(*published, strict=True), marker="x", s=70, color="k", label="published (NeMo-RL)")
     for index, row in enumerate(rows):
         colour, label = f"C{index % 10}", f"{row['name']} ({row['source']})"
-        scale_ax.scatter(row["params_b"], row["tokens_per_s_per_gpu"], s=50, edgecolors=colour,
-                         facecolors="none" if row["predicted"] else colour, label=label)  # fmt: skip
+        scale_ax.scatter(
+            row["params_b"],
+            row["tokens_per_s_per_gpu"],
+            s=50,
+            edgecolors=colour,
+            facecolors="none" if row["predicted"] else colour,
+            label=label,
+        )
     scale_ax.set_xlabel("parameters (B)")
     scale_ax.set_ylabel("tokens/s/GPU")
     scale_ax.set_title("throughput vs size (hollow = predicted)")
@@ -249,12 +295,26 @@ def parse_params_b(text: str) -> tuple[str, float]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="*", type=Path, help="run directories with metrics.jsonl and config.json")
-    parser.add_argument("--predict", action="append", default=[], metavar="NAME=CONFIG[:GPUS]",
-                        help="predict for the HF config.json (or its directory) on GPUS GPUs (default 8)")  # fmt: skip
-    parser.add_argument("--params-b", action="append", default=[], metavar="RUN=BILLIONS",
-                        help="parameters (billions) of a run, by directory name")  # fmt: skip
-    parser.add_argument("--tokens-per-step", type=float, default=DEFAULT_TOKENS_PER_STEP,
-                        help="tokens per step of predicted cases (default: the Llama-3.1-8B run)")  # fmt: skip
+    parser.add_argument(
+        "--predict",
+        action="append",
+        default=[],
+        metavar="NAME=CONFIG[:GPUS]",
+        help="predict for the HF config.json (or its directory) on GPUS GPUs (default 8)",
+    )
+    parser.add_argument(
+        "--params-b",
+        action="append",
+        default=[],
+        metavar="RUN=BILLIONS",
+        help="parameters (billions) of a run, by directory name",
+    )
+    parser.add_argument(
+        "--tokens-per-step",
+        type=float,
+        default=DEFAULT_TOKENS_PER_STEP,
+        help="tokens per step of predicted cases (default: the Llama-3.1-8B run)",
+    )
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="GPU peak (989 = H100 BF16 dense)")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     return parser
@@ -275,15 +335,20 @@ def collect_rows(args: argparse.Namespace, fit: tuple[float, float]) -> tuple[li
             raise ValueError(f"{run}/metrics.jsonl is empty")
         num_params, gpus, run_notes = run_params_and_gpus(run, params_b)
         rows.append(measured_row(run.name, metrics, num_params, gpus, peak))
-        notes += [*run_notes, f"{run.name}: the analytic model predicts "
-                  f"{predict_tokens_per_s_per_gpu(num_params, fit):,.0f} tokens/s/GPU at this size"]  # fmt: skip
+        notes += [
+            *run_notes,
+            f"{run.name}: the analytic model predicts "
+            f"{predict_tokens_per_s_per_gpu(num_params, fit):,.0f} tokens/s/GPU at this size",
+        ]
         curves[run.name] = [(row["step"], row["reward_mean"]) for row in metrics if "reward_mean" in row]
     low, high = sorted(dense_decoder_params(c["arch"]) for c in CALIBRATION)
     for name, config, gpus in cases:
         num_params = dense_decoder_params(json.loads(config.read_text()))
         if not low <= num_params <= high:
-            notes.append(f"{name}: {num_params / 1e9:.2f}B lies outside the calibrated {low / 1e9:.1f}-"
-                         f"{high / 1e9:.1f}B range; its prediction is an extrapolation")  # fmt: skip
+            notes.append(
+                f"{name}: {num_params / 1e9:.2f}B lies outside the calibrated {low / 1e9:.1f}-"
+                f"{high / 1e9:.1f}B range; its prediction is an extrapolation"
+            )
         rows.append(predicted_row(name, num_params, gpus, fit, tokens_per_step=args.tokens_per_step, peak_flops=peak))
     if not rows:  # no runs, no cases: predict the calibration models on their own workloads
         for c in CALIBRATION:
@@ -295,8 +360,10 @@ def collect_rows(args: argparse.Namespace, fit: tuple[float, float]) -> tuple[li
 
 def general_notes(fit: tuple[float, float], peak_tflops: float) -> list[str]:
     """The notes under every table: flags, the model and its calibration, the assumption, the MFU definition."""
-    calibration = "; ".join(f"{c['name']} {c['tokens_per_s_per_gpu']:,.0f} tokens/s/GPU, step {c['step_s']} s on "
-                            f"{c['gpus']} GPUs" for c in CALIBRATION)  # fmt: skip
+    calibration = "; ".join(
+        f"{c['name']} {c['tokens_per_s_per_gpu']:,.0f} tokens/s/GPU, step {c['step_s']} s on {c['gpus']} GPUs"
+        for c in CALIBRATION
+    )
     return [
         "(p) = predicted by the analytic model, not measured; the source column says which rows are measured",
         f"model: tokens/s/GPU = {fit[0]:.4g} * N^-{fit[1]:.4f}, fitted to {CALIBRATION_SOURCE}: {calibration}",

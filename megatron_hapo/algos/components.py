@@ -95,9 +95,15 @@ def _gtpo(
 ) -> torch.Tensor:
     entropy, correct = _require(inputs, "gtpo")
     token_rewards = gtpo_token_rewards(
-        inputs.rewards, correct, entropy, inputs.mask, inputs.group_ids,
-        reward_weight=reward_weight, entropy_weight=entropy_weight, eps=eps,
-    )  # fmt: skip
+        inputs.rewards,
+        correct,
+        entropy,
+        inputs.mask,
+        inputs.group_ids,
+        reward_weight=reward_weight,
+        entropy_weight=entropy_weight,
+        eps=eps,
+    )
     return gtpo_advantages(token_rewards, correct, inputs.mask, inputs.group_ids, norm=gtpo_norm, eps=eps)
 
 
@@ -107,9 +113,16 @@ def _grpo_s(
 ) -> torch.Tensor:
     entropy, correct = _require(inputs, "grpo_s")
     adv = grpo_s_advantages(
-        inputs.rewards, correct, entropy, inputs.mask, inputs.group_ids,
-        reward_weight=reward_weight, entropy_weight=entropy_weight, std_norm=std_norm, eps=eps,
-    )  # fmt: skip
+        inputs.rewards,
+        correct,
+        entropy,
+        inputs.mask,
+        inputs.group_ids,
+        reward_weight=reward_weight,
+        entropy_weight=entropy_weight,
+        std_norm=std_norm,
+        eps=eps,
+    )
     return _tokens(adv, inputs.mask)
 
 
@@ -132,8 +145,7 @@ def _keep_all(metric: torch.Tensor, group_ids: GroupIds) -> torch.Tensor:
     return torch.ones_like(metric, dtype=torch.bool)
 
 
-@GROUP_FILTER.register("all_equal", uses=("metric",),
-                       read_by={"max_generation_rounds": "megatron_hapo.trainer.step"})  # fmt: skip
+@GROUP_FILTER.register("all_equal", uses=("metric",), read_by={"max_generation_rounds": "megatron_hapo.trainer.step"})
 def _drop_all_equal(metric: torch.Tensor, group_ids: GroupIds) -> torch.Tensor:
     return filter_groups(metric, group_ids)
 
@@ -143,8 +155,12 @@ def _fixed_clip(h_hat: torch.Tensor | None, *, eps_low: float, eps_high: float) 
     return eps_low, eps_high
 
 
-@CLIP.register("entropy_adaptive", uses=("eps_low", "eps_high", "alpha"), needs_entropy=True,
-               read_by={"dual_clip_c": "megatron_hapo.algos.compose"})  # fmt: skip
+@CLIP.register(
+    "entropy_adaptive",
+    uses=("eps_low", "eps_high", "alpha"),
+    needs_entropy=True,
+    read_by={"dual_clip_c": "megatron_hapo.algos.compose"},
+)
 def _adaptive_clip(
     h_hat: torch.Tensor, *, eps_low: float, eps_high: float, alpha: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,19 +229,28 @@ def _no_guide(batch: GuideBatch | None) -> None:
 
 
 @GUIDE_POLICY.register(
-    "mixed", uses=("eps_low", "eps_high", "dual_clip_c"),
-    read_by={"weight": "megatron_hapo.parallel.policy_loss", "route_zero_reward_groups": "megatron_hapo.trainer.guide",
-             "model_path": "megatron_hapo.train"},
-)  # fmt: skip
+    "mixed",
+    uses=("eps_low", "eps_high", "dual_clip_c"),
+    read_by={
+        "weight": "megatron_hapo.parallel.policy_loss",
+        "route_zero_reward_groups": "megatron_hapo.trainer.guide",
+        "model_path": "megatron_hapo.train",
+    },
+)
 def _mixed_guide(
     batch: GuideBatch | None, *, eps_low: float, eps_high: float, dual_clip_c: float | None
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
     if batch is None:
         return None
     return guide_policy_surrogate(
-        batch.log_prob, batch.guide_log_prob, batch.advantages, batch.mask,
-        eps_low=eps_low, eps_high=eps_high, dual_clip_c=dual_clip_c,
-    )  # fmt: skip
+        batch.log_prob,
+        batch.guide_log_prob,
+        batch.advantages,
+        batch.mask,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        dual_clip_c=dual_clip_c,
+    )
 
 
 @ROLLOUT_CORRECTION.register("none")

@@ -49,9 +49,13 @@ class Registry:
         self._entries: dict[str, Entry] = {}
 
     def register(
-        self, kind: str, *, uses: tuple[str, ...] = (), needs_entropy: bool = False,
+        self,
+        kind: str,
+        *,
+        uses: tuple[str, ...] = (),
+        needs_entropy: bool = False,
         read_by: dict[str, str] | None = None,
-    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:  # fmt: skip
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Decorator registering ``fn`` under ``kind``; ``ValueError`` when ``fn`` does not take a ``uses`` field."""
 
         def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -59,10 +63,13 @@ class Registry:
                 raise ValueError(f"{self.component} kind {kind!r} is already registered")
             accepted = inspect.signature(fn).parameters
             if dropped := [name for name in uses if name not in accepted]:
-                raise ValueError(f"{self.component} kind {kind!r} declares uses={dropped} that its function does "
-                                 "not take: pass them to it, or declare them in read_by with their reader")  # fmt: skip
-            self._entries[kind] = Entry(kind=kind, fn=fn, uses=tuple(uses), needs_entropy=needs_entropy,
-                                        read_by=tuple((read_by or {}).items()))  # fmt: skip
+                raise ValueError(
+                    f"{self.component} kind {kind!r} declares uses={dropped} that its function does "
+                    "not take: pass them to it, or declare them in read_by with their reader"
+                )
+            self._entries[kind] = Entry(
+                kind=kind, fn=fn, uses=tuple(uses), needs_entropy=needs_entropy, read_by=tuple((read_by or {}).items())
+            )
             return fn
 
         return decorator

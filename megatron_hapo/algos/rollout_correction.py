@@ -35,8 +35,16 @@ def rollout_mismatch_metrics(
     check_no_nan("trainer / rollout log-probs", d)
     if d.numel() == 0:
         zero = torch.zeros((), device=trainer_log_prob.device)
-        return {name: zero for name in ("mismatch_kl", "mismatch_k3", "mismatch_max_abs_log_ratio",
-                                         "mismatch_max_ratio", "mismatch_min_ratio")}  # fmt: skip
+        return {
+            name: zero
+            for name in (
+                "mismatch_kl",
+                "mismatch_k3",
+                "mismatch_max_abs_log_ratio",
+                "mismatch_max_ratio",
+                "mismatch_min_ratio",
+            )
+        }
     return {
         "mismatch_kl": (-d).mean(),
         "mismatch_k3": (torch.expm1(d) - d).mean(),

@@ -53,8 +53,10 @@ def _check_algo_ranges(algo: AlgoConfig, errors: list[str]) -> None:
     _in_range(errors, "algo.advantage.eps", a.eps, 0.0, None, low_open=True)
     _in_range(errors, "algo.advantage.fallback_threshold", a.fallback_threshold, 0.0, None, low_open=True)
     _in_range(errors, "algo.advantage.entropy_weight", a.entropy_weight, 0.0, None)
-    for prefix, low, high, dual in (("algo.clip", c.eps_low, c.eps_high, c.dual_clip_c),
-                                    ("algo.guide_policy", g.eps_low, g.eps_high, g.dual_clip_c)):  # fmt: skip
+    for prefix, low, high, dual in (
+        ("algo.clip", c.eps_low, c.eps_high, c.dual_clip_c),
+        ("algo.guide_policy", g.eps_low, g.eps_high, g.dual_clip_c),
+    ):
         _in_range(errors, f"{prefix}.eps_low", low, 0.0, 1.0, low_open=True, high_open=True)
         _in_range(errors, f"{prefix}.eps_high", high, 0.0, None, low_open=True)
         if dual is not None:
@@ -109,8 +111,9 @@ def _check_layout_fields(config: Config, errors: list[str]) -> None:
     if e.sync_tolerance is not None:
         _in_range(errors, "engine.sync_tolerance", e.sync_tolerance, 0.0, None, low_open=True)
     if e.kind == "hf" and e.tensor_parallel != 1:
-        errors.append(f"engine.kind=hf keeps a whole model in each rank: set engine.tensor_parallel=1 "
-                      f"(got {e.tensor_parallel})")  # fmt: skip
+        errors.append(
+            f"engine.kind=hf keeps a whole model in each rank: set engine.tensor_parallel=1 (got {e.tensor_parallel})"
+        )
     for key in ("eval_interval", "save_interval", "keep_last"):
         _in_range(errors, f"output.{key}", getattr(out, key), 0, None)
     _in_range(errors, "output.eval_k", out.eval_k, 1, None)
@@ -161,8 +164,10 @@ def no_effect_warnings(config: Config, *, emit: bool = False) -> list[str]:
         users = loss_users if name == "scope" else h_hat_users
         if not users:
             what = "the loss" if name == "scope" else "any component"
-            messages.append(f"algo.entropy.{name}={getattr(algo.entropy, name)!r} has no effect: no h_hat consumer in "
-                            f"{what} (entropy_adaptive sampling / clip, hapo redistribution)")  # fmt: skip
+            messages.append(
+                f"algo.entropy.{name}={getattr(algo.entropy, name)!r} has no effect: no h_hat consumer in "
+                f"{what} (entropy_adaptive sampling / clip, hapo redistribution)"
+            )
     if algo.group_filter.kind != "none" and config.rollout.num_samples_per_prompt == 1:
         messages.append(
             "algo.group_filter has no effect with rollout.num_samples_per_prompt=1 (groups of one are kept)"

@@ -79,8 +79,13 @@ def _messages(prompt: Any) -> tuple[tuple[str, str], ...]:
     raise DataError(f"the prompt must be a string or a non-empty list of chat messages, got {type(prompt).__name__}")
 
 
-def read_prompts(path: str | Path, *, prompt_key: str = "prompt", answer_key: str = "reward_model.ground_truth",
-                 bad_rows: Literal["error", "skip"] = "error") -> PromptSet:  # fmt: skip
+def read_prompts(
+    path: str | Path,
+    *,
+    prompt_key: str = "prompt",
+    answer_key: str = "reward_model.ground_truth",
+    bad_rows: Literal["error", "skip"] = "error",
+) -> PromptSet:
     """Read a ``.parquet`` or ``.jsonl`` prompt file (see the module docstring)."""
     path = Path(path)
     if not path.is_file():

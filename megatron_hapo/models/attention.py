@@ -28,10 +28,16 @@ def packed_attention_class() -> type:
         class PackedDotProductAttention(DotProductAttention):
             """Local attention that also takes THD-packed ``[t, heads, dim]`` query / key / value."""
 
-            def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,  # noqa: PLR0917
-                        attention_mask: torch.Tensor | None, attn_mask_type: Any = None,
-                        attention_bias: torch.Tensor | None = None,
-                        packed_seq_params: Any = None) -> torch.Tensor:  # fmt: skip
+            def forward(  # noqa: PLR0917
+                self,
+                query: torch.Tensor,
+                key: torch.Tensor,
+                value: torch.Tensor,
+                attention_mask: torch.Tensor | None,
+                attn_mask_type: Any = None,
+                attention_bias: torch.Tensor | None = None,
+                packed_seq_params: Any = None,
+            ) -> torch.Tensor:
                 if packed_seq_params is None:
                     return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias)
                 if packed_seq_params.qkv_format != "thd":

@@ -29,8 +29,16 @@ from megatron_hapo.models.provider import build_gpt
 from megatron_hapo.parallel import runtime
 
 #: Files copied alongside the weights (config and tokenizer), when present.
-HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model")  # fmt: skip
+HF_SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+)
 
 
 def staging_dir(out_dir: Path) -> Path:
@@ -78,8 +86,13 @@ def _load_everywhere(chunks: list, spec: DecoderSpec, reader: Callable) -> set[s
     return set().union(*(u for u, _ in results))
 
 
-def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype | None = None,
-                progress: Callable[[str], None] | None = None) -> DecoderSpec:  # fmt: skip
+def hf_to_mcore(
+    hf_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> DecoderSpec:
     """Convert an HF safetensors directory into a torch_dist checkpoint at ``out_dir`` (collective call).
 
     ``progress(name)`` is called before each tensor is read. Raises ``ValueError`` naming the tensor for a
@@ -105,8 +118,9 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype |
     return spec
 
 
-def _load_checked(spec: DecoderSpec, source: HFCheckpoint, dtype: torch.dtype,
-                  progress: Callable[[str], None] | None) -> list[torch.nn.Module]:  # fmt: skip
+def _load_checked(
+    spec: DecoderSpec, source: HFCheckpoint, dtype: torch.dtype, progress: Callable[[str], None] | None
+) -> list[torch.nn.Module]:
     """This rank's chunks with the HF weights loaded; every HF tensor must have been used by some rank."""
     chunks = build_gpt(spec, dtype=dtype, perform_initialization=False)
     reader = source.__getitem__ if progress is None else _reporting(source.__getitem__, progress)
@@ -150,8 +164,9 @@ def chunks_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict:
     return {f"model{i}": unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(chunks)}
 
 
-def load_mcore(ckpt_dir: str | Path, *, dtype: torch.dtype | None = None,
-               **build_overrides: Any) -> tuple[DecoderSpec, list]:  # fmt: skip
+def load_mcore(
+    ckpt_dir: str | Path, *, dtype: torch.dtype | None = None, **build_overrides: Any
+) -> tuple[DecoderSpec, list]:
     """Build the model of a converted checkpoint for the current layout and load its weights (collective).
 
     Any TP / PP / VPP layout loads any saved one; ``build_overrides`` go to :func:`build_gpt`.
@@ -160,8 +175,9 @@ def load_mcore(ckpt_dir: str | Path, *, dtype: torch.dtype | None = None,
 
     ckpt_dir = Path(ckpt_dir)
     spec = read_decoder_spec(ckpt_dir / "hf")
-    chunks = build_gpt(spec, dtype=dtype or config_dtype(ckpt_dir / "hf"), perform_initialization=False,
-                       **build_overrides)  # fmt: skip
+    chunks = build_gpt(
+        spec, dtype=dtype or config_dtype(ckpt_dir / "hf"), perform_initialization=False, **build_overrides
+    )
     load_chunks_state(chunks, dist_checkpointing.load(chunks_sharded_state_dict(chunks), str(ckpt_dir)), ckpt_dir)
     return spec, chunks
 
@@ -176,9 +192,15 @@ def load_chunks_state(chunks: list, state: dict, source: Path) -> None:
             raise ValueError(f"{source} does not hold parameters {lost[:5]}; wrong model or checkpoint")
 
 
-def mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, max_shard_bytes: int = 5 * 2**30,
-                dtype: torch.dtype | None = None, read_bytes: int = 2**30,
-                progress: Callable[[int], None] | None = None) -> None:  # fmt: skip
+def mcore_to_hf(
+    ckpt_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    max_shard_bytes: int = 5 * 2**30,
+    dtype: torch.dtype | None = None,
+    read_bytes: int = 2**30,
+    progress: Callable[[int], None] | None = None,
+) -> None:
     """Write a converted checkpoint back as sharded HF safetensors (+ config, tokenizer); collective, one rank.
 
     Streams: layers are read ``read_bytes`` at a time straight from the torch_dist files (no model is built) and
@@ -209,8 +231,9 @@ def _to_hf_checked(rule: Rule, tensor: torch.Tensor, spec: DecoderSpec) -> dict[
     try:
         return to_hf(rule, [tensor], spec)
     except RuntimeError as exc:
-        raise ValueError(f"{rule.megatron}: stored shape {tuple(tensor.shape)} does not fit hf/config.json "
-                         f"({exc})") from None  # fmt: skip
+        raise ValueError(
+            f"{rule.megatron}: stored shape {tuple(tensor.shape)} does not fit hf/config.json ({exc})"
+        ) from None
 
 
 class _ShardWriter:

@@ -34,8 +34,15 @@ def chunk_rules(chunk: torch.nn.Module, spec: DecoderSpec, *, te: bool) -> dict[
     return {local(rule.megatron): rule for rule in table}
 
 
-def load_hf_weights(chunks: list[torch.nn.Module], spec: DecoderSpec, get_tensor: Callable[[str], torch.Tensor],
-                    *, tp_rank: int, tp_size: int, te: bool = False) -> set[str]:  # fmt: skip
+def load_hf_weights(
+    chunks: list[torch.nn.Module],
+    spec: DecoderSpec,
+    get_tensor: Callable[[str], torch.Tensor],
+    *,
+    tp_rank: int,
+    tp_size: int,
+    te: bool = False,
+) -> set[str]:
     """Copy the HF tensors ``get_tensor(name)`` into the chunks' parameters; returns the HF names used.
 
     Raises ``ValueError`` naming the tensor for a missing HF tensor, a shape mismatch, or a model parameter no
@@ -57,8 +64,14 @@ def load_hf_weights(chunks: list[torch.nn.Module], spec: DecoderSpec, get_tensor
                     tensors.append(get_tensor(hf_name))
                 except KeyError:
                     raise ValueError(f"the checkpoint lacks tensor {hf_name} (needed for {name})") from None
-            shard = to_megatron_shard(rule, tensors, spec, tp_rank=tp_rank, tp_size=tp_size,
-                                      padded_vocab=model.vocab_size if rule.fusion == "vocab" else None)  # fmt: skip
+            shard = to_megatron_shard(
+                rule,
+                tensors,
+                spec,
+                tp_rank=tp_rank,
+                tp_size=tp_size,
+                padded_vocab=model.vocab_size if rule.fusion == "vocab" else None,
+            )
             if shard.shape != params[name].shape:
                 raise ValueError(
                     f"{rule.hf}: shape {tuple(shard.shape)} does not fit {name} {tuple(params[name].shape)}"

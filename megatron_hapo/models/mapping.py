@@ -63,8 +63,9 @@ def _layer_rules(spec: DecoderSpec, i: int, *, te: bool) -> list[Rule]:
     return rules
 
 
-def rules(spec: DecoderSpec, *, te: bool = False, layers: range | None = None, first: bool = True,
-          last: bool = True) -> list[Rule]:  # fmt: skip
+def rules(
+    spec: DecoderSpec, *, te: bool = False, layers: range | None = None, first: bool = True, last: bool = True
+) -> list[Rule]:
     """The rules of the given global ``layers`` (default all), plus embedding (``first``) and head (``last``)."""
     out = [Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab", 0)] if first else []
     for i in layers if layers is not None else range(spec.num_layers):
@@ -94,8 +95,15 @@ def _split_qkv(spec: DecoderSpec, fused: torch.Tensor) -> tuple[torch.Tensor, to
     return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
 
 
-def to_megatron_shard(rule: Rule, tensors: list[torch.Tensor], spec: DecoderSpec, *, tp_rank: int = 0,
-                      tp_size: int = 1, padded_vocab: int | None = None) -> torch.Tensor:  # fmt: skip
+def to_megatron_shard(
+    rule: Rule,
+    tensors: list[torch.Tensor],
+    spec: DecoderSpec,
+    *,
+    tp_rank: int = 0,
+    tp_size: int = 1,
+    padded_vocab: int | None = None,
+) -> torch.Tensor:
     """This TP rank's shard of ``rule.megatron`` from the HF ``tensors`` (in ``rule.hf`` order)."""
     for (
         name,

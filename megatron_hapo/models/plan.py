@@ -106,8 +106,10 @@ def check_layout(spec: DecoderSpec, config: Any, layout: Layout) -> list[str]:
     errors = []
     model_parallel = layout.tp * layout.pp
     if layout.world % model_parallel:
-        errors.append(f"{layout.world} GPUs are not divisible by model.tensor_parallel x model.pipeline_parallel "
-                      f"= {model_parallel}")  # fmt: skip
+        errors.append(
+            f"{layout.world} GPUs are not divisible by model.tensor_parallel x model.pipeline_parallel "
+            f"= {model_parallel}"
+        )
     try:
         spec.check_parallel(tp=layout.tp, pp=layout.pp, vpp=layout.vpp)
     except ValueError as exc:
@@ -120,8 +122,10 @@ def check_layout(spec: DecoderSpec, config: Any, layout: Layout) -> list[str]:
         errors += _fp8_errors(spec, config, layout)
     longest = config.rollout.max_prompt_length + config.rollout.max_response_length
     if longest > spec.max_position_embeddings:
-        errors.append(f"rollout.max_prompt_length + max_response_length = {longest} exceeds the model's "
-                      f"max_position_embeddings {spec.max_position_embeddings}")  # fmt: skip
+        errors.append(
+            f"rollout.max_prompt_length + max_response_length = {longest} exceeds the model's "
+            f"max_position_embeddings {spec.max_position_embeddings}"
+        )
     return errors
 
 
@@ -139,17 +143,23 @@ def _batch_errors(config: Any, layout: Layout) -> list[str]:
     train, n, mbs = config.train, config.rollout.num_samples_per_prompt, config.model.micro_batch_size
     errors = []
     if train.prompts_per_step % train.mini_batch_prompts:
-        errors.append(f"train.mini_batch_prompts={train.mini_batch_prompts} does not divide "
-                      f"train.prompts_per_step={train.prompts_per_step}")  # fmt: skip
+        errors.append(
+            f"train.mini_batch_prompts={train.mini_batch_prompts} does not divide "
+            f"train.prompts_per_step={train.prompts_per_step}"
+        )
     per_rank = train.mini_batch_prompts * n / max(layout.dp, 1)
     if train.max_tokens_per_microbatch is not None:  # token budget: any count, filled up for the interleaving
         return errors
     if per_rank != int(per_rank) or int(per_rank) % mbs:
-        errors.append(f"a mini-batch of {train.mini_batch_prompts} prompts x {n} samples does not split into "
-                      f"micro-batches of {mbs} over {layout.dp} data-parallel ranks")  # fmt: skip
+        errors.append(
+            f"a mini-batch of {train.mini_batch_prompts} prompts x {n} samples does not split into "
+            f"micro-batches of {mbs} over {layout.dp} data-parallel ranks"
+        )
     elif layout.vpp and int(per_rank) // mbs < layout.pp:
-        errors.append(f"the interleaved schedule needs at least {layout.pp} micro-batches per mini-batch and rank, "
-                      f"got {int(per_rank) // mbs}")  # fmt: skip
+        errors.append(
+            f"the interleaved schedule needs at least {layout.pp} micro-batches per mini-batch and rank, "
+            f"got {int(per_rank) // mbs}"
+        )
     return errors
 
 
@@ -208,14 +218,21 @@ def plan_run(spec: DecoderSpec, config: Any, layout: Layout) -> Plan:
     optimizer_width = 8 + (4 if width == 2 else 0)
     activations, logits = _activation_bytes(spec, config, layout)
     shards = layout.dp if config.model.distributed_optimizer else 1
-    plan.training = {"parameters": heaviest * width, "gradients": heaviest * 4,
-                     "optimizer": heaviest * optimizer_width / shards, "activations": activations, "logits": logits,
-                     "runtime": RUNTIME_RESERVE_BYTES}  # fmt: skip
+    plan.training = {
+        "parameters": heaviest * width,
+        "gradients": heaviest * 4,
+        "optimizer": heaviest * optimizer_width / shards,
+        "activations": activations,
+        "logits": logits,
+        "runtime": RUNTIME_RESERVE_BYTES,
+    }
     plan.offloaded = ("gradients", "optimizer") if config.model.offload == "optimizer" else ()
     kv_heads = max(spec.num_query_groups // layout.engine_tp, 1)
     sequence = config.rollout.max_prompt_length + config.rollout.max_response_length
-    plan.rollout = {"weights": plan.total_params * 2 / layout.engine_tp,
-                    "kv_per_sequence": sequence * 2 * spec.num_layers * kv_heads * spec.head_dim * 2}  # fmt: skip
+    plan.rollout = {
+        "weights": plan.total_params * 2 / layout.engine_tp,
+        "kv_per_sequence": sequence * 2 * spec.num_layers * kv_heads * spec.head_dim * 2,
+    }
     if config.model.fp8:
         plan.notes.append("fp8: estimated as bf16 (Transformer Engine's FP8 weight copies are transient per layer)")
     if layout.pp == 2 and layout.vpp:
@@ -229,27 +246,35 @@ def fit_errors(plan: Plan, config: Any, gpu_bytes: float) -> list[str]:
     errors = []
     training = sum(plan.training.values())
     if training > gpu_bytes:
-        errors.append(f"training needs {training / GIB:.1f} GiB per GPU, more than the {gpu_bytes / GIB:.0f} GiB "
-                      "available: raise model.tensor_parallel / pipeline_parallel, lower "
-                      "train.max_tokens_per_microbatch (or model.micro_batch_size without a budget) or "
-                      "set model.recompute=full")  # fmt: skip
+        errors.append(
+            f"training needs {training / GIB:.1f} GiB per GPU, more than the {gpu_bytes / GIB:.0f} GiB "
+            "available: raise model.tensor_parallel / pipeline_parallel, lower "
+            "train.max_tokens_per_microbatch (or model.micro_batch_size without a budget) or "
+            "set model.recompute=full"
+        )
     resident, engine_share = trainer_resident_bytes(plan), config.engine.gpu_memory_utilization * gpu_bytes
     if resident + engine_share > gpu_bytes:
         most = max(int((gpu_bytes - resident) / gpu_bytes * 100) / 100, 0.0)
         kept = ", ".join(name for name in ("parameters", "gradients", "optimizer") if name not in plan.offloaded)
-        errors.append(f"during rollout the trainer keeps {resident / GIB:.1f} GiB per GPU ({kept}) beside the "
-                      f"engine's engine.gpu_memory_utilization x GPU = "
-                      f"{engine_share / GIB:.1f} GiB: lower engine.gpu_memory_utilization to {most:.2f} or less, "
-                      "set model.offload=optimizer, or raise model.tensor_parallel / pipeline_parallel")  # fmt: skip
+        errors.append(
+            f"during rollout the trainer keeps {resident / GIB:.1f} GiB per GPU ({kept}) beside the "
+            f"engine's engine.gpu_memory_utilization x GPU = "
+            f"{engine_share / GIB:.1f} GiB: lower engine.gpu_memory_utilization to {most:.2f} or less, "
+            "set model.offload=optimizer, or raise model.tensor_parallel / pipeline_parallel"
+        )
     if (sequences := full_length_sequences(plan, config, gpu_bytes)) < 1:
         weights, budget = plan.rollout["weights"] / GIB, config.engine.gpu_memory_utilization * gpu_bytes / GIB
-        errors.append(f"the rollout engine's KV cache holds no full-length sequence ({weights:.1f} GiB of weights "
-                      f"in engine.gpu_memory_utilization x GPU = {budget:.1f} GiB): raise engine.tensor_parallel or "
-                      "engine.gpu_memory_utilization")  # fmt: skip
+        errors.append(
+            f"the rollout engine's KV cache holds no full-length sequence ({weights:.1f} GiB of weights "
+            f"in engine.gpu_memory_utilization x GPU = {budget:.1f} GiB): raise engine.tensor_parallel or "
+            "engine.gpu_memory_utilization"
+        )
     elif sequences < config.engine.max_num_seqs:
-        plan.notes.append(f"the KV cache holds {sequences} full-length sequences per engine, fewer than "
-                          f"engine.max_num_seqs={config.engine.max_num_seqs}: vLLM runs fewer at once when all "
-                          "responses are long")  # fmt: skip
+        plan.notes.append(
+            f"the KV cache holds {sequences} full-length sequences per engine, fewer than "
+            f"engine.max_num_seqs={config.engine.max_num_seqs}: vLLM runs fewer at once when all "
+            "responses are long"
+        )
     return errors
 
 

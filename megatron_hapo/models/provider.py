@@ -19,9 +19,14 @@ from megatron_hapo.models.precision import FP8Config, check_fp8, fp8_transformer
 from megatron_hapo.parallel.runtime import model_parallel_layout, on_gpu, rank_device
 
 
-def build_chunks(config: Any, make_model: Callable[[int | None, bool, bool], torch.nn.Module], *,
-                 dtype: torch.dtype, ddp: bool,
-                 distributed_optimizer: bool = False) -> list[torch.nn.Module]:  # fmt: skip
+def build_chunks(
+    config: Any,
+    make_model: Callable[[int | None, bool, bool], torch.nn.Module],
+    *,
+    dtype: torch.dtype,
+    ddp: bool,
+    distributed_optimizer: bool = False,
+) -> list[torch.nn.Module]:
     """One model per virtual stage of the initialised model-parallel layout, on this rank's device.
 
     ``make_model(vp_stage, pre_process, post_process)`` builds one chunk from ``config``. As Megatron-LM's
@@ -53,9 +58,11 @@ def build_chunks(config: Any, make_model: Callable[[int | None, bool, bool], tor
         if ddp:
             ddp_config = DistributedDataParallelConfig(
                 grad_reduce_in_fp32=dtype in (torch.bfloat16, torch.float16),
-                use_distributed_optimizer=distributed_optimizer, overlap_grad_reduce=distributed_optimizer,
-                overlap_param_gather=distributed_optimizer, align_param_gather=distributed_optimizer,
-            )  # fmt: skip
+                use_distributed_optimizer=distributed_optimizer,
+                overlap_grad_reduce=distributed_optimizer,
+                overlap_param_gather=distributed_optimizer,
+                align_param_gather=distributed_optimizer,
+            )
             model = DistributedDataParallel(config, ddp_config, model, disable_bucketing=bool(stage))
         model.layer_offset = get_transformer_layer_offset(config, vp_stage=stage)
         chunks.append(model)
@@ -101,24 +108,51 @@ def transformer_config(spec: DecoderSpec, *, dtype: torch.dtype = torch.float32,
     tp, pp, vpp = layout.tp, layout.pp, layout.vpp
     spec.check_parallel(tp=tp, pp=pp, vpp=vpp)
     settings = dict(
-        num_layers=spec.num_layers, hidden_size=spec.hidden_size, num_attention_heads=spec.num_attention_heads,
-        num_query_groups=spec.num_query_groups, kv_channels=spec.head_dim, ffn_hidden_size=spec.ffn_hidden_size,
-        normalization="RMSNorm", layernorm_epsilon=spec.norm_eps, gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu, add_bias_linear=False, add_qkv_bias=spec.qkv_bias,
-        qk_layernorm=spec.qk_norm, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        virtual_pipeline_model_parallel_size=vpp, params_dtype=dtype, pipeline_dtype=dtype,
-        use_cpu_initialization=not on_gpu(), hidden_dropout=0.0, attention_dropout=0.0, bias_activation_fusion=False,
-        bias_dropout_fusion=False, masked_softmax_fusion=False, gradient_accumulation_fusion=False,
-        persist_layer_norm=False, apply_rope_fusion=False,
-        variable_seq_lengths=variable_shapes(pp, vpp), moe_token_dispatcher_type="alltoall",  # allgather refuses it
-    )  # fmt: skip
+        num_layers=spec.num_layers,
+        hidden_size=spec.hidden_size,
+        num_attention_heads=spec.num_attention_heads,
+        num_query_groups=spec.num_query_groups,
+        kv_channels=spec.head_dim,
+        ffn_hidden_size=spec.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=spec.norm_eps,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        add_qkv_bias=spec.qkv_bias,
+        qk_layernorm=spec.qk_norm,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        use_cpu_initialization=not on_gpu(),
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        variable_seq_lengths=variable_shapes(pp, vpp),
+        moe_token_dispatcher_type="alltoall",  # allgather refuses it
+    )
     settings.update(overrides)
     return TransformerConfig(**settings)
 
 
-def build_gpt(spec: DecoderSpec, *, dtype: torch.dtype = torch.float32, te: bool = False, ddp: bool = False,
-              make_vocab_size_divisible_by: int = 128, fp8: FP8Config | None = None,
-              distributed_optimizer: bool = False, **config_overrides: Any) -> list[torch.nn.Module]:  # fmt: skip
+def build_gpt(
+    spec: DecoderSpec,
+    *,
+    dtype: torch.dtype = torch.float32,
+    te: bool = False,
+    ddp: bool = False,
+    make_vocab_size_divisible_by: int = 128,
+    fp8: FP8Config | None = None,
+    distributed_optimizer: bool = False,
+    **config_overrides: Any,
+) -> list[torch.nn.Module]:
     """The Megatron GPT of an HF decoder family for this rank (random weights; load them with ``loading``).
 
     ``fp8`` (with ``te=True`` on a CUDA GPU) turns on FP8 through Transformer Engine after :func:`check_fp8`.
@@ -146,12 +180,19 @@ def build_gpt(spec: DecoderSpec, *, dtype: torch.dtype = torch.float32, te: bool
 
     def make_model(stage: int | None, first: bool, last: bool) -> torch.nn.Module:
         return GPTModel(
-            config=config, transformer_layer_spec=block_spec(stage), vocab_size=vocab,
-            max_sequence_length=spec.max_position_embeddings, pre_process=first, post_process=last,
-            share_embeddings_and_output_weights=spec.tie_word_embeddings, position_embedding_type="rope",
-            rotary_base=int(spec.rope_theta), rope_scaling=spec.rope_scaling_factor is not None,
-            rope_scaling_factor=spec.rope_scaling_factor or 8.0, vp_stage=stage,
-        )  # fmt: skip
+            config=config,
+            transformer_layer_spec=block_spec(stage),
+            vocab_size=vocab,
+            max_sequence_length=spec.max_position_embeddings,
+            pre_process=first,
+            post_process=last,
+            share_embeddings_and_output_weights=spec.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(spec.rope_theta),
+            rope_scaling=spec.rope_scaling_factor is not None,
+            rope_scaling_factor=spec.rope_scaling_factor or 8.0,
+            vp_stage=stage,
+        )
 
     return build_chunks(config, make_model, dtype=dtype, ddp=ddp, distributed_optimizer=distributed_optimizer)
 

@@ -71,25 +71,42 @@ def build_tiny_gpt(
         torch.manual_seed(seed)
     layout = model_parallel_layout()
     config = TransformerConfig(
-        num_layers=shape.num_layers, hidden_size=shape.hidden_size, num_attention_heads=shape.num_attention_heads,
-        num_query_groups=shape.num_query_groups, ffn_hidden_size=shape.ffn_hidden_size,
-        tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
+        num_layers=shape.num_layers,
+        hidden_size=shape.hidden_size,
+        num_attention_heads=shape.num_attention_heads,
+        num_query_groups=shape.num_query_groups,
+        ffn_hidden_size=shape.ffn_hidden_size,
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp,
-        batch_p2p_comm=batch_p2p_comm, params_dtype=dtype, pipeline_dtype=dtype, use_cpu_initialization=True,
-        hidden_dropout=0.0, attention_dropout=0.0, bias_dropout_fusion=False, masked_softmax_fusion=False,
-        gradient_accumulation_fusion=False, calculate_per_token_loss=calculate_per_token_loss,
-        variable_seq_lengths=variable_shapes(layout.pp, layout.vpp), moe_token_dispatcher_type="alltoall",
+        batch_p2p_comm=batch_p2p_comm,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        use_cpu_initialization=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        calculate_per_token_loss=calculate_per_token_loss,
+        variable_seq_lengths=variable_shapes(layout.pp, layout.vpp),
+        moe_token_dispatcher_type="alltoall",
         sequence_parallel=sequence_parallel and layout.tp > 1,
-    )  # fmt: skip
+    )
 
     layer_spec = with_packed_attention(get_gpt_layer_local_spec())
 
     def make_model(stage: int | None, first: bool, last: bool) -> torch.nn.Module:
         return GPTModel(
-            config=config, transformer_layer_spec=sequence_parallel_block_spec(config, layer_spec, stage),
+            config=config,
+            transformer_layer_spec=sequence_parallel_block_spec(config, layer_spec, stage),
             vocab_size=shape.vocab_size,
-            max_sequence_length=shape.seq_length, position_embedding_type="rope",
-            share_embeddings_and_output_weights=False, pre_process=first, post_process=last, vp_stage=stage,
-        )  # fmt: skip
+            max_sequence_length=shape.seq_length,
+            position_embedding_type="rope",
+            share_embeddings_and_output_weights=False,
+            pre_process=first,
+            post_process=last,
+            vp_stage=stage,
+        )
 
     return build_chunks(config, make_model, dtype=dtype, ddp=ddp)

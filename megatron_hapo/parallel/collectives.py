@@ -73,8 +73,10 @@ def check_same_on_ranks(name: str, tensor: torch.Tensor, group: dist.ProcessGrou
     dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
     dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
     if not torch.equal(low, high):
-        raise RuntimeError(f"{name} differs between the ranks of a data-parallel group: every replica must build "
-                           "the same batch (same engine seeds and weights)")  # fmt: skip
+        raise RuntimeError(
+            f"{name} differs between the ranks of a data-parallel group: every replica must build "
+            "the same batch (same engine seeds and weights)"
+        )
 
 
 def any_rank(flag: bool, group: dist.ProcessGroup | None = None) -> bool:

@@ -40,8 +40,11 @@ class _FusedOutputLogProbEntropy(torch.autograd.Function):
         real = weight[: valid_columns(vocab_size, weight.shape[0], group)]
         log_prob, saved = chunked_forward(
             lambda chunk: (take_rows(hidden, chunk, hidden.dtype) @ real.t()).to(temperature.dtype),
-            local, temperature, chunks, group=group,
-        )  # fmt: skip
+            local,
+            temperature,
+            chunks,
+            group=group,
+        )
         ctx.save_for_backward(hidden, weight, local, temperature, saved.row_max, saved.sum_exp, saved.entropy)
         ctx.group, ctx.chunks, ctx.with_entropy_grad, ctx.reduce_grad = group, chunks, with_entropy_grad, reduce_grad
         ctx.real = real.shape[0]
@@ -116,8 +119,16 @@ def fused_logprob_entropy(
         raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
     _, tp_size = group_rank_size(tp_group)
     vocab = real_vocab(vocab_size, weight.shape[0] * tp_size)
-    temp, chunks = prepare_inputs(targets, vocab, temperature, mask, chunk_size, dtype=compute_dtype(weight.dtype),
-                                  vocab_local=weight.shape[0], device=weight.device)  # fmt: skip
+    temp, chunks = prepare_inputs(
+        targets,
+        vocab,
+        temperature,
+        mask,
+        chunk_size,
+        dtype=compute_dtype(weight.dtype),
+        vocab_local=weight.shape[0],
+        device=weight.device,
+    )
     return _FusedOutputLogProbEntropy.apply(
         hidden, weight, targets.long(), temp, chunks, tp_group, with_entropy_grad, vocab_size, reduce_hidden_grad
     )

@@ -40,8 +40,9 @@ def _entry(rank: int, world: int, rendezvous: str, body: Callable[..., None], ar
     runtime.leave_process_group()
 
 
-def run_local_ranks(body: Callable[..., None], world: int, *args: Any, device: str = "auto",
-                    rendezvous_dir: Path | None = None) -> None:  # fmt: skip
+def run_local_ranks(
+    body: Callable[..., None], world: int, *args: Any, device: str = "auto", rendezvous_dir: Path | None = None
+) -> None:
     """Call the module-level ``body(rank, world, *args)`` on ``world`` processes; a failing rank raises here.
 
     ``device="cpu"`` keeps the ranks on the CPU even on a GPU node (the conversion tools: a whole model shard in

@@ -105,8 +105,10 @@ class PolicyMicroBatch:
 
     def to(self, device: torch.device) -> PolicyMicroBatch:
         """This micro-batch with every tensor on ``device`` (host-to-device copies are asynchronous)."""
-        moved = {name: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
-                 for name, value in vars(self).items()}  # fmt: skip
+        moved = {
+            name: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+            for name, value in vars(self).items()
+        }
         return PolicyMicroBatch(**moved)
 
     def per_sequence(self, values: torch.Tensor | None) -> torch.Tensor | None:
@@ -212,9 +214,12 @@ def pooled_entropy_stats(
     flat_mask = torch.cat([m.reshape(-1) for m in masks]) if masks else torch.zeros(0, dtype=torch.bool)
     cfg = algo.entropy
     stats = distributed_entropy_stats(
-        flat_entropy.to(device), flat_mask.to(device), group=groups.dp_cp, pivot_quantile=cfg.pivot_quantile,
+        flat_entropy.to(device),
+        flat_mask.to(device),
+        group=groups.dp_cp,
+        pivot_quantile=cfg.pivot_quantile,
         sign=cfg.sign,
-    )  # fmt: skip
+    )
     return stats.to("cpu")
 
 
@@ -246,15 +251,20 @@ class OutputLayerInputs:
     sequence_parallel: bool
 
 
-def _output_layer_inputs(*, hidden_states: torch.Tensor, output_layer: Any, output_weight: torch.Tensor | None,
-                         **_: Any) -> OutputLayerInputs:  # fmt: skip
+def _output_layer_inputs(
+    *, hidden_states: torch.Tensor, output_layer: Any, output_weight: torch.Tensor | None, **_: Any
+) -> OutputLayerInputs:
     weight = output_weight if output_weight is not None else output_layer.weight
     return OutputLayerInputs(hidden_states, weight, bool(getattr(output_layer, "sequence_parallel", False)))
 
 
-def _fused_logprob_entropy(batch: PolicyMicroBatch, inputs: OutputLayerInputs, groups: ParallelGroups,
-                           chunk_size: int | None,
-                           vocab_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def _fused_logprob_entropy(
+    batch: PolicyMicroBatch,
+    inputs: OutputLayerInputs,
+    groups: ParallelGroups,
+    chunk_size: int | None,
+    vocab_size: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`~megatron_hapo.parallel.fused_output.fused_logprob_entropy` on the masked positions: the
     ``[B * S, V / tp]`` logits never exist."""
     from megatron_hapo.parallel.fused_output import fused_logprob_entropy  # noqa: PLC0415
@@ -270,10 +280,16 @@ def _fused_logprob_entropy(batch: PolicyMicroBatch, inputs: OutputLayerInputs, g
     if isinstance(temperature, torch.Tensor):
         temperature = temperature.reshape(-1)
     log_prob, entropy = fused_logprob_entropy(
-        hidden, inputs.weight, batch.targets.reshape(-1), tp_group=groups.tp, temperature=temperature,
-        chunk_size=chunk_size, mask=batch.mask.reshape(-1), vocab_size=vocab_size,
+        hidden,
+        inputs.weight,
+        batch.targets.reshape(-1),
+        tp_group=groups.tp,
+        temperature=temperature,
+        chunk_size=chunk_size,
+        mask=batch.mask.reshape(-1),
+        vocab_size=vocab_size,
         reduce_hidden_grad=not inputs.sequence_parallel,
-    )  # fmt: skip
+    )
     return log_prob.reshape(shape), entropy.reshape(shape)
 
 
@@ -317,9 +333,12 @@ def _run_model(model: Any, batch: PolicyMicroBatch, fused_output: bool = False) 
         from megatron.core.packed_seq_params import PackedSeqParams  # noqa: PLC0415
 
         kwargs["packed_seq_params"] = PackedSeqParams(
-            qkv_format="thd", cu_seqlens_q=batch.cu_seqlens, cu_seqlens_kv=batch.cu_seqlens,
-            max_seqlen_q=batch.max_seqlen, max_seqlen_kv=batch.max_seqlen,
-        )  # fmt: skip
+            qkv_format="thd",
+            cu_seqlens_q=batch.cu_seqlens,
+            cu_seqlens_kv=batch.cu_seqlens,
+            max_seqlen_q=batch.max_seqlen,
+            max_seqlen_kv=batch.max_seqlen,
+        )
     return model(batch.tokens, batch.position_ids, None, **kwargs)
 
 
@@ -385,42 +404,55 @@ class PolicyLossStep:
         old_log_prob = batch.per_sequence(batch.old_log_prob)
         on_mask, guide_mask = batch.masks()
         per_token, metrics = token_policy_loss(
-            log_prob, old_log_prob, batch.per_sequence(batch.advantages), on_mask, algo=self.algo,
+            log_prob,
+            old_log_prob,
+            batch.per_sequence(batch.advantages),
+            on_mask,
+            algo=self.algo,
             h_hat=self._h_hat(batch, entropy.detach(), on_mask),
             token_weights=batch.per_sequence(batch.loss_weights),
-        )  # fmt: skip
+        )
         terms = [(per_token, on_mask, self.plan.denominator, 1.0)]
         if guide_mask is not None and self.algo.guide_policy.kind != "none":
             guide_per_token, guide_metrics = self._guide_term(batch, log_prob, old_log_prob, guide_mask)
             metrics.update(guide_metrics, guide_num_tokens=guide_mask.sum())
             terms.append((guide_per_token, guide_mask, self.plan.guide_denominator, self.algo.guide_policy.weight))
         mode = self.algo.aggregation.kind
-        share = sum(weight * aggregation_terms(pt.detach(), m, mode)[0] / d.clamp_min(1e-12)
-                    for pt, m, d, weight in terms)  # fmt: skip
+        share = sum(
+            weight * aggregation_terms(pt.detach(), m, mode)[0] / d.clamp_min(1e-12) for pt, m, d, weight in terms
+        )
         metrics = {name: value.detach() for name, value in metrics.items()}
         metrics["loss_share"] = share  # sums to the mini-batch loss over micro-batches and DP ranks
         metrics["entropy_sum"] = (entropy.detach() * on_mask).sum()
         metrics["num_tokens"] = on_mask.sum()
         if self.calculate_per_token_loss:
-            loss = sum(weight * per_token_loss_outputs(pt, m, mode, denominator=d,
-                                                       total_tokens=self.plan.total_tokens)[0]
-                       for pt, m, d, weight in terms)  # fmt: skip
+            loss = sum(
+                weight * per_token_loss_outputs(pt, m, mode, denominator=d, total_tokens=self.plan.total_tokens)[0]
+                for pt, m, d, weight in terms
+            )
             return loss, batch.mask.bool().sum().to(torch.int32), metrics
         _, dp_size = group_rank_size(self.groups.dp)
-        loss = sum(weight * microbatch_loss(pt, m, mode, denominator=d, num_microbatches=self.plan.num_microbatches,
-                                            dp_size=dp_size)
-                   for pt, m, d, weight in terms)  # fmt: skip
+        loss = sum(
+            weight
+            * microbatch_loss(pt, m, mode, denominator=d, num_microbatches=self.plan.num_microbatches, dp_size=dp_size)
+            for pt, m, d, weight in terms
+        )
         return loss, metrics
 
-    def _guide_term(self, batch: PolicyMicroBatch, log_prob: torch.Tensor, old_log_prob: torch.Tensor,
-                    guide_mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+    def _guide_term(
+        self, batch: PolicyMicroBatch, log_prob: torch.Tensor, old_log_prob: torch.Tensor, guide_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-token guide-policy surrogate ``[n, L]`` (ratio ``pi_theta / pi_phi``) and its ``guide_`` metrics."""
         if self.plan.guide_denominator is None:
             raise ValueError("guide rows in a mini-batch planned without the guide term: pass the same algo")
         cfg = self.algo.guide_policy
         guide_log_prob = torch.where(guide_mask, old_log_prob, log_prob.detach())  # ratio 1 off the guide rows
-        guide = GuideBatch(log_prob=log_prob, guide_log_prob=guide_log_prob,
-                           advantages=batch.per_sequence(batch.advantages), mask=guide_mask)  # fmt: skip
+        guide = GuideBatch(
+            log_prob=log_prob,
+            guide_log_prob=guide_log_prob,
+            advantages=batch.per_sequence(batch.advantages),
+            mask=guide_mask,
+        )
         return GUIDE_POLICY.get(cfg.kind).fn(guide, **GUIDE_POLICY.params(cfg.kind, cfg))
 
 
@@ -441,8 +473,14 @@ class SupervisedStep:
     def loss(self, batch: PolicyMicroBatch, logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         log_prob, _ = _logprob_entropy(batch, logits, self.groups, None, self.vocab_size)
         _, dp_size = group_rank_size(self.groups.dp)
-        loss = microbatch_loss(-log_prob, batch.mask, "token-mean", denominator=self.denominator,
-                               num_microbatches=self.num_microbatches, dp_size=dp_size)  # fmt: skip
+        loss = microbatch_loss(
+            -log_prob,
+            batch.mask,
+            "token-mean",
+            denominator=self.denominator,
+            num_microbatches=self.num_microbatches,
+            dp_size=dp_size,
+        )
         share = (-log_prob.detach() * batch.mask).sum() / self.denominator.clamp_min(1e-12)
         return loss, {"nll_share": share, "num_tokens": batch.mask.sum()}
 

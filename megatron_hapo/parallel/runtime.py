@@ -61,8 +61,10 @@ def join_process_group(backend: str | None = None, **init_kwargs: Any) -> None:
     if on_gpu():
         world = int(init_kwargs.get("world_size", os.environ.get("WORLD_SIZE", "1")))
         if LOCAL_RANK_ENV not in os.environ and world > 1:
-            raise RuntimeError(f"{LOCAL_RANK_ENV} is not set: with {world} ranks on GPUs each rank must know its GPU "
-                               "(torchrun and launch/_run.sh set it)")  # fmt: skip
+            raise RuntimeError(
+                f"{LOCAL_RANK_ENV} is not set: with {world} ranks on GPUs each rank must know its GPU "
+                "(torchrun and launch/_run.sh set it)"
+            )
         torch.cuda.set_device(int(os.environ.get(LOCAL_RANK_ENV, "0")))
     dist.init_process_group(backend or backend_for_device(), **init_kwargs)
 

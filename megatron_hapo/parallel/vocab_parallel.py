@@ -93,8 +93,16 @@ def vocab_parallel_logprob_entropy(
         raise ValueError(f"need logits [N, V_local] and targets [N]; got {tuple(logits.shape)}, {tuple(targets.shape)}")
     _, tp_size = group_rank_size(tp_group)
     vocab = real_vocab(vocab_size, logits.shape[-1] * tp_size)
-    temp, chunks = prepare_inputs(targets, vocab, temperature, mask, chunk_size, dtype=compute_dtype(logits.dtype),
-                                  vocab_local=logits.shape[-1], device=logits.device)  # fmt: skip
+    temp, chunks = prepare_inputs(
+        targets,
+        vocab,
+        temperature,
+        mask,
+        chunk_size,
+        dtype=compute_dtype(logits.dtype),
+        vocab_local=logits.shape[-1],
+        device=logits.device,
+    )
     return _VocabParallelLogProbEntropy.apply(
         logits, targets.long(), temp, chunks, tp_group, with_entropy_grad, vocab_size
     )

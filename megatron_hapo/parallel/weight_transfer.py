@@ -32,8 +32,12 @@ def all_gather_objects(value: object, group: dist.ProcessGroup | None) -> list:
     return runtime.all_gather_objects(value, group)
 
 
-def share_from_stage(tensors: dict[str, torch.Tensor] | None, src_index: int, group: dist.ProcessGroup | None,
-                     device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:  # fmt: skip
+def share_from_stage(
+    tensors: dict[str, torch.Tensor] | None,
+    src_index: int,
+    group: dist.ProcessGroup | None,
+    device: torch.device | str = "cpu",
+) -> dict[str, torch.Tensor]:
     """The named tensors of group rank ``src_index`` on every rank of ``group`` (one flat broadcast per dtype).
 
     ``tensors`` is read on the source rank only (``None`` elsewhere); the broadcast runs on the backend's device

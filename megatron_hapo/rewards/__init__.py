@@ -7,5 +7,15 @@ from megatron_hapo.rewards.math_answer import MathScore, boxed_math_score, dapo_
 from megatron_hapo.rewards.synthetic import first_token_equals, first_token_parity, modular_sum_prompts
 from megatron_hapo.rewards.workers import Outcome, RewardWorkers
 
-__all__ = ["MathScore", "Outcome", "RewardWorkers", "boxed_math_score", "dapo_math_score", "first_token_equals",
-           "first_token_parity", "last_boxed", "modular_sum_prompts", "normalize_answer"]  # fmt: skip
+__all__ = [
+    "MathScore",
+    "Outcome",
+    "RewardWorkers",
+    "boxed_math_score",
+    "dapo_math_score",
+    "first_token_equals",
+    "first_token_parity",
+    "last_boxed",
+    "modular_sum_prompts",
+    "normalize_answer",
+]

@@ -17,13 +17,58 @@ from dataclasses import dataclass
 TAIL_CHARS = 300
 
 _ANSWER_LINE = re.compile(r"(?i)Answer\s*:\s*([^\n]+)")
-_REPLACE = ((r"\ ", ""), (" ", ""), ("mbox", "text"), (",\\text{and}", ","), ("\\text{and}", ","),
-            ("\\text{m}", "\\text{}"), ("\\$", ""), (".$", "$"))  # fmt: skip
-_UNITS = ("square", "ways", "integers", "dollars", "mph", "inches", "hours", "km", "units", "\\ldots", "points",
-          "feet", "minutes", "digits", "cents", "degrees", "cm", "gm", "pounds", "meters", "meals", "edges",
-          "students", "childrentickets", "multiples", "\\text{s}", "\\text{.}", "\\text{\ns}", "\\text{}^2",
-          "\\text{}^3", "\\text{\n}", "\\text{}", r"\mathrm{th}", r"^\circ", r"^{\circ}", r"\;", r",\!", "{,}",
-          '"', "\\dots")  # fmt: skip
+_REPLACE = (
+    (r"\ ", ""),
+    (" ", ""),
+    ("mbox", "text"),
+    (",\\text{and}", ","),
+    ("\\text{and}", ","),
+    ("\\text{m}", "\\text{}"),
+    ("\\$", ""),
+    (".$", "$"),
+)
+_UNITS = (
+    "square",
+    "ways",
+    "integers",
+    "dollars",
+    "mph",
+    "inches",
+    "hours",
+    "km",
+    "units",
+    "\\ldots",
+    "points",
+    "feet",
+    "minutes",
+    "digits",
+    "cents",
+    "degrees",
+    "cm",
+    "gm",
+    "pounds",
+    "meters",
+    "meals",
+    "edges",
+    "students",
+    "childrentickets",
+    "multiples",
+    "\\text{s}",
+    "\\text{.}",
+    "\\text{\ns}",
+    "\\text{}^2",
+    "\\text{}^3",
+    "\\text{\n}",
+    "\\text{}",
+    r"\mathrm{th}",
+    r"^\circ",
+    r"^{\circ}",
+    r"\;",
+    r",\!",
+    "{,}",
+    '"',
+    "\\dots",
+)
 _UNWRAP = (r"\\text", r"\\textbf", r"\\overline", r"\\boxed")
 
 
@@ -76,8 +121,13 @@ def normalize_answer(answer: str) -> str:
 def _math_verify_equal(prediction: str, ground_truth: str) -> bool:
     from math_verify import parse, verify  # noqa: PLC0415  (optional dependency)
 
-    return bool(verify(parse(f"${ground_truth}$", parsing_timeout=None),
-                       parse(f"${prediction}$", parsing_timeout=None), timeout_seconds=None))  # fmt: skip
+    return bool(
+        verify(
+            parse(f"${ground_truth}$", parsing_timeout=None),
+            parse(f"${prediction}$", parsing_timeout=None),
+            timeout_seconds=None,
+        )
+    )
 
 
 def _judge(prediction: str, ground_truth: str, *, math_verify: bool) -> MathScore:
@@ -101,8 +151,9 @@ def boxed_math_score(response: str, ground_truth: str, *, math_verify: bool = Fa
     return _judge(normalize_answer(boxed) if boxed is not None else "[INVALID]", truth, math_verify=math_verify)
 
 
-def math_reward(response: str, ground_truth: str, rule: str = "dapo_math",
-                math_verify: bool = False) -> tuple[float, bool]:  # fmt: skip
+def math_reward(
+    response: str, ground_truth: str, rule: str = "dapo_math", math_verify: bool = False
+) -> tuple[float, bool]:
     """``(reward, correct)`` of one response under ``rule`` (``dapo_math`` or ``boxed_math``); a worker function."""
     rules = {"dapo_math": dapo_math_score, "boxed_math": boxed_math_score}
     if rule not in rules:

@@ -52,8 +52,9 @@ class DividedEngine:
         """Requests this replica's engine generated so far (each replica counts its own)."""
         self._group = runtime.host_group() if world > 1 else None  # the responses travel in host memory
 
-    def generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingSettings,
-                 stats: EntropyStats | None) -> list[Response]:  # fmt: skip
+    def generate(
+        self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingSettings, stats: EntropyStats | None
+    ) -> list[Response]:
         """``n`` responses per prompt in the global order (``[p0 r0 .. p0 r(n-1), p1 r0, ...]``) on every rank."""
         if self.replicas == 1:
             self.requests_served += len(prompts) * n

@@ -50,8 +50,14 @@ class SamplingSettings:
     def for_training(cls, sampling: object, *, max_tokens: int, seed: int | None = None) -> SamplingSettings:
         """From an ``algo.sampling`` config (``kind`` fixed | entropy_adaptive, temperature, top_p, top_k, tau)."""
         adaptive = SAMPLING.get(sampling.kind).needs_entropy  # the registry's entry says whether it adapts
-        return cls(max_tokens=max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
-                   top_k=sampling.top_k, adaptive_tau=sampling.tau if adaptive else None, seed=seed)  # fmt: skip
+        return cls(
+            max_tokens=max_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            adaptive_tau=sampling.tau if adaptive else None,
+            seed=seed,
+        )
 
 
 @dataclass
@@ -73,8 +79,9 @@ class Response:
 class RolloutEngine(Protocol):
     """What the trainer needs from a rollout engine."""
 
-    def generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingSettings,
-                 stats: EntropyStats | None) -> list[Response]:  # fmt: skip
+    def generate(
+        self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingSettings, stats: EntropyStats | None
+    ) -> list[Response]:
         """``n`` responses per prompt, grouped by prompt (``[p0 r0 .. p0 r(n-1), p1 r0, ...]``).
 
         ``stats`` are the previous training step's entropy statistics (adaptive sampling; ``None``: none yet).
@@ -108,5 +115,10 @@ def temperature_metrics(responses: Sequence[Response]) -> dict[str, float]:
         return {}
     values = torch.cat(recorded).double()
     low, high = torch.quantile(values, torch.tensor([0.1, 0.9], dtype=torch.float64)).tolist()
-    return {"temperature_min": float(values.min()), "temperature_p10": low, "temperature_mean": float(values.mean()),
-            "temperature_p90": high, "temperature_max": float(values.max())}  # fmt: skip
+    return {
+        "temperature_min": float(values.min()),
+        "temperature_p10": low,
+        "temperature_mean": float(values.mean()),
+        "temperature_p90": high,
+        "temperature_max": float(values.max()),
+    }

@@ -8,8 +8,16 @@ from megatron_hapo.config.run import EngineConfig
 from megatron_hapo.rollout.engine import RolloutEngine
 
 
-def make_engine(model_dir: str | Path, engine: EngineConfig, *, dtype: str, max_model_len: int, seed: int,
-                gpu_memory_utilization: float | None = None, sleep_mode: bool = True) -> RolloutEngine:  # fmt: skip
+def make_engine(
+    model_dir: str | Path,
+    engine: EngineConfig,
+    *,
+    dtype: str,
+    max_model_len: int,
+    seed: int,
+    gpu_memory_utilization: float | None = None,
+    sleep_mode: bool = True,
+) -> RolloutEngine:
     """The rollout engine of ``engine.kind`` for the HF checkpoint in ``model_dir``, in this rank.
 
     Args:
@@ -30,17 +38,31 @@ def make_engine(model_dir: str | Path, engine: EngineConfig, *, dtype: str, max_
         from megatron_hapo.rollout.hf_engine import HFEngine, HFEngineConfig  # noqa: PLC0415
 
         if engine.tensor_parallel != 1:
-            raise ValueError(f"engine.kind=hf keeps a whole model in each rank: engine.tensor_parallel must be 1, "
-                             f"got {engine.tensor_parallel}")  # fmt: skip
-        return HFEngine(model_dir, HFEngineConfig(max_model_len=max_model_len, max_num_seqs=engine.max_num_seqs,
-                                                  dtype=engine_dtype, seed=seed))  # fmt: skip
+            raise ValueError(
+                f"engine.kind=hf keeps a whole model in each rank: engine.tensor_parallel must be 1, "
+                f"got {engine.tensor_parallel}"
+            )
+        return HFEngine(
+            model_dir,
+            HFEngineConfig(
+                max_model_len=max_model_len, max_num_seqs=engine.max_num_seqs, dtype=engine_dtype, seed=seed
+            ),
+        )
     if engine.kind == "vllm":
         from megatron_hapo.rollout.vllm_engine import VLLMConfig, VLLMEngine  # noqa: PLC0415
 
         memory = engine.gpu_memory_utilization if gpu_memory_utilization is None else gpu_memory_utilization
-        return VLLMEngine(model_dir, VLLMConfig(
-            tensor_parallel_size=engine.tensor_parallel, max_model_len=max_model_len, max_num_seqs=engine.max_num_seqs,
-            gpu_memory_utilization=memory, cpu_kv_cache_gib=engine.cpu_kv_cache_gib, dtype=engine_dtype, seed=seed,
-            enable_sleep_mode=sleep_mode,
-        ))  # fmt: skip
+        return VLLMEngine(
+            model_dir,
+            VLLMConfig(
+                tensor_parallel_size=engine.tensor_parallel,
+                max_model_len=max_model_len,
+                max_num_seqs=engine.max_num_seqs,
+                gpu_memory_utilization=memory,
+                cpu_kv_cache_gib=engine.cpu_kv_cache_gib,
+                dtype=engine_dtype,
+                seed=seed,
+                enable_sleep_mode=sleep_mode,
+            ),
+        )
     raise ValueError(f"engine.kind must be vllm or hf, got {engine.kind!r}")

@@ -48,8 +48,13 @@ from megatron_hapo.rollout.engine import FinishReason, Response, SamplingSetting
 #: vLLM treats temperatures below this as greedy.
 SAMPLING_EPS = 1e-5
 
-_DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
-           "float16": torch.float16, "half": torch.float16}  # fmt: skip
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,15 +112,17 @@ class HFEngine:
         self._seeds = torch.Generator().manual_seed(config.seed)
         self.asleep = False
 
-    def generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingSettings,
-                 stats: EntropyStats | None) -> list[Response]:  # fmt: skip
+    def generate(
+        self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingSettings, stats: EntropyStats | None
+    ) -> list[Response]:
         """``n`` responses per prompt, grouped by prompt (see :class:`~megatron_hapo.rollout.engine.RolloutEngine`)."""
         self._check_awake()
         greedy = sampling.temperature < SAMPLING_EPS
         adaptive = sampling.adaptive_tau is not None and stats is not None and sampling.temperature > 0 and not greedy
         stop = self.stop_ids | frozenset(sampling.stop_token_ids)
-        requests = [self._request(i, prompt, sampling, greedy)
-                    for i, prompt in enumerate(p for p in prompts for _ in range(n))]  # fmt: skip
+        requests = [
+            self._request(i, prompt, sampling, greedy) for i, prompt in enumerate(p for p in prompts for _ in range(n))
+        ]
         order = sorted(range(len(requests)), key=lambda i: -len(requests[i].prompt))  # less padding per batch
         start = 0
         while start < len(order):
@@ -123,20 +130,30 @@ class HFEngine:
             batch = [requests[i] for i in order[start : start + size]]
             self._decode(batch, sampling, stats if adaptive else None, stop)
             start += size
-        return [Response(prompt_index=i // n, token_ids=r.tokens, finish_reason=r.finish,
-                         log_probs=torch.tensor(r.log_probs, dtype=torch.float32),
-                         temperatures=torch.tensor(r.temperatures, dtype=torch.float32) if adaptive else None)
-                for i, r in enumerate(requests)]  # fmt: skip
+        return [
+            Response(
+                prompt_index=i // n,
+                token_ids=r.tokens,
+                finish_reason=r.finish,
+                log_probs=torch.tensor(r.log_probs, dtype=torch.float32),
+                temperatures=torch.tensor(r.temperatures, dtype=torch.float32) if adaptive else None,
+            )
+            for i, r in enumerate(requests)
+        ]
 
     def _request(self, index: int, prompt: Sequence[int], sampling: SamplingSettings, greedy: bool) -> _Request:
         prompt = [int(t) for t in prompt]
         if not prompt or len(prompt) > self.config.max_model_len:
-            raise ValueError(f"request {index}: prompt of {len(prompt)} tokens; need 1 to max_model_len="
-                             f"{self.config.max_model_len}")  # fmt: skip
+            raise ValueError(
+                f"request {index}: prompt of {len(prompt)} tokens; need 1 to max_model_len={self.config.max_model_len}"
+            )
         generator = None
         if not greedy:
-            seed = sampling.seed + index if sampling.seed is not None else int(
-                torch.randint(0, 2**62, (1,), generator=self._seeds))  # fmt: skip
+            seed = (
+                sampling.seed + index
+                if sampling.seed is not None
+                else int(torch.randint(0, 2**62, (1,), generator=self._seeds))
+            )
             generator = torch.Generator(device=self.device).manual_seed(seed)
         budget = min(sampling.max_tokens, max(1, self.config.max_model_len - len(prompt)))
         return _Request(prompt, generator, budget)
@@ -147,8 +164,9 @@ class HFEngine:
         per_sequence = min(longest_prompt + max_tokens, self.config.max_model_len)
         return max(1, min(self.config.max_num_seqs, self.config.max_batch_tokens // per_sequence))
 
-    def _decode(self, batch: list[_Request], sampling: SamplingSettings, stats: EntropyStats | None,
-                stop: frozenset[int]) -> None:  # fmt: skip
+    def _decode(
+        self, batch: list[_Request], sampling: SamplingSettings, stats: EntropyStats | None, stop: frozenset[int]
+    ) -> None:
         """Decode ``batch`` to the end (fills each request's tokens, log-probs, temperatures, finish reason)."""
         with torch.inference_mode():
             logits, cache, mask, positions = self._prefill([r.prompt for r in batch])
@@ -175,8 +193,13 @@ class HFEngine:
                     live = [live[row] for row in keep]
                 next_ids = torch.tensor([[batch[i].tokens[-1]] for i in live], device=self.device)
                 mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
-                out = self.model(input_ids=next_ids, attention_mask=mask, position_ids=positions[:, None],
-                                 past_key_values=cache, use_cache=True)  # fmt: skip
+                out = self.model(
+                    input_ids=next_ids,
+                    attention_mask=mask,
+                    position_ids=positions[:, None],
+                    past_key_values=cache,
+                    use_cache=True,
+                )
                 cache, positions = out.past_key_values, positions + 1
                 logits = out.logits[:, -1].float()
 
@@ -211,8 +234,10 @@ class HFEngine:
                 else:
                     param.copy_(tensor)
         if unknown or mismatched:
-            raise ValueError(f"HFEngine.load_weights: unknown names {unknown[:8]} ({len(unknown)}), "
-                             f"shape mismatches {mismatched[:8]} ({len(mismatched)})")  # fmt: skip
+            raise ValueError(
+                f"HFEngine.load_weights: unknown names {unknown[:8]} ({len(unknown)}), "
+                f"shape mismatches {mismatched[:8]} ({len(mismatched)})"
+            )
 
     def prompt_log_probs(self, token_ids: Sequence[int]) -> torch.Tensor:
         """``[S - 1]`` float32 log-probs (on CPU) of ``token_ids[1:]`` given their prefixes, at temperature 1."""
@@ -260,8 +285,12 @@ def _eos_ids(model: torch.nn.Module) -> frozenset[int]:
     return frozenset([int(value)] if isinstance(value, int) else [int(v) for v in value])
 
 
-def _sample(logits: torch.Tensor, sampling: SamplingSettings, stats: EntropyStats | None,
-            generators: list[torch.Generator | None]) -> tuple[list[int], list[float], list[float] | None]:  # fmt: skip
+def _sample(
+    logits: torch.Tensor,
+    sampling: SamplingSettings,
+    stats: EntropyStats | None,
+    generators: list[torch.Generator | None],
+) -> tuple[list[int], list[float], list[float] | None]:
     """One step of vLLM's sampler on ``[B, V]`` float32 logits: tokens, raw log-probs, temperatures (adaptive)."""
     raw = logits.log_softmax(dim=-1)
     temperatures = None

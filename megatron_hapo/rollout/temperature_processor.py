@@ -78,8 +78,14 @@ class _Batch:
 def request_args(key: int, *, tau: float, temperature: float, stats: EntropyStats) -> dict:
     """The ``extra_args`` entry that turns adaptive sampling on for one request."""
     values = stats.as_floats()
-    return {EXTRA_ARGS_KEY: {"key": key, "tau": tau, "temperature": temperature,
-                             "stats": [values[n] for n in ("pivot", "rms", "scale_pos", "scale_neg")]}}  # fmt: skip
+    return {
+        EXTRA_ARGS_KEY: {
+            "key": key,
+            "tau": tau,
+            "temperature": temperature,
+            "stats": [values[n] for n in ("pivot", "rms", "scale_pos", "scale_neg")],
+        }
+    }
 
 
 class AdaptiveTemperatureProcessor(LogitsProcessor):
@@ -118,8 +124,13 @@ class AdaptiveTemperatureProcessor(LogitsProcessor):
             if args is None:
                 self._rows.pop(index, None)
                 continue
-            self._rows[index] = _Request(int(args["key"]), float(args["tau"]), float(args["temperature"]),
-                                         tuple(float(v) for v in args["stats"]), output_ids)  # fmt: skip
+            self._rows[index] = _Request(
+                int(args["key"]),
+                float(args["tau"]),
+                float(args["temperature"]),
+                tuple(float(v) for v in args["stats"]),
+                output_ids,
+            )
         for source, target, direction in batch_update.moved:
             moved, displaced = self._rows.pop(source, None), self._rows.pop(target, None)
             if moved is not None:
@@ -134,16 +145,26 @@ class AdaptiveTemperatureProcessor(LogitsProcessor):
             return None
         rows = sorted(self._rows)
         requests = [self._rows[row] for row in rows]
-        host = torch.tensor([[r.tau for r in requests], [r.temperature for r in requests],
-                             *([r.stats[i] for r in requests] for i in range(4))],
-                            dtype=torch.float32, pin_memory=self._pin)  # fmt: skip
+        host = torch.tensor(
+            [
+                [r.tau for r in requests],
+                [r.temperature for r in requests],
+                *([r.stats[i] for r in requests] for i in range(4)),
+            ],
+            dtype=torch.float32,
+            pin_memory=self._pin,
+        )
         index = torch.tensor(rows, dtype=torch.int64, pin_memory=self._pin)
         return _Batch(
-            rows=len(rows), limit=rows[-1] + 1, prefix=rows[-1] == len(rows) - 1,
-            keys=tuple(r.key for r in requests), outputs=tuple(r.outputs for r in requests),
-            index=index.to(self.device, non_blocking=True), params=host.to(self.device, non_blocking=True),
+            rows=len(rows),
+            limit=rows[-1] + 1,
+            prefix=rows[-1] == len(rows) - 1,
+            keys=tuple(r.key for r in requests),
+            outputs=tuple(r.outputs for r in requests),
+            index=index.to(self.device, non_blocking=True),
+            params=host.to(self.device, non_blocking=True),
             ones=torch.ones(len(rows), dtype=torch.float32, device=self.device),
-        )  # fmt: skip
+        )
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """Divide each adaptive row of ``[N, V]`` float32 logits by ``1 + tau h_hat`` (in place; device ops only)."""
@@ -151,8 +172,10 @@ class AdaptiveTemperatureProcessor(LogitsProcessor):
         if batch is None:
             return logits
         if batch.limit > logits.shape[0]:
-            raise RuntimeError(f"adaptive temperature: row {batch.limit - 1} is adaptive but vLLM passed only "
-                               f"{logits.shape[0]} rows of logits (speculative decoding is not supported)")  # fmt: skip
+            raise RuntimeError(
+                f"adaptive temperature: row {batch.limit - 1} is adaptive but vLLM passed only "
+                f"{logits.shape[0]} rows of logits (speculative decoding is not supported)"
+            )
         tau, temperature = batch.params[0], batch.params[1]
         if batch.prefix:  # the usual case: the first M rows (all of them when every request is adaptive)
             view = logits[: batch.rows]

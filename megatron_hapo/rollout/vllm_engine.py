@@ -141,8 +141,10 @@ def _restore_generator_states(states: tuple) -> None:
 def _launcher_environment() -> None:
     """The variables vLLM's external launcher reads, from the trainer's process group."""
     if not runtime.initialized():
-        raise RuntimeError("VLLMEngine runs inside the trainer's ranks: join the process group first "
-                           "(megatron_hapo.parallel.runtime.join_process_group or run_local_ranks)")  # fmt: skip
+        raise RuntimeError(
+            "VLLMEngine runs inside the trainer's ranks: join the process group first "
+            "(megatron_hapo.parallel.runtime.join_process_group or run_local_ranks)"
+        )
     os.environ.setdefault("RANK", str(runtime.rank()))
     os.environ.setdefault("WORLD_SIZE", str(runtime.world_size()))
     local_rank = runtime.rank_device().index if runtime.on_gpu() else runtime.rank()
@@ -165,8 +167,10 @@ def trim_records(temperatures: Sequence[float], num_tokens: int, *, request: int
     kept = torch.tensor(temperatures[:num_tokens], dtype=torch.float32)
     if not bool(torch.isfinite(kept).all()):
         bad = [t for t, value in enumerate(kept.tolist()) if not math.isfinite(value)]
-        raise RuntimeError(f"request {request}: non-finite adaptive temperature at tokens {bad} (the logits held "
-                           f"NaN / +Inf, or every token was banned)")  # fmt: skip
+        raise RuntimeError(
+            f"request {request}: non-finite adaptive temperature at tokens {bad} (the logits held "
+            f"NaN / +Inf, or every token was banned)"
+        )
     return kept
 
 
@@ -179,8 +183,10 @@ class VLLMEngine:
         from megatron_hapo.rollout import temperature_processor  # noqa: PLC0415
 
         if runtime.world_size() % config.tensor_parallel_size:
-            raise ValueError(f"rollout tensor_parallel_size={config.tensor_parallel_size} must divide the "
-                             f"world size {runtime.world_size()}")  # fmt: skip
+            raise ValueError(
+                f"rollout tensor_parallel_size={config.tensor_parallel_size} must divide the "
+                f"world size {runtime.world_size()}"
+            )
         on_gpu = runtime.on_gpu()
         self._sleep_mode = config.enable_sleep_mode and on_gpu
         """Whether :meth:`sleep` / :meth:`wake_up` reach vLLM (tests may switch it on over CPU's no-op worker)."""
@@ -196,19 +202,29 @@ class VLLMEngine:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(config.cpu_kv_cache_gib)
         _guard_process_state()
         self.config = config
-        optional = {name: getattr(config, name) for name in ("async_scheduling", "max_num_batched_tokens")
-                    if getattr(config, name) is not None}  # fmt: skip
+        optional = {
+            name: getattr(config, name)
+            for name in ("async_scheduling", "max_num_batched_tokens")
+            if getattr(config, name) is not None
+        }
         rng = _generator_states()
         known = len(temperature_processor.INSTANCES)
         self.llm = LLM(
-            model=str(model_dir), skip_tokenizer_init=True, dtype=config.dtype,
-            tensor_parallel_size=config.tensor_parallel_size, distributed_executor_backend="external_launcher",
-            max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs, seed=config.seed,
-            gpu_memory_utilization=config.gpu_memory_utilization, logprobs_mode=config.logprobs_mode,
+            model=str(model_dir),
+            skip_tokenizer_init=True,
+            dtype=config.dtype,
+            tensor_parallel_size=config.tensor_parallel_size,
+            distributed_executor_backend="external_launcher",
+            max_model_len=config.max_model_len,
+            max_num_seqs=config.max_num_seqs,
+            seed=config.seed,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            logprobs_mode=config.logprobs_mode,
             enforce_eager=(not on_gpu) if config.enforce_eager is None else config.enforce_eager,
-            enable_sleep_mode=self._sleep_mode, logits_processors=[temperature_processor.AdaptiveTemperatureProcessor],
+            enable_sleep_mode=self._sleep_mode,
+            logits_processors=[temperature_processor.AdaptiveTemperatureProcessor],
             **optional,
-        )  # fmt: skip
+        )
         _restore_generator_states(rng)
         if len(temperature_processor.INSTANCES) != known + 1:
             raise RuntimeError("vLLM did not build exactly one adaptive-temperature processor in this rank")
@@ -235,8 +251,9 @@ class VLLMEngine:
         if self._weights_dropped:
             raise RuntimeError("the vLLM engine woke from a level-2 sleep: load_weights() before using it")
 
-    def generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingSettings,
-                 stats: EntropyStats | None) -> list[Response]:  # fmt: skip
+    def generate(
+        self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingSettings, stats: EntropyStats | None
+    ) -> list[Response]:
         """``n`` responses per prompt, grouped by prompt (see :class:`~.engine.RolloutEngine`)."""
         self._check_usable()
         requests = [{"prompt_token_ids": list(prompt)} for prompt in prompts for _ in range(n)]
@@ -248,14 +265,19 @@ class VLLMEngine:
         for i, output in enumerate(outputs):
             completion = output.outputs[0]
             tokens = list(completion.token_ids)
-            log_probs = torch.tensor([completion.logprobs[t][tok].logprob for t, tok in enumerate(tokens)],
-                                     dtype=torch.float32)  # fmt: skip
+            log_probs = torch.tensor(
+                [completion.logprobs[t][tok].logprob for t, tok in enumerate(tokens)], dtype=torch.float32
+            )
             temperatures = records.get(i)
-            responses.append(Response(
-                prompt_index=i // n, token_ids=tokens, log_probs=log_probs,
-                finish_reason="length" if completion.finish_reason == "length" else "stop",
-                temperatures=None if temperatures is None else trim_records(temperatures, len(tokens), request=i),
-            ))  # fmt: skip
+            responses.append(
+                Response(
+                    prompt_index=i // n,
+                    token_ids=tokens,
+                    log_probs=log_probs,
+                    finish_reason="length" if completion.finish_reason == "length" else "stop",
+                    temperatures=None if temperatures is None else trim_records(temperatures, len(tokens), request=i),
+                )
+            )
         return responses
 
     def _params(self, index: int, sampling: SamplingSettings, stats: EntropyStats | None) -> object:
@@ -264,13 +286,22 @@ class VLLMEngine:
         from megatron_hapo.rollout.temperature_processor import request_args  # noqa: PLC0415
 
         adaptive = sampling.adaptive_tau is not None and stats is not None and sampling.temperature > 0
-        extra = request_args(index, tau=sampling.adaptive_tau, temperature=sampling.temperature,
-                             stats=stats) if adaptive else None  # fmt: skip
+        extra = (
+            request_args(index, tau=sampling.adaptive_tau, temperature=sampling.temperature, stats=stats)
+            if adaptive
+            else None
+        )
         return SamplingParams(
-            n=1, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-            max_tokens=sampling.max_tokens, logprobs=0, stop_token_ids=list(sampling.stop_token_ids),
-            seed=None if sampling.seed is None else sampling.seed + index, extra_args=extra,
-        )  # fmt: skip
+            n=1,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            max_tokens=sampling.max_tokens,
+            logprobs=0,
+            stop_token_ids=list(sampling.stop_token_ids),
+            seed=None if sampling.seed is None else sampling.seed + index,
+            extra_args=extra,
+        )
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Replace weights by HF name (full tensors; vLLM cuts its own TP shard), in one vLLM reload.
@@ -288,8 +319,10 @@ class VLLMEngine:
         finally:
             left = [name for name, _ in weights]  # also after an error, so that no rank skips a collective
         if left:
-            raise RuntimeError(f"vLLM's reload_weights returned without reading {len(left)} tensors "
-                               f"(first: {left[0]}); they were drained, not loaded")  # fmt: skip
+            raise RuntimeError(
+                f"vLLM's reload_weights returned without reading {len(left)} tensors "
+                f"(first: {left[0]}); they were drained, not loaded"
+            )
         self._weights_dropped = False
         if not self.llm.reset_prefix_cache():  # cached KV blocks were computed with the old weights
             raise RuntimeError("vLLM could not reset its prefix cache after the weight update (blocks in use)")
@@ -301,8 +334,9 @@ class VLLMEngine:
         self._check_usable()
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
         (output,) = self.llm.generate([{"prompt_token_ids": list(token_ids)}], params, use_tqdm=False)
-        return torch.tensor([output.prompt_logprobs[t][tok].logprob for t, tok in enumerate(token_ids) if t > 0],
-                            dtype=torch.float32)  # fmt: skip
+        return torch.tensor(
+            [output.prompt_logprobs[t][tok].logprob for t, tok in enumerate(token_ids) if t > 0], dtype=torch.float32
+        )
 
     def sleep(self) -> None:
         """Release the engine's GPU memory (weights and KV cache) for training; no-op on CPU or when asleep.

@@ -93,8 +93,9 @@ def build_sync_plan(chunks: list, spec: DecoderSpec, groups: ParallelGroups, *, 
     """The sync plan (collective over the pipeline group; call once per model layout)."""
     stage, _ = group_rank_size(groups.pp)
     _, tp_size = group_rank_size(groups.tp)
-    everyone = [unit for units in all_gather_objects(_local_units(chunks, spec, tp_size, stage), groups.pp)
-                for unit in units]  # fmt: skip
+    everyone = [
+        unit for units in all_gather_objects(_local_units(chunks, spec, tp_size, stage), groups.pp) for unit in units
+    ]
     claimed: set[str] = set()
     units = []
     for owner, chunk, position, members in sorted(everyone, key=lambda u: (u[2], u[0], u[1])):
@@ -107,8 +108,9 @@ def build_sync_plan(chunks: list, spec: DecoderSpec, groups: ParallelGroups, *, 
     return SyncPlan(buckets, sum(u.nbytes for u in units))
 
 
-def bucket_hf_tensors(units: Sequence[SyncUnit], chunks: list, spec: DecoderSpec,
-                      tp_group: Any) -> dict[str, torch.Tensor]:  # fmt: skip
+def bucket_hf_tensors(
+    units: Sequence[SyncUnit], chunks: list, spec: DecoderSpec, tp_group: Any
+) -> dict[str, torch.Tensor]:
     """Full HF tensors of this stage's ``units`` (collective over the TP group)."""
     out: dict[str, torch.Tensor] = {}
     tables: dict[int, tuple[dict, dict]] = {}  # per chunk, built once per call
@@ -134,8 +136,9 @@ class SyncReport:
     buckets: int
 
 
-def _plan_tensors(chunks: list, spec: DecoderSpec, plan: SyncPlan, groups: ParallelGroups,
-                  device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:  # fmt: skip
+def _plan_tensors(
+    chunks: list, spec: DecoderSpec, plan: SyncPlan, groups: ParallelGroups, device: torch.device
+) -> Iterator[tuple[str, torch.Tensor]]:
     """The full HF tensors of the plan, bucket by bucket (collective between items: consume fully, in order)."""
     stage, _ = group_rank_size(groups.pp)
     for bucket in plan.buckets:
@@ -148,8 +151,9 @@ def _plan_tensors(chunks: list, spec: DecoderSpec, plan: SyncPlan, groups: Paral
         del tensors  # at most one bucket of full tensors at a time
 
 
-def sync_weights(engine: RolloutEngine, chunks: list, spec: DecoderSpec, plan: SyncPlan,
-                 groups: ParallelGroups) -> SyncReport:  # fmt: skip
+def sync_weights(
+    engine: RolloutEngine, chunks: list, spec: DecoderSpec, plan: SyncPlan, groups: ParallelGroups
+) -> SyncReport:
     """Push the trainer's current weights into ``engine`` (collective over the world).
 
     One ``load_weights`` call takes a lazy stream over every bucket: vLLM runs its layer-wise reload once per
@@ -168,13 +172,16 @@ def sync_weights(engine: RolloutEngine, chunks: list, spec: DecoderSpec, plan: S
         leftover = sum(1 for _ in stream)
     if any_rank(error is not None or leftover > 0):
         detail = f"{type(error).__name__}: {error}" if error else f"{leftover} tensors left unread" if leftover else ""
-        raise WeightSyncError(f"the weight sync failed on at least one rank{f' (here: {detail})' if detail else ''}; "
-                              "no rollout was run with the engine's weights") from error  # fmt: skip
+        raise WeightSyncError(
+            f"the weight sync failed on at least one rank{f' (here: {detail})' if detail else ''}; "
+            "no rollout was run with the engine's weights"
+        ) from error
     return SyncReport(plan.total_bytes, time.perf_counter() - start, len(plan.buckets))
 
 
-def trainer_log_probs(chunks: list, token_ids: Sequence[int], groups: ParallelGroups,
-                      vocab_size: int | None) -> torch.Tensor:  # fmt: skip
+def trainer_log_probs(
+    chunks: list, token_ids: Sequence[int], groups: ParallelGroups, vocab_size: int | None
+) -> torch.Tensor:
     """``[S - 1]`` float32 log-probs of ``token_ids[1:]`` under the Megatron model, on every rank (collective).
 
     ``vocab_size``: the real vocabulary (Megatron's padded output columns are left out).
@@ -186,16 +193,22 @@ def trainer_log_probs(chunks: list, token_ids: Sequence[int], groups: ParallelGr
     targets = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1)
     mask = torch.ones_like(tokens, dtype=torch.bool)
     mask[:, -1] = False
-    batch = PolicyMicroBatch(tokens=tokens, position_ids=torch.arange(seq, device=tokens.device)[None],
-                             targets=targets, mask=mask)  # fmt: skip
+    batch = PolicyMicroBatch(
+        tokens=tokens, position_ids=torch.arange(seq, device=tokens.device)[None], targets=targets, mask=mask
+    )
     stage, stages = group_rank_size(groups.pp)
     copies = stages if len(chunks) > 1 else 1  # the interleaved schedule wants at least PP micro-batches
     iterators = [iter([batch] * copies) for _ in chunks] if len(chunks) > 1 else iter([batch])
     with torch.no_grad():
         outputs = get_forward_backward_func()(
-            forward_step_func=LogProbEntropyStep(groups, vocab_size), data_iterator=iterators, model=chunks,
-            num_microbatches=copies, seq_length=seq, micro_batch_size=1, forward_only=True,
-        )  # fmt: skip
+            forward_step_func=LogProbEntropyStep(groups, vocab_size),
+            data_iterator=iterators,
+            model=chunks,
+            num_microbatches=copies,
+            seq_length=seq,
+            micro_batch_size=1,
+            forward_only=True,
+        )
     produced = {"log_prob": outputs[0]["log_prob"][0, :-1].float().contiguous()} if stage == stages - 1 else None
     return share_from_stage(produced, stages - 1, groups.pp, tokens.device)["log_prob"].cpu()
 
@@ -222,8 +235,15 @@ def probe_error(served: torch.Tensor, trainer: torch.Tensor) -> dict[str, float]
     return {"mult_error": float(diff.exp().mean() - 1), "max_abs": float(diff.max())}
 
 
-def verify_sync(engine: RolloutEngine, chunks: list, groups: ParallelGroups, probe: Sequence[int], *,
-                vocab_size: int | None, tolerance: float) -> dict[str, float]:  # fmt: skip
+def verify_sync(
+    engine: RolloutEngine,
+    chunks: list,
+    groups: ParallelGroups,
+    probe: Sequence[int],
+    *,
+    vocab_size: int | None,
+    tolerance: float,
+) -> dict[str, float]:
     """The engine's probe error (:func:`probe_error`), worst over all ranks; raises ``WeightSyncError`` on every
     rank when its ``mult_error`` exceeds ``tolerance`` (or is not finite)."""
     trainer = trainer_log_probs(chunks, probe, groups, vocab_size)

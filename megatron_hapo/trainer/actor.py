@@ -52,22 +52,49 @@ def build_actor(config: Any) -> Actor:
     dtype = getattr(torch, model.dtype)
     te = model.transformer_engine or model.fp8 is not None
     fp8 = FP8Config(fp8=model.fp8, recipe=model.fp8_recipe) if model.fp8 else None
-    chunks = build_gpt(spec, ddp=True, dtype=dtype, bf16=dtype == torch.bfloat16, te=te, fp8=fp8,
-                       distributed_optimizer=model.distributed_optimizer,
-                       **model_overrides(model, runtime.model_parallel_layout().tp))  # fmt: skip
+    chunks = build_gpt(
+        spec,
+        ddp=True,
+        dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        te=te,
+        fp8=fp8,
+        distributed_optimizer=model.distributed_optimizer,
+        **model_overrides(model, runtime.model_parallel_layout().tp),
+    )
     groups = ParallelGroups.from_megatron()
     layout = runtime.model_parallel_layout()
-    load_hf_weights(chunks, spec, HFCheckpoint(model.path).__getitem__, tp_rank=layout.tp_rank, tp_size=layout.tp,
-                    te=te)  # fmt: skip
-    optimizer = get_megatron_optimizer(OptimizerConfig(
-        optimizer="adam", lr=optim.lr, weight_decay=optim.weight_decay, clip_grad=optim.grad_clip,
-        adam_beta1=optim.betas[0], adam_beta2=optim.betas[1], params_dtype=dtype, bf16=dtype == torch.bfloat16,
-        use_distributed_optimizer=model.distributed_optimizer,
-    ), chunks)  # fmt: skip
+    load_hf_weights(
+        chunks, spec, HFCheckpoint(model.path).__getitem__, tp_rank=layout.tp_rank, tp_size=layout.tp, te=te
+    )
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=optim.lr,
+            weight_decay=optim.weight_decay,
+            clip_grad=optim.grad_clip,
+            adam_beta1=optim.betas[0],
+            adam_beta2=optim.betas[1],
+            params_dtype=dtype,
+            bf16=dtype == torch.bfloat16,
+            use_distributed_optimizer=model.distributed_optimizer,
+        ),
+        chunks,
+    )
     plan = build_sync_plan(chunks, spec, groups, bucket_bytes=SYNC_BUCKET_BYTES)
     train = config.train
-    return Actor(chunks, optimizer, spec, groups, plan, probe=[], micro_batch_size=model.micro_batch_size,
-                 max_tokens=train.max_tokens_per_microbatch,
-                 forward_max_tokens=train.forward_max_tokens_per_microbatch, pack=train.pack_sequences,
-                 fused_output=model.fused_output,
-                 sync_tolerance=sync_tolerance(config), offload=model.offload == "optimizer")  # fmt: skip
+    return Actor(
+        chunks,
+        optimizer,
+        spec,
+        groups,
+        plan,
+        probe=[],
+        micro_batch_size=model.micro_batch_size,
+        max_tokens=train.max_tokens_per_microbatch,
+        forward_max_tokens=train.forward_max_tokens_per_microbatch,
+        pack=train.pack_sequences,
+        fused_output=model.fused_output,
+        sync_tolerance=sync_tolerance(config),
+        offload=model.offload == "optimizer",
+    )

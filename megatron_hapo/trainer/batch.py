@@ -52,8 +52,14 @@ class StepBatch:
                 setattr(self, name, _zeros(self.rollout_log_prob))
 
     @classmethod
-    def from_responses(cls, prompts: Sequence[Sequence[int]], responses: Sequence[Response], *,
-                       max_response_length: int, guide: bool = False) -> StepBatch:  # fmt: skip
+    def from_responses(
+        cls,
+        prompts: Sequence[Sequence[int]],
+        responses: Sequence[Response],
+        *,
+        max_response_length: int,
+        guide: bool = False,
+    ) -> StepBatch:
         """The batch of ``responses`` (each pointing at its prompt by ``prompt_index``); ``guide`` flags them all
         as guide-policy sequences whose behaviour log-probs are the engine's."""
         seqs = [list(prompts[r.prompt_index]) + list(r.token_ids) for r in responses]
@@ -63,18 +69,22 @@ class StepBatch:
         for i, response in enumerate(responses):
             count = len(response.token_ids)
             if count > max_response_length:
-                raise ValueError(f"response {i} has {count} tokens, more than max_response_length "
-                                 f"{max_response_length}")  # fmt: skip
+                raise ValueError(
+                    f"response {i} has {count} tokens, more than max_response_length {max_response_length}"
+                )
             if count and len(prompts[response.prompt_index]) == 0:
                 raise ValueError(f"response {i} has an empty prompt: its first token would have nothing to follow")
             response_mask[i, :count] = True
             rollout_log_prob[i, :count] = response.log_probs
         flat = [t for s in seqs for t in s]
         batch = cls(
-            tokens=torch.tensor(flat, dtype=torch.long), starts=torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]),
-            prompt_lengths=lengths - response_mask.sum(-1), response_mask=response_mask,
-            rollout_log_prob=rollout_log_prob, guide_rows=torch.full((len(seqs),), guide),
-        )  # fmt: skip
+            tokens=torch.tensor(flat, dtype=torch.long),
+            starts=torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]),
+            prompt_lengths=lengths - response_mask.sum(-1),
+            response_mask=response_mask,
+            rollout_log_prob=rollout_log_prob,
+            guide_rows=torch.full((len(seqs),), guide),
+        )
         if guide:
             batch.old_log_prob = rollout_log_prob.clone()
         return batch
@@ -103,11 +113,15 @@ class StepBatch:
         weights count as ones."""
         if other.response_mask.shape[1] != self.response_mask.shape[1]:
             raise ValueError("joined batches need the same response width (rollout.max_response_length)")
-        per_row = {f.name: torch.cat([getattr(self, f.name), getattr(other, f.name)]) for f in fields(self)
-                   if f.name not in ("tokens", "starts", "weights")}  # fmt: skip
+        per_row = {
+            f.name: torch.cat([getattr(self, f.name), getattr(other, f.name)])
+            for f in fields(self)
+            if f.name not in ("tokens", "starts", "weights")
+        }
         weights = None
         if self.weights is not None or other.weights is not None:
-            weights = torch.cat([b.weights if b.weights is not None else torch.ones(b.response_mask.shape)
-                                 for b in (self, other)])  # fmt: skip
+            weights = torch.cat(
+                [b.weights if b.weights is not None else torch.ones(b.response_mask.shape) for b in (self, other)]
+            )
         starts = torch.cat([self.starts, other.starts[1:] + self.starts[-1]])
         return StepBatch(tokens=torch.cat([self.tokens, other.tokens]), starts=starts, weights=weights, **per_row)

@@ -46,8 +46,15 @@ TRAINER_STATE = "trainer_state.json"
 _STEP_DIR = re.compile(r"step_(\d{6,})")
 
 
-def save_checkpoint(root: Path, actor: Actor, state: StepState, *, hf_dir: Path | None = None,
-                    keep_last: int = 0, optimizer_sharding: str = "dp_reshardable") -> Path:  # fmt: skip
+def save_checkpoint(
+    root: Path,
+    actor: Actor,
+    state: StepState,
+    *,
+    hf_dir: Path | None = None,
+    keep_last: int = 0,
+    optimizer_sharding: str = "dp_reshardable",
+) -> Path:
     """Model + optimizer (torch_dist) + trainer state at ``root/step_XXXXXX``; then ``root/latest`` (collective).
 
     ``hf_dir``: the policy's HF directory, whose config and tokenizer are copied in; ``keep_last``: delete all
@@ -75,8 +82,13 @@ def save_checkpoint(root: Path, actor: Actor, state: StepState, *, hf_dir: Path 
     write_rng_state(staging)
     if runtime.rank() == 0:
         stats = None if state.stats is None else state.stats.as_floats()
-        trainer_state = {"step": state.step, "entropy_stats": stats, "skipped_updates": state.skipped_updates,
-                         "eval_best": state.eval_best, "data_cursor": state.data_cursor}  # fmt: skip
+        trainer_state = {
+            "step": state.step,
+            "entropy_stats": stats,
+            "skipped_updates": state.skipped_updates,
+            "eval_best": state.eval_best,
+            "data_cursor": state.data_cursor,
+        }
         _write_synced(staging / TRAINER_STATE, json.dumps(trainer_state))
         if hf_dir is not None:
             copy_side_files(Path(hf_dir), staging / "hf")
@@ -131,9 +143,13 @@ def read_trainer_state(checkpoint: Path) -> StepState:
     saved = json.loads((checkpoint / TRAINER_STATE).read_text())
     stats = saved["entropy_stats"]
     best = saved.get("eval_best")
-    return StepState(step=saved["step"], stats=None if stats is None else EntropyStats.from_floats(**stats),
-                     skipped_updates=saved["skipped_updates"], data_cursor=int(saved["data_cursor"]),
-                     eval_best=None if best is None else (float(best[0]), int(best[1])))  # fmt: skip
+    return StepState(
+        step=saved["step"],
+        stats=None if stats is None else EntropyStats.from_floats(**stats),
+        skipped_updates=saved["skipped_updates"],
+        data_cursor=int(saved["data_cursor"]),
+        eval_best=None if best is None else (float(best[0]), int(best[1])),
+    )
 
 
 def load_checkpoint(checkpoint: Path, actor: Actor) -> StepState:
@@ -171,10 +187,12 @@ def _optimizer_metadata(checkpoint: Path, actor: Actor) -> dict:
         saved = {"distrib_optim_sharding_type": "fully_reshardable", "layout": _layout()}
     distributed = any(True for _ in _distributed_parts(actor.optimizer))
     if distributed and saved["distrib_optim_sharding_type"] == "dp_reshardable" and saved["layout"] != _layout():
-        raise ValueError(f"{checkpoint} holds the distributed optimizer's state for TP x PP x VPP = "
-                         f"{saved['layout']} (output.optimizer_sharding=dp_reshardable, which reshards over data "
-                         f"parallelism only); this run is {_layout()}. Resume at that layout, or save the "
-                         "checkpoint with output.optimizer_sharding=fully_reshardable")  # fmt: skip
+        raise ValueError(
+            f"{checkpoint} holds the distributed optimizer's state for TP x PP x VPP = "
+            f"{saved['layout']} (output.optimizer_sharding=dp_reshardable, which reshards over data "
+            f"parallelism only); this run is {_layout()}. Resume at that layout, or save the "
+            "checkpoint with output.optimizer_sharding=fully_reshardable"
+        )
     return {"distrib_optim_sharding_type": saved["distrib_optim_sharding_type"]}
 
 
@@ -244,8 +262,11 @@ def restore_rng_state(checkpoint: Path) -> None:
     rank, world = rank_world()
     path = _rng_path(checkpoint, rank, world)
     if not path.is_file():
-        logger.warning("%s has no random state for %d ranks (saved with another world size); generators keep "
-                       "their seeds", checkpoint.name, world)  # fmt: skip
+        logger.warning(
+            "%s has no random state for %d ranks (saved with another world size); generators keep their seeds",
+            checkpoint.name,
+            world,
+        )
         return
     state = json.loads(path.read_text())
     version, internal, gauss = state["python"]

@@ -37,14 +37,16 @@ class EvalSettings:
     seed: int = 0
 
 
-def evaluate(engine: RolloutEngine, score: Any, prompts: Sequence[list[int]], answers: Sequence[Any],
-             settings: EvalSettings) -> dict[str, float]:  # fmt: skip
+def evaluate(
+    engine: RolloutEngine, score: Any, prompts: Sequence[list[int]], answers: Sequence[Any], settings: EvalSettings
+) -> dict[str, float]:
     """``avg@k`` and ``pass@k`` over ``prompts`` (plain temperature: no adaptive sampling in evaluation).
 
     ``score`` is a trainer :data:`~megatron_hapo.trainer.step.Scorer`: token ids and answers -> (rewards, correct).
     """
-    sampling = SamplingSettings(max_tokens=settings.max_tokens, temperature=settings.temperature,
-                                top_p=settings.top_p, seed=settings.seed)  # fmt: skip
+    sampling = SamplingSettings(
+        max_tokens=settings.max_tokens, temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed
+    )
     responses = engine.generate(prompts, settings.k, sampling, None)
     _, correct = score([r.token_ids for r in responses], [answers[r.prompt_index] for r in responses])
     per_prompt = correct.view(len(prompts), settings.k)

@@ -47,9 +47,17 @@ def check_guide_setup(algo: Any, guide_engine: RolloutEngine | None) -> None:
         )
 
 
-def guide_rollout(engine: RolloutEngine | None, score: Any, *, prompts: Sequence[list[int]],
-                  answers: Sequence[Any], correct: torch.Tensor, n: int, sampling: SamplingSettings,
-                  config: Any) -> GuideRollout | None:  # fmt: skip
+def guide_rollout(
+    engine: RolloutEngine | None,
+    score: Any,
+    *,
+    prompts: Sequence[list[int]],
+    answers: Sequence[Any],
+    correct: torch.Tensor,
+    n: int,
+    sampling: SamplingSettings,
+    config: Any,
+) -> GuideRollout | None:
     """Answer the zero-reward groups of this step with the guide engine (``None``: nothing routed or no guide).
 
     Args:

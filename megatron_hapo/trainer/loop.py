@@ -65,8 +65,9 @@ def set_learning_rate(optimizer: Any, lr: float) -> None:
         group["lr"] = lr
 
 
-def _next_prompts(order: list[int], prompts: Sequence[list[int]], answers: Sequence[Any], state: StepState,
-                  count: int) -> tuple[list[list[int]], list[Any]]:  # fmt: skip
+def _next_prompts(
+    order: list[int], prompts: Sequence[list[int]], answers: Sequence[Any], state: StepState, count: int
+) -> tuple[list[list[int]], list[Any]]:
     """The next ``count`` prompts of the seeded order (cycling), advancing ``state.data_cursor``."""
     picked = [order[(state.data_cursor + i) % len(order)] for i in range(count)]
     state.data_cursor += count
@@ -84,10 +85,21 @@ def _check_skips(state: StepState, metrics: dict, limit: int) -> None:
         )
 
 
-def train(actor: Actor, engine: Any, score: Scorer, config: Any, settings: LoopSettings, *,
-          prompts: Sequence[list[int]], answers: Sequence[Any], eval_prompts: Sequence[list[int]] = (),
-          eval_answers: Sequence[Any] = (), state: StepState | None = None,
-          guide_engine: Any = None, should_stop: Callable[[], bool] | None = None) -> StepState:  # fmt: skip
+def train(
+    actor: Actor,
+    engine: Any,
+    score: Scorer,
+    config: Any,
+    settings: LoopSettings,
+    *,
+    prompts: Sequence[list[int]],
+    answers: Sequence[Any],
+    eval_prompts: Sequence[list[int]] = (),
+    eval_answers: Sequence[Any] = (),
+    state: StepState | None = None,
+    guide_engine: Any = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> StepState:
     """Run ``config.train.total_steps`` RL steps over ``prompts`` (in a seeded order, cycling); every rank calls it.
 
     ``guide_engine`` serves the frozen guide policy of mixed-policy algorithms. ``should_stop`` is asked after
@@ -119,8 +131,17 @@ def train(actor: Actor, engine: Any, score: Scorer, config: Any, settings: LoopS
             step = state.step
             take = partial(_next_prompts, order, prompts, answers, state)
             step_prompts, step_answers = take(per_step)
-            metrics = rl_step(actor, engine, score, prompts=step_prompts, answers=step_answers, config=config,
-                              state=state, guide_engine=guide_engine, more_prompts=take)  # fmt: skip
+            metrics = rl_step(
+                actor,
+                engine,
+                score,
+                prompts=step_prompts,
+                answers=step_answers,
+                config=config,
+                state=state,
+                guide_engine=guide_engine,
+                more_prompts=take,
+            )
             metrics["lr"] = lr
             _check_skips(state, metrics, settings.max_consecutive_skips)
             progress.update()
@@ -134,9 +155,14 @@ def train(actor: Actor, engine: Any, score: Scorer, config: Any, settings: LoopS
             writer.write(step, metrics)
             stop = any_rank(should_stop is not None and should_stop())
             if last or stop or (settings.save_interval and state.step % settings.save_interval == 0):
-                save_checkpoint(settings.run_dir / "checkpoints", actor, state, hf_dir=settings.model_dir,
-                                keep_last=settings.keep_last,
-                                optimizer_sharding=settings.optimizer_sharding)  # fmt: skip
+                save_checkpoint(
+                    settings.run_dir / "checkpoints",
+                    actor,
+                    state,
+                    hf_dir=settings.model_dir,
+                    keep_last=settings.keep_last,
+                    optimizer_sharding=settings.optimizer_sharding,
+                )
             if stop and not last:
                 state.stopped = True
                 break

@@ -43,8 +43,10 @@ def write_manifest(directory: Path) -> None:
     if world > 1:
         runtime.barrier()  # every rank's files are complete
     names = _listing(directory)
-    mine = {name: {"bytes": (directory / name).stat().st_size, "sha256": file_digest(directory / name)}
-            for name in names[rank::world]}  # fmt: skip
+    mine = {
+        name: {"bytes": (directory / name).stat().st_size, "sha256": file_digest(directory / name)}
+        for name in names[rank::world]
+    }
     merged: dict[str, dict] = {}
     for part in runtime.all_gather_objects(mine):  # the whole job (``None`` there is the default group)
         merged.update(part)

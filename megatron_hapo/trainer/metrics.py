@@ -24,8 +24,15 @@ logger = logging.getLogger(__name__)
 class MetricsWriter:
     """Writes ``metrics.jsonl`` and TensorBoard events under ``run_dir`` (rank 0 only)."""
 
-    def __init__(self, run_dir: str | Path, *, enabled: bool = True, wandb_project: str | None = None,
-                 config: dict[str, Any] | None = None, first_step: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        enabled: bool = True,
+        wandb_project: str | None = None,
+        config: dict[str, Any] | None = None,
+        first_step: int = 0,
+    ) -> None:
         """``first_step``: a resumed run's step; rows of that step or later (written after the checkpoint it
         resumes from, by the run that was killed) are dropped from ``metrics.jsonl`` so that no step repeats."""
         self.run_dir, self.enabled = Path(run_dir), enabled
@@ -47,8 +54,9 @@ class MetricsWriter:
             try:
                 import wandb  # noqa: PLC0415
             except ImportError:
-                logger.warning("wandb_project=%s given but wandb is not installed; jsonl + TensorBoard only",
-                               wandb_project)  # fmt: skip
+                logger.warning(
+                    "wandb_project=%s given but wandb is not installed; jsonl + TensorBoard only", wandb_project
+                )
             else:
                 self._wandb = wandb.init(project=wandb_project, dir=str(self.run_dir), config=config or {})
 

@@ -113,8 +113,9 @@ def microbatch_shape(lengths: list[int], *, pack: bool) -> tuple[int, int]:
     return len(lengths), round_up(max(lengths), SEQUENCE_MULTIPLE)
 
 
-def build_microbatch(batch: StepBatch, rows: torch.Tensor, *, pack: bool, train: bool = False,
-                     shape: tuple[int, int] | None = None) -> tuple[PolicyMicroBatch, Slots]:  # fmt: skip
+def build_microbatch(
+    batch: StepBatch, rows: torch.Tensor, *, pack: bool, train: bool = False, shape: tuple[int, int] | None = None
+) -> tuple[PolicyMicroBatch, Slots]:
     """The micro-batch of ``rows`` (host memory): one padded row per sequence, or one packed row.
 
     Position ``t`` predicts token ``t + 1``; response token ``j`` of a sequence with prompt length ``p`` is
@@ -154,9 +155,11 @@ def build_microbatch(batch: StepBatch, rows: torch.Tensor, *, pack: bool, train:
 
     dims = (num_rows, width)
     micro = PolicyMicroBatch(
-        tokens=tokens.view(dims), position_ids=positions.view(dims),
-        targets=torch.roll(tokens.view(dims), -1, dims=1), mask=mask.view(dims),
-    )  # fmt: skip
+        tokens=tokens.view(dims),
+        position_ids=positions.view(dims),
+        targets=torch.roll(tokens.view(dims), -1, dims=1),
+        mask=mask.view(dims),
+    )
     if pack:
         bounds = torch.cat([offsets, lengths.sum().reshape(1)])
         if width > int(bounds[-1]):  # the pack's padding attends only to itself
@@ -173,8 +176,9 @@ def build_microbatch(batch: StepBatch, rows: torch.Tensor, *, pack: bool, train:
     return micro, Slots(rows, index)
 
 
-def microbatches(batch: StepBatch, rows: torch.Tensor, layout: BatchLayout, *,
-                 train: bool = False) -> tuple[list[PolicyMicroBatch], list[Slots]]:  # fmt: skip
+def microbatches(
+    batch: StepBatch, rows: torch.Tensor, layout: BatchLayout, *, train: bool = False
+) -> tuple[list[PolicyMicroBatch], list[Slots]]:
     """This rank's micro-batches of ``rows`` (its share of a mini-batch, or of the forward-only pass) on its
     device, and where each sequence sits in them.
 
@@ -210,7 +214,11 @@ def run_schedule(forward_step: Any, mbs: list[PolicyMicroBatch], chunks: list[An
 
     iterators = [iter(mbs) for _ in chunks] if len(chunks) > 1 else iter(mbs)
     return get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iterators, model=chunks, num_microbatches=len(mbs),
-        seq_length=max(mb.tokens.shape[1] for mb in mbs), micro_batch_size=max(mb.tokens.shape[0] for mb in mbs),
+        forward_step_func=forward_step,
+        data_iterator=iterators,
+        model=chunks,
+        num_microbatches=len(mbs),
+        seq_length=max(mb.tokens.shape[1] for mb in mbs),
+        micro_batch_size=max(mb.tokens.shape[0] for mb in mbs),
         forward_only=forward_only,
-    )  # fmt: skip
+    )

@@ -33,8 +33,16 @@ class SequencePlan:
     """``[N]`` int64 tokens of every sequence (what the split balances)."""
 
     @classmethod
-    def build(cls, keep: torch.Tensor, n: int, mini_batch_prompts: int, *, num_on_policy: int,
-              dp: tuple[int, int], lengths: torch.Tensor) -> SequencePlan:  # fmt: skip
+    def build(
+        cls,
+        keep: torch.Tensor,
+        n: int,
+        mini_batch_prompts: int,
+        *,
+        num_on_policy: int,
+        dp: tuple[int, int],
+        lengths: torch.Tensor,
+    ) -> SequencePlan:
         """The plan of a batch whose kept groups are ``keep`` (``[N]`` bool, whole groups of ``n``; rows from
         ``num_on_policy`` on are the guide's, kept whole) of sequences of ``lengths`` (``[N]``) for data-parallel
         ``(rank, size)`` ``dp``."""

@@ -55,8 +55,11 @@ from megatron_hapo.trainer.plan import SequencePlan
 Scorer = Callable[[Sequence[list[int]], Sequence[Any]], tuple[torch.Tensor, torch.Tensor]]
 
 
-def worker_scorer(workers: Any, failure: tuple[float, bool] = (-1.0, False),
-                  decode: Callable[[list[list[int]]], list[str]] | None = None) -> Scorer:  # fmt: skip
+def worker_scorer(
+    workers: Any,
+    failure: tuple[float, bool] = (-1.0, False),
+    decode: Callable[[list[list[int]]], list[str]] | None = None,
+) -> Scorer:
     """A :data:`Scorer` over a :class:`~megatron_hapo.rewards.RewardWorkers` whose function returns ``(reward,
     correct)``; a response whose verification timed out, crashed or raised scores ``failure`` (and is counted).
     ``decode`` (e.g. a tokenizer's ``batch_decode``) turns the token ids into the text the verifier reads."""
@@ -125,9 +128,13 @@ class Actor:
         if forward_only and budget is not None:
             budget = self.forward_max_tokens or 2 * budget
         uniform = group_rank_size(self.groups.pp)[1] > 1 and not self.chunks[0].config.variable_seq_lengths
-        return BatchLayout(micro_batch_size=self.micro_batch_size, max_tokens=budget,
-                           pack=self.pack and budget is not None, count_multiple=self.microbatch_multiple,
-                           uniform_shape=uniform)  # fmt: skip
+        return BatchLayout(
+            micro_batch_size=self.micro_batch_size,
+            max_tokens=budget,
+            pack=self.pack and budget is not None,
+            count_multiple=self.microbatch_multiple,
+            uniform_shape=uniform,
+        )
 
 
 @dataclass
@@ -162,8 +169,7 @@ def _forward_only(actor: Actor, batch: StepBatch, rows: torch.Tensor) -> None:
             values[where.rows, :width] = where.read(out[key].cpu())  # host memory, as the batch
 
 
-def _old_log_prob_and_stats(actor: Actor, batch: StepBatch, rows: torch.Tensor,
-                            algo: Any) -> tuple[EntropyStats, bool]:  # fmt: skip
+def _old_log_prob_and_stats(actor: Actor, batch: StepBatch, rows: torch.Tensor, algo: Any) -> tuple[EntropyStats, bool]:
     """The forward-only pass divided over the data-parallel ranks: each computes only its own sequences, the
     entropy statistics pool every sequence once over the DP x CP group, and then every rank of the last stage
     holds the whole batch's old log-probs and entropies (the advantages and metrics read other ranks' rows).
@@ -246,9 +252,17 @@ class Generated:
     """The first round's sampling settings (the guide policy samples like it)."""
 
 
-def _generate_rounds(engine: RolloutEngine, score: Scorer, *, prompts: Sequence[list[int]],
-                     answers: Sequence[Any], more_prompts: PromptSource | None, config: Any, state: StepState,
-                     clock: PhaseClock) -> Generated:  # fmt: skip
+def _generate_rounds(
+    engine: RolloutEngine,
+    score: Scorer,
+    *,
+    prompts: Sequence[list[int]],
+    answers: Sequence[Any],
+    more_prompts: PromptSource | None,
+    config: Any,
+    state: StepState,
+    clock: PhaseClock,
+) -> Generated:
     """Generate, score and filter; with a group filter (DAPO dynamic sampling, spec 1.2) generate further rounds
     of as many new prompts until the kept groups reach the step's number of prompts (extra ones are dropped) or
     ``algo.group_filter.max_generation_rounds`` is spent (then the step trains on what it kept, see
@@ -260,9 +274,10 @@ def _generate_rounds(engine: RolloutEngine, score: Scorer, *, prompts: Sequence[
     batch, batch_answers = list(prompts), list(answers)
     while True:
         sampling = SamplingSettings.for_training(
-            algo.sampling, max_tokens=config.rollout.max_response_length,
+            algo.sampling,
+            max_tokens=config.rollout.max_response_length,
             seed=config.train.seed * 1_000_003 + state.step + out.rounds * ROUND_SEED_OFFSET,
-        )  # fmt: skip
+        )
         out.sampling = out.sampling or sampling
         with clock("generate"):
             new = engine.generate(batch, n, sampling, state.stats)
@@ -284,9 +299,18 @@ def _generate_rounds(engine: RolloutEngine, score: Scorer, *, prompts: Sequence[
     return out
 
 
-def rl_step(actor: Actor, engine: RolloutEngine, score: Scorer, *, prompts: Sequence[list[int]],
-            answers: Sequence[Any], config: Any, state: StepState, guide_engine: RolloutEngine | None = None,
-            more_prompts: PromptSource | None = None) -> dict:  # fmt: skip
+def rl_step(
+    actor: Actor,
+    engine: RolloutEngine,
+    score: Scorer,
+    *,
+    prompts: Sequence[list[int]],
+    answers: Sequence[Any],
+    config: Any,
+    state: StepState,
+    guide_engine: RolloutEngine | None = None,
+    more_prompts: PromptSource | None = None,
+) -> dict:
     """One RL step on ``prompts``; returns its metrics and advances ``state`` (statistics for the next rollout).
 
     ``guide_engine`` serves the frozen guide policy of mixed-policy algorithms (``algo.guide_policy.kind``);
@@ -297,8 +321,16 @@ def rl_step(actor: Actor, engine: RolloutEngine, score: Scorer, *, prompts: Sequ
     check_guide_setup(algo, guide_engine)
     clock = PhaseClock()
     served = getattr(engine, "requests_served", None)  # a DividedEngine counts its replica's requests
-    generated = _generate_rounds(engine, score, prompts=prompts, answers=answers, more_prompts=more_prompts,
-                                 config=config, state=state, clock=clock)  # fmt: skip
+    generated = _generate_rounds(
+        engine,
+        score,
+        prompts=prompts,
+        answers=answers,
+        more_prompts=more_prompts,
+        config=config,
+        state=state,
+        clock=clock,
+    )
     engine.sleep()  # its GPU memory goes to the trainer until the weight sync
     prompts, answers, responses = generated.prompts, generated.answers, generated.responses
     rewards, correct, keep = generated.rewards, generated.correct, generated.keep
@@ -306,22 +338,40 @@ def rl_step(actor: Actor, engine: RolloutEngine, score: Scorer, *, prompts: Sequ
     check_same_on_ranks("the rollout batch", batch.tokens, actor.groups.dp)
     num_on_policy, lengths = batch.num_sequences, batch.response_lengths
     with clock("guide") if guide_engine is not None else contextlib.nullcontext():
-        guide = guide_rollout(guide_engine, score, prompts=prompts, answers=answers, correct=correct.bool(), n=n,
-                              sampling=generated.sampling, config=config)  # fmt: skip
+        guide = guide_rollout(
+            guide_engine,
+            score,
+            prompts=prompts,
+            answers=answers,
+            correct=correct.bool(),
+            n=n,
+            sampling=generated.sampling,
+            config=config,
+        )
     if guide is not None:
         batch = batch.join(guide.batch)
-    plan = SequencePlan.build(torch.cat([keep, batch.guide_rows[num_on_policy:]]), n, config.train.mini_batch_prompts,
-                              num_on_policy=num_on_policy, dp=group_rank_size(actor.groups.dp),
-                              lengths=batch.lengths)  # fmt: skip
+    plan = SequencePlan.build(
+        torch.cat([keep, batch.guide_rows[num_on_policy:]]),
+        n,
+        config.train.mini_batch_prompts,
+        num_on_policy=num_on_policy,
+        dp=group_rank_size(actor.groups.dp),
+        lengths=batch.lengths,
+    )
     with clock("old_log_prob"):
         forward_rows = plan.forward_rows()
         stats, last_stage = _old_log_prob_and_stats(actor, batch, forward_rows, algo)
-    metrics = {"reward_mean": float(rewards.mean()), "accuracy": float(correct.float().mean()),
-               "response_length_mean": float(lengths.float().mean()), **temperature_metrics(responses),
-               **entropy_stats_metrics(stats)}  # fmt: skip
+    metrics = {
+        "reward_mean": float(rewards.mean()),
+        "accuracy": float(correct.float().mean()),
+        "response_length_mean": float(lengths.float().mean()),
+        **temperature_metrics(responses),
+        **entropy_stats_metrics(stats),
+    }
     policy = slice(0, num_on_policy)
-    mismatch = rollout_mismatch_metrics(batch.old_log_prob[policy], batch.rollout_log_prob[policy],
-                                        batch.response_mask[policy] & last_stage)  # fmt: skip
+    mismatch = rollout_mismatch_metrics(
+        batch.old_log_prob[policy], batch.rollout_log_prob[policy], batch.response_mask[policy] & last_stage
+    )
     metrics.update({name: float(value) for name, value in mismatch.items()})
     metrics["kept_groups"] = float(keep.view(len(prompts), n)[:, 0].sum())
     metrics["generation_rounds"] = float(generated.rounds)
@@ -358,14 +408,17 @@ def _fill_advantages(config: Any, generated: Generated, batch: StepBatch) -> Non
     shaped = shape_rewards(algo, generated.rewards, lengths, max_length=config.rollout.max_response_length)
     group_ids = torch.arange(len(generated.prompts)).repeat_interleave(n)
     if bool(keep.any()):
-        inputs = AdvantageInputs(shaped[keep], group_ids[keep], response_mask[keep], correct[keep],
-                                 batch.entropy[policy][keep])  # fmt: skip
+        inputs = AdvantageInputs(
+            shaped[keep], group_ids[keep], response_mask[keep], correct[keep], batch.entropy[policy][keep]
+        )
         batch.advantages[policy][keep] = per_token(compute_advantages(algo, inputs), response_mask[keep])
     correction = algo.rollout_correction
     weights = ROLLOUT_CORRECTION.get(correction.kind).fn(
-        batch.old_log_prob[policy], batch.rollout_log_prob[policy], response_mask,
+        batch.old_log_prob[policy],
+        batch.rollout_log_prob[policy],
+        response_mask,
         **ROLLOUT_CORRECTION.params(correction.kind, correction),
-    )  # fmt: skip
+    )
     if weights is not None:
         batch.weights = torch.ones(batch.response_mask.shape)
         batch.weights[policy] = weights
@@ -387,7 +440,16 @@ def sync_and_verify(actor: Actor, engine: RolloutEngine) -> dict:
     engine.wake_up(tags=["weights"])
     report = sync_weights(engine, actor.chunks, actor.spec, actor.sync_plan, actor.groups)
     engine.wake_up(tags=["kv_cache"])
-    error = verify_sync(engine, actor.chunks, actor.groups, actor.probe, vocab_size=actor.spec.vocab_size,
-                        tolerance=actor.sync_tolerance)  # fmt: skip
-    return {"sync_seconds": report.seconds, "sync_probe_error": error["mult_error"],
-            "sync_probe_max_abs": error["max_abs"]}  # fmt: skip
+    error = verify_sync(
+        engine,
+        actor.chunks,
+        actor.groups,
+        actor.probe,
+        vocab_size=actor.spec.vocab_size,
+        tolerance=actor.sync_tolerance,
+    )
+    return {
+        "sync_seconds": report.seconds,
+        "sync_probe_error": error["mult_error"],
+        "sync_probe_max_abs": error["max_abs"],
+    }

@@ -24,8 +24,16 @@ from megatron_hapo.trainer.plan import balanced_split
 from megatron_hapo.trainer.step import Actor, sync_and_verify
 
 
-def supervised_warmup(actor: Actor, engine: RolloutEngine | None, examples: Sequence[tuple[list[int], list[int]]],
-                      *, steps: int, batch_size: int, lr: float, seed: int = 0) -> list[float]:  # fmt: skip
+def supervised_warmup(
+    actor: Actor,
+    engine: RolloutEngine | None,
+    examples: Sequence[tuple[list[int], list[int]]],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int = 0,
+) -> list[float]:
     """``steps`` optimizer steps on ``(prompt, answer tokens)`` pairs drawn in a seeded order; every rank calls it.
 
     Returns the mean negative log-likelihood per step (the same on every rank). The optimizer's learning rate is
@@ -40,8 +48,10 @@ def supervised_warmup(actor: Actor, engine: RolloutEngine | None, examples: Sequ
     losses = []
     for step in range(steps):
         picked = [examples[order[(step * batch_size + i) % len(order)]] for i in range(batch_size)]
-        responses = [Response(prompt_index=i, token_ids=list(answer), log_probs=torch.zeros(len(answer)),
-                              finish_reason="stop") for i, (_, answer) in enumerate(picked)]  # fmt: skip
+        responses = [
+            Response(prompt_index=i, token_ids=list(answer), log_probs=torch.zeros(len(answer)), finish_reason="stop")
+            for i, (_, answer) in enumerate(picked)
+        ]
         batch = StepBatch.from_responses([p for p, _ in picked], responses, max_response_length=width)
         losses.append(_supervised_update(actor, batch))
     if engine is not None:

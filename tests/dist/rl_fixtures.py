@@ -18,10 +18,13 @@ def _model_with_tokenizer(llama: Path, out: Path) -> Path:
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    template = "{% for m in messages %}<|{{ m.role }}|> {{ m.content }} {% endfor %}" \
-               "{% if add_generation_prompt %}<|assistant|>{% endif %}"  # fmt: skip
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                            chat_template=template).save_pretrained(out)  # fmt: skip
+    template = (
+        "{% for m in messages %}<|{{ m.role }}|> {{ m.content }} {% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", chat_template=template
+    ).save_pretrained(out)
     return out
 
 

@@ -33,8 +33,12 @@ def _export(rank: int, world: int, root: Path, layout: str, families: tuple[str,
 
     runtime.initialize_model_parallel(1, 1)
     for family in families:
-        mcore_to_hf(root / f"{family}-mcore-{layout}", root / f"{family}-back-{layout}", max_shard_bytes=100_000,
-                    read_bytes=40_000)  # many shards, many read groups
+        mcore_to_hf(
+            root / f"{family}-mcore-{layout}",
+            root / f"{family}-back-{layout}",
+            max_shard_bytes=100_000,
+            read_bytes=40_000,
+        )  # many shards, many read groups
 
 
 def _logits(rank: int, world: int, root: Path, tp: int, pp: int, out: Path) -> None:
@@ -140,8 +144,15 @@ def _deep_llama(path: Path) -> None:
     """4 layers (so PP2 x VPP2 has one layer per chunk), vocabulary 300: padded to 384 at TP1 but 512 at TP2."""
     import transformers
 
-    config = transformers.LlamaConfig(vocab_size=300, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                                      num_key_value_heads=2, intermediate_size=96, max_position_embeddings=64)  # fmt: skip
+    config = transformers.LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=96,
+        max_position_embeddings=64,
+    )
     config.architectures = ["LlamaForCausalLM"]
     torch.manual_seed(3)
     hf = transformers.LlamaForCausalLM(config).float().eval()
@@ -163,13 +174,22 @@ def _chunked_logits(chunks: list, tokens: torch.Tensor) -> torch.Tensor | None:
     def step(data_iterator, model):  # noqa: ANN001, ANN202
         sample = next(data_iterator)
         output = model(sample, torch.arange(seq)[None], None)
-        return output, lambda out: (out.sum() * 0, {"logits": gather_vocab_shards(out, mpu.get_tensor_model_parallel_group())})
+        return output, lambda out: (
+            out.sum() * 0,
+            {"logits": gather_vocab_shards(out, mpu.get_tensor_model_parallel_group())},
+        )
 
     samples = list(tokens.split(1))
     iterators = [iter(samples) for _ in chunks] if len(chunks) > 1 else iter(samples)
-    outputs = get_forward_backward_func()(forward_step_func=step, data_iterator=iterators, model=chunks,
-                                          num_microbatches=len(samples), seq_length=seq, micro_batch_size=1,
-                                          forward_only=True)  # fmt: skip
+    outputs = get_forward_backward_func()(
+        forward_step_func=step,
+        data_iterator=iterators,
+        model=chunks,
+        num_microbatches=len(samples),
+        seq_length=seq,
+        micro_batch_size=1,
+        forward_only=True,
+    )
     return torch.cat([o["logits"] for o in outputs]) if outputs else None
 
 

@@ -35,11 +35,25 @@ def _config(hf_dir: Path, extra: list[str]):  # noqa: ANN202
     from megatron_hapo.config import Config
     from megatron_hapo.config.loader import build_dataclass, resolve_tree
 
-    overrides = [f"model.path={hf_dir}", "model.dtype=float32", "model.recompute=none", "model.micro_batch_size=2",
-                 "model.transformer_engine=false", "rollout.num_samples_per_prompt=4",
-                 "rollout.max_response_length=6", "algo.reward_shaping.buffer_length=2", "train.seed=5",
-                 "train.prompts_per_step=8", "train.mini_batch_prompts=4", "optim.lr=1e-3", "optim.warmup_steps=0",
-                 "algo.group_filter.kind=all_equal", "algo.group_filter.metric=acc", "algo.entropy.scope=minibatch", *extra]  # fmt: skip
+    overrides = [
+        f"model.path={hf_dir}",
+        "model.dtype=float32",
+        "model.recompute=none",
+        "model.micro_batch_size=2",
+        "model.transformer_engine=false",
+        "rollout.num_samples_per_prompt=4",
+        "rollout.max_response_length=6",
+        "algo.reward_shaping.buffer_length=2",
+        "train.seed=5",
+        "train.prompts_per_step=8",
+        "train.mini_batch_prompts=4",
+        "optim.lr=1e-3",
+        "optim.warmup_steps=0",
+        "algo.group_filter.kind=all_equal",
+        "algo.group_filter.metric=acc",
+        "algo.entropy.scope=minibatch",
+        *extra,
+    ]
     return build_dataclass(Config, resolve_tree(Path(__file__).parents[2] / "configs/algo/hapo.yaml", overrides))
 
 
@@ -50,8 +64,9 @@ def _score(token_ids: list[list[int]], answers: list[int]) -> tuple[torch.Tensor
     return torch.tensor([v[0] for v in verdicts]), torch.tensor([v[1] for v in verdicts])
 
 
-def _step_ranks(rank: int, world: int, hf_dir: Path, tp: int, extra: list[str], out: Path,
-                checkpoints: Path | None, resume: bool) -> None:  # fmt: skip
+def _step_ranks(
+    rank: int, world: int, hf_dir: Path, tp: int, extra: list[str], out: Path, checkpoints: Path | None, resume: bool
+) -> None:
     """One RL step (from the latest checkpoint under ``checkpoints`` when ``resume``); without ``resume`` a
     checkpoint is saved after it and a second step taken."""
     from megatron_hapo.parallel import runtime
@@ -90,8 +105,10 @@ def _step_ranks(rank: int, world: int, hf_dir: Path, tp: int, extra: list[str], 
     if resume:
         state = load_checkpoint(latest_checkpoint(checkpoints), actor)
         step_module.sync_and_verify(actor, engine)
-    step = partial(step_module.rl_step, actor, engine, _score, prompts=PROMPTS, answers=ANSWERS, config=config,
-                   state=state)  # fmt: skip
+    step = partial(
+        step_module.rl_step, actor, engine, _score, prompts=PROMPTS, answers=ANSWERS, config=config, state=state
+    )
+
     def engine_weights() -> dict[str, torch.Tensor]:  # after the verified sync: the trainer's, unsharded
         return {name: p.detach().clone() for name, p in engine.engine.model.named_parameters()}
 
@@ -106,14 +123,29 @@ def _step_ranks(rank: int, world: int, hf_dir: Path, tp: int, extra: list[str], 
     if rank == 0:
         torch.save(weights, out.with_suffix(".pt"))
         optimizers = getattr(actor.optimizer, "chained_optimizers", [actor.optimizer])
-        out.write_text(json.dumps({"metrics": metrics, "second": second,
-                                   "forward_rows": [r for r in rows if r is not None], "lengths": lengths,
-                                   "optimizers": sorted({type(o).__name__ for o in optimizers}),
-                                   "sequence_parallel": actor.chunks[0].config.sequence_parallel}))  # fmt: skip
+        out.write_text(
+            json.dumps(
+                {
+                    "metrics": metrics,
+                    "second": second,
+                    "forward_rows": [r for r in rows if r is not None],
+                    "lengths": lengths,
+                    "optimizers": sorted({type(o).__name__ for o in optimizers}),
+                    "sequence_parallel": actor.chunks[0].config.sequence_parallel,
+                }
+            )
+        )
 
 
-def _run(hf_dir: Path, tmp_path: Path, world: int, tp: int, extra: list[str], checkpoints: Path | None = None,
-         resume: bool = False) -> tuple[dict, dict]:  # fmt: skip
+def _run(
+    hf_dir: Path,
+    tmp_path: Path,
+    world: int,
+    tp: int,
+    extra: list[str],
+    checkpoints: Path | None = None,
+    resume: bool = False,
+) -> tuple[dict, dict]:
     """The rank-0 report and the engine's weights after each step (``{"first": ..., "second": ...}``)."""
     out = tmp_path / f"tp{tp}_world{world}.json"
     body = partial(_step_ranks, hf_dir=hf_dir, tp=tp, extra=extra, out=out, checkpoints=checkpoints, resume=resume)
@@ -129,8 +161,11 @@ def _assert_same_step(metrics: dict, expected: dict, weights: dict, expected_wei
     # order of the data-parallel gradient sum (measured: <= 1e-7 relative), which they amplify to 1e-5 / 4e-6.
     # approx_kl (a mean of ratio - 1 - log ratio, near 0) differs by up to 3e-5 relative: each micro-batch is
     # padded to its own longest sequence, so a DP share's GEMM shapes differ from the DP1 run's.
-    differ = {name: (metrics[name], expected[name]) for name in compared
-              if metrics[name] != pytest.approx(expected[name], rel=CANCELLING.get(name, 1e-6), abs=1e-7)}  # fmt: skip
+    differ = {
+        name: (metrics[name], expected[name])
+        for name in compared
+        if metrics[name] != pytest.approx(expected[name], rel=CANCELLING.get(name, 1e-6), abs=1e-7)
+    }
     assert not differ, differ
     errors = {name: float((weights[name] - ref).norm() / ref.norm()) for name, ref in expected_weights.items()}
     assert max(errors.values()) <= 1e-6, max(errors.items(), key=lambda item: item[1])
@@ -162,17 +197,22 @@ def test_step_work_is_divided_and_equals_one_replica(tiny_llama: Path, tmp_path:
     assert max(loads) - min(loads) <= 3 * max(report["lengths"]), loads  # each of <= 3 splits within one sequence
     assert 0 < expected["kept_groups"] < len(PROMPTS), expected  # trained and untrained groups both present
     _assert_same_step(metrics, expected, weights["first"], reference_weights["first"])
-    assert any(not torch.equal(w, _initial(tiny_llama)[n]) for n, w in weights["first"].items())  # the step changed them
+    assert any(
+        not torch.equal(w, _initial(tiny_llama)[n]) for n, w in weights["first"].items()
+    )  # the step changed them
     if checkpoints is not None:  # resumed at DP2 (the sharded optimizer state resharded): DP4's second step
-        resumed, resumed_weights = _run(tiny_llama, tmp_path / "resumed", world=2, tp=1, extra=[],
-                                        checkpoints=checkpoints, resume=True)  # fmt: skip
+        resumed, resumed_weights = _run(
+            tiny_llama, tmp_path / "resumed", world=2, tp=1, extra=[], checkpoints=checkpoints, resume=True
+        )
         assert resumed["optimizers"] == ["DistributedOptimizer"]
         assert resumed["metrics"]["rollout_requests_per_engine"] == len(PROMPTS) * 4 / 2
         assert report["second"]["rollout_requests_per_engine"] == requests / dp  # a real second step
         _assert_same_step(resumed["metrics"], report["second"], resumed_weights["first"], weights["second"])
         # the sharded state of output.optimizer_sharding=dp_reshardable reshards over DP only: TP2 is refused
-        with pytest.raises(Exception, match="Resume at that layout, or save the checkpoint with "
-                                            "output.optimizer_sharding=fully_reshardable"):  # fmt: skip
+        with pytest.raises(
+            Exception,
+            match="Resume at that layout, or save the checkpoint with output.optimizer_sharding=fully_reshardable",
+        ):
             _run(tiny_llama, tmp_path / "tp2", world=2, tp=2, extra=[], checkpoints=checkpoints, resume=True)
 
 

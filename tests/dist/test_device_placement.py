@@ -34,12 +34,15 @@ def _placement(rank: int, world: int, out: Path) -> None:
             "param_devices": sorted({str(p.device) for p in chunk.parameters()}),
             "params": sorted({str(p.dtype) for p in chunk.parameters()}),
         }
-    responses = [Response(prompt_index=i % 2, token_ids=[3, 4, 5][: i + 1], log_probs=torch.zeros(i + 1),
-                          finish_reason="stop") for i in range(3)]  # fmt: skip
+    responses = [
+        Response(prompt_index=i % 2, token_ids=[3, 4, 5][: i + 1], log_probs=torch.zeros(i + 1), finish_reason="stop")
+        for i in range(3)
+    ]
     batch = StepBatch.from_responses([[1, 2], [7]], responses, max_response_length=4)
     mbs, _ = microbatches(batch, torch.arange(3), BatchLayout(max_tokens=32, pack=True), train=True)
-    facts["microbatch_devices"] = sorted({str(t.device) for mb in mbs for t in vars(mb).values()
-                                          if isinstance(t, torch.Tensor)})  # fmt: skip
+    facts["microbatch_devices"] = sorted(
+        {str(t.device) for mb in mbs for t in vars(mb).values() if isinstance(t, torch.Tensor)}
+    )
     facts["rank_device"] = str(runtime.rank_device())
     out.write_text(json.dumps(facts))
 

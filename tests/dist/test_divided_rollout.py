@@ -80,7 +80,10 @@ def _unseeded_ranks(rank: int, world: int, hf_dir: Path, out: Path) -> None:
     divided = DividedEngine(_engine(hf_dir, seed=rank), ranks_per_engine=1)  # engines that would differ
     got = divided.generate(PROMPTS, N, SamplingSettings(max_tokens=4, temperature=1.0), None)
     mine = [r.token_ids for r in got]
-    report = {"served": runtime.all_gather_objects(divided.requests_served), "count": len(got),
-              "same_on_ranks": all(part == mine for part in runtime.all_gather_objects(mine))}  # fmt: skip
+    report = {
+        "served": runtime.all_gather_objects(divided.requests_served),
+        "count": len(got),
+        "same_on_ranks": all(part == mine for part in runtime.all_gather_objects(mine)),
+    }
     if rank == 0:
         out.write_text(json.dumps(report))

@@ -26,9 +26,15 @@ def check_rank(rank, world, group, chunk_size=5):
     shard = slice(rank * VOCAB // world, (rank + 1) * VOCAB // world)
     local_h, local_w = hidden.clone().requires_grad_(), weight[shard].clone().requires_grad_()
     log_prob, entropy = fused_logprob_entropy(
-        local_h, local_w, targets, tp_group=group, temperature=temperature, chunk_size=chunk_size,
-        with_entropy_grad=True, mask=mask,
-    )  # fmt: skip
+        local_h,
+        local_w,
+        targets,
+        tp_group=group,
+        temperature=temperature,
+        chunk_size=chunk_size,
+        with_entropy_grad=True,
+        mask=mask,
+    )
     ref_h, ref_w = hidden.double().requires_grad_(), weight.double().requires_grad_()
     log_p = torch.log_softmax(ref_h @ ref_w.t() / temperature.double().unsqueeze(-1), -1)
     ref_lp = log_p.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * mask
@@ -79,9 +85,16 @@ def test_padded_weight_rows_are_excluded():
     targets = targets % vocab_size
     h, w = hidden.double().requires_grad_(), weight.double().requires_grad_()
     log_prob, entropy = fused_logprob_entropy(
-        h, w, targets, tp_group=None, temperature=temperature, mask=mask, vocab_size=vocab_size, chunk_size=7,
+        h,
+        w,
+        targets,
+        tp_group=None,
+        temperature=temperature,
+        mask=mask,
+        vocab_size=vocab_size,
+        chunk_size=7,
         with_entropy_grad=True,
-    )  # fmt: skip
+    )
     log_p = torch.log_softmax(hidden.double() @ weight[:vocab_size].double().t() / temperature.double()[:, None], -1)
     ref_lp = log_p.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * mask
     torch.testing.assert_close(log_prob, ref_lp, atol=1e-12, rtol=0)

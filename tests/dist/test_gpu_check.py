@@ -44,10 +44,20 @@ def _lines(text: str) -> dict[str, tuple[str, str]]:
 def test_whole_check_passes_on_cpu(tmp_path: Path) -> None:
     """``bash scripts/gpu_check.sh --allow-cpu`` in this venv (nothing to install): every check passes."""
     out = tmp_path / "out"
-    env = _cpu_env(OUT=str(out), GPU_CHECK_PYTHON=sys.executable, GPU_CHECK_WHEELS=str(tmp_path / "no_wheels"),
-                   GPU_CHECK_DEPS=str(tmp_path / "deps"))  # fmt: skip
-    result = subprocess.run(["bash", "scripts/gpu_check.sh", "--allow-cpu", "--work-dir", str(tmp_path)],
-                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=420)  # fmt: skip
+    env = _cpu_env(
+        OUT=str(out),
+        GPU_CHECK_PYTHON=sys.executable,
+        GPU_CHECK_WHEELS=str(tmp_path / "no_wheels"),
+        GPU_CHECK_DEPS=str(tmp_path / "deps"),
+    )
+    result = subprocess.run(
+        ["bash", "scripts/gpu_check.sh", "--allow-cpu", "--work-dir", str(tmp_path)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
     print(result.stdout[-6000:])
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert "nothing to install" in result.stdout
@@ -68,8 +78,16 @@ def test_whole_check_passes_on_cpu(tmp_path: Path) -> None:
     assert data["checkpoint"]["differed_before_load"] > 0 and data["checkpoint"]["step"] == check.PPO_STEPS
     assert data["export_hf"]["trained_vs_initial_max_abs_log_prob"] > check.BF16_MAX_ABS  # the export is trained
     assert [row["step"] for row in data["train_cli"]["rows"]] == list(range(check.CLI_STEPS))
-    for name in ("gpu_check.log", "environment.txt", "install.log", "suite.log", "suite_results.jsonl", "export.log",
-                 "train_cli.log", "train_cli_metrics.jsonl"):  # fmt: skip
+    for name in (
+        "gpu_check.log",
+        "environment.txt",
+        "install.log",
+        "suite.log",
+        "suite_results.jsonl",
+        "export.log",
+        "train_cli.log",
+        "train_cli_metrics.jsonl",
+    ):
         assert (out / name).is_file(), name
     assert _lines((out / "gpu_check.log").read_text()) == lines
 
@@ -78,10 +96,29 @@ def test_checks_are_isolated_and_time_limited(tmp_path: Path) -> None:
     """A check that hangs in Python is stopped by its limit, one that raises fails alone, one that blocks past any
     signal is killed with the suite (its stack dumped first), and the stages after it still run."""
     out = tmp_path / "out"
-    args = [sys.executable, "scripts/gpu_check.py", "--allow-cpu", "--out", str(out), "--work-dir", str(tmp_path),
-            "--stages", "suite,pytest_gpu", "--checks", "device,forward_fp32,forward_bf16,weight_sync,ppo_updates",
-            "--inject", "forward_fp32=hang", "--inject", "forward_bf16=raise", "--inject", "weight_sync=block",
-            "--budget-scale", "0.25", "--deadline", "35"]  # fmt: skip
+    args = [
+        sys.executable,
+        "scripts/gpu_check.py",
+        "--allow-cpu",
+        "--out",
+        str(out),
+        "--work-dir",
+        str(tmp_path),
+        "--stages",
+        "suite,pytest_gpu",
+        "--checks",
+        "device,forward_fp32,forward_bf16,weight_sync,ppo_updates",
+        "--inject",
+        "forward_fp32=hang",
+        "--inject",
+        "forward_bf16=raise",
+        "--inject",
+        "weight_sync=block",
+        "--budget-scale",
+        "0.25",
+        "--deadline",
+        "35",
+    ]
     result = subprocess.run(args, cwd=REPO_ROOT, env=_cpu_env(), capture_output=True, text=True, timeout=120)
     print(result.stdout[-4000:])
     assert result.returncode == 1, result.stdout[-4000:] + result.stderr[-2000:]
@@ -96,8 +133,7 @@ def test_checks_are_isolated_and_time_limited(tmp_path: Path) -> None:
     suite_log = (out / "suite.log").read_text()
     assert "most recent call first" in suite_log and "_inject_fault" in suite_log  # the stack of the blocked check
     summary = json.loads((out / "summary.json").read_text())
-    assert not summary["passed"] and summary["failed"] == ["forward_fp32", "forward_bf16", "weight_sync",
-                                                           "ppo_updates"]  # fmt: skip
+    assert not summary["passed"] and summary["failed"] == ["forward_fp32", "forward_bf16", "weight_sync", "ppo_updates"]
 
 
 def test_pytest_output_is_classified_by_skip_reason() -> None:
@@ -131,6 +167,12 @@ def test_carried_wheels_match_what_the_check_installs() -> None:
     assert all(not pin or fetched[name] == pin for name, pin in installed.items()), (fetched, installed)
     setup = (REPO_ROOT / "setup.py").read_text()
     assert f'"megatron-core=={fetched["megatron-core"]}"' in setup
-    result = subprocess.run([sys.executable, "scripts/gpu_check.py", "--list-missing"], cwd=REPO_ROOT,
-                            capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "scripts/gpu_check.py", "--list-missing"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     assert result.stdout == "", result.stdout

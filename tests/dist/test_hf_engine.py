@@ -27,9 +27,17 @@ SCALE = 0.1  # logits far from flat (greedy margins), float32 noise of the forwa
 def _tiny_llama(path: Path, seed: int = 0) -> Path:
     import transformers
 
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                                      eos_token_id=2, bos_token_id=1)  # fmt: skip
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=2,
+        bos_token_id=1,
+    )
     config.architectures = ["LlamaForCausalLM"]
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(config).float()
@@ -106,11 +114,13 @@ def test_greedy_log_probs_and_stops_match_full_forwards(tiny_llama: Path, refere
     assert _log_prob_error(reference, PROMPTS, responses) <= TOLERANCE
     # a stop token ends the response and is kept; max_model_len caps prompt + response
     stop = expected[0][3]
-    (stopped,) = engine.generate(PROMPTS[:1], 1, SamplingSettings(max_tokens=10, temperature=0.0,
-                                                                  stop_token_ids=(stop,)), None)  # fmt: skip
+    (stopped,) = engine.generate(
+        PROMPTS[:1], 1, SamplingSettings(max_tokens=10, temperature=0.0, stop_token_ids=(stop,)), None
+    )
     assert stopped.token_ids == expected[0][: expected[0].index(stop) + 1] and stopped.finish_reason == "stop"
     (capped,) = _engine(tiny_llama, max_model_len=len(PROMPTS[2]) + 3).generate(
-        PROMPTS[2:], 1, SamplingSettings(max_tokens=10, temperature=0.0), None)  # fmt: skip
+        PROMPTS[2:], 1, SamplingSettings(max_tokens=10, temperature=0.0), None
+    )
     assert capped.token_ids == expected[2][:3] and capped.finish_reason == "length"
     assert engine.stop_ids == frozenset({2})
 
@@ -122,8 +132,17 @@ def test_adaptive_temperatures_and_batching_independence(tiny_llama: Path, refer
     stats = _paper_stats(reference)
     sampling = SamplingSettings(max_tokens=8, temperature=T, top_p=0.95, top_k=200, adaptive_tau=TAU, seed=11)
     together = _engine(tiny_llama).generate(PROMPTS, 3, sampling, stats)
-    errors = [float((r.temperatures - adaptive_temperature(_response_rows(reference, PROMPTS[r.prompt_index], r), T,
-                                                           stats, tau=TAU)).abs().max()) for r in together]  # fmt: skip
+    errors = [
+        float(
+            (
+                r.temperatures
+                - adaptive_temperature(_response_rows(reference, PROMPTS[r.prompt_index], r), T, stats, tau=TAU)
+            )
+            .abs()
+            .max()
+        )
+        for r in together
+    ]
     assert max(errors) <= TOLERANCE, errors
     assert _log_prob_error(reference, PROMPTS, together) <= TOLERANCE
     values = torch.cat([r.temperatures for r in together])
@@ -131,9 +150,15 @@ def test_adaptive_temperatures_and_batching_independence(tiny_llama: Path, refer
     assert values.max() - values.min() > 0.01
     # request i samples with seed + i: one request per call, batches of one, or all together give the same
     single = _engine(tiny_llama, max_num_seqs=1)
-    alone = [single.generate([PROMPTS[i // 3]], 1, SamplingSettings(max_tokens=8, temperature=T, top_p=0.95, top_k=200,
-                                                                     adaptive_tau=TAU, seed=11 + i), stats)[0]
-             for i in range(len(together))]  # fmt: skip
+    alone = [
+        single.generate(
+            [PROMPTS[i // 3]],
+            1,
+            SamplingSettings(max_tokens=8, temperature=T, top_p=0.95, top_k=200, adaptive_tau=TAU, seed=11 + i),
+            stats,
+        )[0]
+        for i in range(len(together))
+    ]
     assert [r.token_ids for r in alone] == [r.token_ids for r in together]
     for a, b in zip(alone, together, strict=True):
         assert torch.allclose(a.log_probs, b.log_probs, atol=TOLERANCE, rtol=0)
@@ -199,13 +224,15 @@ def test_factory_and_config(tiny_llama: Path) -> None:
     from megatron_hapo.rollout.factory import make_engine
     from megatron_hapo.rollout.hf_engine import HFEngine
 
-    engine = make_engine(tiny_llama, run.EngineConfig(kind="hf", max_num_seqs=3), dtype="float32", max_model_len=64,
-                         seed=5)  # fmt: skip
+    engine = make_engine(
+        tiny_llama, run.EngineConfig(kind="hf", max_num_seqs=3), dtype="float32", max_model_len=64, seed=5
+    )
     assert isinstance(engine, HFEngine) and engine.config.max_num_seqs == 3 and engine.config.max_model_len == 64
     assert next(engine.model.parameters()).dtype == torch.float32
     with pytest.raises(ValueError, match="tensor_parallel"):
-        make_engine(tiny_llama, run.EngineConfig(kind="hf", tensor_parallel=2), dtype="float32", max_model_len=64,
-                    seed=0)  # fmt: skip
+        make_engine(
+            tiny_llama, run.EngineConfig(kind="hf", tensor_parallel=2), dtype="float32", max_model_len=64, seed=0
+        )
     with pytest.raises(ConfigError, match="engine.kind=hf"):
         validate(run.Config(engine=run.EngineConfig(kind="hf", tensor_parallel=2)))
 
@@ -222,17 +249,32 @@ def _vllm_rank(rank: int, world: int, hf_dir: Path, out: Path) -> None:
 
     reference = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     stats = _paper_stats(reference)
-    engines = {kind: make_engine(hf_dir, EngineConfig(kind=kind, max_num_seqs=8), dtype="float32", max_model_len=128,
-                                 seed=0) for kind in ("vllm", "hf")}  # fmt: skip
+    engines = {
+        kind: make_engine(hf_dir, EngineConfig(kind=kind, max_num_seqs=8), dtype="float32", max_model_len=128, seed=0)
+        for kind in ("vllm", "hf")
+    }
     greedy = SamplingSettings(max_tokens=10, temperature=0.0)
     sampled = SamplingSettings(max_tokens=6, temperature=T, adaptive_tau=TAU, seed=3)
-    results = {kind: {"greedy": e.generate(PROMPTS, 1, greedy, None), "sampled": e.generate(PROMPTS, 2, sampled, stats),
-                      "probe": e.prompt_log_probs(PROMPTS[2] + PROMPTS[0])} for kind, e in engines.items()}  # fmt: skip
+    results = {
+        kind: {
+            "greedy": e.generate(PROMPTS, 1, greedy, None),
+            "sampled": e.generate(PROMPTS, 2, sampled, stats),
+            "probe": e.prompt_log_probs(PROMPTS[2] + PROMPTS[0]),
+        }
+        for kind, e in engines.items()
+    }
     vllm, hf = results["vllm"], results["hf"]
     greedy_pairs = list(zip(vllm["greedy"], hf["greedy"], strict=True))
     sampled_pairs = list(zip(vllm["sampled"], hf["sampled"], strict=True))
-    scored = [(r.log_probs - engines["hf"].prompt_log_probs(PROMPTS[r.prompt_index] + r.token_ids)
-               [len(PROMPTS[r.prompt_index]) - 1 :]).abs().max() for r in vllm["sampled"]]  # fmt: skip
+    scored = [
+        (
+            r.log_probs
+            - engines["hf"].prompt_log_probs(PROMPTS[r.prompt_index] + r.token_ids)[len(PROMPTS[r.prompt_index]) - 1 :]
+        )
+        .abs()
+        .max()
+        for r in vllm["sampled"]
+    ]
     report = {
         "greedy_equal": all(a.token_ids == b.token_ids for a, b in greedy_pairs),
         "greedy_logprob": max(float((a.log_probs - b.log_probs).abs().max()) for a, b in greedy_pairs),

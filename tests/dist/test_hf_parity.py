@@ -25,12 +25,25 @@ TOLERANCE = 1e-4
 def _hf_model(family: str):  # noqa: ANN202
     import transformers
 
-    common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  intermediate_size=96, max_position_embeddings=64, tie_word_embeddings=family == "qwen2")  # fmt: skip
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=96,
+        max_position_embeddings=64,
+        tie_word_embeddings=family == "qwen2",
+    )
     if family == "llama":
         common["max_position_embeddings"] = 16384
-        common["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}  # fmt: skip
+        common["rope_scaling"] = {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        }
         config, model = transformers.LlamaConfig(**common), transformers.LlamaForCausalLM
     elif family == "qwen2":
         config, model = transformers.Qwen2Config(**common), transformers.Qwen2ForCausalLM
@@ -79,9 +92,15 @@ def _megatron_logits(spec, model_dir: Path | None, tokens: torch.Tensor, chunks:
         output = model(batch, torch.arange(SEQ).expand(BATCH, SEQ), None)
         return output, lambda out: (out.sum() * 0, {"logits": gather_vocab_shards(out, tp_group)})
 
-    outputs = get_forward_backward_func()(forward_step_func=step, data_iterator=iter([tokens]), model=chunks,
-                                          num_microbatches=1, seq_length=SEQ, micro_batch_size=BATCH,
-                                          forward_only=True)  # fmt: skip
+    outputs = get_forward_backward_func()(
+        forward_step_func=step,
+        data_iterator=iter([tokens]),
+        model=chunks,
+        num_microbatches=1,
+        seq_length=SEQ,
+        micro_batch_size=BATCH,
+        forward_only=True,
+    )
     return outputs[0]["logits"][..., : spec.vocab_size] if outputs else None
 
 

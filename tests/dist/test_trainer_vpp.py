@@ -24,20 +24,47 @@ pytest.importorskip("vllm", reason="the rollout engine needs vLLM (scripts/setup
 
 
 def _train(repo_root: Path, model: Path, data: Path, run_dir: Path, *layout: str) -> list[dict]:
-    result = subprocess.run([
-        sys.executable, "-m", "megatron_hapo.train", "configs/algo/hapo.yaml", f"model.path={model}",
-        f"data.train_file={data}", "model.pipeline_parallel=2", "model.micro_batch_size=3", "model.recompute=none",
-        "engine.max_num_seqs=32", "rollout.num_samples_per_prompt=4", "rollout.max_prompt_length=32",
-        "rollout.max_response_length=6", "algo.reward_shaping.buffer_length=2", "train.prompts_per_step=4",
-        "train.mini_batch_prompts=2", "train.total_steps=2", "optim.lr=1e-3", "optim.warmup_steps=0",
-        "output.reward_workers=1", f"output.dir={run_dir}", *layout, "--local-ranks", "2",
-    ], cwd=repo_root, capture_output=True, text=True, timeout=900)  # fmt: skip
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "megatron_hapo.train",
+            "configs/algo/hapo.yaml",
+            f"model.path={model}",
+            f"data.train_file={data}",
+            "model.pipeline_parallel=2",
+            "model.micro_batch_size=3",
+            "model.recompute=none",
+            "engine.max_num_seqs=32",
+            "rollout.num_samples_per_prompt=4",
+            "rollout.max_prompt_length=32",
+            "rollout.max_response_length=6",
+            "algo.reward_shaping.buffer_length=2",
+            "train.prompts_per_step=4",
+            "train.mini_batch_prompts=2",
+            "train.total_steps=2",
+            "optim.lr=1e-3",
+            "optim.warmup_steps=0",
+            "output.reward_workers=1",
+            f"output.dir={run_dir}",
+            *layout,
+            "--local-ranks",
+            "2",
+        ],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_rl_steps_with_virtual_pipeline_stages_match_plain_pipeline(tiny_llama: Path, tmp_path: Path,  # noqa: F811
-                                                                    repo_root: Path) -> None:  # fmt: skip
+def test_rl_steps_with_virtual_pipeline_stages_match_plain_pipeline(
+    tiny_llama: Path,
+    tmp_path: Path,  # noqa: F811
+    repo_root: Path,
+) -> None:
     model = _model_with_tokenizer(tiny_llama, tmp_path / "model")
     data = _dapo_jsonl(tmp_path / "train.jsonl", 8)
     plain = _train(repo_root, model, data, tmp_path / "pp2")
@@ -58,10 +85,19 @@ def _warmup_rank(rank: int, world: int, model: Path, out: Path) -> None:
     from megatron_hapo.trainer.actor import build_actor
     from megatron_hapo.trainer.warmup import supervised_warmup
 
-    config = build_dataclass(Config, resolve_tree(Path("configs/algo/hapo.yaml"), [
-        f"model.path={model}", "model.pipeline_parallel=2", "model.virtual_pipeline=2", "model.micro_batch_size=2",
-        "model.recompute=none",
-    ]))  # fmt: skip
+    config = build_dataclass(
+        Config,
+        resolve_tree(
+            Path("configs/algo/hapo.yaml"),
+            [
+                f"model.path={model}",
+                "model.pipeline_parallel=2",
+                "model.virtual_pipeline=2",
+                "model.micro_batch_size=2",
+                "model.recompute=none",
+            ],
+        ),
+    )
     runtime.quiet_logs()
     runtime.initialize_model_parallel(1, 2, 2, seed=0)
     actor = build_actor(config)
@@ -72,8 +108,12 @@ def _warmup_rank(rank: int, world: int, model: Path, out: Path) -> None:
         out.write_text(json.dumps(nll))
 
 
-def test_supervised_warmup_with_virtual_pipeline_stages(tiny_llama: Path, tmp_path: Path,  # noqa: F811
-                                                        repo_root: Path, monkeypatch) -> None:  # fmt: skip
+def test_supervised_warmup_with_virtual_pipeline_stages(
+    tiny_llama: Path,
+    tmp_path: Path,  # noqa: F811
+    repo_root: Path,
+    monkeypatch,
+) -> None:
     monkeypatch.chdir(repo_root)
     report = tmp_path / "nll.json"
     run_on_ranks(partial(_warmup_rank, model=tiny_llama, out=report), 2, tmp_path / "ranks")

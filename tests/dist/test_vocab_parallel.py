@@ -30,9 +30,14 @@ def check_shard(logits, targets, temperature, mask, grads, shard, group, chunk_s
     """Forward and backward of one rank's shard against the reference's matching slice."""
     local = logits[:, shard].clone().requires_grad_()
     log_prob, entropy = vocab_parallel_logprob_entropy(
-        local, targets, tp_group=group, temperature=temperature, chunk_size=chunk_size,
-        with_entropy_grad=True, mask=mask,
-    )  # fmt: skip
+        local,
+        targets,
+        tp_group=group,
+        temperature=temperature,
+        chunk_size=chunk_size,
+        with_entropy_grad=True,
+        mask=mask,
+    )
     full = logits.double().requires_grad_()
     ref_lp, ref_h = reference(full, targets, temperature, mask)
     torch.testing.assert_close(log_prob.double(), ref_lp, atol=1e-5, rtol=0)
@@ -110,9 +115,15 @@ def _padded_body(rank, world, vocab_size=70):
     local = logits[:, shard].double().clone().requires_grad_()
     group = dist.group.WORLD if world > 1 else None
     log_prob, entropy = vocab_parallel_logprob_entropy(
-        local, targets, tp_group=group, temperature=temperature, chunk_size=6, with_entropy_grad=True,
-        mask=mask, vocab_size=vocab_size,
-    )  # fmt: skip
+        local,
+        targets,
+        tp_group=group,
+        temperature=temperature,
+        chunk_size=6,
+        with_entropy_grad=True,
+        mask=mask,
+        vocab_size=vocab_size,
+    )
     full = logits[:, :vocab_size].double().requires_grad_()
     ref_lp, ref_h = reference(full, targets, temperature, mask)
     torch.testing.assert_close(log_prob, ref_lp, atol=1e-12, rtol=0)

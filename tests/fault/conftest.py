@@ -40,6 +40,8 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if not LEDGER.injected:
         return
     missing = sorted(set(LEDGER.injected) - set(LEDGER.survived))
-    line = (f"fault suite: faults injected {len(LEDGER.injected)}, survived {len(LEDGER.survived)}, "
-            f"data lost {len(LEDGER.lost)}")  # fmt: skip
+    line = (
+        f"fault suite: faults injected {len(LEDGER.injected)}, survived {len(LEDGER.survived)}, "
+        f"data lost {len(LEDGER.lost)}"
+    )
     terminalreporter.write_line(line + (f" (not survived: {', '.join(missing)})" if missing else ""))

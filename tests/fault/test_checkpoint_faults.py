@@ -43,8 +43,9 @@ def _flip_byte(path: Path) -> None:
         ("latest names a deleted checkpoint", shutil.rmtree, "missing"),
     ],
 )
-def test_damaged_latest_falls_back_to_the_previous_good_one(tmp_path: Path, faults, caplog, fault, damage,
-                                                             reason) -> None:  # fmt: skip
+def test_damaged_latest_falls_back_to_the_previous_good_one(
+    tmp_path: Path, faults, caplog, fault, damage, reason
+) -> None:
     faults.inject(fault)
     good = _checkpoint(tmp_path, 1)
     bad = _checkpoint(tmp_path, 2)

@@ -29,8 +29,11 @@ def _plan_errors(overrides: list[str]) -> list[str]:
     config = load_config(REPO / "configs" / "runs" / "qwen3-8b-hapo.yaml", overrides, warn=False)
     spec = read_decoder_spec(REPO / "configs" / "models" / "qwen3-8b-base")
     m = config.model
-    return check_layout(spec, config, Layout(1, 8, m.tensor_parallel, m.pipeline_parallel, m.virtual_pipeline,
-                                             config.engine.tensor_parallel))  # fmt: skip
+    return check_layout(
+        spec,
+        config,
+        Layout(1, 8, m.tensor_parallel, m.pipeline_parallel, m.virtual_pipeline, config.engine.tensor_parallel),
+    )
 
 
 CONFIG_FAULTS = [

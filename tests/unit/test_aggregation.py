@@ -43,8 +43,12 @@ def test_empty_sequences_are_skipped_in_seq_modes():
 def test_single_token_sequences():
     loss = torch.tensor([[3.0, 9.0], [5.0, 9.0]], dtype=F64)
     mask = torch.tensor([[1, 0], [1, 0]]).bool()
-    for mode, expected in (("token-mean", 4.0), ("seq-mean-token-mean", 4.0), ("seq-mean-token-sum", 4.0),
-                           ("token-sum", 8.0)):  # fmt: skip
+    for mode, expected in (
+        ("token-mean", 4.0),
+        ("seq-mean-token-mean", 4.0),
+        ("seq-mean-token-sum", 4.0),
+        ("token-sum", 8.0),
+    ):
         assert aggregate_loss(loss, mask, mode).item() == pytest.approx(expected)
 
 

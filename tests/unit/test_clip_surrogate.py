@@ -134,15 +134,19 @@ def test_surrogate_hand_values_clip_higher_and_dual_clip():
     loss, metrics = clipped_surrogate_from_ratio(
         ratio, adv, ones_mask(1, 7), eps_low=0.2, eps_high=0.28, dual_clip_c=3.0
     )
-    expected = t64([[
-        -1.28,  # A=+1, r=1.5: max(-1.5, -1.28)          clipped high
-        0.8,  # A=-1, r=0.5: max(0.5, 0.8)               clipped low
-        3.0,  # A=-1, r=5:   max(5, 1.28) = 5, min(5, 3)  dual clip
-        -1.0,  # A=+1, r=1:  unclipped
-        -0.5,  # A=+1, r=0.5: max(-0.5, -0.8)            unclipped (ratio below, A > 0)
-        1.5,  # A=-1, r=1.5: max(1.5, 1.28), min(1.5, 3) unclipped
-        -1.28,  # A=+1, r=5: dual clip never applies to A > 0
-    ]])  # fmt: skip
+    expected = t64(
+        [
+            [
+                -1.28,  # A=+1, r=1.5: max(-1.5, -1.28)          clipped high
+                0.8,  # A=-1, r=0.5: max(0.5, 0.8)               clipped low
+                3.0,  # A=-1, r=5:   max(5, 1.28) = 5, min(5, 3)  dual clip
+                -1.0,  # A=+1, r=1:  unclipped
+                -0.5,  # A=+1, r=0.5: max(-0.5, -0.8)            unclipped (ratio below, A > 0)
+                1.5,  # A=-1, r=1.5: max(1.5, 1.28), min(1.5, 3) unclipped
+                -1.28,  # A=+1, r=5: dual clip never applies to A > 0
+            ]
+        ]
+    )
     torch.testing.assert_close(loss, expected, atol=1e-7, rtol=0)
     # clip_frac: tokens 0, 1, 6 -> 3/7; low: token 1 -> 1/7; high: tokens 0, 6 -> 2/7; dual: token 2 -> 1/7
     assert metrics["clip_frac"].item() == pytest.approx(3 / 7)
@@ -247,8 +251,9 @@ def test_surrogate_rejects_bad_inputs():
             ratio, t64([float("nan")]), ones_mask(1, 2), eps_low=0.2, eps_high=0.2, dual_clip_c=None
         )
     with pytest.raises(ValueError, match="old_log_prob"):
-        clipped_surrogate(t64([[0.0, 0.0]]), t64([[0.0, float("nan")]]), t64([1.0]), eps_low=0.2, eps_high=0.2,
-                          dual_clip_c=None)  # fmt: skip
+        clipped_surrogate(
+            t64([[0.0, 0.0]]), t64([[0.0, float("nan")]]), t64([1.0]), eps_low=0.2, eps_high=0.2, dual_clip_c=None
+        )
     with pytest.raises(ValueError):
         clipped_surrogate(t64([[0.0]]), t64([[0.0]]), t64([1.0]), eps_low=1.5, eps_high=0.2, dual_clip_c=None)
     with pytest.raises(ValueError):

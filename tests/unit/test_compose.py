@@ -52,19 +52,30 @@ PLAIN = {
     "reward_shaping": {"kind": "none", "buffer_length": 4096, "penalty_factor": 1.0},
     "group_filter": {"kind": "none", "metric": "acc", "max_generation_rounds": 10},
     "advantage": {
-        "kind": "grpo", "std_norm": True, "eps": 1e-6, "fallback_threshold": 5.0, "fallback_includes_padding": True,
-        "reward_weight": 1.0, "entropy_weight": 0.1, "gtpo_norm": "joint",
+        "kind": "grpo",
+        "std_norm": True,
+        "eps": 1e-6,
+        "fallback_threshold": 5.0,
+        "fallback_includes_padding": True,
+        "reward_weight": 1.0,
+        "entropy_weight": 0.1,
+        "gtpo_norm": "joint",
     },
     "clip": {"kind": "fixed", "eps_low": 0.2, "eps_high": 0.2, "alpha": 1.0, "dual_clip_c": None},
     "redistribution": {"kind": "none", "beta": 1.0},
     "ratio": {"kind": "token"},
     "aggregation": {"kind": "token-mean"},
     "guide_policy": {
-        "kind": "none", "weight": 1.0, "route_zero_reward_groups": True, "model_path": None,
-        "eps_low": 0.2, "eps_high": 0.28, "dual_clip_c": None,
+        "kind": "none",
+        "weight": 1.0,
+        "route_zero_reward_groups": True,
+        "model_path": None,
+        "eps_low": 0.2,
+        "eps_high": 0.28,
+        "dual_clip_c": None,
     },
     "rollout_correction": {"kind": "none", "cap": 2.0},
-}  # fmt: skip
+}
 
 
 def make_algo(**overrides: dict) -> SimpleNamespace:
@@ -168,9 +179,15 @@ def test_real_registries_kinds():
 
 @pytest.mark.parametrize(
     ("section", "valid"),
-    [("advantage", "hapo_token"), ("clip", "entropy_adaptive"), ("redistribution", "hapo"), ("ratio", "token"),
-     ("aggregation", "token-mean"), ("guide_policy", "mixed")],
-)  # fmt: skip
+    [
+        ("advantage", "hapo_token"),
+        ("clip", "entropy_adaptive"),
+        ("redistribution", "hapo"),
+        ("ratio", "token"),
+        ("aggregation", "token-mean"),
+        ("guide_policy", "mixed"),
+    ],
+)
 def test_unknown_kind_in_config_raises_listing_valid_kinds(section, valid):
     old, log_prob, mask, rewards, groups, _ = _batch()
     algo = make_algo(**{section: {"kind": "bogus"}})
@@ -270,8 +287,11 @@ def reference_hapo_advantages(rewards, mask, groups):
         tokens = [rewards[k].item() for k in members for _ in range(lengths[k])]
         mu = sum(tokens) / len(tokens)
         sigma = math.sqrt(sum((x - mu) ** 2 for x in tokens) / len(tokens))
-        entries = [((rewards[k].item() if t < lengths[k] else 0.0) - mu) / (sigma + 1e-6)
-                   for k in members for t in range(length)]  # fmt: skip
+        entries = [
+            ((rewards[k].item() if t < lengths[k] else 0.0) - mu) / (sigma + 1e-6)
+            for k in members
+            for t in range(length)
+        ]
         if any(abs(v) >= 5.0 for v in entries):
             values = [rewards[k].item() for k in members]
             mean = sum(values) / len(values)
@@ -451,8 +471,9 @@ def test_guide_policy_term_is_added_with_its_weight():
     on_policy, _ = policy_loss(log_prob, old, advantages, mask, algo=make_algo())
     algo = make_algo(guide_policy={"kind": "mixed", "weight": 0.5, "eps_low": 0.2, "eps_high": 0.28})
     mixed, metrics = policy_loss(log_prob, old, advantages, mask, algo=algo, guide_batch=batch)
-    guide_per_token, _ = clipped_surrogate(guide_cur, guide_lp, guide_adv, eps_low=0.2, eps_high=0.28,
-                                           dual_clip_c=None, mask=guide_mask)  # fmt: skip
+    guide_per_token, _ = clipped_surrogate(
+        guide_cur, guide_lp, guide_adv, eps_low=0.2, eps_high=0.28, dual_clip_c=None, mask=guide_mask
+    )
     guide_loss = aggregate_loss(guide_per_token, guide_mask, "token-mean")
     torch.testing.assert_close(mixed, on_policy + 0.5 * guide_loss)
     torch.testing.assert_close(metrics["guide_loss"], guide_loss)

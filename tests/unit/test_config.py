@@ -84,8 +84,12 @@ def test_wrong_types_are_reported_with_the_key(override, pattern):
 
 
 def test_range_errors_are_all_listed_at_once():
-    overrides = ["algo.clip.eps_low=1.5", "algo.sampling.temperature=0", "train.mini_batch_prompts=30",
-                 "algo.clip.dual_clip_c=0.5"]  # fmt: skip
+    overrides = [
+        "algo.clip.eps_low=1.5",
+        "algo.sampling.temperature=0",
+        "train.mini_batch_prompts=30",
+        "algo.clip.dual_clip_c=0.5",
+    ]
     with pytest.raises(ConfigError) as info:
         load_config(None, overrides)
     message = str(info.value)

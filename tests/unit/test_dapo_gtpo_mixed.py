@@ -107,16 +107,22 @@ def test_gtpo_token_rewards_hand_values():
 
 def test_gtpo_token_rewards_weights_and_reward_scale():
     # alpha_1 scales R_i for O+ and the constant -alpha_1 for O-; alpha_2 = 0 removes every entropy bonus.
-    got = gtpo_token_rewards(t64([0.5, 0.5, -7.0, -7.0]), CORRECT, ENTROPY, MASK, [0] * 4, reward_weight=2.0,
-                             entropy_weight=0.0)  # fmt: skip
+    got = gtpo_token_rewards(
+        t64([0.5, 0.5, -7.0, -7.0]), CORRECT, ENTROPY, MASK, [0] * 4, reward_weight=2.0, entropy_weight=0.0
+    )
     expected = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0], [-2.0, -2.0, 0.0], [-2.0, -2.0, -2.0]])
     torch.testing.assert_close(got, expected)
 
 
 def test_gtpo_token_rewards_groups_are_independent():
     both = torch.cat([ENTROPY, ENTROPY * 2.0])
-    got = gtpo_token_rewards(torch.cat([REWARDS, REWARDS]), torch.cat([CORRECT, CORRECT]), both,
-                             torch.cat([MASK, MASK]), ["a"] * 4 + ["b"] * 4)  # fmt: skip
+    got = gtpo_token_rewards(
+        torch.cat([REWARDS, REWARDS]),
+        torch.cat([CORRECT, CORRECT]),
+        both,
+        torch.cat([MASK, MASK]),
+        ["a"] * 4 + ["b"] * 4,
+    )
     alone = gtpo_token_rewards(REWARDS, CORRECT, ENTROPY * 2.0, MASK, [0] * 4)
     torch.testing.assert_close(got[4:], alone)
 
@@ -154,8 +160,9 @@ def test_gtpo_entropy_bonus_conservation(seed, alpha2):
     correct = torch.rand(batch, generator=gen) > 0.5
     rewards = torch.where(correct, 1.0, -1.0).double()
     groups = torch.randint(0, 3, (batch,), generator=gen)
-    got = gtpo_token_rewards(rewards, correct, entropy, mask, groups, reward_weight=1.0, entropy_weight=alpha2,
-                             eps=1e-12).double()  # fmt: skip
+    got = gtpo_token_rewards(
+        rewards, correct, entropy, mask, groups, reward_weight=1.0, entropy_weight=alpha2, eps=1e-12
+    ).double()
     for g in groups.unique().tolist():
         for t in range(length):
             pos = [i for i in range(batch) if groups[i] == g and correct[i] and mask[i, t]]

@@ -9,8 +9,16 @@ HOPPER, BLACKWELL, AMPERE = (9, 0), (10, 0), (8, 0)
 
 
 def spec(hidden=256, ffn=512, layers=4):
-    return decoder_spec({"architectures": ["LlamaForCausalLM"], "vocab_size": 1000, "hidden_size": hidden,
-                         "num_hidden_layers": layers, "num_attention_heads": 8, "intermediate_size": ffn})  # fmt: skip
+    return decoder_spec(
+        {
+            "architectures": ["LlamaForCausalLM"],
+            "vocab_size": 1000,
+            "hidden_size": hidden,
+            "num_hidden_layers": layers,
+            "num_attention_heads": 8,
+            "intermediate_size": ffn,
+        }
+    )
 
 
 def test_plain_bf16_needs_no_gpu():

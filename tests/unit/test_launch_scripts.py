@@ -22,8 +22,14 @@ def test_shell_scripts_are_shellcheck_clean() -> None:
 
 
 def test_sbatch_headers_and_run_configs() -> None:
-    assert {p.name for p in SBATCH_SCRIPTS} >= {"hapo_1.5b.sh", "hapo_7b.sh", "hapo_8b.sh", "hapo_14b.sh",
-                                                "hapo_32b.sh", "hapo_70b.sh"}  # fmt: skip
+    assert {p.name for p in SBATCH_SCRIPTS} >= {
+        "hapo_1.5b.sh",
+        "hapo_7b.sh",
+        "hapo_8b.sh",
+        "hapo_14b.sh",
+        "hapo_32b.sh",
+        "hapo_70b.sh",
+    }
     for script in SBATCH_SCRIPTS:
         text = script.read_text()
         header = dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(\S+))?", text, flags=re.MULTILINE))

@@ -51,10 +51,24 @@ def test_no_print_in_library_code():
 def test_public_algos_names_import():
     import megatron_hapo.algos as algos
 
-    required = ["EntropyStats", "normalized_entropy", "adaptive_temperature", "grpo_advantages", "hapo_advantages",
-                "adaptive_clip_bounds", "redistribute_advantages", "clipped_surrogate", "aggregate_loss",
-                "overlong_penalty", "filter_groups", "gtpo_token_rewards", "gtpo_advantages", "grpo_s_advantages",
-                "guide_policy_surrogate", "zero_reward_groups"]  # fmt: skip
+    required = [
+        "EntropyStats",
+        "normalized_entropy",
+        "adaptive_temperature",
+        "grpo_advantages",
+        "hapo_advantages",
+        "adaptive_clip_bounds",
+        "redistribute_advantages",
+        "clipped_surrogate",
+        "aggregate_loss",
+        "overlong_penalty",
+        "filter_groups",
+        "gtpo_token_rewards",
+        "gtpo_advantages",
+        "grpo_s_advantages",
+        "guide_policy_surrogate",
+        "zero_reward_groups",
+    ]
     for name in required:
         assert hasattr(algos, name), name
     assert set(algos.__all__) <= set(dir(algos))
@@ -75,10 +89,20 @@ def test_torch_distributed_calls_live_in_parallel():
     the backend's device); elsewhere ``dist.<name>`` may only name a type."""
     for path in _outside_parallel():
         tree = ast.parse(path.read_text())
-        aliases = {a.asname or a.name for node in ast.walk(tree) if isinstance(node, ast.Import)
-                   for a in node.names if a.name == "torch.distributed"}  # fmt: skip
-        aliases |= {a.asname or a.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
-                    and node.module == "torch" for a in node.names if a.name == "distributed"}  # fmt: skip
+        aliases = {
+            a.asname or a.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import)
+            for a in node.names
+            if a.name == "torch.distributed"
+        }
+        aliases |= {
+            a.asname or a.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.module == "torch"
+            for a in node.names
+            if a.name == "distributed"
+        }
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module == "torch.distributed":
                 assert all(a.name in DIST_ALLOWED_OUTSIDE_PARALLEL for a in node.names), f"{path}:{node.lineno}"

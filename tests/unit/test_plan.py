@@ -12,9 +12,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 #: run config -> nodes of 8 GPUs (the launch scripts' #SBATCH --nodes)
 SHIPPED = {
-    "qwen2.5-math-1.5b-hapo": 4, "qwen2.5-math-7b-hapo": 4, "qwen3-8b-hapo": 8, "qwen3-14b-hapo": 8,
-    "qwen3-32b-hapo": 8, "llama-3.1-8b-hapo": 4, "llama-3.3-70b-hapo": 8, "llama-3.3-70b-hapo-fp8": 8,
-}  # fmt: skip
+    "qwen2.5-math-1.5b-hapo": 4,
+    "qwen2.5-math-7b-hapo": 4,
+    "qwen3-8b-hapo": 8,
+    "qwen3-14b-hapo": 8,
+    "qwen3-32b-hapo": 8,
+    "llama-3.1-8b-hapo": 4,
+    "llama-3.3-70b-hapo": 8,
+    "llama-3.3-70b-hapo-fp8": 8,
+}
 
 
 def _tool():
@@ -32,8 +38,9 @@ def test_every_run_config_is_planned_and_shipped() -> None:
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
 def test_shipped_configs_fit_80gb_gpus(name: str, capsys: pytest.CaptureFixture) -> None:
-    code = _tool().main([str(REPO / "configs" / "runs" / f"{name}.yaml"), "--nodes", str(SHIPPED[name]),
-                         "--gpus-per-node", "8"])  # fmt: skip
+    code = _tool().main(
+        [str(REPO / "configs" / "runs" / f"{name}.yaml"), "--nodes", str(SHIPPED[name]), "--gpus-per-node", "8"]
+    )
     out = capsys.readouterr()
     assert code == 0, out.err
     assert "fits (80 GiB GPUs)" in out.out and "training (heaviest stage)" in out.out
@@ -75,8 +82,11 @@ def test_activations_are_sized_by_the_token_budget() -> None:
     config = REPO / "configs" / "runs" / "qwen2.5-math-7b-hapo.yaml"
     assert load_config(config, warn=False).train.max_tokens_per_microbatch == 16384  # the shipped budget
     sizes = {}
-    for overrides in (["train.max_tokens_per_microbatch=8192"], ["train.max_tokens_per_microbatch=32768"],
-                      ["train.max_tokens_per_microbatch=null", "model.micro_batch_size=2"]):  # fmt: skip
+    for overrides in (
+        ["train.max_tokens_per_microbatch=8192"],
+        ["train.max_tokens_per_microbatch=32768"],
+        ["train.max_tokens_per_microbatch=null", "model.micro_batch_size=2"],
+    ):
         sizes[overrides[0]] = microbatch_tokens(load_config(config, overrides, warn=False))
     longest = 1024 + 10240  # a sequence longer than the budget gets a micro-batch of its own
     assert list(sizes.values()) == [longest, 32768, 2 * longest]

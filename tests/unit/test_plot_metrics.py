@@ -15,10 +15,15 @@ def test_plot_two_runs(tmp_path: Path, repo_root: Path) -> None:
         writer.close()
     out = tmp_path / "curves.png"
     tool = [sys.executable, str(repo_root / "tools" / "plot_metrics.py")]
-    result = subprocess.run([*tool, str(tmp_path / "hapo"), str(tmp_path / "dapo"), "--out", str(out)],
-                            capture_output=True, text=True, check=False)  # fmt: skip
+    result = subprocess.run(
+        [*tool, str(tmp_path / "hapo"), str(tmp_path / "dapo"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "reward_mean, accuracy" in result.stdout and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    missing = subprocess.run([*tool, str(tmp_path / "nothing"), "--out", str(out)], capture_output=True, text=True,
-                             check=False)  # fmt: skip
+    missing = subprocess.run(
+        [*tool, str(tmp_path / "nothing"), "--out", str(out)], capture_output=True, text=True, check=False
+    )
     assert missing.returncode == 2 and "has no metrics.jsonl" in missing.stderr

@@ -57,8 +57,14 @@ def test_no_code_tests_an_algorithm_name():
 
 
 def test_print_config_tool_resolves_and_reports():
-    cmd = [sys.executable, str(REPO / "tools/print_config.py"), str(REPO / "configs/algo/hapo.yaml"),
-           "algo.clip.eps_high=0.28", "algo.redistribution.kind=none", "algo.redistribution.beta=0.5"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(REPO / "tools/print_config.py"),
+        str(REPO / "configs/algo/hapo.yaml"),
+        "algo.clip.eps_high=0.28",
+        "algo.redistribution.kind=none",
+        "algo.redistribution.beta=0.5",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     tree = yaml.safe_load(done.stdout)
     assert tree["algo"]["clip"]["eps_high"] == 0.28
@@ -71,8 +77,15 @@ def test_print_config_tool_resolves_and_reports():
 
 def test_selfcheck_hapo_learns_with_both_sign_conventions():
     for sign in ("published", "paper"):
-        cmd = [sys.executable, "-m", "megatron_hapo.selfcheck", str(REPO / "configs/algo/hapo.yaml"),
-               "--steps", "30", f"algo.entropy.sign={sign}"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "megatron_hapo.selfcheck",
+            str(REPO / "configs/algo/hapo.yaml"),
+            "--steps",
+            "30",
+            f"algo.entropy.sign={sign}",
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
         assert done.returncode == 0, done.stdout + done.stderr
         assert "self-check passed" in done.stdout

@@ -65,8 +65,13 @@ if __name__ == "__main__":
 def _start(tmp_path: Path, source: str, *args: str) -> subprocess.Popen:
     script = tmp_path / "program.py"
     script.write_text(textwrap.dedent(source))
-    return subprocess.Popen([sys.executable, str(script), *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True, start_new_session=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, str(script), *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def test_helpers_survive_stop_signals_and_the_second_signal_leaves_nothing(tmp_path: Path) -> None:

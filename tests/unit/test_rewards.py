@@ -5,17 +5,20 @@ import pytest
 from megatron_hapo.rewards import boxed_math_score, dapo_math_score, last_boxed, normalize_answer
 
 
-@pytest.mark.parametrize(("response", "truth", "correct"), [
-    ("Let me think.\nAnswer: 42", "42", True),
-    ("so the answer is\nAnswer:   1,000", "1000", True),
-    ("Answer: 5 dollars", "5", True),
-    ("Answer: $\\frac{1}{2}$", "\\frac{1}{2}", True),
-    ("Answer: \\boxed{7}", "7", True),
-    ("Answer: x = 3", "3", True),
-    ("Answer: 41", "42", False),
-    ("Answer: 1\nthen more\nAnswer: 2", "2", True),  # the last Answer line counts
-    ("no final line at all", "42", False),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("response", "truth", "correct"),
+    [
+        ("Let me think.\nAnswer: 42", "42", True),
+        ("so the answer is\nAnswer:   1,000", "1000", True),
+        ("Answer: 5 dollars", "5", True),
+        ("Answer: $\\frac{1}{2}$", "\\frac{1}{2}", True),
+        ("Answer: \\boxed{7}", "7", True),
+        ("Answer: x = 3", "3", True),
+        ("Answer: 41", "42", False),
+        ("Answer: 1\nthen more\nAnswer: 2", "2", True),  # the last Answer line counts
+        ("no final line at all", "42", False),
+    ],
+)
 def test_dapo_rule(response: str, truth: str, correct: bool) -> None:
     result = dapo_math_score(response, truth)
     assert result.correct is correct and result.score == (1.0 if correct else -1.0), result

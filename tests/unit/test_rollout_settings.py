@@ -16,8 +16,15 @@ def test_settings_follow_the_sampling_config() -> None:
     assert adaptive.adaptive_tau == 0.1 and adaptive.top_p == 0.7
 
 
-@pytest.mark.parametrize("bad", [{"max_tokens": 0}, {"max_tokens": 4, "temperature": -1.0},
-                                 {"max_tokens": 4, "top_p": 0.0}, {"max_tokens": 4, "adaptive_tau": 1.0}])  # fmt: skip
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"max_tokens": 0},
+        {"max_tokens": 4, "temperature": -1.0},
+        {"max_tokens": 4, "top_p": 0.0},
+        {"max_tokens": 4, "adaptive_tau": 1.0},
+    ],
+)
 def test_bad_settings_are_refused(bad: dict) -> None:
     with pytest.raises(ValueError):
         SamplingSettings(**bad)

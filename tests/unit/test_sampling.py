@@ -118,9 +118,11 @@ def test_published_sign_keeps_temperature_in_t_to_t_1_plus_tau(seed, base, tau, 
     assert bool((out >= base * (1 - 1e-6)).all())
     assert bool((out <= base * (1 + tau) * (1 + 1e-6)).all())
     torch.testing.assert_close(
-        out.double(), torch.tensor(reference_temperature(logits, base, stats, tau), dtype=torch.float64),
-        atol=1e-5, rtol=1e-5,
-    )  # fmt: skip
+        out.double(),
+        torch.tensor(reference_temperature(logits, base, stats, tau), dtype=torch.float64),
+        atol=1e-5,
+        rtol=1e-5,
+    )
 
 
 @given(seed=st.integers(0, 2**31 - 1), tau=st.floats(0.01, 0.5))
@@ -135,9 +137,11 @@ def test_paper_sign_range_and_reference(seed, tau):
     assert bool((out >= 1 - tau - 1e-6).all()) and bool((out <= 1 + tau + 1e-6).all())
     assert out[0].item() == pytest.approx(1 - tau, rel=1e-6)
     torch.testing.assert_close(
-        out.double(), torch.tensor(reference_temperature(logits, 1.0, stats, tau), dtype=torch.float64),
-        atol=1e-5, rtol=1e-5,
-    )  # fmt: skip
+        out.double(),
+        torch.tensor(reference_temperature(logits, 1.0, stats, tau), dtype=torch.float64),
+        atol=1e-5,
+        rtol=1e-5,
+    )
 
 
 def test_rejects_bad_inputs():

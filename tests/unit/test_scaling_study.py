@@ -14,8 +14,14 @@ _SPEC = importlib.util.spec_from_file_location("scaling_study", _TOOL)
 scaling_study = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(scaling_study)
 
-TINY = {"vocab_size": 250, "hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "intermediate_size": 96}  # fmt: skip
+TINY = {
+    "vocab_size": 250,
+    "hidden_size": 64,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 96,
+}
 
 
 def _meta_count(config: transformers.PretrainedConfig) -> int:
@@ -65,11 +71,19 @@ def _write_run(root: Path) -> tuple[Path, list[dict]]:
     (run / "config.json").write_text(json.dumps(config))
     (run / "launch.json").write_text(json.dumps({"nodes": 2, "gpus_per_node": 4, "gpu": "H100"}))
     metrics = [
-        {"step": s, "reward_mean": -1.0 + 0.2 * s, "time_generate": 10.0 + s, "time_reward": 0.5,
-         "time_old_log_prob": 2.0, "time_train": 5.0 + s, "time_sync": 1.0, "time_step": 20.0 + 2 * s,
-         "tokens_per_second": 800.0 + 100 * s}
+        {
+            "step": s,
+            "reward_mean": -1.0 + 0.2 * s,
+            "time_generate": 10.0 + s,
+            "time_reward": 0.5,
+            "time_old_log_prob": 2.0,
+            "time_train": 5.0 + s,
+            "time_sync": 1.0,
+            "time_step": 20.0 + 2 * s,
+            "tokens_per_second": 800.0 + 100 * s,
+        }
         for s in range(4)
-    ]  # fmt: skip
+    ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in metrics))
     return run, metrics
 
@@ -96,8 +110,17 @@ def test_main_writes_outputs_and_flags_predictions(tmp_path: Path, capsys: pytes
     run, _ = _write_run(tmp_path)
     (run / "launch.json").unlink()
     arch = tmp_path / "qwen3_14b.json"
-    arch.write_text(json.dumps({**scaling_study.QWEN3_32B, "hidden_size": 5120, "num_hidden_layers": 40,
-                                "num_attention_heads": 40, "intermediate_size": 17408}))  # fmt: skip
+    arch.write_text(
+        json.dumps(
+            {
+                **scaling_study.QWEN3_32B,
+                "hidden_size": 5120,
+                "num_hidden_layers": 40,
+                "num_attention_heads": 40,
+                "intermediate_size": 17408,
+            }
+        )
+    )
     out = tmp_path / "out"
     assert scaling_study.main([str(run), "--predict", f"q14={arch}:16", "--out", str(out)]) == 0
     table = (out / "scaling_table.md").read_text()

@@ -29,8 +29,9 @@ def test_every_torch_load_is_weights_only() -> None:
 def test_no_eval_or_exec_of_text() -> None:
     offenders = [
         f"{path.relative_to(REPO)}:{call.lineno}"
-        for path in SOURCES if path.parts[-2] != "unit" or path.name != "test_security.py"
+        for path in SOURCES
+        if path.parts[-2] != "unit" or path.name != "test_security.py"
         for call in _calls(ast.parse(path.read_text()))
         if isinstance(call.func, ast.Name) and call.func.id in {"eval", "exec", "compile"}
-    ]  # fmt: skip
+    ]
     assert not offenders, offenders

@@ -180,9 +180,20 @@ def test_prompt_chunks_do_not_shift_the_records() -> None:
 
 def test_all_rows_adaptive_use_a_view_and_no_host_sync() -> None:
     """``apply`` runs device ops only: no .item() / .tolist() / bool(tensor) / host tensors (checked on CPU)."""
-    forbidden = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__,
-                 torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.cpu, torch.Tensor.numpy,
-                 torch.Tensor.nonzero, torch.nonzero, torch.tensor, torch.as_tensor}  # fmt: skip
+    forbidden = {
+        torch.Tensor.item,
+        torch.Tensor.tolist,
+        torch.Tensor.__bool__,
+        torch.Tensor.__int__,
+        torch.Tensor.__float__,
+        torch.Tensor.__index__,
+        torch.Tensor.cpu,
+        torch.Tensor.numpy,
+        torch.Tensor.nonzero,
+        torch.nonzero,
+        torch.tensor,
+        torch.as_tensor,
+    }
 
     class NoSync(torch.overrides.TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):

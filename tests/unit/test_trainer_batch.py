@@ -14,8 +14,9 @@ def _response(prompt_index: int, tokens: list[int]) -> Response:
 
 
 def _batch() -> StepBatch:
-    return StepBatch.from_responses([[7, 8, 9], [5]], [_response(0, [1, 2]), _response(1, [3, 4, 6])],
-                                    max_response_length=4)  # fmt: skip
+    return StepBatch.from_responses(
+        [[7, 8, 9], [5]], [_response(0, [1, 2]), _response(1, [3, 4, 6])], max_response_length=4
+    )
 
 
 def test_step_batch_stores_sequences_back_to_back_and_responses_left_aligned() -> None:
@@ -64,16 +65,16 @@ def test_token_budget_groups_longest_first_and_never_exceeds_it() -> None:
 
 
 def test_fixed_microbatches_without_a_budget_pad_each_to_its_own_longest() -> None:
-    batch = StepBatch.from_responses([[7, 8]], [_response(0, [1] * 30), _response(0, [1])] * 2,
-                                     max_response_length=30)  # fmt: skip
+    batch = StepBatch.from_responses([[7, 8]], [_response(0, [1] * 30), _response(0, [1])] * 2, max_response_length=30)
     mbs, _ = microbatches(batch, torch.tensor([1, 3, 0, 2]), BatchLayout(micro_batch_size=2))
     assert [tuple(mb.tokens.shape) for mb in mbs] == [(2, 16), (2, 32)]
 
 
 def test_a_rank_without_a_share_gets_one_masked_microbatch() -> None:
     """It still runs the schedule, and so joins the gradient reduction and the parameter all-gather."""
-    (empty,), _ = microbatches(_batch(), torch.zeros(0, dtype=torch.long), BatchLayout(max_tokens=64, pack=True),
-                               train=True)  # fmt: skip
+    (empty,), _ = microbatches(
+        _batch(), torch.zeros(0, dtype=torch.long), BatchLayout(max_tokens=64, pack=True), train=True
+    )
     assert empty.tokens.shape == (1, 16) and not empty.mask.any()
 
 

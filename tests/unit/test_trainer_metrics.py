@@ -44,9 +44,13 @@ def test_loss_metrics_weigh_micro_batches_by_their_tokens_and_skip_empty_ones():
     from megatron_hapo.trainer.metrics import reduce_loss_metrics
 
     def mb(tokens: int, clip: float, rmax: float, guide_tokens: int = 0, **extra: float) -> dict:
-        out = {"loss_share": torch.tensor(0.5), "entropy_sum": torch.tensor(2.0 * tokens),
-               "num_tokens": torch.tensor(tokens), "clip_frac": torch.tensor(clip),
-               "ratio_max": torch.tensor(rmax)}  # fmt: skip
+        out = {
+            "loss_share": torch.tensor(0.5),
+            "entropy_sum": torch.tensor(2.0 * tokens),
+            "num_tokens": torch.tensor(tokens),
+            "clip_frac": torch.tensor(clip),
+            "ratio_max": torch.tensor(rmax),
+        }
         if guide_tokens:
             out.update(guide_num_tokens=torch.tensor(guide_tokens), guide_clip_frac=torch.tensor(extra["guide"]))
         return out
