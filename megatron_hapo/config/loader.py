@@ -19,13 +19,18 @@ import textwrap
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
 from megatron_hapo.config.errors import ConfigError
 from megatron_hapo.config.run import Config
 from megatron_hapo.config.validation import no_effect_warnings, validate
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+_Dataclass = TypeVar("_Dataclass", bound="DataclassInstance")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -132,7 +137,7 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def build_dataclass(cls: type, data: dict[str, Any], where: str = "") -> Any:
+def build_dataclass(cls: type[_Dataclass], data: dict[str, Any], where: str = "") -> _Dataclass:
     """Instantiate config dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__} {data!r}")
@@ -146,7 +151,7 @@ def build_dataclass(cls: type, data: dict[str, Any], where: str = "") -> Any:
             hint = f"; did you mean '{where + '.' if where else ''}{close[0]}'?" if close else ""
             raise ConfigError(f"unknown config key '{dotted}'{hint} (valid keys here: {', '.join(names)})")
         tp = hints[key]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             kwargs[key] = build_dataclass(tp, value, dotted)
         else:
             kwargs[key] = _coerce(value, tp, dotted)

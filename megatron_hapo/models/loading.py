@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from megatron_hapo.models.hf_config import DecoderSpec
 from megatron_hapo.models.mapping import Rule, rules, to_megatron_shard
 
+if TYPE_CHECKING:
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.module import MegatronModule
 
-def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+
+def unwrap(chunk: torch.nn.Module) -> GPTModel:
     """The GPTModel inside a chunk (Megatron DDP wraps it as ``.module``)."""
     return chunk.module if hasattr(chunk, "module") else chunk
 
@@ -21,7 +26,7 @@ def uses_te_spec(chunk: torch.nn.Module) -> bool:
     return any(name.endswith("linear_qkv.layer_norm_weight") for name, _ in unwrap(chunk).named_parameters())
 
 
-def chunk_rules(chunk: torch.nn.Module, spec: DecoderSpec, *, te: bool) -> dict[str, Rule]:
+def chunk_rules(chunk: MegatronModule, spec: DecoderSpec, *, te: bool) -> dict[str, Rule]:
     """``{local Megatron parameter name: rule}`` for one model chunk (its layers, embedding and head)."""
     model = unwrap(chunk)
     offset = chunk.layer_offset

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -17,6 +17,9 @@ from megatron_hapo.models.attention import replace_module, with_packed_attention
 from megatron_hapo.models.hf_config import DecoderSpec
 from megatron_hapo.models.precision import FP8Config, check_fp8, fp8_transformer_settings
 from megatron_hapo.parallel.runtime import model_parallel_layout, on_gpu, rank_device
+
+if TYPE_CHECKING:
+    from megatron.core.distributed import DistributedDataParallel
 
 
 def build_chunks(
@@ -84,7 +87,7 @@ def sync_params(chunks: list[torch.nn.Module]) -> None:
     for chunk in chunks:
         if getattr(getattr(chunk, "ddp_config", None), "overlap_param_gather", False):
             with torch.no_grad():
-                chunk.start_param_sync(force_sync=True)
+                cast("DistributedDataParallel", chunk).start_param_sync(force_sync=True)
 
 
 def variable_shapes(pp: int, vpp: int | None) -> bool:
@@ -222,7 +225,8 @@ class SequenceParallelTorchNorm:
     Transformer Engine and Apex norms flag theirs. (The q / k norms, flagged too as TE's are, are summed over TP
     by name in any case; ``finalize_model_grads`` reduces a weight once whichever rule picks it.)"""
 
-    def __new__(cls, config: Any, hidden_size: int, eps: float = 1e-5, **kwargs: Any) -> torch.nn.Module:
+    # A factory class, as Megatron's WrappedTorchNorm: a layer spec needs a class, __new__ returns the torch norm.
+    def __new__(cls, config: Any, hidden_size: int, eps: float = 1e-5, **kwargs: Any) -> torch.nn.Module:  # type: ignore[misc]
         from megatron.core.transformer.torch_norm import WrappedTorchNorm  # noqa: PLC0415
 
         plain = copy.copy(config)

@@ -6,10 +6,14 @@ NCCL, CPU for gloo) and hands results back on the caller's device, so a caller n
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 import torch.distributed as dist
 
 from megatron_hapo.parallel.runtime import collective_device
+
+_T = TypeVar("_T")
 
 
 def group_rank_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
@@ -19,7 +23,9 @@ def group_rank_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def all_reduce(tensor: torch.Tensor, op: dist.ReduceOp, group: dist.ProcessGroup | None) -> torch.Tensor:
+def all_reduce(
+    tensor: torch.Tensor, op: dist.ReduceOp | dist.ReduceOp.RedOpType, group: dist.ProcessGroup | None
+) -> torch.Tensor:
     """In-place all-reduce of ``tensor`` over ``group`` (a no-op for ``None`` or one rank); returns ``tensor``.
 
     A tensor on another device than the backend's is staged there and copied back."""
@@ -46,7 +52,7 @@ def gather_vocab_shards(local: torch.Tensor, group: dist.ProcessGroup | None) ->
     return torch.cat(pieces, dim=-1).to(local.device)
 
 
-def objects_from_last_stage(value: object, pp_group: dist.ProcessGroup | None) -> object:
+def objects_from_last_stage(value: _T, pp_group: dist.ProcessGroup | None) -> _T:
     """``value`` of the last pipeline stage (small Python objects, e.g. metrics) on every stage of ``pp_group``."""
     _, size = group_rank_size(pp_group)
     if size == 1:

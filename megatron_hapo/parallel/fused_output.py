@@ -65,13 +65,13 @@ class _FusedOutputLogProbEntropy(torch.autograd.Function):
             rows = chunk[0]
             hidden_chunk = take_rows(hidden, chunk, hidden.dtype)
             grad_z = chunk_logits_grad((hidden_chunk @ real.t()).to(temperature.dtype), rows, saved, *grads)
-            if need_hidden:
+            if grad_hidden is not None:
                 grad_hidden.index_copy_(0, rows, grad_z.to(weight.dtype) @ real)
-            if need_weight:
+            if grad_weight is not None:
                 grad_weight[: ctx.real].addmm_(grad_z.t(), hidden_chunk.to(temperature.dtype))
-        if need_hidden and ctx.reduce_grad:
+        if grad_hidden is not None and ctx.reduce_grad:
             grad_hidden = all_reduce(grad_hidden, dist.ReduceOp.SUM, ctx.group)
-        if need_weight:
+        if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None, None, None, None, None
 

@@ -24,7 +24,7 @@ from megatron_hapo.processes import die_with_parent
 logger = logging.getLogger(__name__)
 
 
-def _entry(rank: int, world: int, rendezvous: str, body: Callable[..., None], args: tuple) -> None:
+def _entry(rank: int, world: int, rendezvous: str, body: Callable[..., object], args: tuple) -> None:
     die_with_parent()  # nothing outlives the parent, whatever it dies of
     os.environ[runtime.LOCAL_RANK_ENV] = str(rank)
     runtime.join_process_group(init_method=f"file://{rendezvous}", rank=rank, world_size=world)
@@ -41,7 +41,7 @@ def _entry(rank: int, world: int, rendezvous: str, body: Callable[..., None], ar
 
 
 def run_local_ranks(
-    body: Callable[..., None], world: int, *args: Any, device: str = "auto", rendezvous_dir: Path | None = None
+    body: Callable[..., object], world: int, *args: Any, device: str = "auto", rendezvous_dir: Path | None = None
 ) -> None:
     """Call the module-level ``body(rank, world, *args)`` on ``world`` processes; a failing rank raises here.
 

@@ -82,12 +82,26 @@ def _cpu_type(original: Any) -> Any:
     return tensor_type
 
 
+def _inert_stream(*_args: Any, **_kwargs: Any) -> _InertStream:
+    return _InertStream()
+
+
+def _patch(owner: object, **replacements: object) -> None:
+    """Set each attribute of ``owner`` (a module or class): the CPU stand-ins differ from the CUDA signatures on
+    purpose (``current_device`` answers ``"cpu"``, streams are inert), so they are set, not assigned."""
+    for name, value in replacements.items():
+        setattr(owner, name, value)
+
+
 def _patch_rng() -> None:
     from megatron.core.tensor_parallel import random as tp_random  # noqa: PLC0415  (megatron only when installed)
 
-    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
-    torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
-    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    _patch(
+        torch.cuda,
+        get_rng_state=lambda device="cuda": torch.get_rng_state(),
+        set_rng_state=lambda new_state, device="cuda": torch.set_rng_state(new_state),
+        manual_seed=lambda seed: torch.default_generator.manual_seed(int(seed)),
+    )
     tp_random._get_cuda_rng_state = lambda *_args, clone=False, **_kwargs: (
         torch.get_rng_state().clone() if clone else torch.get_rng_state()
     )
@@ -121,15 +135,18 @@ def install() -> None:
             "Install the pinned version (scripts/setup_venv.sh) or port megatron_hapo/parallel/megatron_cpu.py."
         )
     _patch_rng()
-    torch.cuda.current_device = lambda: "cpu"
-    torch.cuda.synchronize = lambda *_args, **_kwargs: None
-    torch.cuda.empty_cache = lambda: None
-    torch.cuda.current_stream = lambda *_args, **_kwargs: _InertStream()
-    torch.cuda.default_stream = torch.cuda.current_stream
-    torch.cuda.Stream = _InertStream
-    torch.cuda.Event = _InertStream
-    torch.cuda.stream = lambda *_args, **_kwargs: contextlib.nullcontext()
-    torch.Tensor.type = _cpu_type(torch.Tensor.type)
+    _patch(
+        torch.cuda,
+        current_device=lambda: "cpu",
+        synchronize=lambda *_args, **_kwargs: None,
+        empty_cache=lambda: None,
+        current_stream=_inert_stream,
+        default_stream=_inert_stream,
+        Stream=_InertStream,
+        Event=_InertStream,
+        stream=lambda *_args, **_kwargs: contextlib.nullcontext(),
+    )
+    _patch(torch.Tensor, type=_cpu_type(torch.Tensor.type))
     _patch_causal_mask()
     _CudaToCpu().__enter__()  # process-wide: never exited
     _installed = True

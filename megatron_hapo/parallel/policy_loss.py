@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, overload
 
 import torch
 import torch.distributed as dist
@@ -105,12 +105,16 @@ class PolicyMicroBatch:
 
     def to(self, device: torch.device) -> PolicyMicroBatch:
         """This micro-batch with every tensor on ``device`` (host-to-device copies are asynchronous)."""
-        moved = {
+        moved: dict[str, Any] = {  # every field, of its own type
             name: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
             for name, value in vars(self).items()
         }
         return PolicyMicroBatch(**moved)
 
+    @overload
+    def per_sequence(self, values: torch.Tensor) -> torch.Tensor: ...
+    @overload
+    def per_sequence(self, values: None) -> None: ...
     def per_sequence(self, values: torch.Tensor | None) -> torch.Tensor | None:
         """``[B, S]`` per-position values -> ``[n, L]`` one sequence per row (0 / False beyond each sequence's
         loss tokens); unchanged when the rows are the sequences (or for ``None`` / per-sequence ``[B]``)."""
@@ -401,12 +405,12 @@ class PolicyLossStep:
             raise ValueError("training micro-batches need old_log_prob and advantages")
         log_prob, entropy = _logprob_entropy(batch, logits, self.groups, self.chunk_size, self.vocab_size)
         log_prob, entropy = batch.per_sequence(log_prob), batch.per_sequence(entropy)  # [n, L] from here
-        old_log_prob = batch.per_sequence(batch.old_log_prob)
+        old_log_prob, advantages = batch.per_sequence(batch.old_log_prob), batch.per_sequence(batch.advantages)
         on_mask, guide_mask = batch.masks()
         per_token, metrics = token_policy_loss(
             log_prob,
             old_log_prob,
-            batch.per_sequence(batch.advantages),
+            advantages,
             on_mask,
             algo=self.algo,
             h_hat=self._h_hat(batch, entropy.detach(), on_mask),
@@ -414,13 +418,16 @@ class PolicyLossStep:
         )
         terms = [(per_token, on_mask, self.plan.denominator, 1.0)]
         if guide_mask is not None and self.algo.guide_policy.kind != "none":
-            guide_per_token, guide_metrics = self._guide_term(batch, log_prob, old_log_prob, guide_mask)
+            if (guide_denominator := self.plan.guide_denominator) is None:
+                raise ValueError("guide rows in a mini-batch planned without the guide term: pass the same algo")
+            guide_per_token, guide_metrics = self._guide_term(log_prob, old_log_prob, advantages, guide_mask)
             metrics.update(guide_metrics, guide_num_tokens=guide_mask.sum())
-            terms.append((guide_per_token, guide_mask, self.plan.guide_denominator, self.algo.guide_policy.weight))
+            terms.append((guide_per_token, guide_mask, guide_denominator, self.algo.guide_policy.weight))
         mode = self.algo.aggregation.kind
         share = sum(
             weight * aggregation_terms(pt.detach(), m, mode)[0] / d.clamp_min(1e-12) for pt, m, d, weight in terms
         )
+        assert isinstance(share, torch.Tensor)  # a sum of tensors: terms is never empty
         metrics = {name: value.detach() for name, value in metrics.items()}
         metrics["loss_share"] = share  # sums to the mini-batch loss over micro-batches and DP ranks
         metrics["entropy_sum"] = (entropy.detach() * on_mask).sum()
@@ -440,19 +447,12 @@ class PolicyLossStep:
         return loss, metrics
 
     def _guide_term(
-        self, batch: PolicyMicroBatch, log_prob: torch.Tensor, old_log_prob: torch.Tensor, guide_mask: torch.Tensor
+        self, log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, guide_mask: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-token guide-policy surrogate ``[n, L]`` (ratio ``pi_theta / pi_phi``) and its ``guide_`` metrics."""
-        if self.plan.guide_denominator is None:
-            raise ValueError("guide rows in a mini-batch planned without the guide term: pass the same algo")
         cfg = self.algo.guide_policy
         guide_log_prob = torch.where(guide_mask, old_log_prob, log_prob.detach())  # ratio 1 off the guide rows
-        guide = GuideBatch(
-            log_prob=log_prob,
-            guide_log_prob=guide_log_prob,
-            advantages=batch.per_sequence(batch.advantages),
-            mask=guide_mask,
-        )
+        guide = GuideBatch(log_prob=log_prob, guide_log_prob=guide_log_prob, advantages=advantages, mask=guide_mask)
         return GUIDE_POLICY.get(cfg.kind).fn(guide, **GUIDE_POLICY.params(cfg.kind, cfg))
 
 

@@ -46,16 +46,24 @@ def share_from_stage(
     rank, size = group_rank_size(group)
     if size == 1:
         return dict(tensors or {})
+    assert group is not None  # group_rank_size: a None group has size 1
+    if rank == src_index and tensors is None:
+        raise ValueError("share_from_stage: the source rank must pass its tensors")
+    source = tensors or {}
     src = dist.get_global_rank(group, src_index)
     staging = runtime.collective_device(group)
-    header = [[(name, tuple(t.shape), t.dtype) for name, t in tensors.items()] if rank == src_index else None]
+    header: list[list[tuple[str, tuple[int, ...], torch.dtype]] | None] = [
+        [(name, tuple(t.shape), t.dtype) for name, t in source.items()] if rank == src_index else None
+    ]
     dist.broadcast_object_list(header, src=src, group=group)
+    entries = header[0]
+    assert entries is not None  # filled by the broadcast on every rank
     out: dict[str, torch.Tensor] = {}
-    for dtype in sorted({d for _, _, d in header[0]}, key=str):
-        names = [(name, shape) for name, shape, d in header[0] if d == dtype]
+    for dtype in sorted({d for _, _, d in entries}, key=str):
+        names = [(name, shape) for name, shape, d in entries if d == dtype]
         numel = sum(torch.Size(shape).numel() for _, shape in names)
         if rank == src_index:
-            flat = torch.cat([tensors[name].reshape(-1) for name, _ in names]).to(staging)
+            flat = torch.cat([source[name].reshape(-1) for name, _ in names]).to(staging)
         else:
             flat = torch.empty(numel, dtype=dtype, device=staging)
         dist.broadcast(flat, src=src, group=group)

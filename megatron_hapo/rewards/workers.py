@@ -101,11 +101,15 @@ class RewardWorkers:
                 if worker.conn in ready:
                     self._collect(worker, results)
                 elif time.monotonic() >= worker.deadline:
+                    assert worker.task is not None  # worker is in busy
                     results[worker.task] = Outcome(self.failure_value, "timeout")
                     self._replace(worker)
+        done: list[Outcome] = []
         for outcome in results:
+            assert outcome is not None  # the loop above runs until every task has its outcome
             self.counts[outcome.status] += 1
-        return results
+            done.append(outcome)
+        return done
 
     def _send(self, worker: _Worker, args: tuple) -> None:
         """Give ``worker`` its task; one found dead meanwhile (killed while idle) is replaced and the task goes to
@@ -118,8 +122,9 @@ class RewardWorkers:
             worker.conn.send((task, args))
         worker.deadline = time.monotonic() + self.timeout_s
 
-    def _collect(self, worker: _Worker, results: list) -> None:
+    def _collect(self, worker: _Worker, results: list[Outcome | None]) -> None:
         task = worker.task
+        assert task is not None  # called for busy workers only
         try:
             index, status, value = worker.conn.recv()
         except (EOFError, OSError):  # the worker died mid-call (crash, memory limit, killed)

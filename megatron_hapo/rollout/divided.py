@@ -81,5 +81,8 @@ class DividedEngine:
     def wake_up(self, tags: Sequence[str] | None = None) -> None:
         self.engine.wake_up(tags)
 
-    def __getattr__(self, name: str) -> Any:  # close(), engine-specific attributes
+    def close(self) -> None:
+        self.engine.close()
+
+    def __getattr__(self, name: str) -> Any:  # engine-specific attributes
         return getattr(self.engine, name)

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import torch
 
 from megatron_hapo.algos import SAMPLING, EntropyStats
+
+if TYPE_CHECKING:
+    from megatron_hapo.config import SamplingConfig
 
 FinishReason = Literal["stop", "length"]
 
@@ -47,7 +50,7 @@ class SamplingSettings:
             raise ValueError(f"adaptive_tau must lie in [0, 1), got {self.adaptive_tau}")
 
     @classmethod
-    def for_training(cls, sampling: object, *, max_tokens: int, seed: int | None = None) -> SamplingSettings:
+    def for_training(cls, sampling: SamplingConfig, *, max_tokens: int, seed: int | None = None) -> SamplingSettings:
         """From an ``algo.sampling`` config (``kind`` fixed | entropy_adaptive, temperature, top_p, top_k, tau)."""
         adaptive = SAMPLING.get(sampling.kind).needs_entropy  # the registry's entry says whether it adapts
         return cls(
@@ -102,6 +105,10 @@ class RolloutEngine(Protocol):
 
     def wake_up(self, tags: Sequence[str] | None = None) -> None:
         """Take memory back: ``["weights"]``, ``["kv_cache"]`` or everything (``None``); no-op when awake."""
+        ...
+
+    def close(self) -> None:
+        """Free the engine's model and memory; the engine is not used afterwards."""
         ...
 
 

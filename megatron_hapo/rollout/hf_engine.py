@@ -38,12 +38,16 @@ import gc
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from megatron_hapo.algos import EntropyStats, adaptive_temperature
 from megatron_hapo.parallel.runtime import rank_device
 from megatron_hapo.rollout.engine import FinishReason, Response, SamplingSettings
+
+if TYPE_CHECKING:
+    from transformers import Cache
 
 #: vLLM treats temperatures below this as greedy.
 SAMPLING_EPS = 1e-5
@@ -106,7 +110,7 @@ class HFEngine:
             kwargs["attn_implementation"] = config.attn_implementation
         cuda = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):  # loading must not move the trainer's RNG streams
-            model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+            model: torch.nn.Module = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.stop_ids = _eos_ids(model)
         self._seeds = torch.Generator().manual_seed(config.seed)
@@ -203,7 +207,7 @@ class HFEngine:
                 cache, positions = out.past_key_values, positions + 1
                 logits = out.logits[:, -1].float()
 
-    def _prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, object, torch.Tensor, torch.Tensor]:
+    def _prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, Cache, torch.Tensor, torch.Tensor]:
         """Left-padded forward of the prompts: last logits ``[B, V]`` float32, KV cache, mask, next positions."""
         width = max(len(p) for p in prompts)
         ids = torch.zeros(len(prompts), width, dtype=torch.long)
@@ -298,6 +302,7 @@ def _sample(
         tokens = logits.argmax(dim=-1)
     else:
         if stats is not None:  # AdaptiveTemperatureProcessor, then vLLM's own division by T
+            assert sampling.adaptive_tau is not None  # generate passes stats only with adaptive sampling
             factors = adaptive_temperature(logits, 1.0, stats, tau=sampling.adaptive_tau)
             logits = logits / factors[:, None]
             temperatures = [sampling.temperature * f for f in factors.tolist()]

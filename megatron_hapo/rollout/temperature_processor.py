@@ -124,12 +124,9 @@ class AdaptiveTemperatureProcessor(LogitsProcessor):
             if args is None:
                 self._rows.pop(index, None)
                 continue
+            s0, s1, s2, s3 = (float(v) for v in args["stats"])  # four, as validate_params checked
             self._rows[index] = _Request(
-                int(args["key"]),
-                float(args["tau"]),
-                float(args["temperature"]),
-                tuple(float(v) for v in args["stats"]),
-                output_ids,
+                int(args["key"]), float(args["tau"]), float(args["temperature"]), (s0, s1, s2, s3), output_ids
             )
         for source, target, direction in batch_update.moved:
             moved, displaced = self._rows.pop(source, None), self._rows.pop(target, None)

@@ -30,13 +30,19 @@ import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 import torch
 
 from megatron_hapo.algos import EntropyStats
 from megatron_hapo.parallel import runtime
 from megatron_hapo.rollout.engine import Response, SamplingSettings
+
+if TYPE_CHECKING:
+    from vllm import SamplingParams
+    from vllm.config.model import ModelDType
+    from vllm.distributed.device_communicators.cpu_communicator import CpuCommunicator
+    from vllm.inputs import TokensPrompt
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +54,9 @@ SLEEP_TAGS = frozenset(("weights", "kv_cache"))
 
 #: The live engines of this process that use vLLM's sleep mode (its allocator allows one).
 _SLEEP_MODE_ENGINES: weakref.WeakSet = weakref.WeakSet()
+
+#: Whether :func:`_guard_process_state` has patched vLLM in this process.
+_guarded = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,7 +103,8 @@ def _guard_process_state() -> None:
     """Patch vLLM (once per process) so that an engine cannot break the trainer's process state."""
     import vllm.distributed.parallel_state as vllm_state  # noqa: PLC0415
 
-    if getattr(vllm_state, "_megatron_hapo_guarded", False):
+    global _guarded  # noqa: PLW0603
+    if _guarded:
         return
 
     def destroy_own_groups_only() -> None:
@@ -104,14 +114,18 @@ def _guard_process_state() -> None:
         vllm_state._NODE_COUNT = None
 
     vllm_state.destroy_distributed_environment = destroy_own_groups_only
-    vllm_state._megatron_hapo_guarded = True
+    _guarded = True
     if not runtime.on_gpu():
         from vllm.distributed.device_communicators import cpu_communicator  # noqa: PLC0415
 
         shm = cpu_communicator._CPUSHMDistributed
         original = shm.make_group_name
         job = f"/mhapo{runtime.broadcast_int(os.getpid() if runtime.rank() == 0 else 0, src=0)}-"  # one per job
-        shm.make_group_name = staticmethod(lambda comm: job + original(comm).lstrip("/"))
+
+        def make_group_name(communicator: CpuCommunicator) -> str:
+            return job + original(communicator).lstrip("/")
+
+        shm.make_group_name = staticmethod(make_group_name)  # type: ignore[method-assign]  # patching vLLM's class
 
 
 def _generator_states() -> tuple:
@@ -212,7 +226,7 @@ class VLLMEngine:
         self.llm = LLM(
             model=str(model_dir),
             skip_tokenizer_init=True,
-            dtype=config.dtype,
+            dtype=cast("ModelDType", config.dtype),  # a vLLM dtype name: vLLM validates it
             tensor_parallel_size=config.tensor_parallel_size,
             distributed_executor_backend="external_launcher",
             max_model_len=config.max_model_len,
@@ -256,7 +270,7 @@ class VLLMEngine:
     ) -> list[Response]:
         """``n`` responses per prompt, grouped by prompt (see :class:`~.engine.RolloutEngine`)."""
         self._check_usable()
-        requests = [{"prompt_token_ids": list(prompt)} for prompt in prompts for _ in range(n)]
+        requests: list[TokensPrompt] = [{"prompt_token_ids": list(prompt)} for prompt in prompts for _ in range(n)]
         params = [self._params(i, sampling, stats) for i in range(len(requests))]
         self.processor.discard_records()  # nothing left over from an interrupted call
         outputs = self.llm.generate(requests, params, use_tqdm=False)
@@ -265,8 +279,10 @@ class VLLMEngine:
         for i, output in enumerate(outputs):
             completion = output.outputs[0]
             tokens = list(completion.token_ids)
+            token_logprobs = completion.logprobs
+            assert token_logprobs is not None  # requested: SamplingParams(logprobs=0)
             log_probs = torch.tensor(
-                [completion.logprobs[t][tok].logprob for t, tok in enumerate(tokens)], dtype=torch.float32
+                [token_logprobs[t][tok].logprob for t, tok in enumerate(tokens)], dtype=torch.float32
             )
             temperatures = records.get(i)
             responses.append(
@@ -280,17 +296,14 @@ class VLLMEngine:
             )
         return responses
 
-    def _params(self, index: int, sampling: SamplingSettings, stats: EntropyStats | None) -> object:
+    def _params(self, index: int, sampling: SamplingSettings, stats: EntropyStats | None) -> SamplingParams:
         from vllm import SamplingParams  # noqa: PLC0415
 
         from megatron_hapo.rollout.temperature_processor import request_args  # noqa: PLC0415
 
-        adaptive = sampling.adaptive_tau is not None and stats is not None and sampling.temperature > 0
-        extra = (
-            request_args(index, tau=sampling.adaptive_tau, temperature=sampling.temperature, stats=stats)
-            if adaptive
-            else None
-        )
+        extra = None
+        if sampling.adaptive_tau is not None and stats is not None and sampling.temperature > 0:  # adaptive
+            extra = request_args(index, tau=sampling.adaptive_tau, temperature=sampling.temperature, stats=stats)
         return SamplingParams(
             n=1,
             temperature=sampling.temperature,
@@ -333,10 +346,17 @@ class VLLMEngine:
 
         self._check_usable()
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
-        (output,) = self.llm.generate([{"prompt_token_ids": list(token_ids)}], params, use_tqdm=False)
-        return torch.tensor(
-            [output.prompt_logprobs[t][tok].logprob for t, tok in enumerate(token_ids) if t > 0], dtype=torch.float32
-        )
+        prompt: TokensPrompt = {"prompt_token_ids": list(token_ids)}
+        (output,) = self.llm.generate([prompt], params, use_tqdm=False)
+        positions = output.prompt_logprobs
+        assert positions is not None  # requested: SamplingParams(prompt_logprobs=0)
+        values = []
+        for t, tok in enumerate(token_ids):
+            if t > 0:  # the first prompt token has no log-prob
+                position = positions[t]
+                assert position is not None  # None only at position 0
+                values.append(position[tok].logprob)
+        return torch.tensor(values, dtype=torch.float32)
 
     def sleep(self) -> None:
         """Release the engine's GPU memory (weights and KV cache) for training; no-op on CPU or when asleep.
