@@ -28,7 +28,13 @@ import sys
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the heavy modules load after the stop signals are blocked (main)
+    from megatron_hapo.config import Config
+    from megatron_hapo.rollout.engine import RolloutEngine
+    from megatron_hapo.trainer.actor import Actor
+    from megatron_hapo.trainer.step import StepState
 
 logger = logging.getLogger("megatron_hapo.train")
 #: Exit status of a run that stopped on a signal after checkpointing: the launch scripts requeue on it.
@@ -36,7 +42,7 @@ EXIT_REQUEUE = 75
 STOPPED_MARKER = ".stopped_for_requeue"
 
 
-def _check_paths(config: Any) -> None:
+def _check_paths(config: Config) -> None:
     """Refuse a run without its model or data before any rank starts (each error names the key)."""
     if not config.model.path or not (Path(config.model.path) / "config.json").is_file():
         raise SystemExit(f"model.path={config.model.path!r}: not an HF checkpoint directory (config.json missing)")
@@ -58,7 +64,7 @@ def _check_paths(config: Any) -> None:
             raise SystemExit(f"data.{key}={path!r}: no such file")
 
 
-def _prompts(config: Any, tokenizer: Any, path: str | None) -> tuple[list[list[int]], list[str]]:
+def _prompts(config: Config, tokenizer: Any, path: str | None) -> tuple[list[list[int]], list[str]]:
     from megatron_hapo.data import encode_prompts, read_prompts  # noqa: PLC0415
 
     if not path:
@@ -89,7 +95,7 @@ def _setup_logging(rank: int) -> None:
     package.propagate = False
 
 
-def _rank(rank: int, world: int, config: Any, should_stop: Callable[[], bool]) -> bool:
+def _rank(rank: int, world: int, config: Config, should_stop: Callable[[], bool]) -> bool:
     """One rank of the run (the process group exists); whether it stopped early on a signal (same on all ranks).
 
     ``should_stop`` says whether a stop was asked for (:class:`~megatron_hapo.processes.StopSignals`).
@@ -100,11 +106,10 @@ def _rank(rank: int, world: int, config: Any, should_stop: Callable[[], bool]) -
     from megatron_hapo.parallel import runtime  # noqa: PLC0415
     from megatron_hapo.rewards import RewardWorkers  # noqa: PLC0415
     from megatron_hapo.rewards.math_answer import math_reward  # noqa: PLC0415
-    from megatron_hapo.rollout.weight_sync import PROBE_TOKENS, sync_probe  # noqa: PLC0415
-    from megatron_hapo.trainer.actor import build_actor  # noqa: PLC0415
+    from megatron_hapo.trainer.actor import build_actor, build_engines  # noqa: PLC0415
     from megatron_hapo.trainer.evaluation import EvalSettings  # noqa: PLC0415
     from megatron_hapo.trainer.loop import LoopSettings, train  # noqa: PLC0415
-    from megatron_hapo.trainer.step import worker_scorer  # noqa: PLC0415
+    from megatron_hapo.trainer.scoring import worker_scorer  # noqa: PLC0415
 
     model, out = config.model, config.output
     runtime.quiet_logs()
@@ -116,9 +121,8 @@ def _rank(rank: int, world: int, config: Any, should_stop: Callable[[], bool]) -
     eval_prompts, eval_answers = _prompts(config, tokenizer, config.data.eval_file)
     if not prompts:
         raise ValueError(f"{config.data.train_file}: no prompt fits rollout.max_prompt_length")
-    actor = build_actor(config)
-    actor.probe = sync_probe(prompts, length=min(PROBE_TOKENS, _context_length(config) // 16 * 16))
-    engine, guide = _engines(config)
+    actor = build_actor(config, probe_prompts=prompts)
+    engine, guide = build_engines(config)
     reward = partial(math_reward, rule=config.data.reward, math_verify=config.data.math_verify)
     workers = RewardWorkers(
         reward, workers=out.reward_workers, timeout_s=out.reward_timeout_s, failure_value=(-1.0, False)
@@ -130,7 +134,7 @@ def _rank(rank: int, world: int, config: Any, should_stop: Callable[[], bool]) -
         save_interval=out.save_interval,
         eval_settings=eval_settings,
         keep_last=out.keep_last,
-        model_dir=Path(model.path),
+        model_dir=Path(str(model.path)),  # checked by _check_paths
         optimizer_sharding=out.optimizer_sharding,
         max_consecutive_skips=config.train.max_consecutive_skips,
     )
@@ -161,7 +165,7 @@ def _rank(rank: int, world: int, config: Any, should_stop: Callable[[], bool]) -
     return state.stopped
 
 
-def _resume(actor: Any, engine: Any, root: Path) -> Any:
+def _resume(actor: Actor, engine: RolloutEngine, root: Path) -> StepState | None:
     """The trainer state of the latest checkpoint under ``root`` (loaded into ``actor`` and synced), or ``None``."""
     from megatron_hapo.trainer.checkpoint import latest_checkpoint, load_checkpoint  # noqa: PLC0415
     from megatron_hapo.trainer.step import sync_and_verify  # noqa: PLC0415
@@ -175,49 +179,7 @@ def _resume(actor: Any, engine: Any, root: Path) -> Any:
     return state
 
 
-def _context_length(config: Any) -> int:
-    """The engines' context: the longest prompt plus the longest response."""
-    return config.rollout.max_prompt_length + config.rollout.max_response_length
-
-
-def _engines(config: Any) -> tuple[Any, Any]:
-    """The policy's rollout engine and, for mixed-policy algorithms, the frozen guide's (else ``None``), each
-    divided over the engine replicas (:mod:`megatron_hapo.rollout.divided`).
-
-    vLLM 0.32 lets one engine per process sleep (its sleep-mode allocator is process-wide), so the guide engine
-    is built without sleep mode and with its own share, ``engine.guide_gpu_memory_utilization``, while the policy
-    engine sleeps: vLLM's start-up memory check then sees the memory the policy engine handed back.
-    """
-    from megatron_hapo.rollout.divided import DividedEngine  # noqa: PLC0415
-    from megatron_hapo.rollout.factory import make_engine  # noqa: PLC0415
-
-    model = config.model
-
-    def build(path: str, **kwargs: Any) -> DividedEngine:  # each replica generates its share of every call
-        engine = make_engine(
-            path,
-            engine=config.engine,
-            dtype=model.dtype,
-            seed=config.train.seed,
-            max_model_len=_context_length(config),
-            **kwargs,
-        )
-        return DividedEngine(engine, ranks_per_engine=config.engine.tensor_parallel)
-
-    engine = build(model.path)
-    if config.algo.guide_policy.kind == "none":
-        return engine, None
-    engine.sleep()
-    guide = build(
-        config.algo.guide_policy.model_path,
-        sleep_mode=False,
-        gpu_memory_utilization=config.engine.guide_gpu_memory_utilization,
-    )
-    engine.wake_up()
-    return engine, guide
-
-
-def _joined_rank(config: Any, should_stop: Callable[[], bool]) -> bool:
+def _joined_rank(config: Config, should_stop: Callable[[], bool]) -> bool:
     """Join the launcher's process group (torchrun / srun environment) and run this rank; whether it stopped."""
     from megatron_hapo.parallel import runtime  # noqa: PLC0415
 

@@ -145,7 +145,9 @@ def _keep_all(metric: torch.Tensor, group_ids: GroupIds) -> torch.Tensor:
     return torch.ones_like(metric, dtype=torch.bool)
 
 
-@GROUP_FILTER.register("all_equal", uses=("metric",), read_by={"max_generation_rounds": "megatron_hapo.trainer.step"})
+@GROUP_FILTER.register(
+    "all_equal", uses=("metric",), read_by={"max_generation_rounds": "megatron_hapo.trainer.generation"}
+)
 def _drop_all_equal(metric: torch.Tensor, group_ids: GroupIds) -> torch.Tensor:
     return filter_groups(metric, group_ids)
 
@@ -178,12 +180,12 @@ def _hapo_redistribution(advantages, h_hat, ratio, eps_low_t, eps_high_t, *, bet
 
 
 for _level in RATIO_LEVELS:
-    RATIO.register(_level)(
+    RATIO.register(_level, whole_sequences=_level != "token")(
         lambda log_prob, old_log_prob, mask, _level=_level: importance_ratio(log_prob, old_log_prob, mask, level=_level)
     )
 
 for _mode in AGGREGATION_MODES:
-    AGGREGATION.register(_mode)(
+    AGGREGATION.register(_mode, whole_sequences=_mode.startswith("seq-mean"))(
         lambda loss, mask, global_denominator=None, _mode=_mode: aggregate_loss(
             loss, mask, _mode, global_denominator=global_denominator
         )

@@ -27,6 +27,8 @@ class Entry:
         needs_entropy: the kind consumes token entropies (or ``h_hat`` derived from them).
         read_by: component-config fields the kind depends on that are read outside its function, each with the
             module that reads it.
+        whole_sequences: the kind needs every token of a sequence on one rank (a sequence-level ratio or a
+            per-sequence mean), so context parallelism, which splits sequences, cannot compute it.
     """
 
     kind: str
@@ -34,6 +36,7 @@ class Entry:
     uses: tuple[str, ...]
     needs_entropy: bool
     read_by: tuple[tuple[str, str], ...] = ()
+    whole_sequences: bool = False
 
     @property
     def knobs(self) -> tuple[str, ...]:
@@ -55,6 +58,7 @@ class Registry:
         uses: tuple[str, ...] = (),
         needs_entropy: bool = False,
         read_by: dict[str, str] | None = None,
+        whole_sequences: bool = False,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Decorator registering ``fn`` under ``kind``; ``ValueError`` when ``fn`` does not take a ``uses`` field."""
 
@@ -68,7 +72,12 @@ class Registry:
                     "not take: pass them to it, or declare them in read_by with their reader"
                 )
             self._entries[kind] = Entry(
-                kind=kind, fn=fn, uses=tuple(uses), needs_entropy=needs_entropy, read_by=tuple((read_by or {}).items())
+                kind=kind,
+                fn=fn,
+                uses=tuple(uses),
+                needs_entropy=needs_entropy,
+                read_by=tuple((read_by or {}).items()),
+                whole_sequences=whole_sequences,
             )
             return fn
 

@@ -28,10 +28,13 @@ for the CUDA context and NCCL buffers.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from megatron_hapo.models.hf_config import DecoderSpec
 from megatron_hapo.models.precision import FP8Config, check_fp8
+
+if TYPE_CHECKING:
+    from megatron_hapo.config import Config
 
 GIB = 2**30
 #: CUDA context, NCCL buffers and allocator slack per GPU (an allowance, not a measurement).
@@ -101,7 +104,7 @@ def total_params(spec: DecoderSpec) -> int:
     return embedding + output + spec.hidden_size + spec.num_layers * layer_params(spec, 1)
 
 
-def check_layout(spec: DecoderSpec, config: Any, layout: Layout) -> list[str]:
+def check_layout(spec: DecoderSpec, config: Config, layout: Layout) -> list[str]:
     """Every divisibility constraint of the trainer and the engine; one message per violation."""
     errors = []
     model_parallel = layout.tp * layout.pp
@@ -129,7 +132,7 @@ def check_layout(spec: DecoderSpec, config: Any, layout: Layout) -> list[str]:
     return errors
 
 
-def _fp8_errors(spec: DecoderSpec, config: Any, layout: Layout) -> list[str]:
+def _fp8_errors(spec: DecoderSpec, config: Config, layout: Layout) -> list[str]:
     """FP8 settings checked as on an H100 (compute capability 9.0), the GPUs the run configs target."""
     fp8 = FP8Config(fp8=config.model.fp8, recipe=config.model.fp8_recipe)
     try:
@@ -139,7 +142,7 @@ def _fp8_errors(spec: DecoderSpec, config: Any, layout: Layout) -> list[str]:
     return []
 
 
-def _batch_errors(config: Any, layout: Layout) -> list[str]:
+def _batch_errors(config: Config, layout: Layout) -> list[str]:
     train, n, mbs = config.train, config.rollout.num_samples_per_prompt, config.model.micro_batch_size
     errors = []
     if train.prompts_per_step % train.mini_batch_prompts:
@@ -163,7 +166,7 @@ def _batch_errors(config: Any, layout: Layout) -> list[str]:
     return errors
 
 
-def _engine_errors(spec: DecoderSpec, config: Any, layout: Layout) -> list[str]:
+def _engine_errors(spec: DecoderSpec, config: Config, layout: Layout) -> list[str]:
     tp = layout.engine_tp
     errors = []
     if layout.world % tp:
@@ -178,14 +181,14 @@ def _engine_errors(spec: DecoderSpec, config: Any, layout: Layout) -> list[str]:
     return errors
 
 
-def microbatch_tokens(config: Any) -> int:
+def microbatch_tokens(config: Config) -> int:
     """The most tokens one training micro-batch computes on."""
     longest = config.rollout.max_prompt_length + config.rollout.max_response_length
     budget = config.train.max_tokens_per_microbatch
     return max(budget, longest) if budget is not None else longest * config.model.micro_batch_size
 
 
-def _activation_bytes(spec: DecoderSpec, config: Any, layout: Layout) -> tuple[float, float]:
+def _activation_bytes(spec: DecoderSpec, config: Config, layout: Layout) -> tuple[float, float]:
     """``(activations of the micro-batches in flight on the first stage, float32 logits on the last)``.
 
     A micro-batch holds ``train.max_tokens_per_microbatch`` tokens (or one longest sequence where that is more),
@@ -207,7 +210,7 @@ def _activation_bytes(spec: DecoderSpec, config: Any, layout: Layout) -> tuple[f
     return in_flight * layers * per_layer + rebuilt, logits
 
 
-def plan_run(spec: DecoderSpec, config: Any, layout: Layout) -> Plan:
+def plan_run(spec: DecoderSpec, config: Config, layout: Layout) -> Plan:
     """Check the layout and estimate per-GPU memory of training and rollout (see the module docstring)."""
     plan = Plan(errors=check_layout(spec, config, layout), total_params=total_params(spec))
     if plan.errors:
@@ -241,7 +244,7 @@ def plan_run(spec: DecoderSpec, config: Any, layout: Layout) -> Plan:
     return plan
 
 
-def fit_errors(plan: Plan, config: Any, gpu_bytes: float) -> list[str]:
+def fit_errors(plan: Plan, config: Config, gpu_bytes: float) -> list[str]:
     """Why ``plan`` does not fit GPUs of ``gpu_bytes`` (empty when it fits)."""
     errors = []
     training = sum(plan.training.values())
@@ -286,7 +289,7 @@ def trainer_resident_bytes(plan: Plan) -> float:
     return sum(plan.training[name] for name in (*kept, "runtime"))
 
 
-def full_length_sequences(plan: Plan, config: Any, gpu_bytes: float) -> int:
+def full_length_sequences(plan: Plan, config: Config, gpu_bytes: float) -> int:
     """Sequences of ``max_prompt_length + max_response_length`` tokens the engine's KV cache holds at once."""
     budget = config.engine.gpu_memory_utilization * gpu_bytes - plan.rollout["weights"] - RUNTIME_RESERVE_BYTES
     return int(max(budget, 0) // plan.rollout["kv_per_sequence"])

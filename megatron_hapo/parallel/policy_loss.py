@@ -23,21 +23,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, overload
+from typing import Any, cast, overload
 
 import torch
 import torch.distributed as dist
 
-from megatron_hapo.algos import GUIDE_POLICY, EntropyStats, GuideBatch, aggregation_terms
+from megatron_hapo.algos import (
+    AGGREGATION,
+    GUIDE_POLICY,
+    RATIO,
+    AggregationMode,
+    EntropyStats,
+    GuideBatch,
+    aggregation_terms,
+)
 from megatron_hapo.algos.compose import needs_entropy, token_policy_loss
+from megatron_hapo.config.algo import AlgoConfig
 from megatron_hapo.parallel.collectives import group_rank_size
 from megatron_hapo.parallel.runtime import collective_device, rank_device
+from megatron_hapo.parallel.schedule_checks import check_pipeline_schedule
 from megatron_hapo.parallel.stats import distributed_entropy_stats, normalize_with_stats
 from megatron_hapo.parallel.token_mean import global_denominator, microbatch_loss, per_token_loss_outputs
 from megatron_hapo.parallel.vocab_parallel import vocab_parallel_logprob_entropy
-
-_WHOLE_SEQUENCE_AGGREGATIONS = ("seq-mean-token-mean", "seq-mean-token-sum")
-_WHOLE_SEQUENCE_RATIOS = ("sequence_mean", "sequence_geometric")
 
 
 @dataclass(frozen=True)
@@ -149,36 +156,21 @@ class MiniBatchPlan:
     """Statistics for ``h_hat`` at ``minibatch`` / ``step`` scope; ``None`` at ``microbatch`` scope."""
 
 
-def check_loss_setup(algo: Any, groups: ParallelGroups) -> None:
+def check_loss_setup(algo: AlgoConfig, groups: ParallelGroups) -> None:
     """Reject settings the Megatron loss cannot compute exactly, with the reason and the fix."""
     _, cp_size = group_rank_size(groups.cp)
-    if cp_size > 1 and algo.aggregation.kind in _WHOLE_SEQUENCE_AGGREGATIONS:
+    if cp_size > 1 and AGGREGATION.get(algo.aggregation.kind).whole_sequences:
         raise ValueError(
             f"algo.aggregation.kind={algo.aggregation.kind} needs whole sequences on one rank, but context "
             f"parallelism splits them over {cp_size} ranks: use token-mean / token-sum, or CP = 1"
         )
-    if cp_size > 1 and algo.ratio.kind in _WHOLE_SEQUENCE_RATIOS:
+    if cp_size > 1 and RATIO.get(algo.ratio.kind).whole_sequences:
         raise ValueError(f"algo.ratio.kind={algo.ratio.kind} needs whole sequences on one rank; use CP = 1")
-
-
-def check_pipeline_schedule(model_config: Any) -> None:
-    """Reject the Megatron schedule settings known to give wrong gradients (a Megatron ``TransformerConfig``).
-
-    With two pipeline stages and virtual stages, the batched P2P path (``batch_p2p_comm=True``, the default)
-    posts the sends and receives of both directions to the same peer in one batch; they were seen to pair up
-    crosswise (megatron-core 0.19.2 over gloo: loss off by 58 %, gradients by 330 %; see docs/LOG.md).
-    """
-    vpp = getattr(model_config, "virtual_pipeline_model_parallel_size", None)
-    if model_config.pipeline_model_parallel_size == 2 and vpp and vpp > 1 and model_config.batch_p2p_comm:
-        raise ValueError(
-            "pipeline_model_parallel_size=2 with virtual pipeline stages and batch_p2p_comm=True gives wrong "
-            "gradients (both directions' P2P ops go to one peer in one batch): set batch_p2p_comm=False"
-        )
 
 
 def plan_minibatch(
     microbatches: list[PolicyMicroBatch],
-    algo: Any,
+    algo: AlgoConfig,
     groups: ParallelGroups,
     *,
     entropy_stats: EntropyStats | None = None,
@@ -193,7 +185,7 @@ def plan_minibatch(
     scope = algo.entropy.scope
     if needs_entropy(algo) and scope != "microbatch" and entropy_stats is None:
         raise ValueError(f"algo.entropy.scope={scope} needs the pooled statistics: pass entropy_stats=")
-    mode = algo.aggregation.kind
+    mode = cast("AggregationMode", algo.aggregation.kind)  # validated against AGGREGATION
     split = [mb.masks() for mb in microbatches]
     guide = algo.guide_policy.kind != "none"
     guide_masks = [g if g is not None else torch.zeros_like(m) for m, g in split]
@@ -207,7 +199,7 @@ def plan_minibatch(
 
 
 def pooled_entropy_stats(
-    entropies: list[torch.Tensor], masks: list[torch.Tensor], algo: Any, groups: ParallelGroups
+    entropies: list[torch.Tensor], masks: list[torch.Tensor], algo: AlgoConfig, groups: ParallelGroups
 ) -> EntropyStats:
     """EntropyStats over all valid tokens of several ``[B, S]`` micro-batches on every DP x CP rank.
 
@@ -374,7 +366,7 @@ class PolicyLossStep:
     ``calculate_per_token_loss`` must equal the Megatron ``TransformerConfig`` field of the same name.
     """
 
-    algo: Any
+    algo: AlgoConfig
     groups: ParallelGroups
     plan: MiniBatchPlan
     vocab_size: int | None
@@ -423,11 +415,10 @@ class PolicyLossStep:
             guide_per_token, guide_metrics = self._guide_term(log_prob, old_log_prob, advantages, guide_mask)
             metrics.update(guide_metrics, guide_num_tokens=guide_mask.sum())
             terms.append((guide_per_token, guide_mask, guide_denominator, self.algo.guide_policy.weight))
-        mode = self.algo.aggregation.kind
-        share = sum(
-            weight * aggregation_terms(pt.detach(), m, mode)[0] / d.clamp_min(1e-12) for pt, m, d, weight in terms
-        )
-        assert isinstance(share, torch.Tensor)  # a sum of tensors: terms is never empty
+        mode = cast("AggregationMode", self.algo.aggregation.kind)
+        share = torch.stack(  # one or two terms: the same sum as adding them
+            [weight * aggregation_terms(pt.detach(), m, mode)[0] / d.clamp_min(1e-12) for pt, m, d, weight in terms]
+        ).sum()
         metrics = {name: value.detach() for name, value in metrics.items()}
         metrics["loss_share"] = share  # sums to the mini-batch loss over micro-batches and DP ranks
         metrics["entropy_sum"] = (entropy.detach() * on_mask).sum()

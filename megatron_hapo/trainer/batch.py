@@ -125,3 +125,10 @@ class StepBatch:
             )
         starts = torch.cat([self.starts, other.starts[1:] + self.starts[-1]])
         return StepBatch(tokens=torch.cat([self.tokens, other.tokens]), starts=starts, weights=weights, **per_row)
+
+
+def per_token(advantages: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """``[M]`` per-sequence or ``[M, L]`` per-token advantages -> ``[M, L]`` (0 beyond each response)."""
+    if advantages.dim() == 1:
+        advantages = advantages[:, None]
+    return advantages * response_mask

@@ -125,7 +125,7 @@ def latest_checkpoint(root: Path) -> Path | None:
     pointer = root / "latest"
     named = root / pointer.read_text().strip() if pointer.is_file() else None
     candidates = ([named] if named is not None else []) + [p for p in _step_dirs(root) if p != named]
-    refused = []
+    refused: list[str] = []
     for candidate in candidates:
         problems = verify_manifest(candidate) if candidate.is_dir() else [f"{candidate.name}: missing"]
         if not problems:
@@ -245,7 +245,7 @@ def _rng_path(directory: Path, rank: int, world: int) -> Path:
 def write_rng_state(directory: Path) -> None:
     """This rank's Python, NumPy and torch CPU generators (and CUDA's on a GPU) as JSON."""
     rank, world = rank_world()
-    numpy_state = np.random.get_state()
+    numpy_state: tuple[Any, ...] = tuple(np.random.get_state())
     state = {
         "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
         "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],

@@ -11,15 +11,16 @@ own group. They enter the update as extra sequences flagged ``guide_rows``: the 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from megatron_hapo.algos import grpo_advantages, shape_rewards, zero_reward_groups
-from megatron_hapo.rollout.engine import RolloutEngine, SamplingSettings
-from megatron_hapo.trainer.batch import StepBatch
+from megatron_hapo.config import AlgoConfig, Config
+from megatron_hapo.rollout.engine import RolloutEngine
+from megatron_hapo.trainer.batch import StepBatch, per_token
+from megatron_hapo.trainer.generation import Generated
+from megatron_hapo.trainer.scoring import Scorer
 
 #: Offset of the guide engine's request seeds from the policy's (so the two never draw the same stream).
 GUIDE_SEED_OFFSET = 500_009
@@ -38,7 +39,7 @@ class GuideRollout:
     """``[M]`` bool verifier outcome of each guide response."""
 
 
-def check_guide_setup(algo: Any, guide_engine: RolloutEngine | None) -> None:
+def check_guide_setup(algo: AlgoConfig, guide_engine: RolloutEngine | None) -> None:
     """Refuse a guide-policy algorithm without a guide engine (before a rollout is spent)."""
     if algo.guide_policy.kind != "none" and guide_engine is None:
         raise ValueError(
@@ -48,24 +49,15 @@ def check_guide_setup(algo: Any, guide_engine: RolloutEngine | None) -> None:
 
 
 def guide_rollout(
-    engine: RolloutEngine | None,
-    score: Any,
-    *,
-    prompts: Sequence[list[int]],
-    answers: Sequence[Any],
-    correct: torch.Tensor,
-    n: int,
-    sampling: SamplingSettings,
-    config: Any,
+    engine: RolloutEngine | None, score: Scorer, generated: Generated, *, config: Config
 ) -> GuideRollout | None:
-    """Answer the zero-reward groups of this step with the guide engine (``None``: nothing routed or no guide).
-
-    Args:
-        correct: ``[P * n]`` bool outcomes of the on-policy responses, grouped by prompt.
-        sampling: the step's sampling settings; the guide samples at the fixed temperature (no adaptive
-            statistics) with its own seeds.
-    """
-    algo = config.algo
+    """Answer the zero-reward groups of this step's ``generated`` responses with the guide engine (``None``:
+    nothing routed or no guide). The guide samples like the step's first round at its fixed temperature (no
+    adaptive statistics), with its own seeds."""
+    algo, n, sampling = config.algo, config.rollout.num_samples_per_prompt, generated.sampling
+    prompts, answers, correct = generated.prompts, generated.answers, generated.correct.bool()
+    if sampling is None:
+        raise ValueError("the step generated no round")
     cfg = algo.guide_policy
     if cfg.kind == "none" or not cfg.route_zero_reward_groups or engine is None:
         return None
@@ -85,5 +77,5 @@ def guide_rollout(
     rewards, guide_correct = score([r.token_ids for r in responses], routed_answers)
     shaped = shape_rewards(algo, rewards, batch.response_lengths, max_length=max_length)
     advantages = grpo_advantages(shaped, torch.arange(len(routed)).repeat_interleave(n))
-    batch.advantages = advantages[:, None] * batch.response_mask
+    batch.advantages = per_token(advantages, batch.response_mask)
     return GuideRollout(batch, routed, guide_correct.bool())

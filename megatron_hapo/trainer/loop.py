@@ -25,12 +25,16 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from megatron_hapo.config import Config
 from megatron_hapo.parallel import runtime
 from megatron_hapo.parallel.collectives import any_rank
+from megatron_hapo.rollout.engine import RolloutEngine
+from megatron_hapo.trainer.actor import Actor
 from megatron_hapo.trainer.checkpoint import save_checkpoint
 from megatron_hapo.trainer.evaluation import BestAndFinal, EvalSettings, evaluate
 from megatron_hapo.trainer.metrics import MetricsWriter
-from megatron_hapo.trainer.step import Actor, Scorer, StepState, rl_step
+from megatron_hapo.trainer.scoring import Scorer
+from megatron_hapo.trainer.step import StepState, rl_step
 
 
 @dataclass
@@ -52,6 +56,11 @@ class LoopSettings:
     """Stop the run (last good checkpoint intact) after this many steps in a row whose every update was skipped
     for a non-finite gradient norm (0: never)."""
     eval_settings: EvalSettings = field(default_factory=EvalSettings)
+    progress_bar: bool = True
+    """Rank 0 shows a progress bar on a terminal (tqdm)."""
+    on_step: Callable[[int, dict], None] | None = None
+    """Called on every rank with ``(step, metrics)`` after each step's metrics are written (e.g. a progress
+    line of a demo)."""
 
 
 def learning_rate(step: int, *, peak: float, warmup_steps: int) -> float:
@@ -85,11 +94,30 @@ def _check_skips(state: StepState, metrics: dict, limit: int) -> None:
         )
 
 
+def _track_best(tracker: BestAndFinal, state: StepState, step: int, metrics: dict) -> None:
+    """Record an evaluation's value in ``tracker`` and ``state`` (kept across a resume) and in ``metrics``."""
+    tracker.update(step, metrics)
+    state.eval_best = (tracker.best, tracker.best_step)
+    metrics[f"best_{tracker.name}"] = tracker.best
+
+
+def _save(actor: Actor, state: StepState, settings: LoopSettings) -> None:
+    """A checkpoint of ``state`` under ``run_dir/checkpoints``."""
+    save_checkpoint(
+        settings.run_dir / "checkpoints",
+        actor,
+        state,
+        hf_dir=settings.model_dir,
+        keep_last=settings.keep_last,
+        optimizer_sharding=settings.optimizer_sharding,
+    )
+
+
 def train(
     actor: Actor,
-    engine: Any,
+    engine: RolloutEngine,
     score: Scorer,
-    config: Any,
+    config: Config,
     settings: LoopSettings,
     *,
     prompts: Sequence[list[int]],
@@ -97,7 +125,7 @@ def train(
     eval_prompts: Sequence[list[int]] = (),
     eval_answers: Sequence[Any] = (),
     state: StepState | None = None,
-    guide_engine: Any = None,
+    guide_engine: RolloutEngine | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> StepState:
     """Run ``config.train.total_steps`` RL steps over ``prompts`` (in a seeded order, cycling); every rank calls it.
@@ -105,7 +133,7 @@ def train(
     ``guide_engine`` serves the frozen guide policy of mixed-policy algorithms. ``should_stop`` is asked after
     every step (on every rank; any rank may say yes): the run then checkpoints and returns with
     ``state.stopped`` set; asked before the first step too, it returns at once (nothing new to save). Rank 0
-    shows a progress bar.
+    shows a progress bar (``settings.progress_bar``); ``settings.on_step`` sees every step's metrics.
     """
     state = state or StepState()
     per_step = config.train.prompts_per_step
@@ -117,9 +145,8 @@ def train(
     if state.eval_best is not None:  # a resumed run keeps the best evaluation so far
         tracker.best, tracker.best_step = state.eval_best
     total = config.train.total_steps
-    progress = tqdm(
-        total=total, initial=state.step, desc="RL steps", unit="step", disable=None if runtime.rank() == 0 else True
-    )  # None: shown on a terminal only
+    shown = settings.progress_bar and runtime.rank() == 0
+    progress = tqdm(total=total, initial=state.step, desc="RL steps", unit="step", disable=None if shown else True)
     try:
         if any_rank(should_stop is not None and should_stop()):  # a stop asked for during start-up
             state.stopped = True
@@ -149,20 +176,13 @@ def train(
             last = state.step == total
             if eval_prompts and (last or (settings.eval_interval and state.step % settings.eval_interval == 0)):
                 metrics.update(evaluate(engine, score, eval_prompts, eval_answers, settings.eval_settings))
-                tracker.update(step, metrics)
-                state.eval_best = (tracker.best, tracker.best_step)
-                metrics[f"best_{tracker.name}"] = tracker.best
+                _track_best(tracker, state, step, metrics)
             writer.write(step, metrics)
+            if settings.on_step is not None:
+                settings.on_step(step, metrics)
             stop = any_rank(should_stop is not None and should_stop())
             if last or stop or (settings.save_interval and state.step % settings.save_interval == 0):
-                save_checkpoint(
-                    settings.run_dir / "checkpoints",
-                    actor,
-                    state,
-                    hf_dir=settings.model_dir,
-                    keep_last=settings.keep_last,
-                    optimizer_sharding=settings.optimizer_sharding,
-                )
+                _save(actor, state, settings)
             if stop and not last:
                 state.stopped = True
                 break

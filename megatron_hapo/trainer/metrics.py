@@ -67,6 +67,7 @@ class MetricsWriter:
         bad = {k: v for k, v in metrics.items() if not isinstance(v, int | float)}
         if bad:
             raise TypeError(f"metrics must be numbers; got {bad}")
+        assert self._jsonl is not None and self._tensorboard is not None  # opened when enabled
         self._jsonl.write(json.dumps({"step": step, **metrics}, allow_nan=True) + "\n")
         self._jsonl.flush()
         for name, value in metrics.items():
@@ -79,6 +80,7 @@ class MetricsWriter:
         """Close the sinks."""
         if self._jsonl is not None:
             self._jsonl.close()
+        if self._tensorboard is not None:
             self._tensorboard.close()
         if self._wandb is not None:
             self._wandb.finish()

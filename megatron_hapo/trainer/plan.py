@@ -68,7 +68,7 @@ def balanced_split(rows: torch.Tensor, lengths: torch.Tensor, parts: int) -> lis
     """``rows`` (``[R]``, tokens ``lengths`` ``[R]``) in ``parts`` shares of nearly equal tokens: longest first, each
     to the share with the fewest tokens so far (ties: the lower index, so every rank computes the same split).
     Each share is ascending."""
-    loads, members = [0] * parts, [[] for _ in range(parts)]
+    loads, members = [0] * parts, [[] for _ in range(parts)]  # type: list[int], list[list[int]]
     for i in sorted(range(len(rows)), key=lambda i: (-int(lengths[i]), i)):
         part = min(range(parts), key=lambda k: (loads[k], k))
         members[part].append(i)

@@ -9,8 +9,21 @@ from megatron_hapo.trainer.metrics import read_metrics
 DEFAULT_METRICS = ("reward_mean", "accuracy", "response_length_mean", "temperature_mean", "mismatch_kl")
 
 
+def _x_values(run_rows: list[dict], axis: str) -> list[float]:
+    """Each row's position on ``axis``: its step, or the samples generated up to and including it."""
+    if axis == "step":
+        return [row["step"] for row in run_rows]
+    total, out = 0.0, []
+    for row in run_rows:
+        total += row.get("generated_samples", 0.0)
+        out.append(total)
+    return out
+
+
 def plot(runs: list[Path], out: Path, metrics: tuple[str, ...] = DEFAULT_METRICS) -> list[str]:
-    """Write the PNG; returns the metrics that had data in some run."""
+    """Write the PNG: a row of curves against the step and, when the runs logged ``generated_samples``, a row
+    against the samples generated so far (an algorithm that generates extra rounds, such as DAPO's dynamic
+    sampling, is drawn at the cost it paid). Returns the metrics that had data in some run."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
@@ -20,16 +33,22 @@ def plot(runs: list[Path], out: Path, metrics: tuple[str, ...] = DEFAULT_METRICS
     present = [m for m in metrics if any(m in row for run_rows in rows.values() for row in run_rows)]
     if not present:
         raise ValueError(f"none of {list(metrics)} was logged in {[str(r) for r in runs]}")
-    figure, axes = plt.subplots(1, len(present), figsize=(4.2 * len(present), 3.2), squeeze=False)
-    for axis, metric in zip(axes[0], present, strict=True):
-        for run, run_rows in rows.items():
-            points = [(row["step"], row[metric]) for row in run_rows if metric in row]
-            if points:
-                axis.plot(*zip(*points, strict=True), label=run.name, marker=".")
-        axis.set_title(metric)
-        axis.set_xlabel("step")
-        axis.grid(alpha=0.3)
-    axes[0][0].legend()
+    x_axes = ["step"]
+    if all(any("generated_samples" in row for row in run_rows) for run_rows in rows.values()):
+        x_axes.append("generated samples")
+    size = (4.2 * len(present), 3.2 * len(x_axes))
+    figure, axes = plt.subplots(len(x_axes), len(present), figsize=size, squeeze=False)
+    for axes_row, x_axis in zip(axes, x_axes, strict=True):
+        for axis, metric in zip(axes_row, present, strict=True):
+            for run, run_rows in rows.items():
+                xs = _x_values(run_rows, "step" if x_axis == "step" else "samples")
+                points = [(x, row[metric]) for x, row in zip(xs, run_rows, strict=True) if metric in row]
+                if points:
+                    axis.plot(*zip(*points, strict=True), label=run.name, marker=".")
+            axis.set_title(metric)
+            axis.set_xlabel(x_axis)
+            axis.grid(alpha=0.3)
+        axes_row[0].legend()
     figure.tight_layout()
     figure.savefig(out, dpi=110)
     plt.close(figure)

@@ -8,9 +8,8 @@ TP x PP group, or identical seeds), so all ranks of a replica build the same bat
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,11 +20,10 @@ from megatron_hapo.algos import (
     AdvantageInputs,
     EntropyStats,
     compute_advantages,
-    keep_groups,
     rollout_mismatch_metrics,
     shape_rewards,
 )
-from megatron_hapo.models.hf_config import DecoderSpec
+from megatron_hapo.config import AlgoConfig, Config
 from megatron_hapo.models.provider import sync_params
 from megatron_hapo.parallel.collectives import (
     check_same_on_ranks,
@@ -35,106 +33,24 @@ from megatron_hapo.parallel.collectives import (
 )
 from megatron_hapo.parallel.policy_loss import (
     LogProbEntropyStep,
-    ParallelGroups,
     PolicyLossStep,
     check_loss_setup,
     plan_minibatch,
     pooled_entropy_stats,
     stats_from_last_stage,
 )
-from megatron_hapo.parallel.runtime import all_gather_objects, max_over_ranks, on_gpu
-from megatron_hapo.rollout.engine import Response, RolloutEngine, SamplingSettings, temperature_metrics
-from megatron_hapo.rollout.weight_sync import SyncPlan, sync_weights, verify_sync
-from megatron_hapo.trainer.batch import StepBatch
-from megatron_hapo.trainer.guide import check_guide_setup, guide_rollout
+from megatron_hapo.parallel.runtime import all_gather_objects, max_over_ranks
+from megatron_hapo.rollout.divided import DividedEngine
+from megatron_hapo.rollout.engine import RolloutEngine, temperature_metrics
+from megatron_hapo.rollout.weight_sync import sync_weights, verify_sync
+from megatron_hapo.trainer.actor import Actor
+from megatron_hapo.trainer.batch import StepBatch, per_token
+from megatron_hapo.trainer.generation import Generated, PromptSource, generate_rounds
+from megatron_hapo.trainer.guide import GuideRollout, check_guide_setup, guide_rollout
 from megatron_hapo.trainer.metrics import PhaseClock, entropy_stats_metrics, reduce_loss_metrics
-from megatron_hapo.trainer.microbatch import BatchLayout, microbatches, run_schedule
+from megatron_hapo.trainer.microbatch import microbatches, run_schedule
 from megatron_hapo.trainer.plan import SequencePlan
-
-#: ``score(response token ids, answer) -> (reward, correct)`` per response.
-Scorer = Callable[[Sequence[list[int]], Sequence[Any]], tuple[torch.Tensor, torch.Tensor]]
-
-
-def worker_scorer(
-    workers: Any,
-    failure: tuple[float, bool] = (-1.0, False),
-    decode: Callable[[list[list[int]]], list[str]] | None = None,
-) -> Scorer:
-    """A :data:`Scorer` over a :class:`~megatron_hapo.rewards.RewardWorkers` whose function returns ``(reward,
-    correct)``; a response whose verification timed out, crashed or raised scores ``failure`` (and is counted).
-    ``decode`` (e.g. a tokenizer's ``batch_decode``) turns the token ids into the text the verifier reads."""
-
-    def score(token_ids: Sequence[list[int]], answers: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        responses = decode(list(token_ids)) if decode is not None else token_ids
-        outcomes = workers.map(list(zip(responses, answers, strict=True)))
-        values = [o.value if o.status == "ok" else failure for o in outcomes]
-        return torch.tensor([v[0] for v in values]), torch.tensor([v[1] for v in values])
-
-    return score
-
-
-@dataclass
-class Actor:
-    """The trainer's model replica on this rank and what its step needs."""
-
-    chunks: list
-    optimizer: Any
-    spec: DecoderSpec
-    groups: ParallelGroups
-    sync_plan: SyncPlan
-    probe: list[int]
-    micro_batch_size: int = 4
-    """Sequences per micro-batch without a token budget."""
-    max_tokens: int | None = None
-    """Token budget of a training micro-batch (``train.max_tokens_per_microbatch``), or ``None``."""
-    forward_max_tokens: int | None = None
-    """Token budget of a forward-only micro-batch; ``None``: twice ``max_tokens``."""
-    pack: bool = False
-    """Pack several sequences into one row under the budget (``train.pack_sequences``)."""
-    fused_output: bool = False
-    """Log-probs and entropies without logits (``model.fused_output``)."""
-    sync_tolerance: float = 1e-3
-    offload: bool = False
-    """``model.offload=optimizer``: optimizer state and gradient buffers leave the GPU outside the updates."""
-    offloaded: bool = False
-
-    def offload_training_state(self) -> None:
-        """Move the optimizer state to CPU memory and release the gradient buffers (with ``offload``), through
-        Megatron-Core's own hooks for RL (``MegatronOptimizer.offload_to_cpu``, DDP ``offload_grad_buffers``).
-        Off a GPU the optimizer state stays (it is host memory already); the gradient buffers are released."""
-        if self.offload and not self.offloaded:
-            for chunk in self.chunks:
-                chunk.offload_grad_buffers(synchronize=on_gpu(), empty_cache=on_gpu())
-            self.optimizer.offload_to_cpu()
-            self.offloaded = True
-
-    def restore_training_state(self) -> None:
-        """Undo :meth:`offload_training_state` before an update (the gradient buffers come back zeroed)."""
-        if self.offloaded:
-            self.optimizer.restore_from_cpu()
-            for chunk in self.chunks:
-                chunk.restore_grad_buffers(synchronize=on_gpu())
-            self.offloaded = False
-
-    @property
-    def microbatch_multiple(self) -> int:
-        """Each schedule call runs a multiple of this many micro-batches: with virtual stages, Megatron's
-        interleaved schedule takes them in groups of the pipeline size (``microbatch_group_size_per_vp_stage``)."""
-        return group_rank_size(self.groups.pp)[1] if len(self.chunks) > 1 else 1
-
-    def layout(self, *, forward_only: bool = False) -> BatchLayout:
-        """How this actor cuts a share of sequences into micro-batches (training or forward-only)."""
-        budget = self.max_tokens
-        if forward_only and budget is not None:
-            budget = self.forward_max_tokens or 2 * budget
-        uniform = group_rank_size(self.groups.pp)[1] > 1 and not self.chunks[0].config.variable_seq_lengths
-        return BatchLayout(
-            micro_batch_size=self.micro_batch_size,
-            max_tokens=budget,
-            pack=self.pack and budget is not None,
-            count_multiple=self.microbatch_multiple,
-            uniform_shape=uniform,
-        )
+from megatron_hapo.trainer.scoring import Scorer, worker_scorer  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -169,7 +85,9 @@ def _forward_only(actor: Actor, batch: StepBatch, rows: torch.Tensor) -> None:
             values[where.rows, :width] = where.read(out[key].cpu())  # host memory, as the batch
 
 
-def _old_log_prob_and_stats(actor: Actor, batch: StepBatch, rows: torch.Tensor, algo: Any) -> tuple[EntropyStats, bool]:
+def _old_log_prob_and_stats(
+    actor: Actor, batch: StepBatch, rows: torch.Tensor, algo: AlgoConfig
+) -> tuple[EntropyStats, bool]:
     """The forward-only pass divided over the data-parallel ranks: each computes only its own sequences, the
     entropy statistics pool every sequence once over the DP x CP group, and then every rank of the last stage
     holds the whole batch's old log-probs and entropies (the advantages and metrics read other ranks' rows).
@@ -187,7 +105,7 @@ def _old_log_prob_and_stats(actor: Actor, batch: StepBatch, rows: torch.Tensor, 
     return stats, last_stage
 
 
-def _update(actor: Actor, algo: Any, batch: StepBatch, local: torch.Tensor, stats: EntropyStats) -> dict:
+def _update(actor: Actor, algo: AlgoConfig, batch: StepBatch, local: torch.Tensor, stats: EntropyStats) -> dict:
     """One optimizer step on a mini-batch of which ``local`` are this data-parallel rank's rows; a non-finite
     gradient norm skips it. Returns the loss metrics of the last pipeline stage, on every stage."""
     mbs, _ = microbatches(batch, local, actor.layout(), train=True)
@@ -202,15 +120,17 @@ def _update(actor: Actor, algo: Any, batch: StepBatch, local: torch.Tensor, stat
     skipped = found_inf or not math.isfinite(grad_norm)
     if not skipped:  # Megatron's step clips to optim.grad_clip and updates
         skipped = not actor.optimizer.step()[0]
-    metrics = None
+    metrics: dict[str, float] | None = None
     if outputs:  # the last stage: the metrics of the whole mini-batch, every DP x CP rank's micro-batches
-        local = [{name: float(value) for name, value in out.items()} for out in outputs]
-        metrics = reduce_loss_metrics([out for part in all_gather_objects(local, actor.groups.dp_cp) for out in part])
+        shares = [{name: float(value) for name, value in out.items()} for out in outputs]
+        gathered = all_gather_objects(shares, actor.groups.dp_cp)
+        metrics = reduce_loss_metrics([out for part in gathered for out in part])
     metrics = objects_from_last_stage(metrics, actor.groups.pp)
+    assert metrics is not None  # every stage holds the last stage's
     return {**metrics, "grad_norm": grad_norm, "update_skipped": float(skipped)}
 
 
-def _updates(actor: Actor, config: Any, batch: StepBatch, plan: SequencePlan, step_stats: EntropyStats) -> dict:
+def _updates(actor: Actor, config: Config, batch: StepBatch, plan: SequencePlan, step_stats: EntropyStats) -> dict:
     """PPO epochs over the plan's mini-batches; each metric is averaged over the updates that have it (an update
     of guide sequences only has no on-policy clip fractions)."""
     algo = config.algo
@@ -230,75 +150,6 @@ def _updates(actor: Actor, config: Any, batch: StepBatch, plan: SequencePlan, st
     return out
 
 
-#: Seed offset between generation rounds of one step (steps are 1 apart; requests add their index).
-ROUND_SEED_OFFSET = 1_000_000_007
-#: ``more_prompts(count) -> (prompts, answers)``: the next prompts of the data order, for extra generation rounds.
-PromptSource = Callable[[int], tuple[list[list[int]], list[Any]]]
-
-
-@dataclass
-class Generated:
-    """The responses of one step's generation rounds, scored and filtered."""
-
-    prompts: list[list[int]]
-    answers: list[Any]
-    responses: list[Response]
-    rewards: torch.Tensor
-    correct: torch.Tensor
-    keep: torch.Tensor
-    """``[P * n]`` bool: the groups the filter keeps, at most the step's number of prompts."""
-    rounds: int
-    sampling: SamplingSettings | None = None
-    """The first round's sampling settings (the guide policy samples like it)."""
-
-
-def _generate_rounds(
-    engine: RolloutEngine,
-    score: Scorer,
-    *,
-    prompts: Sequence[list[int]],
-    answers: Sequence[Any],
-    more_prompts: PromptSource | None,
-    config: Any,
-    state: StepState,
-    clock: PhaseClock,
-) -> Generated:
-    """Generate, score and filter; with a group filter (DAPO dynamic sampling, spec 1.2) generate further rounds
-    of as many new prompts until the kept groups reach the step's number of prompts (extra ones are dropped) or
-    ``algo.group_filter.max_generation_rounds`` is spent (then the step trains on what it kept, see
-    docs/ALGORITHMS.md)."""
-    algo, n, target = config.algo, config.rollout.num_samples_per_prompt, len(prompts)
-    filtering = algo.group_filter.kind != "none" and more_prompts is not None
-    limit = algo.group_filter.max_generation_rounds
-    out = Generated([], [], [], torch.zeros(0), torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.bool), 0)
-    batch, batch_answers = list(prompts), list(answers)
-    while True:
-        sampling = SamplingSettings.for_training(
-            algo.sampling,
-            max_tokens=config.rollout.max_response_length,
-            seed=config.train.seed * 1_000_003 + state.step + out.rounds * ROUND_SEED_OFFSET,
-        )
-        out.sampling = out.sampling or sampling
-        with clock("generate"):
-            new = engine.generate(batch, n, sampling, state.stats)
-        with clock("reward"):
-            rewards, correct = score([r.token_ids for r in new], [batch_answers[r.prompt_index] for r in new])
-        offset = len(out.prompts)
-        out.responses += [dataclasses.replace(r, prompt_index=r.prompt_index + offset) for r in new]
-        out.prompts, out.answers = out.prompts + batch, out.answers + batch_answers
-        out.rewards, out.correct = torch.cat([out.rewards, rewards.float()]), torch.cat([out.correct, correct.bool()])
-        out.rounds += 1
-        group_ids = torch.arange(len(out.prompts)).repeat_interleave(n)
-        out.keep = keep_groups(algo, out.correct.float(), group_ids)
-        kept = out.keep.view(-1, n)[:, 0].nonzero().flatten()
-        if not filtering or len(kept) >= target or (limit > 0 and out.rounds >= limit):
-            break
-        batch, batch_answers = more_prompts(target)
-    per_group = out.keep.view(-1, n)  # a view: clearing rows clears out.keep
-    per_group[kept[target:]] = False  # exactly the step's number of groups, as verl truncates
-    return out
-
-
 def rl_step(
     actor: Actor,
     engine: RolloutEngine,
@@ -306,7 +157,7 @@ def rl_step(
     *,
     prompts: Sequence[list[int]],
     answers: Sequence[Any],
-    config: Any,
+    config: Config,
     state: StepState,
     guide_engine: RolloutEngine | None = None,
     more_prompts: PromptSource | None = None,
@@ -320,8 +171,8 @@ def rl_step(
     check_loss_setup(algo, actor.groups)  # refuse an unsupported composition before spending a rollout on it
     check_guide_setup(algo, guide_engine)
     clock = PhaseClock()
-    served = getattr(engine, "requests_served", None)  # a DividedEngine counts its replica's requests
-    generated = _generate_rounds(
+    served = engine.requests_served if isinstance(engine, DividedEngine) else None  # its replica's requests
+    generated = generate_rounds(
         engine,
         score,
         prompts=prompts,
@@ -332,22 +183,14 @@ def rl_step(
         clock=clock,
     )
     engine.sleep()  # its GPU memory goes to the trainer until the weight sync
-    prompts, answers, responses = generated.prompts, generated.answers, generated.responses
-    rewards, correct, keep = generated.rewards, generated.correct, generated.keep
-    batch = StepBatch.from_responses(prompts, responses, max_response_length=rollout.max_response_length)
+    keep = generated.keep
+    batch = StepBatch.from_responses(
+        generated.prompts, generated.responses, max_response_length=rollout.max_response_length
+    )
     check_same_on_ranks("the rollout batch", batch.tokens, actor.groups.dp)
     num_on_policy, lengths = batch.num_sequences, batch.response_lengths
     with clock("guide") if guide_engine is not None else contextlib.nullcontext():
-        guide = guide_rollout(
-            guide_engine,
-            score,
-            prompts=prompts,
-            answers=answers,
-            correct=correct.bool(),
-            n=n,
-            sampling=generated.sampling,
-            config=config,
-        )
+        guide = guide_rollout(guide_engine, score, generated, config=config)
     if guide is not None:
         batch = batch.join(guide.batch)
     plan = SequencePlan.build(
@@ -361,26 +204,10 @@ def rl_step(
     with clock("old_log_prob"):
         forward_rows = plan.forward_rows()
         stats, last_stage = _old_log_prob_and_stats(actor, batch, forward_rows, algo)
-    metrics = {
-        "reward_mean": float(rewards.mean()),
-        "accuracy": float(correct.float().mean()),
-        "response_length_mean": float(lengths.float().mean()),
-        **temperature_metrics(responses),
-        **entropy_stats_metrics(stats),
-    }
-    policy = slice(0, num_on_policy)
-    mismatch = rollout_mismatch_metrics(
-        batch.old_log_prob[policy], batch.rollout_log_prob[policy], batch.response_mask[policy] & last_stage
-    )
-    metrics.update({name: float(value) for name, value in mismatch.items()})
-    metrics["kept_groups"] = float(keep.view(len(prompts), n)[:, 0].sum())
-    metrics["generation_rounds"] = float(generated.rounds)
+    metrics = _rollout_metrics(generated, batch, stats, last_stage, guide)
     metrics["forward_only_sequences"] = max_over_ranks(float(len(forward_rows)))  # the busiest DP rank's
-    if served is not None:  # the busiest engine replica's requests (all of them without division)
+    if isinstance(engine, DividedEngine) and served is not None:  # the busiest replica's requests
         metrics["rollout_requests_per_engine"] = max_over_ranks(float(engine.requests_served - served))
-    if guide is not None:
-        metrics["guide_groups"] = float(len(guide.routed_prompts))
-        metrics["guide_accuracy"] = float(guide.correct.float().mean())
     if bool(keep.any()) or guide is not None:
         _fill_advantages(config, generated, batch)
         with clock("train"):
@@ -390,14 +217,42 @@ def rl_step(
         state.skipped_updates += int(metrics["updates_skipped"])
     with clock("sync"):  # also after a step that trained nothing: a level-2 sleep dropped the engine's weights
         metrics.update(sync_and_verify(actor, engine))  # wakes the engine for the next rollout or an evaluation
-    total_tokens = int(batch.lengths[policy].sum())
+    total_tokens = int(batch.lengths[:num_on_policy].sum())
     metrics.update(clock.metrics(response_tokens=int(lengths.sum()), total_tokens=total_tokens))
     state.stats, state.step = stats, state.step + 1
     state.metrics.append(metrics)
     return metrics
 
 
-def _fill_advantages(config: Any, generated: Generated, batch: StepBatch) -> None:
+def _rollout_metrics(
+    generated: Generated, batch: StepBatch, stats: EntropyStats, last_stage: bool, guide: GuideRollout | None
+) -> dict[str, float]:
+    """What the step generated: rewards, accuracy, lengths, temperatures, entropy statistics, the rollout /
+    trainer mismatch, the kept groups, the generation rounds and samples, and the guide's share."""
+    responses, n = generated.responses, len(generated.responses) // max(1, len(generated.prompts))
+    num_on_policy = len(responses)
+    metrics = {
+        "reward_mean": float(generated.rewards.mean()),
+        "accuracy": float(generated.correct.float().mean()),
+        "response_length_mean": float(batch.response_lengths[:num_on_policy].float().mean()),
+        **temperature_metrics(responses),
+        **entropy_stats_metrics(stats),
+    }
+    policy = slice(0, num_on_policy)
+    mismatch = rollout_mismatch_metrics(
+        batch.old_log_prob[policy], batch.rollout_log_prob[policy], batch.response_mask[policy] & last_stage
+    )
+    metrics.update({name: float(value) for name, value in mismatch.items()})
+    metrics["kept_groups"] = float(generated.keep.view(len(generated.prompts), n)[:, 0].sum())
+    metrics["generation_rounds"] = float(generated.rounds)
+    metrics["generated_samples"] = float(num_on_policy)
+    if guide is not None:
+        metrics["guide_groups"] = float(len(guide.routed_prompts))
+        metrics["guide_accuracy"] = float(guide.correct.float().mean())
+    return metrics
+
+
+def _fill_advantages(config: Config, generated: Generated, batch: StepBatch) -> None:
     """Shaped rewards -> advantages of the kept groups and rollout-correction weights, into ``batch``'s policy
     rows (the guide's rows came with their own advantages, and weight 1)."""
     algo, n = config.algo, config.rollout.num_samples_per_prompt
@@ -422,13 +277,6 @@ def _fill_advantages(config: Any, generated: Generated, batch: StepBatch) -> Non
     if weights is not None:
         batch.weights = torch.ones(batch.response_mask.shape)
         batch.weights[policy] = weights
-
-
-def per_token(advantages: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """``[M]`` per-sequence or ``[M, L]`` per-token advantages -> ``[M, L]`` (0 beyond each response)."""
-    if advantages.dim() == 1:
-        advantages = advantages[:, None]
-    return advantages * response_mask
 
 
 def sync_and_verify(actor: Actor, engine: RolloutEngine) -> dict:

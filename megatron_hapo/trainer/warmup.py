@@ -72,4 +72,6 @@ def _supervised_update(actor: Actor, batch: StepBatch) -> float:
     outputs = run_schedule(step, mbs, actor.chunks, forward_only=False)
     actor.optimizer.step()
     local_nll = sum(float(o["nll_share"]) for o in outputs) if outputs else None
-    return float(objects_from_last_stage(local_nll, actor.groups.pp))
+    nll = objects_from_last_stage(local_nll, actor.groups.pp)
+    assert nll is not None  # every stage holds the last stage's
+    return float(nll)

@@ -39,9 +39,8 @@ def test_files_and_functions_stay_small():
 
 
 def test_no_print_in_library_code():
-    entry_points = {"selfcheck.py", "megatron_selfcheck.py", "rl_demo.py"}
     for path in PACKAGE.rglob("*.py"):
-        if path.name in entry_points:
+        if path.parent.name == "demos":  # the demos print their progress lines and tables
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
