@@ -31,7 +31,7 @@ def job_overrides(steps: int, seed: int, lr: float, model_dir: Path) -> list[str
     return [
         f"model.path={model_dir}",
         "engine.kind=hf",
-        "rollout.max_prompt_length=8",
+        "rollout.max_prompt_length=24",
         f"rollout.max_response_length={MAX_RESPONSE}",
         "rollout.num_samples_per_prompt=8",
         "train.prompts_per_step=8",

@@ -4,7 +4,7 @@ A platform adapter: applied only on CPU, by the one model-parallel initialiser
 (:func:`megatron_hapo.parallel.runtime.initialize_model_parallel`); a GPU process never imports it (``install``
 refuses when CUDA is available).
 Megatron-Core uses the CUDA device, streams and RNG unconditionally in a few hundred places; on CPU each of
-these is given a CPU meaning (the facts are in ``shared/spec/CPU_STACK.md``):
+these is given a CPU meaning (the facts are in ``docs/CPU_STACK.md``):
 
 1. RNG: ``torch.cuda.{get,set}_rng_state`` / ``manual_seed`` and the tracker's ``_get/_set_cuda_rng_state``
    act on the CPU generator (the tensor-parallel RNG tracker forks it as it would fork the CUDA one).

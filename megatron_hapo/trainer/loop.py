@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -35,6 +35,9 @@ from megatron_hapo.trainer.evaluation import BestAndFinal, EvalSettings, evaluat
 from megatron_hapo.trainer.metrics import MetricsWriter
 from megatron_hapo.trainer.scoring import Scorer
 from megatron_hapo.trainer.step import StepState, rl_step
+
+if TYPE_CHECKING:
+    from megatron.core.optimizer import MegatronOptimizer
 
 
 @dataclass
@@ -68,7 +71,7 @@ def learning_rate(step: int, *, peak: float, warmup_steps: int) -> float:
     return peak * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else peak
 
 
-def set_learning_rate(optimizer: Any, lr: float) -> None:
+def set_learning_rate(optimizer: MegatronOptimizer, lr: float) -> None:
     """Set ``lr`` on every parameter group of ``optimizer`` (the RL loop and the supervised warm-up)."""
     for group in optimizer.param_groups:
         group["lr"] = lr

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from megatron_hapo.trainer.metrics import read_metrics
 
-DEFAULT_METRICS = ("reward_mean", "accuracy", "response_length_mean", "temperature_mean", "mismatch_kl")
+DEFAULT_METRICS = ("reward_mean", "accuracy", "avg@8", "response_length_mean", "temperature_mean", "mismatch_kl")
 
 
 def _x_values(run_rows: list[dict], axis: str) -> list[float]:

@@ -1,4 +1,4 @@
-"""A two-node Slurm cluster on this machine for tests (recipe: shared/spec/SLURM.md).
+"""A two-node Slurm cluster on this machine for tests (the recipe: docs/SLURM_CPU.md).
 
 Debian's slurm-wlm and munge, installed with apt-get when missing. Needs root. Nodes n1 and n2 both run on this host
 (NodeAddr=127.0.0.1), each with two fake GPUs (device files that are symlinks to /dev/null).

@@ -1,4 +1,4 @@
-"""Architecture rules that code review would otherwise have to catch (docs/ARCHITECTURE in shared/spec)."""
+"""Architecture rules that code review would otherwise have to catch (the layering in README.md "Layout")."""
 
 import ast
 from pathlib import Path
