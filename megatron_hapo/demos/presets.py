@@ -20,7 +20,13 @@ import tempfile
 from pathlib import Path
 
 from megatron_hapo.config.presets import preset_names
-from megatron_hapo.demos.runner import DemoJob, overlong_buffer_overrides, prepare_run_dir, summary_rows
+from megatron_hapo.demos.runner import (
+    DemoJob,
+    overlong_buffer_overrides,
+    prepare_run_dir,
+    split_overrides,
+    summary_rows,
+)
 from megatron_hapo.demos.tasks import count_task, write_count_guide, write_tiny_llama
 
 VOCAB, HIDDEN, MAX_RESPONSE = 8, 64, 8
@@ -58,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--run-dir", type=Path, default=Path("runs/presets"))
     args = parser.parse_args(argv)
+    args.presets, args.overrides = split_overrides(args.presets, args.overrides)
     prepare_run_dir(args.run_dir)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, guide_dir = Path(tmp) / "model", Path(tmp) / "guide"

@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from megatron_hapo.demos.runner import DemoJob, prepare_run_dir, summary_rows
+from megatron_hapo.demos.runner import DemoJob, prepare_run_dir, split_overrides, summary_rows
 from megatron_hapo.demos.tasks import modular_sum_task, write_tiny_llama
 
 VOCAB, HIDDEN, EOS = 512, 128, 2
@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--run-dir", type=Path, default=Path("runs/rl_demo"))
     args = parser.parse_args(argv)
+    args.presets, args.overrides = split_overrides(args.presets, args.overrides)
     prepare_run_dir(args.run_dir)
     os.environ["VLLM_CONFIGURE_LOGGING"] = "0"  # vLLM's records go to the ranks' log file, not the console
     with tempfile.TemporaryDirectory() as tmp:

@@ -52,6 +52,18 @@ def demo_config(job: DemoJob, preset: str) -> Config:
     return load_config(preset_path(preset), run)
 
 
+def split_overrides(presets: list[str], overrides: list[str]) -> tuple[list[str], list[str]]:
+    """``--presets hapo key=value`` reads the override as a preset name (argparse's ``nargs="+"``): move every
+    ``key=value`` from ``presets`` to ``overrides``; an unknown preset stops here, before any rank starts."""
+    names = [p for p in presets if "=" not in p]
+    for name in names:
+        try:
+            preset_path(name)
+        except FileNotFoundError as error:
+            raise SystemExit(str(error)) from None
+    return names, [*overrides, *(p for p in presets if "=" in p)]
+
+
 def prepare_run_dir(run_dir: Path) -> None:
     """Make ``run_dir`` ready for a demo: an earlier run of a demo there is replaced; anything else is refused."""
     if run_dir.exists() and any(run_dir.iterdir()):
