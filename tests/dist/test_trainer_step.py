@@ -21,42 +21,33 @@ pytest.importorskip("vllm", reason="the rollout engine needs vLLM (scripts/setup
 
 
 def _setup(rank: int, hf_dir: Path, tp: int = 2) -> tuple:
-    """Megatron at TP ``tp`` over two ranks (DP 2 / tp; DDP + Adam), a vLLM engine at TP ``tp``, the sync plan and
-    one verifier worker on this rank."""
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
-    from megatron_hapo.models import HFCheckpoint, build_gpt, load_hf_weights, read_decoder_spec
+    """Megatron at TP ``tp`` over two ranks (DP 2 / tp; DDP + Adam), a vLLM engine at TP ``tp`` and one verifier
+    worker on this rank, built as the trainer builds them (``build_actor`` / ``build_engine``)."""
     from megatron_hapo.parallel import runtime
-    from megatron_hapo.parallel.policy_loss import ParallelGroups
     from megatron_hapo.rewards import RewardWorkers, first_token_parity
-    from megatron_hapo.rollout.vllm_engine import VLLMConfig, VLLMEngine
-    from megatron_hapo.rollout.weight_sync import build_sync_plan
-    from megatron_hapo.trainer.step import Actor
+    from megatron_hapo.trainer.actor import build_actor, build_engine
 
+    del rank  # every rank builds its own share
+    config = _config(
+        Path(__file__).resolve().parents[2] / "configs" / "algo" / "grpo.yaml",
+        [
+            f"model.path={hf_dir}",
+            f"model.tensor_parallel={tp}",
+            f"engine.tensor_parallel={tp}",
+            "engine.max_num_seqs=16",
+            "engine.sync_tolerance=1e-4",
+            "rollout.max_prompt_length=56",
+        ],
+    )
     runtime.quiet_logs()
     runtime.initialize_model_parallel(tp, 1)
-    spec = read_decoder_spec(hf_dir)
-    chunks = build_gpt(spec, ddp=True)
-    load_hf_weights(chunks, spec, HFCheckpoint(hf_dir).__getitem__, tp_rank=rank % tp, tp_size=tp)
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=1e-3, weight_decay=0.0, clip_grad=1.0, params_dtype=torch.float32), chunks
-    )
-    groups = ParallelGroups.from_megatron()
-    engine = VLLMEngine(hf_dir, VLLMConfig(tensor_parallel_size=tp, max_model_len=64, max_num_seqs=16, dtype="float32"))
-    actor = Actor(
-        chunks,
-        optimizer,
-        spec,
-        groups,
-        build_sync_plan(chunks, spec, groups, bucket_bytes=2**20),
-        probe=[5, 17, 99, 300, 7, 11, 12],
-        sync_tolerance=1e-4,
-    )
+    actor = build_actor(config, probe_prompts=[[5, 17, 99, 300, 7, 11, 12]])
+    engine = build_engine(config, str(hf_dir))
     workers = RewardWorkers(first_token_parity, workers=1, timeout_s=30.0, failure_value=(-1.0, False))
     return actor, engine, workers
 
 
-def _config(preset: Path, extra: list[str]):  # noqa: ANN202
+def _config(preset: Path, extra: list[str]):
     from megatron_hapo.config import Config
     from megatron_hapo.config.loader import build_dataclass, resolve_tree
 
@@ -173,8 +164,8 @@ def _other_presets_ranks(rank: int, world: int, hf_dir: Path, presets: Path, out
 
 
 def test_other_presets_take_a_step_and_mixed_policy_routes_to_its_guide(
-    tiny_llama: Path,
-    tmp_path: Path,  # noqa: F811
+    tiny_llama: Path,  # noqa: F811
+    tmp_path: Path,
     repo_root: Path,
 ) -> None:
     report = tmp_path / "report.json"
