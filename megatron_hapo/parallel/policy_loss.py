@@ -118,6 +118,10 @@ class PolicyMicroBatch:
         }
         return PolicyMicroBatch(**moved)
 
+    def flat_temperature(self) -> float | torch.Tensor:
+        """The temperature per flattened position: the float, or ``[B * S]``."""
+        return self.temperature.reshape(-1) if isinstance(self.temperature, torch.Tensor) else self.temperature
+
     @overload
     def per_sequence(self, values: torch.Tensor) -> torch.Tensor: ...
     @overload
@@ -272,15 +276,12 @@ def _fused_logprob_entropy(
         hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True, group=groups.tp)
     shape = batch.targets.shape
     hidden = hidden.transpose(0, 1).reshape(-1, hidden.shape[-1])  # [B * S, H]
-    temperature = batch.temperature
-    if isinstance(temperature, torch.Tensor):
-        temperature = temperature.reshape(-1)
     log_prob, entropy = fused_logprob_entropy(
         hidden,
         inputs.weight,
         batch.targets.reshape(-1),
         tp_group=groups.tp,
-        temperature=temperature,
+        temperature=batch.flat_temperature(),
         chunk_size=chunk_size,
         mask=batch.mask.reshape(-1),
         vocab_size=vocab_size,
@@ -306,14 +307,11 @@ def _logprob_entropy(
     shape = batch.targets.shape
     if logits.shape[:2] != shape:
         raise ValueError(f"logits {tuple(logits.shape)} do not match targets {tuple(shape)}: expected [B, S, V/tp]")
-    temperature = batch.temperature
-    if isinstance(temperature, torch.Tensor):
-        temperature = temperature.reshape(-1)
     log_prob, entropy = vocab_parallel_logprob_entropy(
         logits.reshape(-1, logits.shape[-1]),
         batch.targets.reshape(-1),
         tp_group=groups.tp,
-        temperature=temperature,
+        temperature=batch.flat_temperature(),
         chunk_size=chunk_size,
         mask=batch.mask.reshape(-1),
         vocab_size=vocab_size,

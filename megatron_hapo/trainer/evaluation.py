@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from megatron_hapo.rollout.engine import RolloutEngine, SamplingSettings
+from megatron_hapo.trainer.scoring import Scorer
 
 
 def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
@@ -38,7 +39,7 @@ class EvalSettings:
 
 
 def evaluate(
-    engine: RolloutEngine, score: Any, prompts: Sequence[list[int]], answers: Sequence[Any], settings: EvalSettings
+    engine: RolloutEngine, score: Scorer, prompts: Sequence[list[int]], answers: Sequence[Any], settings: EvalSettings
 ) -> dict[str, float]:
     """``avg@k`` and ``pass@k`` over ``prompts`` (plain temperature: no adaptive sampling in evaluation).
 

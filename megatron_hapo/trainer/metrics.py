@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from megatron_hapo.algos import EntropyStats
+
 logger = logging.getLogger(__name__)
 
 
@@ -127,7 +129,7 @@ def reduce_loss_metrics(outputs: list[dict[str, torch.Tensor]]) -> dict[str, flo
     return out
 
 
-def entropy_stats_metrics(stats: Any) -> dict[str, float]:
+def entropy_stats_metrics(stats: EntropyStats) -> dict[str, float]:
     """The step's pooled entropy statistics (they set the next rollout's adaptive temperature)."""
     return {"entropy_pivot": float(stats.pivot), "entropy_rms": float(stats.rms)}
 
