@@ -15,6 +15,7 @@ rollout uses the weights.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -218,7 +219,8 @@ def sync_probe(prompts: Sequence[Sequence[int]], length: int = PROBE_TOKENS) -> 
     cycled when they are shorter."""
     if length % 16 or length <= 0:
         raise ValueError(f"probe length must be a positive multiple of 16, got {length}")
-    tokens = [int(t) for prompt in prompts for t in prompt]
+    # the first ``length`` tokens only: the caller may pass a whole training set
+    tokens = [int(t) for t in itertools.islice((t for prompt in prompts for t in prompt), length)]
     if not tokens:
         raise ValueError("no prompt tokens to build the weight-sync probe from")
     return [tokens[i % len(tokens)] for i in range(length)]
