@@ -24,6 +24,7 @@ from megatron_hapo.demos.runner import (
     DemoJob,
     overlong_buffer_overrides,
     prepare_run_dir,
+    run_presets,
     split_overrides,
     summary_rows,
 )
@@ -52,7 +53,6 @@ def job_overrides(steps: int, seed: int, lr: float, model_dir: Path) -> list[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_hapo.demos.runner import run_presets  # noqa: PLC0415
     from megatron_hapo.parallel.local_launch import run_local_ranks  # noqa: PLC0415
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from megatron_hapo.demos.runner import DemoJob, prepare_run_dir, split_overrides, summary_rows
+from megatron_hapo.demos.runner import DemoJob, prepare_run_dir, run_presets, split_overrides, summary_rows
 from megatron_hapo.demos.tasks import modular_sum_task, write_tiny_llama
 
 VOCAB, HIDDEN, EOS = 512, 128, 2
@@ -53,7 +53,6 @@ def job_overrides(args: argparse.Namespace, model_dir: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_hapo.demos.runner import run_presets  # noqa: PLC0415
     from megatron_hapo.parallel.local_launch import run_local_ranks  # noqa: PLC0415
     from megatron_hapo.trainer.plots import plot  # noqa: PLC0415
 

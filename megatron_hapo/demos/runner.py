@@ -102,7 +102,7 @@ def run_presets(rank: int, world: int, job: DemoJob) -> None:
     from megatron_hapo.trainer.step import sync_and_verify  # noqa: PLC0415
 
     runtime.quiet_logs()
-    engine, workers = None, None
+    engine, workers = None, _workers(job)
     try:
         for preset in job.presets:
             config = demo_config(job, preset)
@@ -115,7 +115,6 @@ def run_presets(rank: int, world: int, job: DemoJob) -> None:
                 sync_and_verify(actor, engine)
             guide = build_guide_engine(config, engine)
             try:
-                workers = workers or _workers(job)
                 _train_preset(
                     actor,
                     engine,
@@ -192,7 +191,7 @@ def _train_preset(
         prompts=task.prompts,
         answers=task.answers,
         eval_prompts=eval_prompts,
-        eval_answers=task.answers[:0] + task.eval_answers if eval_prompts else [],
+        eval_answers=task.eval_answers if eval_prompts else [],
         guide_engine=guide,
     )
 

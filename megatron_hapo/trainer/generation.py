@@ -57,7 +57,7 @@ def generate_rounds(
     ``algo.group_filter.max_generation_rounds`` is spent (then the step trains on what it kept, see
     docs/ALGORITHMS.md)."""
     algo, n, target = config.algo, config.rollout.num_samples_per_prompt, len(prompts)
-    filtering = algo.group_filter.kind != "none" and more_prompts is not None
+    filtering = algo.group_filter.kind != "none"
     limit = algo.group_filter.max_generation_rounds
     out = Generated([], [], [], torch.zeros(0), torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.bool), 0)
     batch, batch_answers = list(prompts), list(answers)

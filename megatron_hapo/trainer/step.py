@@ -229,7 +229,7 @@ def _rollout_metrics(
 ) -> dict[str, float]:
     """What the step generated: rewards, accuracy, lengths, temperatures, entropy statistics, the rollout /
     trainer mismatch, the kept groups, the generation rounds and samples, and the guide's share."""
-    responses, n = generated.responses, len(generated.responses) // max(1, len(generated.prompts))
+    responses = generated.responses
     num_on_policy = len(responses)
     metrics = {
         "reward_mean": float(generated.rewards.mean()),
@@ -243,7 +243,7 @@ def _rollout_metrics(
         batch.old_log_prob[policy], batch.rollout_log_prob[policy], batch.response_mask[policy] & last_stage
     )
     metrics.update({name: float(value) for name, value in mismatch.items()})
-    metrics["kept_groups"] = float(generated.keep.view(len(generated.prompts), n)[:, 0].sum())
+    metrics["kept_groups"] = float(generated.keep.view(len(generated.prompts), -1)[:, 0].sum())
     metrics["generation_rounds"] = float(generated.rounds)
     metrics["generated_samples"] = float(num_on_policy)
     if guide is not None:
