@@ -21,6 +21,7 @@ leaving the last complete checkpoint in place. Helper processes never act on the
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
@@ -183,16 +184,14 @@ def _joined_rank(config: Config, should_stop: Callable[[], bool]) -> bool:
     """Join the launcher's process group (torchrun / srun environment) and run this rank; whether it stopped."""
     from megatron_hapo.parallel import runtime  # noqa: PLC0415
 
-    runtime.join_process_group()  # NCCL on cuda:LOCAL_RANK, gloo on CPU
-    try:
+    with runtime.process_group():  # NCCL on cuda:LOCAL_RANK, gloo on CPU
         return _rank(runtime.rank(), runtime.world_size(), config, should_stop)
-    finally:
-        runtime.leave_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:
     from megatron_hapo.processes import StopSignals  # noqa: PLC0415
 
+    faulthandler.enable()  # a crash in native code leaves every thread's Python stack in the rank's log
     # first: every helper process and thread started from here on inherits the blocked stop signals
     joined = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     stops = StopSignals(shared=not joined)

@@ -8,6 +8,7 @@ few GPUs or when asked for the CPU, so that every rank takes the CPU path of
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import tempfile
@@ -26,18 +27,10 @@ logger = logging.getLogger(__name__)
 
 def _entry(rank: int, world: int, rendezvous: str, body: Callable[..., object], args: tuple) -> None:
     die_with_parent()  # nothing outlives the parent, whatever it dies of
+    faulthandler.enable()  # a crash in native code leaves every thread's Python stack on stderr
     os.environ[runtime.LOCAL_RANK_ENV] = str(rank)
-    runtime.join_process_group(init_method=f"file://{rendezvous}", rank=rank, world_size=world)
-    try:
+    with runtime.process_group(init_method=f"file://{rendezvous}", rank=rank, world_size=world):
         body(rank, world, *args)
-    except BaseException:
-        runtime.leave_process_group()  # the parent's spawn stops the other ranks
-        raise
-    # every rank done before any tears its gloo pairs down: a rank that destroyed the group while another was
-    # still completing the body's last collective aborted that one once in CI ("terminate called without an
-    # active exception", SIGABRT in tests/dist/test_divided_rollout.py)
-    runtime.barrier()
-    runtime.leave_process_group()
 
 
 def run_local_ranks(

@@ -17,6 +17,8 @@ import logging
 import math
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +75,26 @@ def leave_process_group() -> None:
     """Destroy the default process group if this process joined one."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def process_group(backend: str | None = None, **init_kwargs: Any) -> Iterator[None]:
+    """Join the default process group for the body (as :func:`join_process_group`), then leave it together.
+
+    On a normal exit every rank reaches a barrier before any destroys the group: a rank that tore its gloo pairs
+    down while a peer was still completing the body's last collective aborted that peer in CI ("terminate called
+    without an active exception", SIGABRT, from a local rank; a segmentation fault from a Slurm rank). On an
+    exception the group is destroyed at once, without waiting for peers that may be dead; the launcher stops the
+    rest.
+    """
+    join_process_group(backend, **init_kwargs)
+    try:
+        yield
+    except BaseException:
+        leave_process_group()
+        raise
+    barrier()
+    leave_process_group()
 
 
 def initialized() -> bool:

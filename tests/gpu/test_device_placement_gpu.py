@@ -51,8 +51,7 @@ def _host_tensors_over_nccl(rank: int, world: int, port: int) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
     )
-    runtime.join_process_group()
-    try:
+    with runtime.process_group():  # a barrier before the group is left
         assert runtime.rank_device() == torch.device("cuda", rank)
         host = torch.tensor([float(rank + 1)])  # a host tensor over NCCL: staged on the GPU, answered on the host
         assert all_reduce(host, dist.ReduceOp.SUM, dist.group.WORLD) is host and host.device.type == "cpu"
@@ -62,9 +61,6 @@ def _host_tensors_over_nccl(rank: int, world: int, port: int) -> None:
         assert runtime.broadcast_int(41 if rank == 0 else 0) == 41 and any_rank(rank == world - 1)
         check_same_on_ranks("tokens", torch.arange(10), dist.group.WORLD)
         assert runtime.all_gather_objects(rank) == list(range(world))
-        runtime.barrier()
-    finally:
-        runtime.leave_process_group()
 
 
 def test_host_tensors_through_the_collective_helpers_over_nccl() -> None:

@@ -67,7 +67,7 @@ class Runs:
     def report(self, name: str, job: int) -> str:
         """Everything a failure message needs: job fields, the batch output, the rank logs."""
         logs = [p for p in sorted(self.run_dir(name).glob("logs/*/rank-*.log"))]
-        text = [f"{p}:\n{p.read_text(errors='replace')[-2500:]}" for p in logs]
+        text = [f"{p}:\n{p.read_text(errors='replace')[-6000:]}" for p in logs]
         batch = [p.read_text(errors="replace")[-2500:] for p in self.root.glob(f"slurm-{name}-*.out")]
         return "\n".join([str(self.cluster.job(job)), *batch, *text])
 

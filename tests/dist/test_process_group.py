@@ -1,0 +1,40 @@
+"""`runtime.process_group`: the ranks leave the group together on a normal exit, at once on an exception."""
+
+import time
+from pathlib import Path
+
+import torch.multiprocessing as mp
+
+from megatron_hapo.parallel import runtime
+
+
+def _slow_rank_zero(rank: int, world: int, tmp: str) -> None:
+    """Rank 0's body ends 1 s after the others'; no rank may leave the group before it has ended."""
+    done = Path(tmp) / "rank-0-done"
+    with runtime.process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world):
+        if rank == 0:
+            time.sleep(1.0)
+            done.write_text("")
+    assert done.is_file(), f"rank {rank} left the process group before rank 0's body ended"
+    assert not runtime.initialized()
+
+
+def _failing_body(rank: int, world: int, tmp: str) -> None:
+    """An exception leaves the group at once (no barrier: the peers may be dead) and reaches the caller."""
+    try:
+        with runtime.process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world):
+            raise KeyError("the body failed")
+    except KeyError:
+        assert not runtime.initialized()
+        return
+    raise AssertionError("the body's exception was swallowed")
+
+
+def test_ranks_leave_the_group_together(tmp_path: Path) -> None:
+    mp.spawn(_slow_rank_zero, args=(3, str(tmp_path)), nprocs=3, join=True)
+
+
+def test_a_failing_body_leaves_the_group_without_waiting(tmp_path: Path) -> None:
+    start = time.monotonic()
+    mp.spawn(_failing_body, args=(2, str(tmp_path)), nprocs=2, join=True)
+    assert time.monotonic() - start < 60
