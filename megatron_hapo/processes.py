@@ -19,15 +19,17 @@ A helper that must be stopped is therefore killed (SIGKILL), not terminated: a b
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 logger = logging.getLogger(__name__)
 
@@ -144,3 +146,20 @@ def die_with_parent() -> None:
     elsewhere). For the spawned local ranks: a SIGINT death signal (torch's default) waits on the blocked mask."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def exit_after_cleanup(status: int) -> NoReturn:
+    """End this process with ``status``: the ``atexit`` handlers run, then the process exits without the
+    interpreter's finalisation.
+
+    The handlers (multiprocessing's, which stops managers and joins helper processes; logging's; the libraries')
+    run while the interpreter is whole. What is skipped is the teardown after them, where PyTorch's autograd and
+    gloo threads can race the interpreter and crash a process whose work is done (pytorch/pytorch#190489: SIGSEGV or
+    SIGABRT at exit), turning a finished rank into a failed job that Slurm does not requeue. The same cure as
+    TensorRT-LLM's spawned workers (NVIDIA/TensorRT-LLM#15820).
+    """
+    atexit._run_exitfuncs()  # private but long-standing: the handlers, in the order the interpreter runs them
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)

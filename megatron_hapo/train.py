@@ -25,7 +25,6 @@ import faulthandler
 import json
 import logging
 import os
-import sys
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -227,4 +226,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megatron_hapo.processes import exit_after_cleanup
+
+    exit_after_cleanup(main())  # an exception still ends it the usual way (traceback, status 1)

@@ -20,7 +20,7 @@ import torch
 import torch.multiprocessing as mp
 
 from megatron_hapo.parallel import runtime
-from megatron_hapo.processes import die_with_parent
+from megatron_hapo.processes import die_with_parent, exit_after_cleanup
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +31,7 @@ def _entry(rank: int, world: int, rendezvous: str, body: Callable[..., object], 
     os.environ[runtime.LOCAL_RANK_ENV] = str(rank)
     with runtime.process_group(init_method=f"file://{rendezvous}", rank=rank, world_size=world):
         body(rank, world, *args)
+    exit_after_cleanup(0)  # a failed body raises to torch's spawn wrapper, which reports it to the parent
 
 
 def run_local_ranks(

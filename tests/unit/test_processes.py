@@ -153,3 +153,34 @@ def test_the_same_signal_twice_at_once_is_one_request(tmp_path: Path) -> None:
         assert program.wait(timeout=10) == 1
     finally:
         program.kill()
+
+
+EXIT_AFTER_CLEANUP = """
+import atexit, json, multiprocessing as mp, operator, sys
+from megatron_hapo.processes import descendants, exit_after_cleanup
+
+if __name__ == "__main__":
+    from megatron_hapo.rewards import RewardWorkers
+
+    workers = RewardWorkers(operator.add, workers=1, timeout_s=30.0)  # left for the exit handlers to stop
+    manager = mp.get_context("spawn").Manager()
+    atexit.register(lambda: open(sys.argv[1], "w").write("handlers ran"))
+    print(json.dumps(descendants()), flush=True)
+    print("buffered, not yet flushed", end="")
+    exit_after_cleanup(7)
+"""
+
+
+def test_exit_after_cleanup_runs_the_exit_handlers_and_leaves_no_helper(tmp_path: Path) -> None:
+    marker = tmp_path / "handlers"
+    program = _start(tmp_path, EXIT_AFTER_CLEANUP, str(marker))
+    helpers = json.loads(program.stdout.readline())
+    rest, _ = program.communicate(timeout=60)
+    assert program.returncode == 7  # the status given, not the interpreter's
+    assert rest == "buffered, not yet flushed"  # the streams are flushed
+    assert marker.read_text() == "handlers ran"
+    assert len(helpers) >= 2, helpers  # the manager and the forkserver at least
+    deadline = time.monotonic() + 10
+    while [pid for pid in helpers if running(pid)] and time.monotonic() < deadline:
+        time.sleep(0.1)  # a helper whose pipe closed at exit ends on its own
+    assert not [pid for pid in helpers if running(pid)], helpers
