@@ -27,6 +27,7 @@ from megatron_hapo.algos.compose import (
     keep_groups,
     needs_entropy,
     policy_loss,
+    reads_rollout_entropy,
     shape_rewards,
     token_policy_loss,
 )
@@ -121,6 +122,7 @@ __all__ = [
     "normalized_entropy",
     "overlong_penalty",
     "policy_loss",
+    "reads_rollout_entropy",
     "redistribute_advantages",
     "rollout_mismatch_metrics",
     "shape_rewards",

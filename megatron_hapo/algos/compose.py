@@ -22,6 +22,7 @@ from megatron_hapo.algos.components import (
     RATIO,
     REDISTRIBUTION,
     REWARD_SHAPING,
+    SAMPLING,
     AdvantageInputs,
     GuideBatch,
 )
@@ -52,6 +53,15 @@ def compute_advantages(algo: Any, inputs: AdvantageInputs) -> torch.Tensor:
 def needs_entropy(algo: Any) -> bool:
     """Whether the loss needs the current forward's token entropies (an ``h_hat`` consumer is configured)."""
     return CLIP.get(algo.clip.kind).needs_entropy or REDISTRIBUTION.get(algo.redistribution.kind).needs_entropy
+
+
+def reads_rollout_entropy(algo: Any) -> bool:
+    """Whether anything reads the entropy statistics of the whole rollout (every generated response, the groups
+    the filter drops included): the next rollout's adaptive temperature, or the loss at ``entropy.scope=step``.
+    Without a reader the forward-only pass needs only the trained sequences (verl's order: filter, then old
+    log-probs)."""
+    adaptive = SAMPLING.get(algo.sampling.kind).needs_entropy
+    return adaptive or (needs_entropy(algo) and algo.entropy.scope == "step")
 
 
 def token_policy_loss(

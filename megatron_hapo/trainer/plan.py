@@ -5,9 +5,10 @@ and each mini-batch's rows are split over the data-parallel ranks balanced by to
 the least-loaded rank: long-tailed response lengths would otherwise leave one rank the long ones and the others
 waiting for it at the gradient reduction). A sequence therefore stays
 on one rank through every mini-batch and epoch, and that rank is the one that computes its old log-probs and
-entropies in the forward-only pass. The sequences no mini-batch trains on (groups the filter dropped) are still
-needed for the step's entropy statistics and metrics; they are split over the ranks the same way, so
-that every forward-only sequence is computed on exactly one data-parallel rank.
+entropies in the forward-only pass. The sequences no mini-batch trains on (groups the filter dropped) are
+needed only when something reads the whole rollout's entropy statistics (``algos.reads_rollout_entropy``); then
+they are split over the ranks the same way, so that every forward-only sequence is computed on exactly one
+data-parallel rank.
 """
 
 from __future__ import annotations
@@ -56,11 +57,13 @@ class SequencePlan:
         """This rank's share of ``rows`` (ascending), from :func:`balanced_split`."""
         return balanced_split(rows, self.lengths[rows], self.dp_size)[self.dp_rank]
 
-    def forward_rows(self) -> torch.Tensor:
+    def forward_rows(self, *, untrained: bool = True) -> torch.Tensor:
         """``[F]`` the on-policy rows whose old log-probs and entropies this rank computes, ascending: its block
-        of every mini-batch, then its block of the untrained rows."""
-        trained = [self.local(rows) for rows in self.minibatches]
-        mine = torch.cat([*trained, self.local(self.untrained), torch.zeros(0, dtype=torch.long)])
+        of every mini-batch, then (``untrained``) its block of the rows no mini-batch trains on."""
+        shares = [self.local(rows) for rows in self.minibatches]
+        if untrained:
+            shares.append(self.local(self.untrained))
+        mine = torch.cat([*shares, torch.zeros(0, dtype=torch.long)])
         return mine[mine < self.num_on_policy].sort().values
 
 

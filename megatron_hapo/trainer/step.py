@@ -20,6 +20,7 @@ from megatron_hapo.algos import (
     AdvantageInputs,
     EntropyStats,
     compute_advantages,
+    reads_rollout_entropy,
     rollout_mismatch_metrics,
     shape_rewards,
 )
@@ -201,15 +202,17 @@ def rl_step(
         dp=group_rank_size(actor.groups.dp),
         lengths=batch.lengths,
     )
+    whole_rollout = reads_rollout_entropy(algo)  # else the forward-only pass skips the dropped groups
+    computed = torch.ones_like(keep) if whole_rollout else keep  # [N_policy] rows with old log-probs
     with clock("old_log_prob"):
-        forward_rows = plan.forward_rows()
+        forward_rows = plan.forward_rows(untrained=whole_rollout)
         stats, last_stage = _old_log_prob_and_stats(actor, batch, forward_rows, algo)
-    metrics = _rollout_metrics(generated, batch, stats, last_stage, guide)
+    metrics = _rollout_metrics(generated, batch, stats, computed & last_stage, guide)
     metrics["forward_only_sequences"] = max_over_ranks(float(len(forward_rows)))  # the busiest DP rank's
     if isinstance(engine, DividedEngine) and served is not None:  # the busiest replica's requests
         metrics["rollout_requests_per_engine"] = max_over_ranks(float(engine.requests_served - served))
     if bool(keep.any()) or guide is not None:
-        _fill_advantages(config, generated, batch)
+        _fill_advantages(config, generated, batch, computed)
         with clock("train"):
             actor.restore_training_state()
             metrics.update(_updates(actor, config, batch, plan, stats))
@@ -225,10 +228,15 @@ def rl_step(
 
 
 def _rollout_metrics(
-    generated: Generated, batch: StepBatch, stats: EntropyStats, last_stage: bool, guide: GuideRollout | None
+    generated: Generated,
+    batch: StepBatch,
+    stats: EntropyStats,
+    computed: torch.Tensor,
+    guide: GuideRollout | None,
 ) -> dict[str, float]:
     """What the step generated: rewards, accuracy, lengths, temperatures, entropy statistics, the rollout /
-    trainer mismatch, the kept groups, the generation rounds and samples, and the guide's share."""
+    trainer mismatch (over ``computed``, ``[N_policy]`` bool: the rows whose old log-probs this rank holds), the
+    kept groups, the generation rounds and samples, and the guide's share."""
     responses = generated.responses
     num_on_policy = len(responses)
     metrics = {
@@ -240,7 +248,7 @@ def _rollout_metrics(
     }
     policy = slice(0, num_on_policy)
     mismatch = rollout_mismatch_metrics(
-        batch.old_log_prob[policy], batch.rollout_log_prob[policy], batch.response_mask[policy] & last_stage
+        batch.old_log_prob[policy], batch.rollout_log_prob[policy], batch.response_mask[policy] & computed[:, None]
     )
     metrics.update({name: float(value) for name, value in mismatch.items()})
     metrics["kept_groups"] = float(generated.keep.view(len(generated.prompts), -1)[:, 0].sum())
@@ -252,9 +260,10 @@ def _rollout_metrics(
     return metrics
 
 
-def _fill_advantages(config: Config, generated: Generated, batch: StepBatch) -> None:
-    """Shaped rewards -> advantages of the kept groups and rollout-correction weights, into ``batch``'s policy
-    rows (the guide's rows came with their own advantages, and weight 1)."""
+def _fill_advantages(config: Config, generated: Generated, batch: StepBatch, computed: torch.Tensor) -> None:
+    """Shaped rewards -> advantages of the kept groups and rollout-correction weights (over ``computed``,
+    ``[N_policy]`` bool: the rows with old log-probs), into ``batch``'s policy rows (the guide's rows came with
+    their own advantages, and weight 1)."""
     algo, n = config.algo, config.rollout.num_samples_per_prompt
     keep, correct = generated.keep, generated.correct
     policy = slice(0, len(keep))
@@ -271,7 +280,7 @@ def _fill_advantages(config: Config, generated: Generated, batch: StepBatch) -> 
     weights = ROLLOUT_CORRECTION.get(correction.kind).fn(
         batch.old_log_prob[policy],
         batch.rollout_log_prob[policy],
-        response_mask,
+        response_mask & computed[:, None],
         **ROLLOUT_CORRECTION.params(correction.kind, correction),
     )
     if weights is not None:

@@ -208,6 +208,11 @@ def test_rl_steps_end_to_end(tiny_llama: Path, tmp_path: Path, repo_root: Path, 
         assert metrics["kept_groups"] <= 4 and 1 <= metrics["generation_rounds"] <= 10, metrics
         if preset == "hapo":  # no group filter: one round of exactly the step's prompts
             assert metrics["generation_rounds"] == 1 and metrics["kept_groups"] == 4, metrics
+        else:  # nothing reads DAPO's rollout entropy: the forward-only pass skips the dropped groups (DP2)
+            kept = metrics["kept_groups"] * 4
+            assert metrics["forward_only_sequences"] <= kept, metrics
+            if metrics["generated_samples"] > 2 * kept:  # covering every response would need more on some rank
+                assert metrics["forward_only_sequences"] < metrics["generated_samples"] / 2, metrics
         assert metrics["sync_probe_error"] <= 1e-4 and metrics["mismatch_max_abs_log_ratio"] < 1e-3, metrics
     assert "temperature_mean" not in first  # no statistics before the first update
     assert ("temperature_mean" in second) == (preset == "hapo"), second
