@@ -99,6 +99,41 @@ class VLLMConfig:
             raise ValueError(f"sleep_level must be 1 or 2, got {self.sleep_level}")
 
 
+#: vLLM loggers whose INFO lines repeat at every weight sync (the reload's start and time, the prefix-cache reset):
+#: WARNING and above only, so that a rank's log shows the steps rather than three lines per sync.
+_PER_SYNC_LOGGERS = ("vllm.model_executor.model_loader.reload.inplace", "vllm.v1.core.block_pool")
+_RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+
+
+class _WeightlessRopeFilter(logging.Filter):
+    """Drops vLLM's "RotaryEmbedding: Failed to load weights" at every in-place reload (the weight sync).
+
+    Harmless: a rotary embedding has no checkpoint weight, only its cos/sin cache, a buffer computed from the
+    model config (rope theta, positions). vLLM 0.32's layerwise reload counts that buffer as loadable, finds
+    that nothing was loaded into it and puts the original buffer back (``finalize_layerwise_processing`` ->
+    ``_place_kernel_tensors``, ``model_loader/reload/layerwise.py``), which is right. The same warning for any
+    other layer class (a weight the sync missed) still shows; the sync is verified either way
+    (``rollout.weight_sync``).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            record.msg == "%s: Failed to load weights"
+            and isinstance(record.args, tuple)
+            and str(record.args[0]).endswith("RotaryEmbedding")
+        )
+
+
+def _quiet_weight_sync_logs() -> None:
+    """Apply :data:`_PER_SYNC_LOGGERS` and :class:`_WeightlessRopeFilter` (idempotent). Call it after the engine
+    is built: vLLM's ``configure_logging`` (``dictConfig``) sets its child loggers back to NOTSET."""
+    for name in _PER_SYNC_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    reload_logger = logging.getLogger(_RELOAD_LOGGER)
+    if not any(isinstance(f, _WeightlessRopeFilter) for f in reload_logger.filters):
+        reload_logger.addFilter(_WeightlessRopeFilter())
+
+
 def _guard_process_state() -> None:
     """Patch vLLM (once per process) so that an engine cannot break the trainer's process state."""
     import vllm.distributed.parallel_state as vllm_state  # noqa: PLC0415
@@ -240,6 +275,7 @@ class VLLMEngine:
             **optional,
         )
         _restore_generator_states(rng)
+        _quiet_weight_sync_logs()  # after: the engine's logging set-up (dictConfig) resets vLLM's child loggers
         if len(temperature_processor.INSTANCES) != known + 1:
             raise RuntimeError("vLLM did not build exactly one adaptive-temperature processor in this rank")
         self.processor = temperature_processor.INSTANCES[-1]

@@ -15,6 +15,7 @@ state=load_checkpoint(...))`` continues where the run stopped.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,11 +34,14 @@ from megatron_hapo.trainer.actor import Actor
 from megatron_hapo.trainer.checkpoint import save_checkpoint
 from megatron_hapo.trainer.evaluation import BestAndFinal, EvalSettings, evaluate
 from megatron_hapo.trainer.metrics import MetricsWriter
+from megatron_hapo.trainer.pacing import hold_between_steps, step_line
 from megatron_hapo.trainer.scoring import Scorer
 from megatron_hapo.trainer.step import StepState, rl_step
 
 if TYPE_CHECKING:
     from megatron.core.optimizer import MegatronOptimizer
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -60,7 +64,7 @@ class LoopSettings:
     for a non-finite gradient norm (0: never)."""
     eval_settings: EvalSettings = field(default_factory=EvalSettings)
     progress_bar: bool = True
-    """Rank 0 shows a progress bar on a terminal (tqdm)."""
+    """Rank 0 shows a progress bar on a terminal (tqdm), else (a Slurm log) logs one line per step."""
     on_step: Callable[[int, dict], None] | None = None
     """Called on every rank with ``(step, metrics)`` after each step's metrics are written (e.g. a progress
     line of a demo)."""
@@ -102,6 +106,15 @@ def _track_best(tracker: BestAndFinal, state: StepState, step: int, metrics: dic
     tracker.update(step, metrics)
     state.eval_best = (tracker.best, tracker.best_step)
     metrics[f"best_{tracker.name}"] = tracker.best
+
+
+def _show_step(progress: tqdm, log_line: bool, step: int, total: int, metrics: dict) -> None:
+    """Advance the progress bar; with ``log_line`` (rank 0 and not a terminal, where the bar is off: a Slurm log)
+    log the step's line instead."""
+    progress.update()
+    progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics['accuracy']:.3f}")
+    if log_line:
+        logger.info(step_line(step, total, metrics))
 
 
 def _save(actor: Actor, state: StepState, settings: LoopSettings) -> None:
@@ -174,8 +187,7 @@ def train(
             )
             metrics["lr"] = lr
             _check_skips(state, metrics, settings.max_consecutive_skips)
-            progress.update()
-            progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics['accuracy']:.3f}")
+            _show_step(progress, shown and progress.disable, step, total, metrics)
             last = state.step == total
             if eval_prompts and (last or (settings.eval_interval and state.step % settings.eval_interval == 0)):
                 metrics.update(evaluate(engine, score, eval_prompts, eval_answers, settings.eval_settings))
@@ -183,6 +195,7 @@ def train(
             writer.write(step, metrics)
             if settings.on_step is not None:
                 settings.on_step(step, metrics)
+            hold_between_steps(state.step, should_stop)  # test pacing only (MEGATRON_HAPO_TEST_HOLD)
             stop = any_rank(should_stop is not None and should_stop())
             if last or stop or (settings.save_interval and state.step % settings.save_interval == 0):
                 _save(actor, state, settings)

