@@ -15,6 +15,8 @@ from pathlib import Path
 OWN_LINE = re.compile(r"^\S+ \S+ megatron_hapo[.\w]* \[rank \d+\]: |^\[launch\]|^srun: ")
 #: The first line of a block kept whole: a Python traceback or a faulthandler dump.
 BLOCK_START = re.compile(r"^(Traceback \(most recent call last\):|Fatal Python error|Current thread|Thread 0x)")
+#: The line that ends a traceback: the exception (``RuntimeError: ...``, ``KeyboardInterrupt``).
+EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(: .*)?$")
 
 
 def trainer_lines(text: str, last: int = 40) -> list[str]:
@@ -23,13 +25,10 @@ def trainer_lines(text: str, last: int = 40) -> list[str]:
     kept: list[str] = []
     in_block = False
     for line in text.splitlines():
-        if BLOCK_START.match(line):
-            in_block = True
-            kept.append(line)
-        elif in_block:
-            kept.append(line)
-            in_block = line.startswith((" ", "\t")) or not line.strip() or BLOCK_START.match(line) is not None
-        elif OWN_LINE.match(line):
+        inside = in_block and (line.startswith((" ", "\t")) or not line.strip())
+        ends = in_block and not inside and EXCEPTION_LINE.match(line) is not None
+        in_block = BLOCK_START.match(line) is not None or inside
+        if in_block or ends or OWN_LINE.match(line):
             kept.append(line)
     return kept[-last:]
 
