@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import threading
 from collections.abc import Callable
@@ -28,17 +29,9 @@ from megatron_hapo.models.mcore_reader import McoreReader
 from megatron_hapo.models.provider import build_gpt
 from megatron_hapo.parallel import runtime
 
-#: Files copied alongside the weights (config and tokenizer), when present.
-HF_SIDE_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-)
+#: Top-level files of an HF directory that are not carried alongside the weights: the weights themselves and
+#: their index (the copy has its own), and code (files users download are data: nothing here runs remote code).
+NOT_SIDE_FILES = re.compile(r"\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|onnx|py|pyc|so)$|\.index\.json$")
 
 
 def staging_dir(out_dir: Path) -> Path:
@@ -56,12 +49,33 @@ def publish_staging(staging: Path, out_dir: Path) -> None:
     runtime.barrier()
 
 
+def side_files(src: Path) -> list[Path]:
+    """An HF directory's top-level files other than weights and code: config, generation config, tokenizer
+    files, chat templates (``chat_template.jinja`` / ``.json``), special tokens map, README and licence."""
+    return sorted(p for p in src.iterdir() if p.is_file() and not NOT_SIDE_FILES.search(p.name))
+
+
 def copy_side_files(src: Path, dst: Path) -> None:
-    """Copy an HF directory's config and tokenizer files (not its weights) into ``dst``."""
+    """Copy :func:`side_files` of ``src`` into ``dst``, the chat template both ways (see :func:`pair_chat_template`)."""
     dst.mkdir(parents=True, exist_ok=True)
-    for name in HF_SIDE_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
+    for path in side_files(src):
+        shutil.copy2(path, dst / path.name)
+    pair_chat_template(dst)
+
+
+def pair_chat_template(model_dir: Path) -> None:
+    """Give ``model_dir`` its chat template in both places transformers has kept it: ``chat_template.jinja``
+    (where transformers >= 4.43 saves it) and the ``chat_template`` field of ``tokenizer_config.json`` (where
+    older readers, vLLM's included, and tools that read the config alone look). One template only; a config
+    with several named templates is left as it is."""
+    jinja, config_path = model_dir / "chat_template.jinja", model_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else None
+    field = config.get("chat_template") if isinstance(config, dict) else None
+    if jinja.is_file() and config is not None and field is None:
+        config["chat_template"] = jinja.read_text()
+        config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    elif isinstance(field, str) and not jinja.is_file():
+        jinja.write_text(field)
 
 
 def config_dtype(model_dir: Path) -> torch.dtype:

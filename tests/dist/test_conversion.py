@@ -132,10 +132,31 @@ def test_tools_convert_export_and_verify(checkpoints: Path, tmp_path: Path, repo
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
         return result.stdout
 
-    hf, mcore, back = checkpoints / "qwen2", tmp_path / "mcore", tmp_path / "back"
+    from rl_fixtures import _model_with_tokenizer
+    from transformers import AutoTokenizer
+
+    hf, mcore, back = (
+        _model_with_tokenizer(checkpoints / "qwen2", tmp_path / "qwen2"),
+        tmp_path / "mcore",
+        tmp_path / "back",
+    )
+    (hf / "modeling_custom.py").write_text("raise SystemExit('remote code ran')\n")  # code is never carried
     assert "wrote" in tool("convert_hf_to_mcore.py", "--hf-dir", str(hf), "--out", str(mcore), "--tp", "2")
     tool("convert_mcore_to_hf.py", "--ckpt", str(mcore), "--out", str(back))
     assert "conversion verified" in tool("verify_conversion.py", "--hf-dir", str(back), "--ckpt", str(mcore))
+    # the export carries the tokenizer and generation files and the chat template in both places, nothing else
+    carried = {p.name for p in back.iterdir()} - {p.name for p in back.glob("*.safetensors")}
+    assert {"generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"} <= carried
+    assert not {"modeling_custom.py", "reference.pt"} & carried, carried
+    assert (
+        json.loads((back / "tokenizer_config.json").read_text())["chat_template"]
+        == (back / "chat_template.jinja").read_text()
+    )
+    chat = [{"role": "user", "content": "What is 1 + 2 ?"}]
+    source, exported = AutoTokenizer.from_pretrained(hf), AutoTokenizer.from_pretrained(back)
+    assert exported.apply_chat_template(chat, add_generation_prompt=True) == source.apply_chat_template(
+        chat, add_generation_prompt=True
+    )
     for name in ("convert_hf_to_mcore.py", "convert_mcore_to_hf.py", "verify_conversion.py"):
         assert "usage" in tool(name, "--help")
 
