@@ -1,7 +1,12 @@
 #!/usr/bin/env python
-"""Write a tiny random Hugging Face model (Llama 3, Qwen2 or Qwen3 layout) to try the conversion tools offline.
+"""Write a tiny random Hugging Face model (Llama 3, Qwen2 or Qwen3 layout) with a word-level tokenizer and a
+chat template: enough to try the conversion tools and the trainer offline on the arithmetic examples.
 
 .venv/bin/python tools/make_tiny_model.py --family qwen2 --out /tmp/tiny-qwen2
+
+The shape (hidden 128, 4 query heads of 32, 2 key/value heads, 2 layers) runs on the default rollout engine
+(vLLM's CPU attention takes head sizes 32 and up) at tensor parallel 1 and 2. The tokenizer
+(``megatron_hapo.models.word_tokenizer``) knows the words of the arithmetic prompts, one token each.
 """
 
 from __future__ import annotations
@@ -12,11 +17,15 @@ from pathlib import Path
 import torch
 import transformers
 
+from megatron_hapo.models.word_tokenizer import ARITHMETIC_WORDS, write_word_tokenizer
+
 FAMILIES = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {"tie_word_embeddings": True}),
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {"head_dim": 32}),
 }
+#: The tokenizer's special ids (``word_tokenizer.SPECIAL``).
+TOKENS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
 
 
 def main() -> None:
@@ -27,19 +36,24 @@ def main() -> None:
     args = parser.parse_args()
     config_cls, model_cls, extra = FAMILIES[args.family]
     config = config_cls(
-        vocab_size=250,
-        hidden_size=64,
+        vocab_size=256,  # the tokenizer's words, the rest unused
+        hidden_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        intermediate_size=96,
-        max_position_embeddings=256,
+        intermediate_size=256,
+        max_position_embeddings=512,
+        **TOKENS,
         **extra,
     )
     config.architectures = [model_cls.__name__]
     torch.manual_seed(args.seed)
-    model_cls(config).float().save_pretrained(args.out)
-    print(f"wrote {args.out} ({args.family}, {sum(p.numel() for p in model_cls(config).parameters())} parameters)")
+    model = model_cls(config).float()
+    model.generation_config = transformers.GenerationConfig(**TOKENS)
+    model.save_pretrained(args.out)
+    write_word_tokenizer(args.out, ARITHMETIC_WORDS)
+    count = sum(p.numel() for p in model.parameters())
+    print(f"wrote {args.out} ({args.family}, {count} parameters, a {len(ARITHMETIC_WORDS)}-word tokenizer)")
 
 
 if __name__ == "__main__":

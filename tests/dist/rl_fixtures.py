@@ -11,21 +11,11 @@ WORDS = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "What", "is", "+",
 
 
 def _model_with_tokenizer(llama: Path, out: Path) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    """A copy of the model ``llama`` with a word-level tokenizer over :data:`WORDS` and a chat template."""
+    from megatron_hapo.models.word_tokenizer import write_word_tokenizer
 
     shutil.copytree(llama, out)
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    template = (
-        "{% for m in messages %}<|{{ m.role }}|> {{ m.content }} {% endfor %}"
-        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-    )
-    PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", chat_template=template
-    ).save_pretrained(out)
-    return out
+    return write_word_tokenizer(out, WORDS)
 
 
 def _dapo_jsonl(path: Path, count: int) -> Path:
