@@ -32,8 +32,10 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the heavy modules load after the stop signals are blocked (main)
     from megatron_hapo.config import Config
+    from megatron_hapo.data import PromptSet
     from megatron_hapo.rollout.engine import RolloutEngine
     from megatron_hapo.trainer.actor import Actor
+    from megatron_hapo.trainer.preflight import RunData
     from megatron_hapo.trainer.step import StepState
 
 logger = logging.getLogger("megatron_hapo.train")
@@ -42,35 +44,14 @@ EXIT_REQUEUE = 75
 STOPPED_MARKER = ".stopped_for_requeue"
 
 
-def _check_paths(config: Config) -> None:
-    """Refuse a run without its model or data before any rank starts (each error names the key)."""
-    if not config.model.path or not (Path(config.model.path) / "config.json").is_file():
-        raise SystemExit(f"model.path={config.model.path!r}: not an HF checkpoint directory (config.json missing)")
-    if not config.data.train_file:
-        raise SystemExit("data.train_file is not set: a .parquet or .jsonl prompt file")
-    import torch  # noqa: PLC0415  (imported late: the stop signals are blocked before anything heavy loads)
+def _prompts(
+    config: Config, tokenizer: Any, path: str | None, read: PromptSet | None
+) -> tuple[list[list[int]], list[str]]:
+    """The chat-templated token ids and answers of ``read`` (the rows of ``path``, read by the preflight)."""
+    from megatron_hapo.data import encode_prompts  # noqa: PLC0415
 
-    if (config.model.transformer_engine or config.model.fp8) and not torch.cuda.is_available():
-        raise SystemExit(
-            "model.transformer_engine / model.fp8 need a CUDA GPU with Transformer Engine; on CPU set "
-            "model.transformer_engine=false model.fp8=null"
-        )
-    guide = config.algo.guide_policy
-    if guide.kind != "none" and not (guide.model_path and (Path(guide.model_path) / "config.json").is_file()):
-        raise SystemExit(f"algo.guide_policy.model_path={guide.model_path!r}: the guide policy's HF checkpoint")
-    for key in ("train_file", "eval_file"):
-        path = getattr(config.data, key)
-        if path and not Path(path).is_file():
-            raise SystemExit(f"data.{key}={path!r}: no such file")
-
-
-def _prompts(config: Config, tokenizer: Any, path: str | None) -> tuple[list[list[int]], list[str]]:
-    from megatron_hapo.data import encode_prompts, read_prompts  # noqa: PLC0415
-
-    if not path:
+    if read is None:
         return [], []
-    data = config.data
-    read = read_prompts(path, prompt_key=data.prompt_key, answer_key=data.answer_key, bad_rows=data.bad_rows)
     encoded = encode_prompts(read.examples, tokenizer, max_prompt_length=config.rollout.max_prompt_length)
     logger.info(
         "%s: %d prompts, %d malformed rows skipped, %d over rollout.max_prompt_length dropped",
@@ -95,10 +76,11 @@ def _setup_logging(rank: int) -> None:
     package.propagate = False
 
 
-def _rank(rank: int, world: int, config: Config, should_stop: Callable[[], bool]) -> bool:
+def _rank(rank: int, world: int, config: Config, should_stop: Callable[[], bool], data: RunData) -> bool:
     """One rank of the run (the process group exists); whether it stopped early on a signal (same on all ranks).
 
-    ``should_stop`` says whether a stop was asked for (:class:`~megatron_hapo.processes.StopSignals`).
+    ``data``: the prompt files' rows (:func:`~megatron_hapo.trainer.preflight.check_inputs`). ``should_stop``
+    says whether a stop was asked for (:class:`~megatron_hapo.processes.StopSignals`).
     """
     _setup_logging(rank)
     import transformers  # noqa: PLC0415
@@ -117,8 +99,8 @@ def _rank(rank: int, world: int, config: Config, should_stop: Callable[[], bool]
         model.tensor_parallel, model.pipeline_parallel, model.virtual_pipeline, seed=config.train.seed
     )
     tokenizer = transformers.AutoTokenizer.from_pretrained(model.path)
-    prompts, answers = _prompts(config, tokenizer, config.data.train_file)
-    eval_prompts, eval_answers = _prompts(config, tokenizer, config.data.eval_file)
+    prompts, answers = _prompts(config, tokenizer, config.data.train_file, data.train)
+    eval_prompts, eval_answers = _prompts(config, tokenizer, config.data.eval_file, data.eval)
     if not prompts:
         raise ValueError(f"{config.data.train_file}: no prompt fits rollout.max_prompt_length")
     actor = build_actor(config, probe_prompts=prompts)
@@ -134,7 +116,7 @@ def _rank(rank: int, world: int, config: Config, should_stop: Callable[[], bool]
         save_interval=out.save_interval,
         eval_settings=eval_settings,
         keep_last=out.keep_last,
-        model_dir=Path(str(model.path)),  # checked by _check_paths
+        model_dir=Path(str(model.path)),  # checked by the preflight
         optimizer_sharding=out.optimizer_sharding,
         max_consecutive_skips=config.train.max_consecutive_skips,
     )
@@ -179,12 +161,12 @@ def _resume(actor: Actor, engine: RolloutEngine, root: Path) -> StepState | None
     return state
 
 
-def _joined_rank(config: Config, should_stop: Callable[[], bool]) -> bool:
+def _joined_rank(config: Config, should_stop: Callable[[], bool], data: RunData) -> bool:
     """Join the launcher's process group (torchrun / srun environment) and run this rank; whether it stopped."""
     from megatron_hapo.parallel import runtime  # noqa: PLC0415
 
     with runtime.process_group():  # NCCL on cuda:LOCAL_RANK, gloo on CPU
-        return _rank(runtime.rank(), runtime.world_size(), config, should_stop)
+        return _rank(runtime.rank(), runtime.world_size(), config, should_stop, data)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,25 +177,30 @@ def main(argv: list[str] | None = None) -> int:
     joined = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     stops = StopSignals(shared=not joined)
     from megatron_hapo.config import load_config  # noqa: PLC0415
+    from megatron_hapo.config.errors import ConfigError  # noqa: PLC0415
     from megatron_hapo.config.loader import to_tree  # noqa: PLC0415
     from megatron_hapo.parallel.local_launch import run_local_ranks  # noqa: PLC0415
+    from megatron_hapo.trainer.preflight import check_inputs  # noqa: PLC0415
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", type=Path, help="run or preset YAML (configs/runs/, configs/algo/)")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     parser.add_argument("--local-ranks", type=int, default=1, help="gloo ranks on this machine (no launcher)")
     args = parser.parse_args(argv)
-    config = load_config(args.config, args.overrides)
-    _check_paths(config)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as exc:  # one message, no traceback (as print_config)
+        raise SystemExit(str(exc)) from None
+    data = check_inputs(config)  # before any rank starts: each problem one line
     run_dir = Path(config.output.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(to_tree(config), indent=1))
     marker = run_dir / STOPPED_MARKER
     marker.unlink(missing_ok=True)
     if joined:
-        stopped = _joined_rank(config, stops.requested)
+        stopped = _joined_rank(config, stops.requested, data)
     else:
-        run_local_ranks(_rank, args.local_ranks, config, stops.event.is_set)  # the ranks read the parent's
+        run_local_ranks(_rank, args.local_ranks, config, stops.event.is_set, data)  # the ranks read the parent's
         stopped = marker.is_file()
     marker.unlink(missing_ok=True)
     if stopped:

@@ -66,15 +66,32 @@ def test_train_entry_point_runs_rl_steps(tiny_llama: Path, tmp_path: Path, repo_
     assert "12 prompts" in result.stderr, result.stderr[-2000:]
 
 
-def test_train_entry_point_refuses_missing_inputs(tmp_path: Path, repo_root: Path) -> None:
-    result = _train(repo_root, "configs/algo/dapo.yaml", f"model.path={tmp_path}")
-    assert result.returncode != 0 and "model.path" in result.stderr and "config.json" in result.stderr
-    (tmp_path / "config.json").write_text("{}")
-    result = _train(repo_root, "configs/algo/dapo.yaml", f"model.path={tmp_path}", "data.train_file=/no/such.jsonl")
-    assert result.returncode != 0 and "data.train_file='/no/such.jsonl': no such file" in result.stderr
-    result = _train(
-        repo_root, "configs/algo/dapo.yaml", f"model.path={tmp_path}", "data.train_file=/dev/null", "model.fp8=hybrid"
-    )
-    assert result.returncode != 0 and "need a CUDA GPU with Transformer Engine" in result.stderr
+def test_train_entry_point_refuses_bad_inputs_in_one_line(tmp_path: Path, repo_root: Path) -> None:
+    """Each bad input stops the run before any rank starts, with one line naming the key or file and the fix."""
+
+    def refusal(*overrides: str) -> str:
+        result = _train(repo_root, "configs/algo/dapo.yaml", *overrides)
+        assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        return result.stderr.strip().splitlines()[-1]
+
+    model = tmp_path / "model"
+    model.mkdir()
+    assert "config.json missing" in refusal(f"model.path={model}")
+    assert "no such directory" in refusal(f"model.path={tmp_path / 'nowhere'}")
+    megatron = tmp_path / "step_000040"
+    (megatron / "hf").mkdir(parents=True)
+    assert f"is a Megatron checkpoint, not an HF model directory: export it with tools/convert_mcore_to_hf.py --ckpt {megatron}" in refusal(f"model.path={megatron}")
+    (model / "config.json").write_text(json.dumps({"hidden_size": 64, "num_attention_heads": 4}))
+    assert "no tokenizer" in refusal(f"model.path={model}")
+    (model / "tokenizer.json").write_text("{}")
+    assert "head size 16 is not one vLLM's CPU engine takes" in refusal(f"model.path={model}")
+    hf_engine = (f"model.path={model}", "engine.kind=hf")
+    assert "data.train_file='/no/such.jsonl': no such file" in refusal(*hf_engine, "data.train_file=/no/such.jsonl")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"question": "1 + 1", "answer": "2"}) + "\n")
+    line = refusal(*hf_engine, f"data.train_file={rows}")
+    assert str(rows) in line and "line 1" in line and "data.prompt_key='prompt'" in line, line
+    fp8 = refusal(*hf_engine, f"data.train_file={rows}", "model.fp8=hybrid")
+    assert "need a CUDA GPU with Transformer Engine" in fp8
     result = _train(repo_root, "configs/algo/dapo.yaml", "model.tensor_paralel=2")
-    assert result.returncode != 0 and "did you mean 'model.tensor_parallel'" in result.stderr
+    assert "did you mean 'model.tensor_parallel'" in result.stderr and "Traceback" not in result.stderr
