@@ -11,8 +11,11 @@ thread takes them with ``sigwait``:
 
 - the first asks the run to stop (:meth:`StopSignals.requested`: the loop checkpoints after the step and exits
   with ``EXIT_REQUEUE``);
-- the second kills every descendant process (SIGKILL) and exits at once with status 1. The same signal again
-  within :data:`REPEAT_WINDOW_S` of the first does not count: under Slurm one ``scancel`` arrives twice.
+- the second kills every descendant process (SIGKILL) and exits at once with status 1. A second request is a
+  *different* stop signal (the time limit's SIGTERM after its USR1 warning), or a second Ctrl-C (SIGINT). A
+  repeat of SIGUSR1 or SIGTERM is the same request, however late it comes (:data:`REPEATABLE`): under Slurm a
+  ``scancel`` reaches a rank directly and again through srun, and a preemption may be signalled twice; the
+  escalation of those is Slurm's own SIGKILL after ``KillWait``. No timing window decides.
 
 A helper that must be stopped is therefore killed (SIGKILL), not terminated: a blocked SIGTERM never arrives.
 """
@@ -36,9 +39,10 @@ logger = logging.getLogger(__name__)
 #: The signals that ask a run to stop: Slurm's warning (``--signal=USR1@T``), SIGTERM (scancel, time limit, node
 #: drain) and SIGINT (Ctrl-C; srun forwards it).
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
-#: A repeat of the first stop signal within this many seconds is the same request: a plain ``scancel`` (or the
-#: time limit) SIGTERMs every process of the step and srun passes its own SIGTERM on too, milliseconds apart.
-REPEAT_WINDOW_S = 1.0
+#: Stop signals whose repeat is the same request: a plain ``scancel`` (or the time limit) SIGTERMs every process
+#: of the step and srun passes its own SIGTERM on too; a preemption's USR1 may be sent twice. SIGINT is not
+#: among them: Ctrl-C twice means "now".
+REPEATABLE = frozenset({signal.SIGUSR1, signal.SIGTERM})
 _PR_SET_PDEATHSIG = 1
 
 
@@ -55,7 +59,9 @@ class StopSignals:
         import multiprocessing as mp  # noqa: PLC0415
 
         self.count = 0
-        self._first: tuple[int, float] | None = None
+        self._first: int | None = None
+        self.repeats = 0
+        """Repeats of the first signal taken as the same request (:data:`REPEATABLE`)."""
         if len(os.listdir("/proc/self/task")) > 1:  # e.g. ``import torch`` starts one
             logger.warning(
                 "threads started before the stop signals were blocked (import torch after StopSignals): "
@@ -89,10 +95,11 @@ class StopSignals:
             self._received(signal.sigwait(STOP_SIGNALS))
 
     def _received(self, signum: int) -> None:
-        now = time.monotonic()
-        if self._first is not None and signum == self._first[0] and now - self._first[1] < REPEAT_WINDOW_S:
-            return  # the first request again: Slurm delivers scancel's SIGTERM directly and through srun
-        self._first = self._first or (signum, now)
+        if signum == self._first and signum in REPEATABLE:
+            self.repeats += 1  # the first request again: Slurm delivers scancel's SIGTERM directly and through srun
+            logger.warning("signal %d again: the same stop request, still finishing the step", signum)
+            return
+        self._first = self._first or signum
         self.count += 1
         if self.count > 1:
             logger.warning("signal %d again: stopping every process of this run now", signum)
@@ -115,6 +122,16 @@ def running(pid: int) -> bool:
     """Whether process ``pid`` exists and has not exited (a zombie has)."""
     fields = _stat(pid)
     return fields is not None and fields[0] != "Z"
+
+
+def still_running(pids: list[int], timeout_s: float = 60.0) -> list[int]:
+    """Those of ``pids`` still running once every one has ended or ``timeout_s`` has passed (waits for the event;
+    the timeout only guards against a hang: a killed process ends once the kernel has freed its memory, which
+    takes longer on a loaded machine)."""
+    deadline = time.monotonic() + timeout_s
+    while [pid for pid in pids if running(pid)] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [pid for pid in pids if running(pid)]
 
 
 def descendants(pid: int | None = None) -> list[int]:

@@ -1,8 +1,11 @@
 """Run a verifier in worker processes with a time and memory limit per call; a failure scores as wrong.
 
 Verifiers parse untrusted model output (math-verify uses ``signal.alarm`` and sympy, which can hang or blow up
-on adversarial input). :class:`RewardWorkers` keeps a few forkserver workers. Each call gets a deadline; a worker
-that misses it is killed and replaced. A worker that dies (segfault, out of memory under ``RLIMIT_AS``) is
+on adversarial input). :class:`RewardWorkers` keeps a few forkserver workers. Each call gets a deadline, counted
+from the moment the worker starts the call (a worker says so first), so a worker's own start-up (the import of
+the verifier's module: a second or more when it imports torch, longer on a loaded machine) never eats a call's
+time; a worker that is not ready within ``startup_timeout_s`` counts as crashed. A worker that misses a deadline
+is killed and replaced. A worker that dies (segfault, out of memory under ``RLIMIT_AS``) is
 replaced too, and an exception inside the verifier is caught. Each of these scores the response with
 ``failure_value`` and is counted, so one bad response never stalls or crashes the run. Model output is only
 ever passed as data: nothing is evaluated.
@@ -40,6 +43,7 @@ def _serve(conn: Connection, fn: Callable[..., Any], memory_mb: int | None) -> N
             index, args = conn.recv()
         except EOFError:
             return
+        conn.send((index, "start", None))  # the call's time limit runs from here
         try:
             conn.send((index, "ok", fn(*args)))
         except Exception as exc:  # the verifier's own failure is data for the caller
@@ -52,6 +56,8 @@ class _Worker:
     conn: Connection
     task: int | None = None
     deadline: float = 0.0
+    started: bool = False
+    """Whether the worker has started its task (its time limit runs), or is still getting ready for it."""
 
 
 @dataclass
@@ -63,12 +69,17 @@ class RewardWorkers:
     timeout_s: float = 10.0
     memory_mb: int | None = 2048
     failure_value: Any = None
+    startup_timeout_s: float = 300.0
+    """How long a new worker may take to start its first call (a hang guard: the import of ``fn``'s module)."""
     counts: Counter = field(default_factory=Counter)
     """Outcomes by status since construction (``ok``, ``timeout``, ``crash``, ``error``)."""
 
     def __post_init__(self) -> None:
-        if self.workers < 1 or self.timeout_s <= 0:
-            raise ValueError(f"need workers >= 1 and timeout_s > 0, got {self.workers}, {self.timeout_s}")
+        if self.workers < 1 or not 0 < self.timeout_s < float("inf") or not 0 < self.startup_timeout_s < float("inf"):
+            raise ValueError(
+                f"need workers >= 1 and finite timeouts > 0, got {self.workers}, {self.timeout_s}, "
+                f"{self.startup_timeout_s}"
+            )
         self._context = mp.get_context("forkserver")
         self._pool = [self._start() for _ in range(self.workers)]
 
@@ -102,7 +113,7 @@ class RewardWorkers:
                     self._collect(worker, results)
                 elif time.monotonic() >= worker.deadline:
                     assert worker.task is not None  # worker is in busy
-                    results[worker.task] = Outcome(self.failure_value, "timeout")
+                    results[worker.task] = Outcome(self.failure_value, "timeout" if worker.started else "crash")
                     self._replace(worker)
         done: list[Outcome] = []
         for outcome in results:
@@ -120,7 +131,8 @@ class RewardWorkers:
             task, worker = worker.task, self._replace(worker)
             worker.task = task
             worker.conn.send((task, args))
-        worker.deadline = time.monotonic() + self.timeout_s
+        worker.started = False
+        worker.deadline = time.monotonic() + self.startup_timeout_s + self.timeout_s
 
     def _collect(self, worker: _Worker, results: list[Outcome | None]) -> None:
         task = worker.task
@@ -130,6 +142,9 @@ class RewardWorkers:
         except (EOFError, OSError):  # the worker died mid-call (crash, memory limit, killed)
             results[task] = Outcome(self.failure_value, "crash")
             self._replace(worker)
+            return
+        if status == "start":  # the call begins now: its own time limit
+            worker.started, worker.deadline = True, time.monotonic() + self.timeout_s
             return
         worker.task = None
         results[index] = Outcome(value if status == "ok" else self.failure_value, status)

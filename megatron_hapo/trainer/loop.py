@@ -164,6 +164,7 @@ def train(
     shown = settings.progress_bar and runtime.rank() == 0
     progress = tqdm(total=total, initial=state.step, desc="RL steps", unit="step", disable=None if shown else True)
     try:
+        hold_between_steps(state.step, should_stop)  # test pacing only (MEGATRON_HAPO_TEST_HOLD)
         if any_rank(should_stop is not None and should_stop()):  # a stop asked for during start-up
             state.stopped = True
             return state

@@ -2,11 +2,13 @@
 test pacing that holds a run at a step boundary until an event a test waits for has happened.
 
 Test pacing (never set by the launch scripts, the configs or the demos): when the environment variable
-``MEGATRON_HAPO_TEST_HOLD`` names a file, every rank waits after each step while that file exists and holds a
-step count the run has reached (an empty file: any), until a stop is requested or the file is removed. A test
-that needs a run to be training when something outside it lands (a Slurm time-limit warning, whose timing
-depends on slurmctld's 30-second timer) holds it there instead of racing the machine's speed:
-``tests/slurm/test_launch_slurm.py``.
+``MEGATRON_HAPO_TEST_HOLD`` names a file, every rank waits at each step boundary (before the first step too)
+while that file exists and its first word is a step count the run has reached (an empty file: any), until a
+stop is requested or the file is removed; with the word ``keep`` after the count only the file's removal ends
+the hold (a stop request is then being handled, and the run is still there). A test that needs a run to be
+training when something outside it lands (a Slurm time-limit warning, whose timing depends on slurmctld's
+30-second timer; a second signal while the first is handled) holds it there instead of racing the machine's
+speed: ``tests/slurm/test_launch_slurm.py``, ``tests/fault/test_signals.py``.
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ HOLD_ENV = "MEGATRON_HAPO_TEST_HOLD"
 HOLD_POLL_S = 0.2
 
 
-def _holds_here(path: Path, steps_done: int) -> bool:
-    """Whether the hold file exists and asks for a hold at ``steps_done`` completed steps (this rank's view)."""
+def _hold_here(path: Path, steps_done: int) -> tuple[bool, bool]:
+    """Whether the hold file asks for a hold at ``steps_done`` completed steps, and whether it keeps holding
+    after a stop request (this rank's view of the file)."""
     try:
-        text = path.read_text().strip()
+        words = path.read_text().split()
     except OSError:  # absent (or removed while read)
-        return False
-    return not text or steps_done >= int(text)
+        return False, False
+    return not words or steps_done >= int(words[0]), "keep" in words[1:]
 
 
 def hold_between_steps(steps_done: int, should_stop: Callable[[], bool] | None) -> None:
@@ -42,9 +45,12 @@ def hold_between_steps(steps_done: int, should_stop: Callable[[], bool] | None) 
     if not name:
         return
     path, announced = Path(name), False
-    while any_rank(_holds_here(path, steps_done)) and not any_rank(should_stop is not None and should_stop()):
+    while True:
+        holds, keep = _hold_here(path, steps_done)
+        if not any_rank(holds) or (not any_rank(keep) and any_rank(should_stop is not None and should_stop())):
+            return
         if not announced:
-            logger.info("test pacing: holding after step %d while %s exists", steps_done - 1, path)
+            logger.info("test pacing: holding after %d steps while %s exists", steps_done, path)
             announced = True
         time.sleep(HOLD_POLL_S)
 

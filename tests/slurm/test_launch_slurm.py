@@ -221,7 +221,7 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes_exactly(
     # exit (30 s + about 5 s here): 10x
     job = runs.submit("time-limit", "--time=30", f"--signal=USR1@{WARN_S}", hold_at=HOLD_AT)
     rank0 = runs.run_dir("time-limit") / "logs" / f"{job}.0" / "rank-0.log"
-    held = f"test pacing: holding after step {HOLD_AT - 1}"
+    held = f"test pacing: holding after {HOLD_AT} steps"
     fields = runs.wait_until("time-limit", "the hold", job, lambda f: rank0.is_file() and held in rank0.read_text())
     limit = _minutes(fields["RunTime"]) + LEFT_MIN
     assert limit < 30 - WARN_S / 60 and (LEFT_MIN + 1) * 60 <= WARN_S  # the window was shut; now it is open

@@ -86,3 +86,21 @@ def test_weight_sync_logs_keep_real_reload_warnings() -> None:
     assert shown("QKVParallelLinear")  # a weight the sync missed still warns
     for name in vllm_engine._PER_SYNC_LOGGERS:
         assert logging.getLogger(name).getEffectiveLevel() == logging.WARNING
+
+
+def test_keep_holds_through_a_stop_until_the_file_goes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    hold = tmp_path / "hold"
+    hold.write_text("1 keep")
+    monkeypatch.setenv(pacing.HOLD_ENV, str(hold))
+    polls: list[float] = []
+
+    def poll(seconds: float) -> None:  # the hold's wait: the third one removes the file
+        polls.append(seconds)
+        if len(polls) == 3:
+            hold.unlink()
+
+    monkeypatch.setattr(pacing.time, "sleep", poll)
+    pacing.hold_between_steps(0, lambda: True)  # before the first step: not held at "1"
+    assert polls == []
+    pacing.hold_between_steps(1, lambda: True)  # a stop is asked for all along: held all the same
+    assert len(polls) == 3 and not hold.exists()
