@@ -321,9 +321,12 @@ class Suite:
         scale: float,
         checks: list[str],
         inject: dict[str, str],
+        limits: dict[str, int] | None = None,
     ) -> None:
         self.work, self.results, self.out, self.allow_cpu, self.scale = work, results, out, allow_cpu, scale
         self.checks, self.inject = checks, inject
+        self.limits = limits or {}
+        """Per-check time limits (``--limit``) over the scaled defaults."""
         self.model_dir = work / "inputs" / "model"
         self._actor: Any = None
         self.engine: Any = None
@@ -351,7 +354,7 @@ class Suite:
         for name, base_limit in SUITE:
             if name not in self.checks:
                 continue
-            limit = max(1, int(base_limit * self.scale))
+            limit = self.limits.get(name) or max(1, int(base_limit * self.scale))
             self._record({"event": "start", "name": name, "limit": limit})
             print(f"--- {name} (limit {limit} s)", flush=True)
             start = time.monotonic()
@@ -842,6 +845,7 @@ def suite_main(args: argparse.Namespace) -> int:
         scale=args.budget_scale,
         checks=args.checks.split(","),
         inject=dict(item.split("=", 1) for item in args.inject),
+        limits=_limits(args.limit),
     )
     suite.run()
     with contextlib.suppress(Exception):
@@ -857,29 +861,89 @@ def suite_main(args: argparse.Namespace) -> int:
 # The stages run by the parent
 
 
-def _run_process(args: list[str], log: Path, limit: float, *, env: dict[str, str], dump_stacks: bool = False) -> int:
-    """Run ``args`` (its own process group) with output to ``log``; past ``limit`` seconds kill the group (after a
-    SIGUSR1 stack dump when ``dump_stacks``) and return -9."""
+#: How long past a check's own limit (its SIGALRM, which ends a hang in Python) the parent waits before it kills
+#: the suite (a check blocked where no signal reaches it: a stuck kernel or collective).
+WATCH_GRACE_S = 10.0
+#: How long the parent waits for the suite's stack dump (SIGUSR1, faulthandler) before the kill.
+DUMP_WAIT_S = 30.0
+
+
+def _limits(items: list[str]) -> dict[str, int]:
+    """``--limit CHECK=SECONDS`` items as a mapping."""
+    return {name: int(seconds) for name, seconds in (item.split("=", 1) for item in items)}
+
+
+class CheckWatch:
+    """Says when the suite's current check has run ``WATCH_GRACE_S`` past its own limit, from the suite's
+    ``start`` / ``result`` events (``suite_results.jsonl``): the kill then comes a fixed time after that check
+    started, whatever the start-up before it took."""
+
+    def __init__(self, results: Path) -> None:
+        self.results = results
+        self.seen: dict[str, float] = {}
+        """When this process first saw each check's start event."""
+
+    def overran(self) -> str | None:
+        if not self.results.is_file():
+            return None
+        events = [json.loads(line) for line in self.results.read_text().splitlines() if line.strip()]
+        done = {e["name"] for e in events if e["event"] == "result"}
+        for event in events:
+            if event["event"] == "start" and event["name"] not in done:
+                seen = self.seen.setdefault(event["name"], time.monotonic())
+                if time.monotonic() - seen > event["limit"] + WATCH_GRACE_S:
+                    return event["name"]
+        return None
+
+
+def _wait_for_text(path: Path, text: str, timeout_s: float) -> None:
+    """Until ``path`` holds ``text`` (or ``timeout_s``: a hang guard)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and text not in path.read_text(errors="replace"):
+        time.sleep(0.1)
+
+
+def _run_process(
+    args: list[str],
+    log: Path,
+    limit: float,
+    *,
+    env: dict[str, str],
+    dump_stacks: bool = False,
+    watch: CheckWatch | None = None,
+) -> int:
+    """Run ``args`` (its own process group) with output to ``log``; past ``limit`` seconds, or once ``watch`` says
+    a check overran, kill the group (after a SIGUSR1 stack dump when ``dump_stacks``, waited for in the log) and
+    return -9."""
+    deadline = time.monotonic() + limit
     with log.open("a") as handle:
         proc = subprocess.Popen(
             args, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
         )
         try:
-            return proc.wait(timeout=limit)
+            while True:
+                try:
+                    return proc.wait(timeout=max(0.0, min(0.5, deadline - time.monotonic())))
+                except subprocess.TimeoutExpired:
+                    overran = watch.overran() if watch is not None else None
+                    if overran is None and time.monotonic() < deadline:
+                        continue
+                    why = f"{overran} ran {WATCH_GRACE_S:.0f} s past its limit" if overran else f"after {limit:.0f} s"
+                    break
         except StoppedError:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             raise
-        except subprocess.TimeoutExpired:
-            if dump_stacks:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGUSR1)
-                time.sleep(3)
+        if dump_stacks:
+            handle.flush()
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            handle.write(f"\n[gpu-check] killed after {limit:.0f} s\n")
-            return -9
+                os.kill(proc.pid, signal.SIGUSR1)
+                _wait_for_text(log, "most recent call first", DUMP_WAIT_S)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        handle.write(f"\n[gpu-check] killed: {why}\n")
+        return -9
 
 
 class Checker:
@@ -978,6 +1042,7 @@ class Checker:
             "--checks",
             ",".join(checks),
             *(f"--inject={item}" for item in self.args.inject),
+            *(f"--limit={item}" for item in self.args.limit),
         ]
         if self.args.allow_cpu:
             args.append("--allow-cpu")
@@ -985,7 +1050,12 @@ class Checker:
         stopped = None
         try:
             code = _run_process(
-                args, self.out / "suite.log", self.limit("suite"), env=_subprocess_env(), dump_stacks=True
+                args,
+                self.out / "suite.log",
+                self.limit("suite"),
+                env=_subprocess_env(),
+                dump_stacks=True,
+                watch=CheckWatch(results_file),
             )
         except StoppedError as exc:  # report what the suite finished, then stop
             code, stopped = -15, exc
@@ -998,7 +1068,7 @@ class Checker:
             if name in done:
                 self.add(Result(**{k: v for k, v in done[name].items() if k != "event"}))
             elif name in started:
-                why = {-9: "killed at the suite's time limit", -15: "stopped from outside"}.get(
+                why = {-9: "killed at its time limit or the suite's", -15: "stopped from outside"}.get(
                     code, f"the suite process died (exit {code})"
                 )
                 self.add(
@@ -1201,6 +1271,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--results", help=argparse.SUPPRESS)
     parser.add_argument("--inject", action="append", default=[], help=argparse.SUPPRESS)  # CHECK=KIND, for tests
+    parser.add_argument(
+        "--limit", action="append", default=[], metavar="CHECK=SECONDS", help="one check's time limit (repeatable)"
+    )
     args = parser.parse_args(argv)
     if args.list_missing:
         for requirement in list_missing():

@@ -1,9 +1,10 @@
 """Stop signals through the launch path (`launch/hapo_1.5b.sh` falling back to two local ranks, a tiny model).
 
 SIGUSR1 then SIGTERM: the first asks for a checkpoint after the step, the second makes every rank exit at once
-(status 1) whatever it is doing, and takes every process the run started with it (before: Megatron's checkpoint-writer manager stayed behind, 275 MB per rank). Nothing may be
-corrupted: the newest checkpoint on disk verifies against its manifest (a save cut short is only a staging
-directory), and the same command resumes from it and finishes with every step recorded once.
+(status 1) whatever it is doing, and takes every process the run started with it (before: Megatron's
+checkpoint-writer manager stayed behind, 275 MB per rank). Nothing may be corrupted: the newest checkpoint on
+disk verifies against its manifest (a save cut short is only a staging directory), and the same command resumes
+from it and finishes with every step recorded once.
 
 Neither test races the machine's speed: test pacing (``MEGATRON_HAPO_TEST_HOLD``, trainer/pacing.py) holds the
 ranks at a step boundary, so the second signal arrives while the first is being handled, and the start-up
