@@ -22,6 +22,9 @@ NODES = ("n1", "n2")
 FINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"})
 INSTALL = "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge"
 MUNGE_KEY = Path("/etc/munge/munge.key")
+#: Seconds from a job's SIGTERM (scancel, the time limit) to slurmd's SIGKILL. A real cluster's default is 30;
+#: here 300, so that the ranks' finishing their step and saving it (about 3 s) never races it on a slow machine.
+KILL_WAIT_S = 300
 
 SLURM_CONF = """\
 ClusterName=hapotest
@@ -47,7 +50,7 @@ JobCompType=jobcomp/none
 MpiDefault=none
 SwitchType=switch/none
 MinJobAge=600
-KillWait=30
+KillWait={kill_wait}
 JobRequeue=1
 GresTypes=gpu
 {nodes}
@@ -171,7 +174,13 @@ class SlurmCluster:
             NODE_LINE.format(name=n, host=host, port=p, hw=hw) for n, p in zip(NODES, ports[1:], strict=True)
         )
         conf = SLURM_CONF.format(
-            host=host, ctld_port=ctld_port, work=work, slurmd_debug=slurmd_debug, nodes=nodes, node_list=",".join(NODES)
+            host=host,
+            ctld_port=ctld_port,
+            work=work,
+            slurmd_debug=slurmd_debug,
+            nodes=nodes,
+            node_list=",".join(NODES),
+            kill_wait=KILL_WAIT_S,
         )
         self.conf_path.write_text(conf)
         (work / "gres.conf").write_text(f"NodeName=n[1-2] Name=gpu File={work}/nvidia[0-1]\n")
