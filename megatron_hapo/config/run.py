@@ -178,7 +178,8 @@ class OutputConfig:
     reward_workers: int = 4
     """Verifier worker processes."""
     reward_timeout_s: float = 10.0
-    """Per-response verification time limit; a timeout scores the response as wrong and is counted."""
+    """Per-response verification time limit, from the moment a worker starts the call (its start-up does not
+    count); a timeout scores the response as wrong and is counted."""
     wandb_project: str | None = None
     """Also log to this Weights & Biases project (when wandb is installed)."""
 
