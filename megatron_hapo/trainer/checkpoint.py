@@ -87,6 +87,7 @@ def save_checkpoint(
             "entropy_stats": stats,
             "skipped_updates": state.skipped_updates,
             "eval_best": state.eval_best,
+            "eval_metric": state.eval_metric,
             "data_cursor": state.data_cursor,
         }
         _write_synced(staging / TRAINER_STATE, json.dumps(trainer_state))
@@ -149,6 +150,7 @@ def read_trainer_state(checkpoint: Path) -> StepState:
         skipped_updates=saved["skipped_updates"],
         data_cursor=int(saved["data_cursor"]),
         eval_best=None if best is None else (float(best[0]), int(best[1])),
+        eval_metric=saved.get("eval_metric"),  # absent in checkpoints before 2026-12-07
     )
 
 

@@ -104,7 +104,7 @@ def _check_skips(state: StepState, metrics: dict, limit: int) -> None:
 def _track_best(tracker: BestAndFinal, state: StepState, step: int, metrics: dict) -> None:
     """Record an evaluation's value in ``tracker`` and ``state`` (kept across a resume) and in ``metrics``."""
     tracker.update(step, metrics)
-    state.eval_best = (tracker.best, tracker.best_step)
+    state.eval_best, state.eval_metric = (tracker.best, tracker.best_step), tracker.name
     metrics[f"best_{tracker.name}"] = tracker.best
 
 
@@ -158,7 +158,7 @@ def train(
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(config.train.seed)).tolist()
     writer = MetricsWriter(settings.run_dir, enabled=runtime.rank() == 0, first_step=state.step)
     tracker = BestAndFinal(f"avg@{settings.eval_settings.k}")
-    if state.eval_best is not None:  # a resumed run keeps the best evaluation so far
+    if state.eval_best is not None and state.eval_metric in (None, tracker.name):  # a resumed run keeps its best
         tracker.best, tracker.best_step = state.eval_best
     total = config.train.total_steps
     shown = settings.progress_bar and runtime.rank() == 0
@@ -207,6 +207,13 @@ def train(
         progress.close()
         writer.close()
     if not math.isinf(tracker.best) and runtime.rank() == 0:
-        summary = {"best": tracker.best, "best_step": tracker.best_step, "final": tracker.final}
-        (settings.run_dir / "eval_summary.json").write_text(json.dumps({tracker.name: summary}))
+        _write_eval_summary(settings.run_dir / "eval_summary.json", tracker)
     return state
+
+
+def _write_eval_summary(path: Path, tracker: BestAndFinal) -> None:
+    """``{metric: {best, best_step, final}}`` as strict JSON: a value not measured in this run (the final one of
+    a resumed run that trained no further) is ``null``, never ``NaN``."""
+    final = None if math.isnan(tracker.final) else tracker.final
+    summary = {"best": tracker.best, "best_step": tracker.best_step, "final": final}
+    path.write_text(json.dumps({tracker.name: summary}, allow_nan=False))

@@ -63,6 +63,8 @@ class StepState:
     skipped_updates: int = 0
     eval_best: tuple[float, int] | None = None
     """``(best evaluation value, its step)`` so far (kept across a resume)."""
+    eval_metric: str | None = None
+    """The metric ``eval_best`` is of (``avg@8``): a resumed run with another ``k`` does not take it as its own."""
     stopped: bool = False
     """The loop stopped early on request (a signal), after saving a checkpoint."""
     consecutive_skips: int = 0

@@ -30,8 +30,7 @@ def test_train_entry_point_runs_rl_steps(tiny_llama: Path, tmp_path: Path, repo_
     model = _model_with_tokenizer(tiny_llama, tmp_path / "model")
     run_dir = tmp_path / "run"
     train_file, eval_file = _dapo_jsonl(tmp_path / "t.jsonl", 12), _dapo_jsonl(tmp_path / "e.jsonl", 3)
-    result = _train(
-        repo_root,
+    args = [
         "configs/algo/hapo.yaml",
         f"model.path={model}",
         "model.tensor_parallel=2",
@@ -54,7 +53,8 @@ def test_train_entry_point_runs_rl_steps(tiny_llama: Path, tmp_path: Path, repo_
         f"output.dir={run_dir}",
         "--local-ranks",
         "2",
-    )
+    ]
+    result = _train(repo_root, *args)
     assert result.returncode == 0, result.stderr[-4000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [0, 1], rows
@@ -64,6 +64,13 @@ def test_train_entry_point_runs_rl_steps(tiny_llama: Path, tmp_path: Path, repo_
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_000002"
     assert json.loads((run_dir / "config.json").read_text())["model"]["tensor_parallel"] == 2
     assert "12 prompts" in result.stderr, result.stderr[-2000:]
+    summary = (run_dir / "eval_summary.json").read_text()
+    assert set(json.loads(summary)) == {"avg@2"} and "NaN" not in summary
+    # the finished run again with another k: nothing to train or evaluate, so the summary stays as it was (before:
+    # the old best relabelled avg@4 with a NaN final)
+    again = _train(repo_root, *[a for a in args[:-2] if a != "output.eval_k=2"], "output.eval_k=4", *args[-2:])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (run_dir / "eval_summary.json").read_text() == summary
 
 
 def test_train_entry_point_refuses_bad_inputs_in_one_line(tmp_path: Path, repo_root: Path) -> None:
@@ -80,7 +87,10 @@ def test_train_entry_point_refuses_bad_inputs_in_one_line(tmp_path: Path, repo_r
     assert "no such directory" in refusal(f"model.path={tmp_path / 'nowhere'}")
     megatron = tmp_path / "step_000040"
     (megatron / "hf").mkdir(parents=True)
-    assert f"is a Megatron checkpoint, not an HF model directory: export it with tools/convert_mcore_to_hf.py --ckpt {megatron}" in refusal(f"model.path={megatron}")
+    assert (
+        f"is a Megatron checkpoint, not an HF model directory: export it with tools/convert_mcore_to_hf.py --ckpt {megatron}"
+        in refusal(f"model.path={megatron}")
+    )
     (model / "config.json").write_text(json.dumps({"hidden_size": 64, "num_attention_heads": 4}))
     assert "no tokenizer" in refusal(f"model.path={model}")
     (model / "tokenizer.json").write_text("{}")

@@ -77,3 +77,17 @@ def test_phase_clock_splits_the_step_time():
     assert out["time_generate"] >= 0.02 and out["time_train"] >= 0.01
     assert out["time_step"] >= out["time_generate"] + out["time_train"]
     assert out["rollout_tokens_per_second"] <= 100 / 0.02 and out["tokens_per_second"] <= 300 / 0.03
+
+
+def test_eval_summary_is_strict_json_with_null_for_an_unmeasured_final(tmp_path: Path) -> None:
+    import json
+
+    from megatron_hapo.trainer.loop import _write_eval_summary
+
+    tracker = BestAndFinal("avg@4", best=0.5, best_step=15)  # resumed at its last step: nothing measured since
+    _write_eval_summary(tmp_path / "eval_summary.json", tracker)
+    text = (tmp_path / "eval_summary.json").read_text()
+    assert json.loads(text) == {"avg@4": {"best": 0.5, "best_step": 15, "final": None}} and "NaN" not in text
+    tracker.update(16, {"avg@4": 0.25})
+    _write_eval_summary(tmp_path / "eval_summary.json", tracker)
+    assert json.loads((tmp_path / "eval_summary.json").read_text())["avg@4"]["final"] == 0.25
