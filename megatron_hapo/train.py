@@ -122,7 +122,7 @@ def _rank(rank: int, world: int, config: Config, should_stop: Callable[[], bool]
         max_consecutive_skips=config.train.max_consecutive_skips,
     )
     try:
-        state = _resume(actor, engine, Path(out.dir) / "checkpoints")
+        state = _start_state(actor, engine, config, data.resume)
         score = worker_scorer(workers, decode=partial(tokenizer.batch_decode, skip_special_tokens=True))
         state = train(
             actor,
@@ -148,18 +148,40 @@ def _rank(rank: int, world: int, config: Config, should_stop: Callable[[], bool]
     return state.stopped
 
 
-def _resume(actor: Actor, engine: RolloutEngine, root: Path) -> StepState | None:
-    """The trainer state of the latest checkpoint under ``root`` (loaded into ``actor`` and synced), or ``None``."""
-    from megatron_hapo.trainer.checkpoint import latest_checkpoint, load_checkpoint  # noqa: PLC0415
+def _start_state(actor: Actor, engine: RolloutEngine, config: Config, explicit: Path | None) -> StepState | None:
+    """Where the run starts (loaded into ``actor``, the engine synced): the whole state of ``explicit``
+    (``train.resume_from``) or of the run's latest checkpoint; else the weights of ``model.init_from``; else the
+    HF weights as built (``None``)."""
+    from megatron_hapo.parallel import runtime  # noqa: PLC0415
+    from megatron_hapo.trainer.checkpoint import latest_checkpoint, load_checkpoint, load_model_weights  # noqa: PLC0415
+    from megatron_hapo.trainer.manifest import verify_manifest  # noqa: PLC0415
+    from megatron_hapo.trainer.preflight import RESUMED_FROM  # noqa: PLC0415
     from megatron_hapo.trainer.step import sync_and_verify  # noqa: PLC0415
 
-    checkpoint = latest_checkpoint(root)
-    if checkpoint is None:
-        return None
-    state = load_checkpoint(checkpoint, actor)
-    sync_and_verify(actor, engine)  # the engine started from the HF weights
-    logger.info("resumed from %s (step %d)", checkpoint, state.step)
-    return state
+    run_dir = Path(str(config.output.dir))
+    checkpoint = explicit or latest_checkpoint(run_dir / "checkpoints")
+    if explicit is not None and (problems := verify_manifest(explicit)):
+        raise RuntimeError(f"train.resume_from={str(explicit)!r} is not intact: {'; '.join(problems)}")
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, actor)
+        sync_and_verify(actor, engine)  # the engine started from the HF weights
+        if explicit is not None and runtime.rank() == 0:  # a requeue of the same command continues from its own
+            (run_dir / RESUMED_FROM).write_text(str(config.train.resume_from))
+        logger.info("resumed from %s (step %d)", checkpoint, state.step)
+        return state
+    if config.model.init_from:
+        load_model_weights(Path(config.model.init_from), actor)
+        sync_and_verify(actor, engine)
+        logger.info("started from the weights of %s", config.model.init_from)
+    return None
+
+
+def _keep_previous_config(run_dir: Path) -> None:
+    """Keep the ``config.json`` of the run's earlier starts as ``config.<n>.json`` (n = 1, 2, ...)."""
+    previous = run_dir / "config.json"
+    if previous.is_file():
+        n = 1 + sum(1 for _ in run_dir.glob("config.*.json"))
+        previous.rename(run_dir / f"config.{n}.json")
 
 
 def _joined_rank(config: Config, should_stop: Callable[[], bool], data: RunData) -> bool:
@@ -187,15 +209,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", type=Path, help="run or preset YAML (configs/runs/, configs/algo/)")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     parser.add_argument("--local-ranks", type=int, default=1, help="gloo ranks on this machine (no launcher)")
+    parser.add_argument(
+        "--resume-from", metavar="STEP_DIR", help="resume from this checkpoint (train.resume_from): any run's step_*"
+    )
+    parser.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume although the config differs from the saved one in keys other than steps, intervals, paths",
+    )
     args = parser.parse_args(argv)
+    if args.resume_from:
+        args.overrides.append(f"train.resume_from={args.resume_from}")
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as exc:  # one message, no traceback (as print_config)
         raise SystemExit(str(exc)) from None
-    data = check_inputs(config)  # before any rank starts: each problem one line
+    leader = not joined or os.environ["RANK"] == "0"  # the one process that checks and writes the run's config
+    # before any rank starts: one line each
+    data = check_inputs(config, compare_config=leader and not args.allow_config_change)
     run_dir = Path(config.output.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(to_tree(config), indent=1))
+    if leader:
+        _keep_previous_config(run_dir)
+        (run_dir / "config.json").write_text(json.dumps(to_tree(config), indent=1))
     marker = run_dir / STOPPED_MARKER
     marker.unlink(missing_ok=True)
     if joined:

@@ -50,6 +50,9 @@ class TrainConfig:
     """Passes over the rollout batch per step (>= 1)."""
     total_steps: int = 1000
     """RL steps to run (>= 1)."""
+    resume_from: str | None = None
+    """Resume the whole run state (model, optimizer, step, statistics, data order) from this checkpoint, a
+    ``step_*`` directory of this or another run, instead of ``output.dir``'s latest (``--resume-from DIR``)."""
     seed: int = 1
     """Global random seed."""
     max_consecutive_skips: int = 5
@@ -72,6 +75,11 @@ class ModelConfig:
 
     path: str | None = None
     """HF checkpoint directory (weights, config, tokenizer); the trainer entry point requires it."""
+    init_from: str | None = None
+    """A Megatron checkpoint to start the policy from, weights only (a new run; the optimizer starts fresh):
+    the output of ``tools/convert_hf_to_mcore.py`` or any run's ``checkpoints/step_*``. ``path`` still gives the
+    architecture, the tokenizer and the rollout engine's first weights, which a verified sync replaces before the
+    first step. Ignored when the run resumes."""
     config_file: str | None = None
     """An architecture-only HF ``config.json`` (``configs/models/``) for ``tools/plan.py`` where ``path`` is absent."""
     tensor_parallel: int = 1

@@ -174,6 +174,20 @@ def load_checkpoint(checkpoint: Path, actor: Actor) -> StepState:
     return read_trainer_state(checkpoint)
 
 
+def load_model_weights(checkpoint: Path, actor: Actor) -> None:
+    """Load only the model weights of a Megatron checkpoint into ``actor`` (any TP / PP layout; collective): a
+    trainer checkpoint (``step_*``, its ``model`` part) or a converted one (``tools/convert_hf_to_mcore.py``).
+    The optimizer keeps its fresh state; its main (float32) copies are refreshed from the loaded weights."""
+    from megatron.core import dist_checkpointing  # noqa: PLC0415
+
+    model_state = chunks_sharded_state_dict(actor.chunks)
+    trainer = (checkpoint / TRAINER_STATE).is_file()
+    loaded = dist_checkpointing.load({"model": model_state} if trainer else model_state, str(checkpoint))
+    with torch.no_grad():
+        load_chunks_state(actor.chunks, loaded["model"] if trainer else loaded, checkpoint)
+        actor.optimizer.reload_model_params()
+
+
 def _layout() -> list[int]:
     """``[TP, PP, VPP or 0]`` of this run (a ``dp_reshardable`` optimizer state loads only into the same)."""
     layout = runtime.model_parallel_layout()

@@ -31,6 +31,9 @@ class RunData:
 
     train: PromptSet
     eval: PromptSet | None
+    resume: Path | None = None
+    """The checkpoint to resume from when ``train.resume_from`` applies (:func:`resume_source`); else the run's
+    own latest, if any."""
 
 
 def head_dim(config: dict) -> int:
@@ -97,8 +100,9 @@ def read_data(config: Config) -> RunData:
     return RunData(train=train, eval=sets["eval_file"])
 
 
-def check_inputs(config: Config) -> RunData:
-    """Every check above for ``config``, and the devices it asks for; the data rows for the ranks."""
+def check_inputs(config: Config, *, compare_config: bool = True) -> RunData:
+    """Every check here for ``config`` (the devices it asks for, the models, the resume, the data); the data rows
+    and the checkpoint to resume from, for the ranks."""
     import torch  # noqa: PLC0415  (late: the stop signals are blocked before anything heavy loads)
 
     on_cpu = not torch.cuda.is_available()
@@ -112,4 +116,79 @@ def check_inputs(config: Config) -> RunData:
     guide = config.algo.guide_policy
     if guide.kind != "none":  # the guide's engine is of the same kind
         check_model_dir(guide.model_path, "algo.guide_policy.model_path", vllm_on_cpu=vllm_on_cpu)
-    return read_data(config)
+    _, resume = resume_source(config, compare_config=compare_config)
+    data = read_data(config)
+    return RunData(train=data.train, eval=data.eval, resume=resume)
+
+
+#: Config keys a resumed run may change (dotted, or a section prefix ending in "."): how long it runs, how often
+#: it evaluates, saves and logs, where it writes, and where it starts from. Anything else changes the run.
+RESUME_MAY_CHANGE = ("train.total_steps", "train.resume_from", "model.init_from", "output.")
+#: ...except these output keys, which change how the saved state is read or what the run computes.
+RESUME_MUST_KEEP = ("output.optimizer_sharding",)
+#: In a run directory: the ``train.resume_from`` checkpoint this run has already resumed from (once resumed,
+#: the same command continues from the run's own latest checkpoint, e.g. after a requeue).
+RESUMED_FROM = "resumed_from.txt"
+
+
+def _flat(tree: object, prefix: str = "") -> dict[str, object]:
+    """A config tree as ``{dotted key: value}``."""
+    if isinstance(tree, dict):
+        out: dict[str, object] = {}
+        for key, value in tree.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def _may_change(key: str) -> bool:
+    return key not in RESUME_MUST_KEEP and any(
+        key == allowed or (allowed.endswith(".") and key.startswith(allowed)) for allowed in RESUME_MAY_CHANGE
+    )
+
+
+def config_changes(saved: dict, config: Config) -> list[str]:
+    """``key (old -> new)`` for each key of ``config`` that differs from the ``saved`` tree and may not change on a
+    resume (:data:`RESUME_MAY_CHANGE`)."""
+    from megatron_hapo.config.loader import to_tree  # noqa: PLC0415
+
+    old, new = _flat(saved), _flat(json.loads(json.dumps(to_tree(config))))
+    missing = object()
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k, missing) != new.get(k, missing))
+    return [f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in keys if not _may_change(k)]
+
+
+def resume_source(config: Config, *, compare_config: bool) -> tuple[bool, Path | None]:
+    """Whether this run resumes, and from which explicit checkpoint (``None``: the run's own latest, or none).
+
+    Refuses, in one line each: a ``train.resume_from`` that is not a run checkpoint, a ``model.init_from`` that is
+    not a Megatron checkpoint, and a resume whose config differs from the saved ``config.json`` in a key that may
+    not change (listed), when ``compare_config`` (one process of the job does; ``--allow-config-change`` skips it).
+    """
+    from megatron_hapo.trainer.checkpoint import TRAINER_STATE  # noqa: PLC0415
+
+    run_dir, resume_from, init_from = Path(config.output.dir), config.train.resume_from, config.model.init_from
+    if resume_from and not (Path(resume_from) / TRAINER_STATE).is_file():
+        raise SystemExit(
+            f"train.resume_from={resume_from!r}: not a run checkpoint ({TRAINER_STATE} missing); pass a "
+            "checkpoints/step_* directory"
+        )
+    if init_from and not (Path(init_from) / ".metadata").is_file():
+        raise SystemExit(
+            f"model.init_from={init_from!r}: not a Megatron checkpoint (.metadata missing); pass the output of "
+            "tools/convert_hf_to_mcore.py or a checkpoints/step_* directory"
+        )
+    own_latest = (run_dir / "checkpoints" / "latest").is_file()
+    consumed = (run_dir / RESUMED_FROM).read_text().strip() if (run_dir / RESUMED_FROM).is_file() else None
+    explicit = Path(resume_from) if resume_from and not (own_latest and consumed == resume_from) else None
+    resuming = explicit is not None or own_latest
+    saved = explicit.parent.parent / "config.json" if explicit is not None else run_dir / "config.json"
+    if resuming and saved.is_file() and compare_config:
+        changes = config_changes(json.loads(saved.read_text()), config)
+        if changes:
+            shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
+            raise SystemExit(
+                f"{saved}: this resume changes {shown}. Resume with the saved settings (only "
+                f"{', '.join(RESUME_MAY_CHANGE)}* may change), or pass --allow-config-change"
+            )
+    return resuming, explicit
