@@ -79,6 +79,36 @@ def _messages(prompt: Any) -> tuple[tuple[str, str], ...]:
     raise DataError(f"the prompt must be a string or a non-empty list of chat messages, got {type(prompt).__name__}")
 
 
+#: Column names of common benchmark files, tried in order when the configured key is absent from a file's first
+#: row: DAPO / verl (``prompt``, ``reward_model.ground_truth``), AIME / MATH-500 (``problem``, ``answer``),
+#: OpenCompass AIME 2025 (``question``), OlympiadBench (``final_answer``).
+PROMPT_KEYS = ("prompt", "problem", "question")
+ANSWER_KEYS = ("reward_model.ground_truth", "answer", "final_answer")
+
+
+def detect_keys(path: str | Path, prompt_key: str, answer_key: str) -> tuple[str, str]:
+    """The prompt and answer keys of ``path``: the given ones when its first row has them, else the first of
+    :data:`PROMPT_KEYS` / :data:`ANSWER_KEYS` it has (the given ones again when none fits: the read then names
+    the missing key)."""
+    rows = _rows(Path(path)) if Path(path).is_file() else []
+    first = next((row for _, row in rows if isinstance(row, dict)), None)
+    if first is None:
+        return prompt_key, answer_key
+
+    def has(key: str) -> bool:
+        try:
+            _lookup(first, key)
+        except DataError:
+            return False
+        return True
+
+    found = [
+        next((k for k in (given, *known) if has(k)), given)
+        for given, known in ((prompt_key, PROMPT_KEYS), (answer_key, ANSWER_KEYS))
+    ]
+    return found[0], found[1]
+
+
 def read_prompts(
     path: str | Path,
     *,

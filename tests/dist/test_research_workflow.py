@@ -88,3 +88,44 @@ def test_start_from_a_converted_checkpoint_resume_elsewhere_and_refuse_a_changed
     assert again.returncode == 0 and "step_000002 (step 2)" in again.stderr, again.stderr[-3000:]
     assert _rows(tmp_path / "c") == _rows(tmp_path / "a")[1:]
     assert sorted(p.name for p in (tmp_path / "c").glob("config*.json")) == ["config.1.json", "config.json"]
+
+
+EVAL_OVERRIDES = (
+    "model.dtype=float32",
+    "rollout.max_prompt_length=32",
+    "rollout.max_response_length=6",
+    "algo.reward_shaping.buffer_length=2",
+    "engine.max_num_seqs=32",
+    "output.reward_workers=1",
+)
+
+
+def test_evaluate_reproduces_the_runs_own_evaluation_on_several_sets(tmp_path: Path, repo_root: Path) -> None:
+    """`python -m megatron_hapo.evaluate` on a run's last checkpoint gives the run's final in-training avg@4 and
+    pass@4 (same prompts, seeds and sampling); a model directory on two sets, one in AIME's columns."""
+    model = tmp_path / "tiny"
+    assert _run(repo_root, "tools/make_tiny_model.py", "--out", str(model)).returncode == 0
+    data, held_out = _dapo_jsonl(tmp_path / "train.jsonl", 12), _dapo_jsonl(tmp_path / "eval.jsonl", 5)
+    run = _train(repo_root, model, data, tmp_path / "run", f"data.eval_file={held_out}", "output.eval_k=4")
+    assert run.returncode == 0, run.stderr[-3000:]
+    final = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+
+    def evaluate(out: Path, *args: str) -> dict:
+        done = _run(repo_root, "-m", "megatron_hapo.evaluate", *args, *EVAL_OVERRIDES, "--out", str(out))
+        assert done.returncode == 0, done.stderr[-3000:]
+        text = (out / "eval.json").read_text()
+        assert "NaN" not in text
+        return json.loads(text)["results"]
+
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_000002"
+    results = evaluate(tmp_path / "e1", str(checkpoint), "--set", f"held_out={held_out}", "--n", "4", "--k", "4",
+                       "--local-ranks", "2")
+    row = results[str(checkpoint)]["held_out"]
+    assert (row["avg@4"], row["pass@4"]) == (final["avg@4"], final["pass@4"]), (row, final)
+    assert row["prompts"] == 5 and row["truncated"] <= 20
+
+    aime = tmp_path / "aime.jsonl"
+    aime.write_text("".join(json.dumps({"problem": f"What is {a} + 1 ?", "answer": str(a + 1)}) + "\n" for a in range(4)))
+    results = evaluate(tmp_path / "e2", str(model), "--set", f"dapo={held_out}", "--set", f"aime={aime}", "--n", "4")
+    assert set(results[str(model)]) == {"dapo", "aime"}
+    assert set(results[str(model)]["aime"]) == {"avg@4", "pass@1", "pass@4", "response_length", "truncated", "prompts"}
