@@ -236,7 +236,7 @@ def _no_guide(batch: GuideBatch | None) -> None:
     read_by={
         "weight": "megatron_hapo.parallel.policy_loss",
         "route_zero_reward_groups": "megatron_hapo.trainer.guide",
-        "model_path": "megatron_hapo.train",
+        "model_path": "megatron_hapo.trainer.preflight",
     },
 )
 def _mixed_guide(
