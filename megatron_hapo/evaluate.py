@@ -244,19 +244,21 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, overrides)
     except ConfigError as exc:
         raise SystemExit(str(exc)) from None
-    n = args.n or config.output.eval_k
+    n = config.output.eval_k if args.n is None else args.n  # --n 0 is refused below, not replaced
     try:
         ks = tuple(sorted({int(k) for k in args.k.split(",")})) if args.k else tuple(sorted({1, n}))
     except ValueError:
         raise SystemExit(f"--k {args.k!r}: comma-separated whole numbers, e.g. 1,4,8") from None
     if n < 1 or not all(0 < k <= n for k in ks):
-        raise SystemExit(f"--k {list(ks)}: each k must be between 1 and --n {n}")
+        raise SystemExit(f"--n {n} / --k {list(ks)}: need n >= 1 and each k between 1 and n")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise SystemExit(f"--max-tokens {args.max_tokens}: at least 1 token per response")
     sampling = Sampling(
         n=n,
         ks=ks,
         temperature=args.temperature,
         top_p=args.top_p,
-        max_tokens=args.max_tokens or config.rollout.max_response_length,
+        max_tokens=config.rollout.max_response_length if args.max_tokens is None else args.max_tokens,
         seed=config.train.seed,
     )
     found, sets = targets([t for t in args.targets if t not in overrides]), read_sets(config, args.sets)
