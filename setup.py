@@ -36,7 +36,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["megatron_hapo", "megatron_hapo.*"]),
-    package_data={"megatron_hapo": ["py.typed", "configs/*/*.yaml", "configs/*/*.md", "configs/*/*/*.json"]},
+    package_data={
+        "megatron_hapo": ["py.typed", "configs/*/*.yaml", "configs/*/*.md", "configs/*/*/*.json", "examples/*/*.jsonl"]
+    },
     # torch is deliberately unpinned above a floor: clusters run newer CUDA builds.
     install_requires=["torch>=2.4", "pyyaml>=6", "pyarrow>=15", "tensorboard>=2.14", "matplotlib>=3.8", "tqdm>=4.66"],
     extras_require={

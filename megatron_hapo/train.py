@@ -87,12 +87,10 @@ def _rank(rank: int, world: int, config: Config, should_stop: Callable[[], bool]
     import transformers  # noqa: PLC0415
 
     from megatron_hapo.parallel import runtime  # noqa: PLC0415
-    from megatron_hapo.rewards import RewardWorkers  # noqa: PLC0415
-    from megatron_hapo.rewards.math_answer import math_reward  # noqa: PLC0415
     from megatron_hapo.trainer.actor import build_actor, build_engines  # noqa: PLC0415
-    from megatron_hapo.trainer.evaluation import EvalSettings  # noqa: PLC0415
+    from megatron_hapo.trainer.evaluation import EvalSettings, encode_eval_sets  # noqa: PLC0415
     from megatron_hapo.trainer.loop import LoopSettings, train  # noqa: PLC0415
-    from megatron_hapo.trainer.scoring import worker_scorer  # noqa: PLC0415
+    from megatron_hapo.trainer.scoring import math_scorers  # noqa: PLC0415
 
     model, out = config.model, config.output
     runtime.quiet_logs()
@@ -101,47 +99,43 @@ def _rank(rank: int, world: int, config: Config, should_stop: Callable[[], bool]
     )
     tokenizer = transformers.AutoTokenizer.from_pretrained(model.path)
     prompts, answers = _prompts(config, tokenizer, config.data.train_file, data.train)
-    eval_prompts, eval_answers = _prompts(config, tokenizer, config.data.eval_file, data.eval)
     if not prompts:
         raise ValueError(f"{config.data.train_file}: no prompt fits rollout.max_prompt_length")
     actor = build_actor(config, probe_prompts=prompts)
     engine, guide = build_engines(config)
-    reward = partial(math_reward, rule=config.data.reward, math_verify=config.data.math_verify)
-    workers = RewardWorkers(
-        reward, workers=out.reward_workers, timeout_s=out.reward_timeout_s, failure_value=(-1.0, False)
-    )
-    eval_settings = EvalSettings(k=out.eval_k, max_tokens=config.rollout.max_response_length, seed=config.train.seed)
     settings = LoopSettings(
         Path(out.dir),
         eval_interval=out.eval_interval,
+        eval_before_train=out.eval_before_train,
         save_interval=out.save_interval,
-        eval_settings=eval_settings,
+        eval_settings=EvalSettings.from_config(config),
         keep_last=out.keep_last,
         model_dir=Path(str(model.path)),  # checked by the preflight
         optimizer_sharding=out.optimizer_sharding,
         max_consecutive_skips=config.train.max_consecutive_skips,
     )
+    decode = partial(tokenizer.batch_decode, skip_special_tokens=True)
+    rules = [config.data.reward, *(one.reward for one in data.evals)]
     try:
-        state = _start_state(actor, engine, config, data.resume)
-        score = worker_scorer(workers, decode=partial(tokenizer.batch_decode, skip_special_tokens=True))
-        state = train(
-            actor,
-            engine,
-            score,
-            config,
-            settings,
-            prompts=prompts,
-            answers=answers,
-            eval_prompts=eval_prompts,
-            eval_answers=eval_answers,
-            state=state,
-            guide_engine=guide,
-            should_stop=should_stop,
-        )
+        with math_scorers(config, rules, decode) as scorers:
+            evals = encode_eval_sets(data.evals, tokenizer, config.rollout.max_prompt_length, scorers)
+            state = _start_state(actor, engine, config, data.resume)
+            state = train(
+                actor,
+                engine,
+                scorers[config.data.reward],
+                config,
+                settings,
+                prompts=prompts,
+                answers=answers,
+                eval_sets=evals,
+                state=state,
+                guide_engine=guide,
+                should_stop=should_stop,
+            )
         if state.stopped and rank == 0:  # for the parent of local ranks (mp.spawn returns no values)
             (Path(out.dir) / STOPPED_MARKER).write_text(str(state.step))
     finally:
-        workers.close()
         engine.close()
         if guide is not None:
             guide.close()

@@ -33,6 +33,10 @@ if TYPE_CHECKING:
 _Dataclass = TypeVar("_Dataclass", bound="DataclassInstance")
 
 
+#: Keys renamed since an earlier release: a config that still uses one gets the new name in one line.
+RENAMED = {"output.eval_k": "output.eval.n"}
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"algo.clip.eps_high=0.28"`` -> ``(["algo", "clip", "eps_high"], 0.28)`` (value parsed as YAML)."""
     key, sep, raw = text.partition("=")
@@ -93,6 +97,27 @@ def _type_name(tp: Any) -> str:
 _YAML11_FLOAT = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
 
 
+def _coerce_container(value: Any, tp: Any, where: str) -> Any:
+    """A list, mapping, fixed-length tuple or nested config dataclass (``tp``), each item coerced."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of names, got {type(value).__name__} {value!r}")
+        return {str(k): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if origin is tuple:
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    shorthand = getattr(tp, "SHORTHAND", None)  # a plain value standing for {SHORTHAND: value}
+    if shorthand is not None and not isinstance(value, dict):
+        value = {shorthand: value}
+    return build_dataclass(tp, value, where)
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against the annotation ``tp`` (ints widen to floats); raise ConfigError otherwise."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -110,10 +135,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if value not in args:
             raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
         return value
-    if origin is tuple:
-        if not isinstance(value, list | tuple) or len(value) != len(args):
-            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if origin in (list, dict, tuple) or (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
+        return _coerce_container(value, tp, where)
     widens = isinstance(value, int) and not isinstance(value, bool)
     exponent = isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip())  # YAML 1.1 keeps "1e-3" a string
     if tp is float and (widens or exponent):
@@ -146,6 +169,8 @@ def build_dataclass(cls: type[_Dataclass], data: dict[str, Any], where: str = ""
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         dotted = f"{where}.{key}" if where else str(key)
+        if dotted in RENAMED:
+            raise ConfigError(f"config key '{dotted}' is now '{RENAMED[dotted]}'; rename it")
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
             hint = f"; did you mean '{where + '.' if where else ''}{close[0]}'?" if close else ""
@@ -155,6 +180,13 @@ def build_dataclass(cls: type[_Dataclass], data: dict[str, Any], where: str = ""
             kwargs[key] = build_dataclass(tp, value, dotted)
         else:
             kwargs[key] = _coerce(value, tp, dotted)
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{where or 'config'}: missing {', '.join(repr(m) for m in missing)}")
     return cls(**kwargs)
 
 
@@ -162,8 +194,10 @@ def to_tree(obj: Any) -> Any:
     """A config dataclass as plain nested dicts / lists (YAML-ready)."""
     if dataclasses.is_dataclass(obj):
         return {f.name: to_tree(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, tuple):
-        return list(obj)
+    if isinstance(obj, tuple | list):
+        return [to_tree(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_tree(v) for k, v in obj.items()}
     return obj
 
 

@@ -5,7 +5,7 @@ and the run's outputs."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from megatron_hapo.config.algo import AlgoConfig
 
@@ -117,13 +117,41 @@ class ModelConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class EvalSetConfig:
+    """One evaluation benchmark: its file, its columns, its prompt template and answer rule. In YAML or an
+    override a plain path stands for ``{file: PATH}`` (``data.eval_sets.aime24=data/aime24.parquet``)."""
+
+    SHORTHAND: ClassVar[str] = "file"
+
+    file: str
+    """The benchmark's ``.parquet`` / ``.jsonl`` file."""
+    prompt_key: str | None = None
+    """Dotted key of its prompt; null: ``data.prompt_key`` when the file has it, else the first of ``prompt``,
+    ``problem``, ``question`` it has."""
+    answer_key: str | None = None
+    """Dotted key of its answer; null: ``data.answer_key`` when the file has it, else the first of
+    ``reward_model.ground_truth``, ``answer``, ``final_answer``, ``solution`` (its last ``\\boxed{}``) it has."""
+    template: str = "none"
+    """How a prompt is put to the model: ``none`` (as written in the file), ``dapo`` (DAPO's instruction to end
+    with an ``Answer:`` line), ``boxed`` (Qwen2.5-Math's: the answer in ``\\boxed{}``), or a text holding
+    ``{problem}`` where the prompt goes. Applied to the last user message, before the chat template."""
+    reward: Literal["dapo_math", "boxed_math"] | None = None
+    """The answer rule; null: the template's (``dapo``: dapo_math, ``boxed``: boxed_math), else ``data.reward``."""
+
+
+@dataclass(kw_only=True, slots=True)
 class DataConfig:
     """Prompt files and how their answers are verified."""
 
     train_file: str | None = None
     """Training prompts: DAPO-Math-17k ``.parquet`` layout or ``.jsonl`` (required by the trainer entry point)."""
     eval_file: str | None = None
-    """Evaluation prompts (AIME-format ``.parquet`` / ``.jsonl``), or null for no evaluation."""
+    """One evaluation file, read with ``prompt_key`` / ``answer_key`` as written (the set is named after the
+    file's stem), or null. Several benchmarks: ``eval_sets``."""
+    eval_sets: dict[str, EvalSetConfig] = field(default_factory=dict)
+    """Evaluation benchmarks by name (``aime24: data/aime24.parquet``, or a mapping of ``file``, ``prompt_key``,
+    ``answer_key``, ``template``, ``reward``); each is reported as ``eval/<name>/avg@n`` and in
+    ``eval_summary.json``, with their ``mean``."""
     prompt_key: str = "prompt"
     """Dotted key of the chat-format prompt (a list of ``{role, content}`` messages, or a plain string)."""
     answer_key: str = "reward_model.ground_truth"
@@ -166,13 +194,37 @@ class EngineConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class EvalConfig:
+    """Evaluation sampling: ``n`` samples per prompt (HAPO's: 8 at T = 0.5, top-p 0.7), seeded by ``train.seed``."""
+
+    n: int = 8
+    """Samples per prompt: avg@n is their mean accuracy."""
+    k: list[int] | None = None
+    """pass@k for each of these k (each <= n) from the same n samples (unbiased estimator); null: 1 and n."""
+    temperature: float = 0.5
+    """Sampling temperature (0: greedy; no adaptive temperature in evaluation)."""
+    top_p: float = 0.7
+    """Nucleus sampling, in (0, 1]."""
+    max_tokens: int | None = None
+    """Longest response; null: ``rollout.max_response_length``. A response cut there is counted (``truncated``)."""
+
+    def ks(self) -> tuple[int, ...]:
+        """The pass@k values, sorted, without repeats."""
+        return tuple(sorted(set(self.k) if self.k else {1, self.n}))
+
+
+@dataclass(kw_only=True, slots=True)
 class OutputConfig:
     """Where a run writes, how often it evaluates and saves, and its verifier workers."""
 
     dir: str = "runs/default"
     """Run directory: metrics.jsonl, TensorBoard events, checkpoints/, eval_summary.json."""
     eval_interval: int = 0
-    """Evaluate every this many steps (0: only at the end; needs ``data.eval_file``)."""
+    """Evaluate every this many steps (0: only at the end; needs ``data.eval_sets`` or ``data.eval_file``)."""
+    eval_before_train: bool = False
+    """Also evaluate the starting policy before the first step (a fresh run only; its row is ``step -1``)."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """How evaluation samples (in training and ``python -m megatron_hapo.evaluate``)."""
     save_interval: int = 0
     """Checkpoint every this many steps (0: only at the end)."""
     keep_last: int = 3
@@ -181,8 +233,6 @@ class OutputConfig:
     """How the distributed optimizer's state is saved: ``dp_reshardable`` (each rank writes its shard, no
     gather; a resume may change the data-parallel size only, Megatron-LM's default) or ``fully_reshardable`` (the
     state gathered per parameter on DP rank 0 while saving; a resume may change TP, PP and DP)."""
-    eval_k: int = 8
-    """Samples per evaluation prompt (avg@k, pass@k; paper: 8 at T = 0.5, top-p 0.7)."""
     reward_workers: int = 4
     """Verifier worker processes."""
     reward_timeout_s: float = 10.0

@@ -7,6 +7,7 @@ a kind reads comes from the same registry entries, so a changed field that the c
 from __future__ import annotations
 
 import dataclasses
+import re
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -116,9 +117,38 @@ def _check_layout_fields(config: Config, errors: list[str]) -> None:
         )
     for key in ("eval_interval", "save_interval", "keep_last"):
         _in_range(errors, f"output.{key}", getattr(out, key), 0, None)
-    _in_range(errors, "output.eval_k", out.eval_k, 1, None)
+    _check_eval(config, errors)
     _in_range(errors, "output.reward_workers", out.reward_workers, 1, None)
     _in_range(errors, "output.reward_timeout_s", out.reward_timeout_s, 0.0, None, low_open=True)
+
+
+#: An evaluation set's name: it becomes a metric tag (``eval/<name>/avg@8``) and a key of the summary.
+_SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+#: The named prompt templates of ``data.eval_sets.*.template`` (any other value must hold ``{problem}``).
+NAMED_TEMPLATES = ("none", "dapo", "boxed")
+
+
+def _check_eval(config: Config, errors: list[str]) -> None:
+    """Evaluation sampling and the evaluation sets' names and templates."""
+    ev = config.output.eval
+    _in_range(errors, "output.eval.n", ev.n, 1, None)
+    for i, k in enumerate(ev.k or ()):
+        _in_range(errors, f"output.eval.k[{i}]", k, 1, ev.n)
+    _in_range(errors, "output.eval.temperature", ev.temperature, 0.0, None)
+    _in_range(errors, "output.eval.top_p", ev.top_p, 0.0, 1.0, low_open=True)
+    if ev.max_tokens is not None:
+        _in_range(errors, "output.eval.max_tokens", ev.max_tokens, 1, None)
+    for name, spec in config.data.eval_sets.items():
+        if not _SET_NAME.fullmatch(name) or name == "mean":
+            errors.append(
+                f"data.eval_sets.{name}: a set's name is letters, digits, '_', '.', '-' (and not 'mean', the "
+                "average of the sets)"
+            )
+        if spec.template not in NAMED_TEMPLATES and "{problem}" not in spec.template:
+            errors.append(
+                f"data.eval_sets.{name}.template={spec.template!r}: one of {', '.join(NAMED_TEMPLATES)}, or a "
+                "text holding {problem} where the prompt goes"
+            )
 
 
 def validate(config: Config) -> None:

@@ -83,7 +83,49 @@ def _messages(prompt: Any) -> tuple[tuple[str, str], ...]:
 #: row: DAPO / verl (``prompt``, ``reward_model.ground_truth``), AIME / MATH-500 (``problem``, ``answer``),
 #: OpenCompass AIME 2025 (``question``), OlympiadBench (``final_answer``).
 PROMPT_KEYS = ("prompt", "problem", "question")
-ANSWER_KEYS = ("reward_model.ground_truth", "answer", "final_answer")
+ANSWER_KEYS = ("reward_model.ground_truth", "answer", "final_answer", "solution")
+
+#: Prompt templates by name; ``{problem}`` is where the prompt goes. ``dapo``: the instruction of DAPO-Math-17k's
+#: prompts (answer on a last ``Answer:`` line, the ``dapo_math`` rule); ``boxed``: Qwen2.5-Math's chain-of-thought
+#: instruction (answer in ``\boxed{}``, the ``boxed_math`` rule).
+TEMPLATES = {
+    "none": "{problem}",
+    "dapo": (
+        "Solve the following math problem step by step. The last line of your response should be of the form "
+        "Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n{problem}\n\n"
+        'Remember to put your answer on its own line after "Answer:".'
+    ),
+    "boxed": "{problem}\nPlease reason step by step, and put your final answer within \\boxed{}.",
+}
+#: The answer rule each named template asks for.
+TEMPLATE_REWARDS = {"dapo": "dapo_math", "boxed": "boxed_math"}
+
+
+def apply_template(examples: Sequence[PromptExample], template: str) -> list[PromptExample]:
+    """``examples`` with the last user message put into ``template`` (a name of :data:`TEMPLATES` or a text
+    holding ``{problem}``; ``none`` leaves them as they are)."""
+    text = TEMPLATES.get(template, template)
+    if text == "{problem}":
+        return list(examples)
+    out = []
+    for example in examples:
+        messages = list(example.messages)
+        last = max((i for i, (role, _) in enumerate(messages) if role == "user"), default=len(messages) - 1)
+        messages[last] = (messages[last][0], text.replace("{problem}", messages[last][1]))
+        out.append(PromptExample(tuple(messages), example.answer, example.row))
+    return out
+
+
+def _answer_text(answer: Any, key: str) -> str:
+    """A ground truth as text: a number as written (an integral float as an integer: AMC's ``27.0``), a list of
+    one value as that value (OlympiadBench's ``final_answer``)."""
+    if isinstance(answer, list) and len(answer) == 1:
+        answer = answer[0]
+    if isinstance(answer, list | dict) or answer is None:
+        raise DataError(f"{key!r} must be a string or number, got {type(answer).__name__}")
+    if isinstance(answer, float) and answer.is_integer():
+        return str(int(answer))
+    return str(answer)
 
 
 def detect_keys(path: str | Path, prompt_key: str, answer_key: str) -> tuple[str, str]:
@@ -126,10 +168,8 @@ def read_prompts(
         try:
             if isinstance(row, DataError):
                 raise row
-            answer = _lookup(row, answer_key)
-            if isinstance(answer, list | dict) or answer is None:
-                raise DataError(f"{answer_key!r} must be a string or number, got {type(answer).__name__}")
-            out.examples.append(PromptExample(_messages(_lookup(row, prompt_key)), str(answer), row_number))
+            answer = _answer_text(_lookup(row, answer_key), answer_key)
+            out.examples.append(PromptExample(_messages(_lookup(row, prompt_key)), answer, row_number))
         except DataError as exc:
             if bad_rows == "error":
                 raise DataError(f"{path}: {unit} {row_number}: {exc} (bad_rows=skip skips such rows)") from None

@@ -154,7 +154,7 @@ def _train_preset(
     console: TextIO | None,
 ) -> None:
     """One preset's run: the warm-up (if any), then the trainer's loop with a progress line per step."""
-    from megatron_hapo.trainer.evaluation import EvalSettings  # noqa: PLC0415
+    from megatron_hapo.trainer.evaluation import EvalSet, EvalSettings  # noqa: PLC0415
     from megatron_hapo.trainer.loop import LoopSettings, train  # noqa: PLC0415
     from megatron_hapo.trainer.scoring import inline_scorer, worker_scorer  # noqa: PLC0415
     from megatron_hapo.trainer.warmup import supervised_warmup  # noqa: PLC0415
@@ -176,12 +176,10 @@ def _train_preset(
         eval_interval=job.eval_interval,
         keep_last=1,
         progress_bar=False,
-        eval_settings=EvalSettings(
-            k=config.output.eval_k, max_tokens=config.rollout.max_response_length, seed=config.train.seed
-        ),
+        eval_settings=EvalSettings.from_config(config),
         on_step=None if console is None else _ProgressLine(console, preset, config.train.total_steps),
     )
-    eval_prompts = task.eval_prompts if job.eval_interval else []
+    held_out = EvalSet("held_out", task.eval_prompts, task.eval_answers, score)
     train(
         actor,
         engine,
@@ -190,8 +188,7 @@ def _train_preset(
         settings,
         prompts=task.prompts,
         answers=task.answers,
-        eval_prompts=eval_prompts,
-        eval_answers=task.eval_answers if eval_prompts else [],
+        eval_sets=[held_out] if job.eval_interval else [],
         guide_engine=guide,
     )
 
@@ -208,12 +205,17 @@ class _ProgressLine:
 
     def __call__(self, step: int, metrics: dict) -> None:
         self.samples += int(metrics.get("generated_samples", 0))
-        evaluation = "".join(f"  {name} {value:.3f}" for name, value in metrics.items() if name.startswith("avg@"))
+        evaluation = "".join(f"  {name.rsplit('/', 1)[1]} {value:.3f}" for name, value in _avg(metrics).items())
         print(
             f"{self.preset:<11} step {step + 1:>3}/{self.total}  accuracy {metrics['accuracy']:.3f}  "
             f"reward {metrics['reward_mean']:+.3f}  samples {self.samples:>6}{evaluation}",
             file=self.console,
         )
+
+
+def _avg(metrics: dict) -> dict:
+    """The held-out set's ``eval/held_out/avg@k`` of a step's metrics (empty where it was not evaluated)."""
+    return {name: value for name, value in metrics.items() if name.startswith("eval/held_out/avg@")}
 
 
 def overlong_buffer_overrides(preset: str, buffer_length: int) -> list[str]:
@@ -247,7 +249,7 @@ def summary_rows(run_dir: Path, presets: list[str], window: int) -> list[Summary
     for preset in presets:
         metrics = read_metrics(run_dir / preset)
         accuracy = [row["accuracy"] for row in metrics]
-        evals = [value for row in metrics for name, value in row.items() if name.startswith("avg@")]
+        evals = [value for row in metrics for value in _avg(row).values()]
         rows.append(
             SummaryRow(
                 preset,

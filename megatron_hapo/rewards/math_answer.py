@@ -138,10 +138,11 @@ def _judge(prediction: str, ground_truth: str, *, math_verify: bool) -> MathScor
 
 
 def dapo_math_score(response: str, ground_truth: str, *, math_verify: bool = False) -> MathScore:
-    """DAPO's rule: the last ``Answer:`` line of the response's tail against the ground truth."""
+    """DAPO's rule: the last ``Answer:`` line of the response's tail against the ground truth (its last
+    ``\\boxed{}`` when it has one: a worked solution such as MATH's ``solution`` column)."""
     lines = _ANSWER_LINE.findall(response[-TAIL_CHARS:])
     prediction = normalize_answer(lines[-1]) if lines else "[INVALID]"
-    return _judge(prediction, ground_truth, math_verify=math_verify)
+    return _judge(prediction, last_boxed(ground_truth) or ground_truth, math_verify=math_verify)
 
 
 def boxed_math_score(response: str, ground_truth: str, *, math_verify: bool = False) -> MathScore:

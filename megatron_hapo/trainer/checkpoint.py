@@ -87,7 +87,6 @@ def save_checkpoint(
             "entropy_stats": stats,
             "skipped_updates": state.skipped_updates,
             "eval_best": state.eval_best,
-            "eval_metric": state.eval_metric,
             "data_cursor": state.data_cursor,
         }
         _write_synced(staging / TRAINER_STATE, json.dumps(trainer_state))
@@ -143,14 +142,13 @@ def read_trainer_state(checkpoint: Path) -> StepState:
     """The trainer state saved with a checkpoint (model and optimizer are loaded by :func:`load_checkpoint`)."""
     saved = json.loads((checkpoint / TRAINER_STATE).read_text())
     stats = saved["entropy_stats"]
-    best = saved.get("eval_best")
+    best = saved.get("eval_best")  # before 2026-12-07 one [value, step] of an unnamed set: not carried over
     return StepState(
         step=saved["step"],
         stats=None if stats is None else EntropyStats.from_floats(**stats),
         skipped_updates=saved["skipped_updates"],
         data_cursor=int(saved["data_cursor"]),
-        eval_best=None if best is None else (float(best[0]), int(best[1])),
-        eval_metric=saved.get("eval_metric"),  # absent in checkpoints before 2026-12-07
+        eval_best={k: (float(v[0]), int(v[1])) for k, v in best.items()} if isinstance(best, dict) else {},
     )
 
 

@@ -3,7 +3,7 @@
     for step in range(total_steps):
         set the learning rate (linear warm-up)
         metrics = rl_step(prompts of this step)       # rollout -> reward -> advantages -> update -> sync
-        write metrics; every eval_interval steps: avg@k / pass@k; every save_interval steps: checkpoint
+        write metrics; every eval_interval steps: avg@n / pass@k per benchmark; every save_interval steps: checkpoint
 
         if asked to stop (a signal before a time limit): checkpoint and return
 
@@ -14,9 +14,7 @@ state=load_checkpoint(...))`` continues where the run stopped.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -32,7 +30,7 @@ from megatron_hapo.parallel.collectives import any_rank
 from megatron_hapo.rollout.engine import RolloutEngine
 from megatron_hapo.trainer.actor import Actor
 from megatron_hapo.trainer.checkpoint import save_checkpoint
-from megatron_hapo.trainer.evaluation import BestAndFinal, EvalSettings, evaluate
+from megatron_hapo.trainer.evaluation import BestAndFinal, EvalSet, EvalSettings, eval_metrics, evaluate_sets
 from megatron_hapo.trainer.metrics import MetricsWriter
 from megatron_hapo.trainer.pacing import hold_between_steps, step_line
 from megatron_hapo.trainer.scoring import Scorer
@@ -50,7 +48,9 @@ class LoopSettings:
 
     run_dir: Path
     eval_interval: int = 0
-    """Evaluate every this many steps (0: never; the last step is always evaluated when eval prompts exist)."""
+    """Evaluate every this many steps (0: never; the last step is always evaluated when there are eval sets)."""
+    eval_before_train: bool = False
+    """Also evaluate the starting policy of a fresh run, as a row of its own (``step -1``)."""
     save_interval: int = 0
     """Checkpoint every this many steps (0: only at the end)."""
     keep_last: int = 0
@@ -101,11 +101,17 @@ def _check_skips(state: StepState, metrics: dict, limit: int) -> None:
         )
 
 
-def _track_best(tracker: BestAndFinal, state: StepState, step: int, metrics: dict) -> None:
-    """Record an evaluation's value in ``tracker`` and ``state`` (kept across a resume) and in ``metrics``."""
-    tracker.update(step, metrics)
-    state.eval_best, state.eval_metric = (tracker.best, tracker.best_step), tracker.name
-    metrics[f"best_{tracker.name}"] = tracker.best
+def _evaluate(
+    engine: RolloutEngine, sets: Sequence[EvalSet], settings: EvalSettings, tracker: BestAndFinal, state: StepState
+) -> dict[str, float]:
+    """The ``eval/<set>/...`` metrics of the policy ``engine`` serves, recorded in ``tracker`` at the step of the
+    row they go into (``state.step - 1``; -1 before training) and in ``state`` (kept across a resume)."""
+    metrics = eval_metrics(evaluate_sets(engine, sets, settings))
+    tracker.update(state.step - 1, metrics)
+    state.eval_best = dict(tracker.best)
+    main = [f"{name.split('/')[1]} {value:.3f}" for name, value in metrics.items() if "/avg@" in name]
+    logger.info("evaluation avg@%d: %s", settings.n, ", ".join(main))
+    return metrics
 
 
 def _show_step(progress: tqdm, log_line: bool, step: int, total: int, metrics: dict) -> None:
@@ -138,15 +144,16 @@ def train(
     *,
     prompts: Sequence[list[int]],
     answers: Sequence[Any],
-    eval_prompts: Sequence[list[int]] = (),
-    eval_answers: Sequence[Any] = (),
+    eval_sets: Sequence[EvalSet] = (),
     state: StepState | None = None,
     guide_engine: RolloutEngine | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> StepState:
     """Run ``config.train.total_steps`` RL steps over ``prompts`` (in a seeded order, cycling); every rank calls it.
 
-    ``guide_engine`` serves the frozen guide policy of mixed-policy algorithms. ``should_stop`` is asked after
+    ``eval_sets`` are evaluated every ``settings.eval_interval`` steps and after the last (``eval/<set>/...``
+    metrics; best and final of each in ``eval_summary.json``). ``guide_engine`` serves the frozen guide policy of
+    mixed-policy algorithms. ``should_stop`` is asked after
     every step (on every rank; any rank may say yes): the run then checkpoints and returns with
     ``state.stopped`` set; asked before the first step too, it returns at once (nothing new to save). Rank 0
     shows a progress bar (``settings.progress_bar``); ``settings.on_step`` sees every step's metrics.
@@ -157,9 +164,7 @@ def train(
         raise ValueError(f"train.prompts_per_step={per_step} exceeds the {len(prompts)} prompts available")
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(config.train.seed)).tolist()
     writer = MetricsWriter(settings.run_dir, enabled=runtime.rank() == 0, first_step=state.step)
-    tracker = BestAndFinal(f"avg@{settings.eval_settings.k}")
-    if state.eval_best is not None and state.eval_metric in (None, tracker.name):  # a resumed run keeps its best
-        tracker.best, tracker.best_step = state.eval_best
+    tracker = BestAndFinal(state.eval_best)  # a resumed run keeps its best
     total = config.train.total_steps
     shown = settings.progress_bar and runtime.rank() == 0
     progress = tqdm(total=total, initial=state.step, desc="RL steps", unit="step", disable=None if shown else True)
@@ -169,6 +174,8 @@ def train(
             state.stopped = True
             return state
         actor.offload_training_state()  # model.offload: the engine generates without the optimizer state beside it
+        if eval_sets and settings.eval_before_train and state.step == 0:
+            writer.write(-1, _evaluate(engine, eval_sets, settings.eval_settings, tracker, state))
         while state.step < total:
             lr = learning_rate(state.step, peak=config.optim.lr, warmup_steps=config.optim.warmup_steps)
             set_learning_rate(actor.optimizer, lr)
@@ -190,9 +197,8 @@ def train(
             _check_skips(state, metrics, settings.max_consecutive_skips)
             _show_step(progress, shown and progress.disable, step, total, metrics)
             last = state.step == total
-            if eval_prompts and (last or (settings.eval_interval and state.step % settings.eval_interval == 0)):
-                metrics.update(evaluate(engine, score, eval_prompts, eval_answers, settings.eval_settings))
-                _track_best(tracker, state, step, metrics)
+            if eval_sets and (last or (settings.eval_interval and state.step % settings.eval_interval == 0)):
+                metrics.update(_evaluate(engine, eval_sets, settings.eval_settings, tracker, state))
             writer.write(step, metrics)
             if settings.on_step is not None:
                 settings.on_step(step, metrics)
@@ -206,14 +212,6 @@ def train(
     finally:
         progress.close()
         writer.close()
-    if not math.isinf(tracker.best) and runtime.rank() == 0:
-        _write_eval_summary(settings.run_dir / "eval_summary.json", tracker)
+    if runtime.rank() == 0:
+        tracker.write(settings.run_dir / "eval_summary.json")  # {set: {metric: {best, best_step, final}}}
     return state
-
-
-def _write_eval_summary(path: Path, tracker: BestAndFinal) -> None:
-    """``{metric: {best, best_step, final}}`` as strict JSON: a value not measured in this run (the final one of
-    a resumed run that trained no further) is ``null``, never ``NaN``."""
-    final = None if math.isnan(tracker.final) else tracker.final
-    summary = {"best": tracker.best, "best_step": tracker.best_step, "final": final}
-    path.write_text(json.dumps({tracker.name: summary}, allow_nan=False))

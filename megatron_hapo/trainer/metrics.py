@@ -36,7 +36,8 @@ class MetricsWriter:
         first_step: int = 0,
     ) -> None:
         """``first_step``: a resumed run's step; rows of that step or later (written after the checkpoint it
-        resumes from, by the run that was killed) are dropped from ``metrics.jsonl`` so that no step repeats."""
+        resumes from, by the run that was killed) are dropped from ``metrics.jsonl`` so that no step repeats (a
+        fresh run, ``first_step`` 0, drops every row, the ``step -1`` evaluation before training too)."""
         self.run_dir, self.enabled = Path(run_dir), enabled
         self._jsonl = self._tensorboard = self._wandb = None
         if not enabled:
@@ -44,7 +45,8 @@ class MetricsWriter:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / "metrics.jsonl"
         if path.is_file():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] < first_step]
+            rows = path.read_text().splitlines()
+            kept = [line for line in rows if first_step > 0 and json.loads(line)["step"] < first_step]
             staged = path.with_suffix(".jsonl.partial")
             staged.write_text("".join(f"{line}\n" for line in kept))
             os.replace(staged, path)
@@ -63,7 +65,9 @@ class MetricsWriter:
                 self._wandb = wandb.init(project=wandb_project, dir=str(self.run_dir), config=config or {})
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
-        """Record one step's metrics (flushed at once: a killed run keeps every written step)."""
+        """Record one step's metrics (flushed at once: a killed run keeps every written step). TensorBoard tags
+        are grouped: ``eval/<set>/...`` as named, every other metric under ``train/``; Weights & Biases, which
+        takes no negative step, counts from 1 (the ``step -1`` evaluation before training at 0)."""
         if not self.enabled:
             return
         bad = {k: v for k, v in metrics.items() if not isinstance(v, int | float)}
@@ -73,10 +77,10 @@ class MetricsWriter:
         self._jsonl.write(json.dumps({"step": step, **metrics}, allow_nan=True) + "\n")
         self._jsonl.flush()
         for name, value in metrics.items():
-            self._tensorboard.add_scalar(name, value, step)
+            self._tensorboard.add_scalar(name if "/" in name else f"train/{name}", value, step)
         self._tensorboard.flush()
         if self._wandb is not None:
-            self._wandb.log(metrics, step=step)
+            self._wandb.log({k if "/" in k else f"train/{k}": v for k, v in metrics.items()}, step=step + 1)
 
     def close(self) -> None:
         """Close the sinks."""

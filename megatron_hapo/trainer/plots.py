@@ -20,17 +20,27 @@ def _x_values(run_rows: list[dict], axis: str) -> list[float]:
     return out
 
 
+def _expand(metrics: tuple[str, ...], logged: set[str]) -> list[str]:
+    """The metrics that were logged; a name logged only per evaluation set (``avg@8``) stands for each
+    ``eval/<set>/avg@8``."""
+    out: list[str] = []
+    for metric in metrics:
+        out.extend([metric] if metric in logged else sorted(n for n in logged if n.endswith(f"/{metric}")))
+    return out
+
+
 def plot(runs: list[Path], out: Path, metrics: tuple[str, ...] = DEFAULT_METRICS) -> list[str]:
     """Write the PNG: a row of curves against the step and, when the runs logged ``generated_samples``, a row
     against the samples generated so far (an algorithm that generates extra rounds, such as DAPO's dynamic
-    sampling, is drawn at the cost it paid). Returns the metrics that had data in some run."""
+    sampling, is drawn at the cost it paid). ``avg@8`` draws each set's ``eval/<set>/avg@8``. Returns the
+    metrics that had data in some run."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     rows = {run: read_metrics(run) for run in runs}
-    present = [m for m in metrics if any(m in row for run_rows in rows.values() for row in run_rows)]
+    present = _expand(metrics, {name for run_rows in rows.values() for row in run_rows for name in row})
     if not present:
         raise ValueError(f"none of {list(metrics)} was logged in {[str(r) for r in runs]}")
     x_axes = ["step"]

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from megatron_hapo.config import Config
-    from megatron_hapo.data import PromptSet
+    from megatron_hapo.config.run import EvalSetConfig
+    from megatron_hapo.data import PromptExample, PromptSet
 
 #: Head sizes vLLM's CPU attention backend takes (vLLM 0.32,
 #: ``vllm/v1/attention/backends/cpu_attn.py``, ``CPUAttentionBackend.get_supported_head_sizes``; a unit test
@@ -26,11 +27,24 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.
 
 
 @dataclass(frozen=True)
+class EvalData:
+    """An evaluation benchmark read and checked: its prompts in its template, its answer rule."""
+
+    name: str
+    path: str
+    examples: list[PromptExample]
+    skipped: int
+    """Malformed rows skipped (``data.bad_rows=skip``)."""
+    reward: str
+    """The answer rule (``dapo_math`` / ``boxed_math``)."""
+
+
+@dataclass(frozen=True)
 class RunData:
     """The rows of the run's prompt files, read and checked once before the ranks start."""
 
     train: PromptSet
-    eval: PromptSet | None
+    evals: tuple[EvalData, ...] = ()
     resume: Path | None = None
     """The checkpoint to resume from when ``train.resume_from`` applies (:func:`resume_source`); else the run's
     own latest, if any."""
@@ -72,32 +86,67 @@ def check_model_dir(path: str | None, key: str, *, vllm_on_cpu: bool) -> None:
 
 
 def read_data(config: Config) -> RunData:
-    """Read ``data.train_file`` and ``data.eval_file`` with the run's keys and ``bad_rows`` rule; a missing file,
-    column or bad row is one line naming the file, row and key (:class:`~megatron_hapo.data.DataError`)."""
+    """Read ``data.train_file`` with the run's keys and ``bad_rows`` rule, and the evaluation sets
+    (:func:`read_eval_sets`); a missing file, column or bad row is one line naming the file, row and key."""
     from megatron_hapo.data import DataError, read_prompts  # noqa: PLC0415
 
     data = config.data
     if not data.train_file:
         raise SystemExit("data.train_file is not set: a .parquet or .jsonl prompt file")
-    sets: dict[str, PromptSet | None] = {}
-    for key in ("train_file", "eval_file"):
-        path = getattr(data, key)
-        if not path:
-            sets[key] = None
-            continue
-        if not Path(path).is_file():
-            raise SystemExit(f"data.{key}={path!r}: no such file")
+    if not Path(data.train_file).is_file():
+        raise SystemExit(f"data.train_file={data.train_file!r}: no such file")
+    try:
+        train = read_prompts(
+            data.train_file, prompt_key=data.prompt_key, answer_key=data.answer_key, bad_rows=data.bad_rows
+        )
+    except DataError as exc:
+        raise SystemExit(
+            f"data.train_file: {exc} (keys: data.prompt_key={data.prompt_key!r}, data.answer_key={data.answer_key!r})"
+        ) from None
+    return RunData(train=train, evals=read_eval_sets(config, eval_specs(config)))
+
+
+def eval_specs(config: Config, extra: dict[str, str] | None = None) -> dict[str, tuple[str, EvalSetConfig]]:
+    """The evaluation sets as ``{name: (the key that named it, its settings)}``: ``data.eval_file`` (named after
+    its stem), ``data.eval_sets``, then ``extra`` (``--set NAME=FILE`` of the evaluate command; a name given
+    again replaces the config's set)."""
+    from megatron_hapo.config.run import EvalSetConfig  # noqa: PLC0415
+
+    specs: dict[str, tuple[str, EvalSetConfig]] = {}
+    if config.data.eval_file:
+        specs[Path(config.data.eval_file).stem] = ("data.eval_file", EvalSetConfig(file=config.data.eval_file))
+    for name, spec in config.data.eval_sets.items():
+        if name in specs:
+            raise SystemExit(f"data.eval_sets.{name}: also the name of data.eval_file's set (its stem); rename one")
+        specs[name] = (f"data.eval_sets.{name}", spec)
+    for name, path in (extra or {}).items():
+        specs[name] = (f"--set {name}", EvalSetConfig(file=path))
+    return specs
+
+
+def read_eval_sets(config: Config, specs: dict[str, tuple[str, EvalSetConfig]]) -> tuple[EvalData, ...]:
+    """Each set read (columns found: :func:`~megatron_hapo.data.prompts.detect_keys`, unless set), put into its
+    template, with its answer rule; a missing file or column is one line naming the key that named the set."""
+    from megatron_hapo.data import DataError, read_prompts  # noqa: PLC0415
+    from megatron_hapo.data.prompts import TEMPLATE_REWARDS, apply_template, detect_keys  # noqa: PLC0415
+
+    out = []
+    for name, (key, spec) in specs.items():
+        if not Path(spec.file).is_file():
+            raise SystemExit(f"{key}={spec.file!r}: no such file")
+        prompt_key, answer_key = detect_keys(spec.file, config.data.prompt_key, config.data.answer_key)
+        prompt_key, answer_key = spec.prompt_key or prompt_key, spec.answer_key or answer_key
         try:
-            sets[key] = read_prompts(
-                path, prompt_key=data.prompt_key, answer_key=data.answer_key, bad_rows=data.bad_rows
-            )
+            read = read_prompts(spec.file, prompt_key=prompt_key, answer_key=answer_key, bad_rows=config.data.bad_rows)
         except DataError as exc:
             raise SystemExit(
-                f"data.{key}: {exc} (keys: data.prompt_key={data.prompt_key!r}, data.answer_key={data.answer_key!r})"
+                f"{key}: {exc} (keys {prompt_key!r} / {answer_key!r}; name them with data.eval_sets.{name}.prompt_key"
+                " / answer_key)"
             ) from None
-    train = sets["train_file"]
-    assert train is not None
-    return RunData(train=train, eval=sets["eval_file"])
+        reward = spec.reward or TEMPLATE_REWARDS.get(spec.template, config.data.reward)
+        examples = apply_template(read.examples, spec.template)
+        out.append(EvalData(name, spec.file, examples, len(read.skipped), reward))
+    return tuple(out)
 
 
 def check_inputs(config: Config, *, compare_config: bool = True) -> RunData:
@@ -118,7 +167,7 @@ def check_inputs(config: Config, *, compare_config: bool = True) -> RunData:
         check_model_dir(guide.model_path, "algo.guide_policy.model_path", vllm_on_cpu=vllm_on_cpu)
     _, resume = resume_source(config, compare_config=compare_config)
     data = read_data(config)
-    return RunData(train=data.train, eval=data.eval, resume=resume)
+    return RunData(train=data.train, evals=data.evals, resume=resume)
 
 
 #: Config keys a resumed run may change (dotted, or a section prefix ending in "."): how long it runs, how often

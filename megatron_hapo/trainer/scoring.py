@@ -3,12 +3,18 @@ correct)``, over verifier worker processes (:func:`worker_scorer`) or in this pr
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from megatron_hapo.rewards import RewardWorkers
+from megatron_hapo.rewards.math_answer import math_reward
+
+if TYPE_CHECKING:
+    from megatron_hapo.config import Config
 
 #: ``score(response token ids, answer) -> (reward, correct)`` per response.
 Scorer = Callable[[Sequence[list[int]], Sequence[Any]], tuple[torch.Tensor, torch.Tensor]]
@@ -41,3 +47,24 @@ def inline_scorer(verify: Callable[[list[int], Any], tuple[float, bool]]) -> Sco
         return torch.tensor([float(v[0]) for v in values]), torch.tensor([bool(v[1]) for v in values])
 
     return score
+
+
+@contextmanager
+def math_scorers(
+    config: Config, rules: Iterable[str], decode: Callable[[list[list[int]]], list[str]]
+) -> Iterator[dict[str, Scorer]]:
+    """A :func:`worker_scorer` for each answer rule in ``rules`` (``dapo_math`` / ``boxed_math``: the training
+    data's and each evaluation set's), each over its own ``output.reward_workers`` verifier processes, all closed
+    on exit."""
+    with ExitStack() as stack:
+        scorers = {}
+        for rule in dict.fromkeys(rules):
+            workers = RewardWorkers(
+                partial(math_reward, rule=rule, math_verify=config.data.math_verify),
+                workers=config.output.reward_workers,
+                timeout_s=config.output.reward_timeout_s,
+                failure_value=(-1.0, False),
+            )
+            stack.callback(workers.close)
+            scorers[rule] = worker_scorer(workers, decode=decode)
+        yield scorers

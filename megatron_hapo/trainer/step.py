@@ -61,10 +61,8 @@ class StepState:
     step: int = 0
     stats: EntropyStats | None = None
     skipped_updates: int = 0
-    eval_best: tuple[float, int] | None = None
-    """``(best evaluation value, its step)`` so far (kept across a resume)."""
-    eval_metric: str | None = None
-    """The metric ``eval_best`` is of (``avg@8``): a resumed run with another ``k`` does not take it as its own."""
+    eval_best: dict[str, tuple[float, int]] = field(default_factory=dict)
+    """``{eval metric: (best value, its step)}`` so far (``eval/aime24/avg@8``; kept across a resume)."""
     stopped: bool = False
     """The loop stopped early on request (a signal), after saving a checkpoint."""
     consecutive_skips: int = 0

@@ -67,7 +67,7 @@ def _config(preset: Path, extra: list[str]):
 
 
 def _trainer_ranks(rank: int, world: int, hf_dir: Path, preset: Path, out: Path) -> None:
-    from megatron_hapo.trainer.evaluation import EvalSettings
+    from megatron_hapo.trainer.evaluation import EvalSet, EvalSettings
     from megatron_hapo.trainer.loop import LoopSettings, train
     from megatron_hapo.trainer.step import worker_scorer
 
@@ -78,17 +78,13 @@ def _trainer_ranks(rank: int, world: int, hf_dir: Path, preset: Path, out: Path)
     before = next(actor.chunks[0].module.decoder.parameters()).detach().clone()
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, VOCAB, (5,), generator=gen).tolist() for _ in range(8)]
-    settings = LoopSettings(out.parent / "run", eval_settings=EvalSettings(k=4, max_tokens=8))
+    settings = LoopSettings(
+        out.parent / "run", eval_settings=EvalSettings(n=4, ks=(1, 4), max_tokens=8), eval_before_train=True
+    )
+    score = worker_scorer(workers)
+    sets = [EvalSet("first", prompts[:2], [0, 1], score), EvalSet("second", prompts[2:5], [1, 0, 1], score)]
     state = train(
-        actor,
-        engine,
-        worker_scorer(workers),
-        config,
-        settings,
-        prompts=prompts,
-        answers=[0, 1] * 4,
-        eval_prompts=prompts[:2],
-        eval_answers=[0, 1],
+        actor, engine, score, config, settings, prompts=prompts, answers=[0, 1] * 4, eval_sets=sets
     )
     after = next(actor.chunks[0].module.decoder.parameters()).detach()
     changed = float((after - before).abs().max())
@@ -219,9 +215,22 @@ def test_rl_steps_end_to_end(tiny_llama: Path, tmp_path: Path, repo_root: Path, 
     from megatron_hapo.trainer.checkpoint import read_trainer_state
     from megatron_hapo.trainer.metrics import read_metrics
 
-    rows = read_metrics(tmp_path / "run")
+    # two sets evaluated before training (a row of its own, step -1) and at the end, grouped, with their mean
+    baseline, *rows = read_metrics(tmp_path / "run")
     assert [row["step"] for row in rows] == [0, 1] and [row["lr"] for row in rows] == [5e-4, 1e-3]
-    assert "avg@4" not in rows[0] and 0 <= rows[1]["avg@4"] <= rows[1]["pass@4"] <= 1, rows[1]  # evaluated at the end
+    assert baseline["step"] == -1 and "lr" not in baseline and "eval/first/avg@4" in baseline, baseline
+    assert not any(name.startswith("eval/") for name in rows[0]), rows[0]
+    for row in (baseline, rows[1]):
+        for name in ("first", "second"):
+            assert 0 <= row[f"eval/{name}/pass@1"] <= row[f"eval/{name}/pass@4"] <= 1, row
+            assert row[f"eval/{name}/pass@1"] == pytest.approx(row[f"eval/{name}/avg@4"]), row  # unbiased pass@1
+        mean = (row["eval/first/avg@4"] + row["eval/second/avg@4"]) / 2
+        assert row["eval/mean/avg@4"] == pytest.approx(mean), row
+    summary = json.loads((tmp_path / "run" / "eval_summary.json").read_text())
+    assert set(summary) == {"first", "second", "mean"}, summary
+    first = summary["first"]["avg@4"]
+    assert first["final"] == rows[1]["eval/first/avg@4"], summary
+    assert first["best"] == max(baseline["eval/first/avg@4"], first["final"]) and first["best_step"] in (-1, 1)
     checkpoints = tmp_path / "run" / "checkpoints"
     assert (checkpoints / "latest").read_text() == "step_000002"
     saved = read_trainer_state(checkpoints / "step_000002")
