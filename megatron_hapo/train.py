@@ -6,8 +6,9 @@ Under ``torchrun`` or ``srun`` (``RANK`` / ``WORLD_SIZE`` / ``MASTER_ADDR`` set)
 process group (NCCL on GPUs, gloo on CPU). Without them, ``--local-ranks N`` starts N gloo ranks on this
 machine. Each rank builds its Megatron share of ``model.path`` (``model.tensor_parallel`` x
 ``model.pipeline_parallel``; the rest is data parallel), a colocated vLLM engine (``engine.*``), verifier
-workers (``data.reward``), reads and chat-templates ``data.train_file`` / ``data.eval_file``, and runs
-``trainer.loop.train``: metrics, evaluations and checkpoints go to ``output.dir``.
+workers (``data.reward``, and each evaluation set's rule), reads and chat-templates ``data.train_file`` and the
+evaluation sets (``data.eval_sets``, ``data.eval_file``), and runs ``trainer.loop.train``: metrics, evaluations
+and checkpoints go to ``output.dir``.
 
 Preemption: a run whose ``output.dir`` holds a checkpoint resumes from it (model, optimizer, step, entropy
 statistics, best evaluation; the data order and rollout seeds follow from the step). SIGUSR1, SIGTERM or SIGINT

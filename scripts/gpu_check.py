@@ -1094,9 +1094,9 @@ class Checker:
             "configs/algo/hapo.yaml",
             *train_overrides(self.inputs["model"]),
             f"data.train_file={self.inputs['train']}",
-            f"data.eval_file={self.inputs['eval']}",
+            f"data.eval_sets.held_out={self.inputs['eval']}",
             f"train.total_steps={CLI_STEPS}",
-            "output.eval_k=2",
+            "output.eval.n=2",
             "output.reward_workers=1",
             f"output.dir={run_dir}",
         ]
@@ -1127,7 +1127,7 @@ class Checker:
             )
         if not all(r.get("sync_probe_error", math.inf) <= SYNC_TOLERANCE for r in rows):
             problems.append(f"sync errors {[r.get('sync_probe_error') for r in rows]}")
-        if rows and "avg@2" not in rows[-1]:
+        if rows and "eval/held_out/avg@2" not in rows[-1]:
             problems.append("no evaluation in the last row")
         if not latest.is_file() or latest.read_text().strip() != f"step_{CLI_STEPS:06d}":
             problems.append(f"checkpoints/latest: {latest.read_text().strip() if latest.is_file() else 'missing'}")
@@ -1143,8 +1143,8 @@ class Checker:
                 "train_cli",
                 "PASS",
                 f"{CLI_STEPS} steps, losses {losses}, grad norms {grads}, sync error <= "
-                f"{max(r['sync_probe_error'] for r in rows):.2e}, avg@2 {rows[-1]['avg@2']:.2f}, checkpoint "
-                f"{latest.read_text().strip()}",
+                f"{max(r['sync_probe_error'] for r in rows):.2e}, avg@2 {rows[-1]['eval/held_out/avg@2']:.2f}, "
+                f"checkpoint {latest.read_text().strip()}",
                 seconds,
                 data,
             )

@@ -48,9 +48,7 @@ def write_arithmetic_data(out: Path) -> list[Path]:
         for i, (question, answer) in enumerate(problems[:200])
     ]
     aime = [{"id": i, "problem": q, "answer": str(a)} for i, (q, a) in enumerate(problems[200:250])]
-    math = [
-        {"problem": q, "solution": f"{q[8:-2]} = \\boxed{{{a}}}", "level": "Level 1"} for q, a in problems[250:]
-    ]
+    math = [{"problem": q, "solution": f"{q[8:-2]} = \\boxed{{{a}}}", "level": "Level 1"} for q, a in problems[250:]]
     paths = [out / "train.jsonl", out / "test_aime.jsonl", out / "test_math.jsonl"]
     tables: tuple[list[dict], ...] = (train, aime, math)
     for path, rows in zip(paths, tables, strict=True):

@@ -8,12 +8,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
+import torch
+from gloo import run_on_ranks
 from rl_fixtures import _dapo_jsonl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fault"))
+README_SECTION = "## Your own run"
 from test_kill_resume import _rows
 
 pytestmark = pytest.mark.slow
@@ -47,7 +51,17 @@ def _train(
         "output.reward_workers=1",
         f"output.dir={run_dir}",
     ]
-    return _run(repo_root, "-m", "megatron_hapo.train", "configs/algo/hapo.yaml", *overrides, *more, "--local-ranks", "2", *flags)
+    return _run(
+        repo_root,
+        "-m",
+        "megatron_hapo.train",
+        "configs/algo/hapo.yaml",
+        *overrides,
+        *more,
+        "--local-ranks",
+        "2",
+        *flags,
+    )
 
 
 def test_start_from_a_converted_checkpoint_resume_elsewhere_and_refuse_a_changed_resume(
@@ -106,7 +120,7 @@ def test_evaluate_reproduces_the_runs_own_evaluation_on_several_sets(tmp_path: P
     model = tmp_path / "tiny"
     assert _run(repo_root, "tools/make_tiny_model.py", "--out", str(model)).returncode == 0
     data, held_out = _dapo_jsonl(tmp_path / "train.jsonl", 12), _dapo_jsonl(tmp_path / "eval.jsonl", 5)
-    run = _train(repo_root, model, data, tmp_path / "run", f"data.eval_file={held_out}", "output.eval_k=4")
+    run = _train(repo_root, model, data, tmp_path / "run", f"data.eval_sets.held_out={held_out}", "output.eval.n=4")
     assert run.returncode == 0, run.stderr[-3000:]
     final = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
 
@@ -118,14 +132,93 @@ def test_evaluate_reproduces_the_runs_own_evaluation_on_several_sets(tmp_path: P
         return json.loads(text)["results"]
 
     checkpoint = tmp_path / "run" / "checkpoints" / "step_000002"
-    results = evaluate(tmp_path / "e1", str(checkpoint), "--set", f"held_out={held_out}", "--n", "4", "--k", "4",
-                       "--local-ranks", "2")
+    results = evaluate(
+        tmp_path / "e1", str(checkpoint), "--set", f"held_out={held_out}", "--n", "4", "--k", "4", "--local-ranks", "2"
+    )
     row = results[str(checkpoint)]["held_out"]
-    assert (row["avg@4"], row["pass@4"]) == (final["avg@4"], final["pass@4"]), (row, final)
+    assert (row["avg@4"], row["pass@4"]) == (final["eval/held_out/avg@4"], final["eval/held_out/pass@4"]), (row, final)
     assert row["prompts"] == 5 and row["truncated"] <= 20
 
     aime = tmp_path / "aime.jsonl"
-    aime.write_text("".join(json.dumps({"problem": f"What is {a} + 1 ?", "answer": str(a + 1)}) + "\n" for a in range(4)))
+    aime.write_text(
+        "".join(json.dumps({"problem": f"What is {a} + 1 ?", "answer": str(a + 1)}) + "\n" for a in range(4))
+    )
     results = evaluate(tmp_path / "e2", str(model), "--set", f"dapo={held_out}", "--set", f"aime={aime}", "--n", "4")
-    assert set(results[str(model)]) == {"dapo", "aime"}
+    assert set(results[str(model)]) == {"dapo", "aime", "mean"}
     assert set(results[str(model)]["aime"]) == {"avg@4", "pass@1", "pass@4", "response_length", "truncated", "prompts"}
+
+
+def readme_commands(readme: Path) -> list[str]:
+    """The command lines of the first ``bash`` block of the README's "Your own run" section."""
+    section = readme.read_text().split(README_SECTION, 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _vllm_greedy(rank: int, world: int, config_path: Path, model_dir: Path, prompt: list[int], out: Path) -> None:
+    """The project's rollout engine (vLLM, as the trainer builds it) on ``model_dir``: greedy tokens of ``prompt``."""
+    from megatron_hapo.config import load_config
+    from megatron_hapo.parallel import runtime
+    from megatron_hapo.rollout.engine import SamplingSettings
+    from megatron_hapo.trainer.actor import build_engine
+
+    config = load_config(config_path)
+    runtime.initialize_model_parallel(1, 1, None, seed=config.train.seed)
+    engine = build_engine(config, str(model_dir))
+    try:
+        (response,) = engine.generate([prompt], 1, SamplingSettings(max_tokens=8, temperature=0.0), None)
+    finally:
+        engine.close()
+    out.write_text(json.dumps(list(response.token_ids)))
+
+
+def test_your_own_run_as_the_readme_writes_it(tmp_path: Path, repo_root: Path) -> None:
+    """The README's "Your own run" lines, run as written in a fresh directory: make -> convert -> train 5 steps from
+    the converted checkpoint -> resume to 10 -> export -> evaluate the export on two sets -> load in transformers.
+    The export's evaluation equals the run's last in-training one; vLLM's greedy tokens on the export equal
+    transformers'."""
+    import transformers
+
+    for name in ("tools", "megatron_hapo", "configs"):
+        (tmp_path / name).symlink_to(repo_root / name)
+    (tmp_path / ".venv").symlink_to(Path(sys.prefix))  # the virtual environment running the tests
+    commands = readme_commands(repo_root / "README.md")
+    assert len(commands) == 7, commands
+    done = []
+    for command in commands:
+        result = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, f"{command}\n{result.stderr[-4000:]}"
+        done.append(result)
+    own = tmp_path / "runs" / "own"
+    assert "started from the weights of runs/own/tiny-mcore" in done[2].stderr, done[2].stderr[-2000:]
+    assert "step_000005 (step 5)" in done[3].stderr, done[3].stderr[-2000:]  # resumed, not started again
+    rows = [json.loads(line) for line in (own / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [-1, *range(10)]  # the evaluation before training, no step twice
+    assert [row["step"] for row in rows if "eval/aime/avg@4" in row] == [-1, 4, 9]
+
+    results = json.loads((own / "eval" / "eval.json").read_text())["results"]["runs/own/export"]
+    assert set(results) == {"aime", "math", "mean"} and results["aime"]["prompts"] == 50
+    for name in ("aime", "math"):
+        for metric in ("avg@4", "pass@1", "pass@4", "response_length", "truncated"):
+            assert results[name][metric] == rows[-1][f"eval/{name}/{metric}"], (name, metric, results, rows[-1])
+    assert results["mean"]["avg@4"] == rows[-1]["eval/mean/avg@4"]
+    summary = json.loads((own / "run" / "eval_summary.json").read_text())
+    assert set(summary) == {"aime", "math", "mean"}, summary
+    assert summary["math"]["pass@4"]["final"] == rows[-1]["eval/math/pass@4"]
+
+    # the transformers line applied the export's chat template and generated
+    assert done[-1].stdout.startswith("<|user|> What is 3 + 4? <|assistant|>"), done[-1].stdout  # decoded
+    export = own / "export"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(export)
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 3 + 4 ?"}], add_generation_prompt=True, return_dict=True
+    )
+    prompt = list(chat["input_ids"])
+    model = transformers.AutoModelForCausalLM.from_pretrained(export, dtype="float32")
+    generated = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)
+    expected = generated[0, len(prompt) :].tolist()
+    out = tmp_path / "vllm_greedy.json"
+    config = repo_root / "configs" / "examples" / "tiny-arithmetic.yaml"
+    run_on_ranks(partial(_vllm_greedy, config_path=config, model_dir=export, prompt=prompt, out=out), 1, tmp_path)
+    tokens = json.loads(out.read_text())
+    assert tokens == expected[: len(tokens)] and len(tokens) >= 1, (tokens, expected)

@@ -48,7 +48,7 @@ def test_train_entry_point_runs_rl_steps(tiny_llama: Path, tmp_path: Path, repo_
         "optim.lr=1e-4",
         "optim.warmup_steps=0",
         "model.recompute=full",
-        "output.eval_k=2",
+        "output.eval.n=2",
         "output.reward_workers=1",
         f"output.dir={run_dir}",
         "--local-ranks",
@@ -60,15 +60,16 @@ def test_train_entry_point_runs_rl_steps(tiny_llama: Path, tmp_path: Path, repo_
     assert [row["step"] for row in rows] == [0, 1], rows
     for row in rows:
         assert math.isfinite(row["loss"]) and row["sync_probe_error"] <= 1e-3 and row["time_generate"] > 0, row
-    assert 0 <= rows[-1]["avg@2"] <= rows[-1]["pass@2"] <= 1, rows[-1]
+    assert 0 <= rows[-1]["eval/e/avg@2"] <= rows[-1]["eval/e/pass@2"] <= 1, rows[-1]  # data.eval_file: its stem
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_000002"
     assert json.loads((run_dir / "config.json").read_text())["model"]["tensor_parallel"] == 2
     assert "12 prompts" in result.stderr, result.stderr[-2000:]
     summary = (run_dir / "eval_summary.json").read_text()
-    assert set(json.loads(summary)) == {"avg@2"} and "NaN" not in summary
-    # the finished run again with another k: nothing to train or evaluate, so the summary stays as it was (before:
+    assert set(json.loads(summary)) == {"e"} and set(json.loads(summary)["e"]) == {"avg@2", "pass@1", "pass@2"}
+    assert "NaN" not in summary
+    # the finished run again with another n: nothing to train or evaluate, so the summary stays as it was (before:
     # the old best relabelled avg@4 with a NaN final)
-    again = _train(repo_root, *[a for a in args[:-2] if a != "output.eval_k=2"], "output.eval_k=4", *args[-2:])
+    again = _train(repo_root, *[a for a in args[:-2] if a != "output.eval.n=2"], "output.eval.n=4", *args[-2:])
     assert again.returncode == 0, again.stderr[-3000:]
     assert (run_dir / "eval_summary.json").read_text() == summary
 

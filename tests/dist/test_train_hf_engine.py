@@ -58,7 +58,7 @@ def test_train_entry_point_with_hf_engine(small_llama: Path, tmp_path: Path, rep
         "engine.tensor_parallel=1",
         "engine.max_num_seqs=16",
         f"data.train_file={_dapo_jsonl(tmp_path / 't.jsonl', 12)}",
-        f"data.eval_file={_dapo_jsonl(tmp_path / 'e.jsonl', 3)}",
+        f"data.eval_sets.held_out={_dapo_jsonl(tmp_path / 'e.jsonl', 3)}",
         "rollout.num_samples_per_prompt=4",
         "rollout.max_prompt_length=32",
         "rollout.max_response_length=6",
@@ -68,7 +68,7 @@ def test_train_entry_point_with_hf_engine(small_llama: Path, tmp_path: Path, rep
         "train.total_steps=2",
         "optim.lr=1e-4",
         "optim.warmup_steps=0",
-        "output.eval_k=2",
+        "output.eval.n=2",
         "output.reward_workers=1",
         f"output.dir={run_dir}",
         "--local-ranks",
@@ -84,7 +84,7 @@ def test_train_entry_point_with_hf_engine(small_llama: Path, tmp_path: Path, rep
         assert math.isfinite(row["loss"]) and row["sync_probe_error"] <= 1e-4, row
         assert row["sync_probe_max_abs"] <= 1e-3 and row["time_generate"] > 0, row
     assert "temperature_max" in rows[1], rows[1]  # the second rollout sampled with HAPO's adaptive temperature
-    assert 0 <= rows[-1]["avg@2"] <= rows[-1]["pass@2"] <= 1, rows[-1]
+    assert 0 <= rows[-1]["eval/held_out/avg@2"] <= rows[-1]["eval/held_out/pass@2"] <= 1, rows[-1]
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_000002"
 
 

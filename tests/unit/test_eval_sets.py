@@ -49,11 +49,18 @@ def test_eval_sets_take_a_path_or_a_mapping_and_find_each_files_columns() -> Non
 
 def test_a_template_of_ones_own_and_a_named_column(tmp_path: Path) -> None:
     path = tmp_path / "olympiad.jsonl"
-    rows = [{"question": "What is 2 + 2 ?", "final_answer": ["4"]}, {"question": "What is 9 * 3 ?", "final_answer": 27.0}]
+    rows = [
+        {"question": "What is 2 + 2 ?", "final_answer": ["4"]},
+        {"question": "What is 9 * 3 ?", "final_answer": 27.0},
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = load_config(
         HAPO,
-        [f"data.eval_sets.oly.file={path}", "data.eval_sets.oly.template='Q: {problem} A:'", "data.eval_sets.oly.reward=boxed_math"],
+        [
+            f"data.eval_sets.oly.file={path}",
+            "data.eval_sets.oly.template='Q: {problem} A:'",
+            "data.eval_sets.oly.reward=boxed_math",
+        ],
     )
     (oly,) = read_eval_sets(config, eval_specs(config))
     assert [e.messages[0][1] for e in oly.examples] == ["Q: What is 2 + 2 ? A:", "Q: What is 9 * 3 ? A:"]
