@@ -1,8 +1,10 @@
 # shellcheck shell=bash
 # The body every launch script sources: rendezvous, one rank per GPU, preemption and requeue.
 #
-# Set by the calling script: RUN_CONFIG (a configs/runs/*.yaml file) and RUN_NAME. Arguments: dotted
-# key=value overrides for the trainer (model.path=..., data.train_file=...). Environment (all optional):
+# Set by the calling script: RUN_NAME, and RUN_CONFIG (a configs/runs/*.yaml file) for the trainer, or
+# LAUNCH_MODULE (the module every rank runs; default megatron_hapo.train, launch/evaluate.sh: megatron_hapo.evaluate).
+# Arguments: for the trainer dotted key=value overrides (model.path=..., data.train_file=...), else the module's own.
+# Environment (all optional):
 #   MODEL_PATH        HF checkpoint directory, passed as model.path=
 #   RUN_ROOT          where run directories go (default runs/); the run writes to RUN_ROOT/RUN_NAME
 #   GPUS_PER_NODE     ranks per node (default: what the job asked for, --ntasks-per-node or --gpus-per-node,
@@ -15,7 +17,9 @@
 #   NCCL_* / TORCH_NCCL_*  passed through; the defaults below are documented in launch/README.md
 set -euo pipefail
 
-: "${RUN_CONFIG:?the launch script must set RUN_CONFIG}"
+LAUNCH_MODULE="${LAUNCH_MODULE:-megatron_hapo.train}"
+export LAUNCH_MODULE  # read by every rank's shell
+[[ "$LAUNCH_MODULE" != megatron_hapo.train ]] || : "${RUN_CONFIG:?the launch script must set RUN_CONFIG}"
 : "${RUN_NAME:?the launch script must set RUN_NAME}"
 cd "$REPO_ROOT"
 if [[ -z "${PYTHON:-}" ]]; then
@@ -33,8 +37,11 @@ export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"  
 export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
 
-args=("$RUN_CONFIG" "output.dir=$RUN_DIR")
-[[ -n "${MODEL_PATH:-}" ]] && args+=("model.path=$MODEL_PATH")
+args=()
+if [[ "$LAUNCH_MODULE" == megatron_hapo.train ]]; then
+    args=("$RUN_CONFIG" "output.dir=$RUN_DIR")
+    [[ -n "${MODEL_PATH:-}" ]] && args+=("model.path=$MODEL_PATH")
+fi
 args+=("$@")
 EXIT_REQUEUE=75
 
@@ -90,7 +97,7 @@ run_on_slurm() {
         bash -c 'trap "" USR1 TERM INT
                  export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID
                  code=0
-                 "$0" -m megatron_hapo.train "$@" || code=$?
+                 "$0" -m "$LAUNCH_MODULE" "$@" || code=$?
                  if ((code == 75)); then : >"$STOP_FLAG"; exit 0; fi
                  exit "$code"' "$PYTHON" "${args[@]}" &
     srun_pid=$!
@@ -109,7 +116,7 @@ run_locally() {  # NNODES x GPUS_PER_NODE ranks on this machine, joined like the
     write_launch_record "$nodes"
     for ((rank = 0; rank < world; rank++)); do
         (trap '' USR1 TERM INT  # as under srun: ignored until the trainer's own handling is in place
-         RANK=$rank LOCAL_RANK=$((rank % GPUS_PER_NODE)) exec "$PYTHON" -m megatron_hapo.train "${args[@]}") \
+         RANK=$rank LOCAL_RANK=$((rank % GPUS_PER_NODE)) exec "$PYTHON" -m "$LAUNCH_MODULE" "${args[@]}") \
             >"$LOG_DIR/rank-$rank.log" 2>&1 &
         pids+=($!)
     done
@@ -127,7 +134,7 @@ run_locally() {  # NNODES x GPUS_PER_NODE ranks on this machine, joined like the
 }
 
 TERMINATED=""  # set when Slurm SIGTERMs this batch shell: the job is being cancelled or timed out
-echo "[launch] $RUN_NAME: $RUN_CONFIG -> $RUN_DIR (attempt $ATTEMPT; rank logs in $LOG_DIR)"
+echo "[launch] $RUN_NAME: ${RUN_CONFIG:-$LAUNCH_MODULE} -> $RUN_DIR (attempt $ATTEMPT; rank logs in $LOG_DIR)"
 status=0
 if [[ -n "${SLURM_JOB_ID:-}" ]] && command -v srun >/dev/null 2>&1; then
     run_on_slurm || status=$?

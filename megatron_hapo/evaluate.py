@@ -15,7 +15,10 @@ it), seeded by ``train.seed``: a run's in-training evaluation is reproduced exac
 run's config (``--config RUN/config.json``). For each set: avg@n (mean accuracy), pass@k for each k from the
 same n samples (unbiased estimator), the mean response length and the responses cut at the length limit, and
 over several sets their mean. Writes ``eval.json`` (strict JSON) to ``--out`` and prints a table per target.
-Local ranks only (``--local-ranks``); not yet under Slurm.
+
+Without a launcher ``--local-ranks N`` starts N ranks here; under ``srun`` / ``torchrun`` (``RANK`` and
+``WORLD_SIZE`` set: ``sbatch launch/evaluate.sh ...``) every rank joins the job, and the engine replicas divide
+each set's prompts as in training.
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -148,12 +153,66 @@ def _export(rank: int, world: int, checkpoints: list[tuple[str, str]]) -> None:
         mcore_to_hf(Path(source), Path(destination))
 
 
+def _models(found: list[Target], exports_dir: Path) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """``(label, HF directory)`` of each target, and the ``(checkpoint, HF directory)`` exports that needs."""
+    exports = [(str(t.path), str(exports_dir / f"model{i}")) for i, t in enumerate(found) if t.megatron]
+    exported = dict(exports)
+    return [(t.label, exported.get(str(t.path), str(t.path))) for t in found], exports
+
+
+def _check_models(models: list[tuple[str, str]], config: Any) -> None:
+    """Each model directory usable by the engine (one line naming it, else)."""
+    import torch  # noqa: PLC0415
+
+    from megatron_hapo.trainer.preflight import check_model_dir  # noqa: PLC0415
+
+    vllm_on_cpu = not torch.cuda.is_available() and config.engine.kind == "vllm"
+    for label, model_dir in models:
+        check_model_dir(model_dir, label, vllm_on_cpu=vllm_on_cpu)
+
+
+def _evaluate_local(found: list[Target], job: Job, local_ranks: int) -> None:
+    """Local ranks (``--local-ranks``); Megatron checkpoints exported to a temporary directory first."""
+    from megatron_hapo.parallel.local_launch import run_local_ranks  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory(prefix="hapo-eval-") as tmp:
+        models, exports = _models(found, Path(tmp))
+        if exports:
+            run_local_ranks(_export, 1, exports, device="cpu")
+        _check_models(models, job.config)
+        run_local_ranks(_rank, local_ranks, replace(job, models=models))
+
+
+#: How long the ranks of a launched evaluation wait for each other (rank 0 exports the Megatron checkpoints while
+#: the others wait in a barrier: a 70B model's export takes minutes, beyond the default NCCL timeout).
+JOINED_TIMEOUT = timedelta(hours=4)
+
+
+def _evaluate_joined(found: list[Target], job: Job) -> None:
+    """Every rank of a launched job (``RANK`` / ``WORLD_SIZE``): rank 0 exports the Megatron checkpoints into
+    ``--out/.exports`` (a shared filesystem, as the run directories are), then all evaluate; the exports go."""
+    from megatron_hapo.parallel import runtime  # noqa: PLC0415
+    from megatron_hapo.parallel.local_launch import run_local_ranks  # noqa: PLC0415
+
+    exports_dir = Path(job.out) / ".exports"
+    models, exports = _models(found, exports_dir)
+    with runtime.process_group(timeout=JOINED_TIMEOUT):
+        if runtime.rank() == 0 and exports:
+            shutil.rmtree(exports_dir, ignore_errors=True)  # left by a killed job
+            run_local_ranks(_export, 1, exports, device="cpu")  # a group of its own, on the CPU
+        runtime.barrier()
+        _check_models(models, job.config)
+        _rank(runtime.rank(), runtime.world_size(), replace(job, models=models))
+        runtime.barrier()
+        if runtime.rank() == 0:
+            shutil.rmtree(exports_dir, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     from megatron_hapo.config import load_config  # noqa: PLC0415
     from megatron_hapo.config.errors import ConfigError  # noqa: PLC0415
-    from megatron_hapo.parallel.local_launch import run_local_ranks  # noqa: PLC0415
     from megatron_hapo.trainer.evaluation import EvalSettings  # noqa: PLC0415
-    from megatron_hapo.trainer.preflight import check_model_dir, eval_specs, read_eval_sets  # noqa: PLC0415
+    from megatron_hapo.trainer.preflight import eval_specs, read_eval_sets  # noqa: PLC0415
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -184,20 +243,13 @@ def main(argv: list[str] | None = None) -> int:
     if not specs:
         raise SystemExit("no benchmark: pass --set NAME=FILE (a .jsonl or .parquet prompt file) or data.eval_sets")
     found, sets = targets([t for t in args.targets if t not in overrides]), read_eval_sets(config, specs)
-    import torch  # noqa: PLC0415
-
-    vllm_on_cpu = not torch.cuda.is_available() and config.engine.kind == "vllm"
-    with tempfile.TemporaryDirectory(prefix="hapo-eval-") as tmp:
-        exports = [(str(t.path), str(Path(tmp) / f"model{i}")) for i, t in enumerate(found) if t.megatron]
-        if exports:
-            run_local_ranks(_export, 1, exports, device="cpu")
-        exported = dict(exports)
-        models = [(t.label, exported.get(str(t.path), str(t.path))) for t in found]
-        for label, model_dir in models:
-            check_model_dir(model_dir, label, vllm_on_cpu=vllm_on_cpu)
-        run_local_ranks(_rank, args.local_ranks, Job(config, models, sets, settings, str(args.out)))
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(f"wrote {args.out / 'eval.json'}")
+    job = Job(config, [], sets, settings, str(args.out))
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # srun / torchrun: launch/evaluate.sh
+        _evaluate_joined(found, job)
+    else:
+        _evaluate_local(found, job, args.local_ranks)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"wrote {args.out / 'eval.json'}")
     return 0
 
 

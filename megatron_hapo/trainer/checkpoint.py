@@ -87,6 +87,7 @@ def save_checkpoint(
             "entropy_stats": stats,
             "skipped_updates": state.skipped_updates,
             "eval_best": state.eval_best,
+            "eval_final": state.eval_final,
             "data_cursor": state.data_cursor,
         }
         _write_synced(staging / TRAINER_STATE, json.dumps(trainer_state))
@@ -149,6 +150,7 @@ def read_trainer_state(checkpoint: Path) -> StepState:
         skipped_updates=saved["skipped_updates"],
         data_cursor=int(saved["data_cursor"]),
         eval_best={k: (float(v[0]), int(v[1])) for k, v in best.items()} if isinstance(best, dict) else {},
+        eval_final={k: float(v) for k, v in saved.get("eval_final", {}).items()},
     )
 
 

@@ -149,12 +149,13 @@ def eval_metrics(results: dict[str, dict]) -> dict[str, float]:
 
 class BestAndFinal:
     """The best and latest value of each tracked evaluation metric (``eval/<set>/avg@8`` ...; both are reported,
-    spec H8). ``best`` is ``{metric: (value, step)}``: a resumed run passes its checkpoint's, keyed by the full
-    metric name, so a resume with another ``n`` or other sets does not take an old best as its own."""
+    spec H8). ``best`` is ``{metric: (value, step)}`` and ``final`` ``{metric: value}``: a resumed run passes its
+    checkpoint's, keyed by the full metric name, so a resume with another ``n`` or other sets does not take an old
+    best as its own, and one that evaluates nothing more reports what the run had."""
 
-    def __init__(self, best: dict[str, tuple[float, int]] | None = None) -> None:
+    def __init__(self, best: dict[str, tuple[float, int]] | None = None, final: dict[str, float] | None = None) -> None:
         self.best: dict[str, tuple[float, int]] = dict(best or {})
-        self.final: dict[str, float] = {}
+        self.final: dict[str, float] = dict(final or {})
 
     def update(self, step: int, metrics: dict[str, float]) -> None:
         """Record the tracked ``eval/...`` values of ``metrics`` at ``step``."""
@@ -165,8 +166,8 @@ class BestAndFinal:
                     self.best[name] = (value, step)
 
     def summary(self) -> dict[str, dict[str, dict]]:
-        """``{set: {metric: {best, best_step, final}}}`` with ``final`` ``None`` when not measured in this run (a
-        resumed run that trained no further): strict JSON, never ``NaN``."""
+        """``{set: {metric: {best, best_step, final}}}``, strict JSON: a ``final`` not measured (a checkpoint saved
+        before finals were kept, or a ``NaN``) is ``None``."""
         out: dict[str, dict[str, dict]] = {}
         for name, (value, step) in sorted(self.best.items()):
             _, group, metric = name.split("/", 2)

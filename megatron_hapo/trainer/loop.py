@@ -108,7 +108,7 @@ def _evaluate(
     row they go into (``state.step - 1``; -1 before training) and in ``state`` (kept across a resume)."""
     metrics = eval_metrics(evaluate_sets(engine, sets, settings))
     tracker.update(state.step - 1, metrics)
-    state.eval_best = dict(tracker.best)
+    state.eval_best, state.eval_final = dict(tracker.best), dict(tracker.final)
     main = [f"{name.split('/')[1]} {value:.3f}" for name, value in metrics.items() if "/avg@" in name]
     logger.info("evaluation avg@%d: %s", settings.n, ", ".join(main))
     return metrics
@@ -164,7 +164,7 @@ def train(
         raise ValueError(f"train.prompts_per_step={per_step} exceeds the {len(prompts)} prompts available")
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(config.train.seed)).tolist()
     writer = MetricsWriter(settings.run_dir, enabled=runtime.rank() == 0, first_step=state.step)
-    tracker = BestAndFinal(state.eval_best)  # a resumed run keeps its best
+    tracker = BestAndFinal(state.eval_best, state.eval_final)  # a resumed run keeps its best and final
     total = config.train.total_steps
     shown = settings.progress_bar and runtime.rank() == 0
     progress = tqdm(total=total, initial=state.step, desc="RL steps", unit="step", disable=None if shown else True)

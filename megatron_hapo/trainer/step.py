@@ -63,6 +63,8 @@ class StepState:
     skipped_updates: int = 0
     eval_best: dict[str, tuple[float, int]] = field(default_factory=dict)
     """``{eval metric: (best value, its step)}`` so far (``eval/aime24/avg@8``; kept across a resume)."""
+    eval_final: dict[str, float] = field(default_factory=dict)
+    """``{eval metric: latest value}`` (kept across a resume: a resumed run that evaluates nothing reports it)."""
     stopped: bool = False
     """The loop stopped early on request (a signal), after saving a checkpoint."""
     consecutive_skips: int = 0

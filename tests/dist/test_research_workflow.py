@@ -6,6 +6,7 @@ run's checkpoint exactly, and the same command again continues from its own chec
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from functools import partial
@@ -138,6 +139,23 @@ def test_evaluate_reproduces_the_runs_own_evaluation_on_several_sets(tmp_path: P
     row = results[str(checkpoint)]["held_out"]
     assert (row["avg@4"], row["pass@4"]) == (final["eval/held_out/avg@4"], final["eval/held_out/pass@4"]), (row, final)
     assert row["prompts"] == 5 and row["truncated"] <= 20
+
+    # the launch script's path (as under srun: every rank joins; rank 0 exports the checkpoint), two local ranks
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(NNODES="1", GPUS_PER_NODE="2", RUN_ROOT=str(tmp_path / "launched"), RUN_NAME="eval")
+    args = [str(checkpoint), "--set", f"held_out={held_out}", "--n", "4", "--k", "4", *EVAL_OVERRIDES]
+    launched = subprocess.run(
+        ["bash", "launch/evaluate.sh", *args, "--out", str(tmp_path / "e3")],
+        cwd=repo_root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    logs = "\n".join(p.read_text()[-3000:] for p in sorted((tmp_path / "launched").glob("eval/logs/*/rank-*.log")))
+    assert launched.returncode == 0, launched.stdout + launched.stderr + logs
+    assert json.loads((tmp_path / "e3" / "eval.json").read_text())["results"] == results
+    assert not (tmp_path / "e3" / ".exports").exists()
 
     aime = tmp_path / "aime.jsonl"
     aime.write_text(

@@ -271,3 +271,34 @@ def test_batch_shell_signal_is_passed_to_the_ranks(runs: Runs) -> None:
         2 <= stopped_at <= HOLD_LATEST
         and (runs.run_dir("batch-signal") / "logs" / f"{job}.0" / "stopped-for-requeue").is_file()
     )
+
+
+def test_evaluate_script_runs_under_slurm_as_on_local_ranks(
+    runs: Runs, reference: tuple[int, Path], tmp_path: Path
+) -> None:
+    """`sbatch launch/evaluate.sh CHECKPOINT ...` on the two nodes (one rank each, rank 0 exports the checkpoint)
+    gives the numbers `--local-ranks 2` gives on this machine."""
+    run_dir = reference[1]
+    held_out = _dapo_jsonl(runs.root / "held_out.jsonl", 5)
+    common = [
+        str(run_dir / "checkpoints" / f"step_{STEPS:06d}"),
+        *("--config", str(run_dir / "config.json"), "--set", f"held_out={held_out}", "--n", "2"),
+    ]
+    out = runs.root / "eval-slurm"
+    env = {"RUN_ROOT": str(runs.root), "RUN_NAME": "eval-slurm"}
+    args = ["-N2", "--gpus-per-node=1", f"--output={runs.root}/slurm-eval-slurm-%j.out", "launch/evaluate.sh"]
+    job = runs.cluster.sbatch([*args, *common, "--out", str(out)], cwd=REPO_ROOT, env=env)
+    fields = runs.wait("eval-slurm", job)
+    assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", runs.report("eval-slurm", job)
+    assert len(list((runs.run_dir("eval-slurm") / "logs" / f"{job}.0").glob("rank-*.log"))) == 2
+    local = subprocess.run(
+        [sys.executable, "-m", "megatron_hapo.evaluate", *common, "--local-ranks", "2", "--out", str(tmp_path)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert local.returncode == 0, local.stderr[-3000:]
+    slurm_results = json.loads((out / "eval.json").read_text())["results"]
+    assert slurm_results == json.loads((tmp_path / "eval.json").read_text())["results"]
+    assert set(next(iter(slurm_results.values()))) == {"held_out"} and not (out / ".exports").exists()

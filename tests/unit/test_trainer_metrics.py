@@ -83,7 +83,7 @@ def test_phase_clock_splits_the_step_time():
 def test_eval_summary_is_strict_json_with_null_for_an_unmeasured_final(tmp_path: Path) -> None:
     import json
 
-    tracker = BestAndFinal({"eval/aime/avg@4": (0.5, 15)})  # resumed at its last step: nothing measured since
+    tracker = BestAndFinal({"eval/aime/avg@4": (0.5, 15)})  # a checkpoint saved before finals were kept
     tracker.write(tmp_path / "eval_summary.json")
     text = (tmp_path / "eval_summary.json").read_text()
     assert json.loads(text) == {"aime": {"avg@4": {"best": 0.5, "best_step": 15, "final": None}}} and "NaN" not in text
@@ -92,6 +92,8 @@ def test_eval_summary_is_strict_json_with_null_for_an_unmeasured_final(tmp_path:
     assert json.loads((tmp_path / "eval_summary.json").read_text()) == {
         "aime": {"avg@4": {"best": 0.5, "best_step": 15, "final": 0.25}}
     }
+    resumed = BestAndFinal({"eval/aime/avg@4": (0.5, 15)}, {"eval/aime/avg@4": 0.25})  # evaluates nothing more
+    assert resumed.summary() == tracker.summary()
     BestAndFinal().write(tmp_path / "none.json")  # nothing evaluated: no summary
     assert not (tmp_path / "none.json").exists()
 
