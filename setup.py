@@ -44,7 +44,9 @@ setup(
     extras_require={
         "cpu": [*_MEGATRON_RUNTIME, _TRITON_CPU, "safetensors>=0.4", "transformers>=5.16"],
         "gpu": [*_MEGATRON_RUNTIME, _MEGATRON_CORE, _VLLM_GPU, _TRANSFORMER_ENGINE],
+        "wandb": ["wandb>=0.19"],
         "dev": [
+            "wandb>=0.19",  # the W&B logging test runs the real package, offline
             "pytest>=8",
             "hypothesis>=6",
             "ruff==0.17.6",

@@ -17,6 +17,22 @@
 #   NCCL_* / TORCH_NCCL_*  passed through; the defaults below are documented in launch/README.md
 set -euo pipefail
 
+print_usage() {  # the calling script's header comment, its #SBATCH resources, and the environment read here
+    local script="$1"
+    sed -n '2,/^[^#]/{/^#SBATCH/d;/^# shellcheck/d;/^#/s/^# \{0,1\}//p}' "$script"
+    if grep -q '^#SBATCH' "$script"; then
+        echo
+        echo "Slurm resources (sbatch options before the script name override them):"
+        grep '^#SBATCH' "$script" | sed 's/^#SBATCH /  /'
+    fi
+    echo
+    echo "Environment (all optional):"
+    sed -n '/^# Environment/,/^set -euo/{/^#   /s/^#//p}' "$REPO_ROOT/launch/_run.sh"
+}
+for arg in "$@"; do  # --help anywhere: the usage, and nothing launched
+    if [[ "$arg" == --help || "$arg" == -h ]]; then print_usage "$0"; exit 0; fi
+done
+
 LAUNCH_MODULE="${LAUNCH_MODULE:-megatron_hapo.train}"
 export LAUNCH_MODULE  # read by every rank's shell
 [[ "$LAUNCH_MODULE" != megatron_hapo.train ]] || : "${RUN_CONFIG:?the launch script must set RUN_CONFIG}"

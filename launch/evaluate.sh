@@ -6,7 +6,8 @@
 #       --set aime24=/data/aime-2024.parquet --set math500=/data/math500.jsonl --out runs/eval-7b-200
 # Arguments are the evaluate command's (models, --set, --config, key=value overrides such as
 # engine.tensor_parallel=2, --n, --k, --out); rank logs go to runs/$RUN_NAME/logs/, eval.json to --out. A
-# Megatron checkpoint is exported once, by rank 0, into --out/.exports (removed at the end).
+# Megatron checkpoint is exported once, by rank 0, into --out/.exports (removed at the end). The command's own
+# flags: .venv/bin/python -m megatron_hapo.evaluate --help
 #SBATCH --job-name=hapo-evaluate
 #SBATCH --nodes=1
 #SBATCH --gpus-per-node=8

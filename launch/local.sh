@@ -9,9 +9,11 @@ if (($# < 1)); then
     exit 2
 fi
 REPO_ROOT="${MEGATRON_HAPO_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
-RUN_CONFIG="$1"
-shift
-config_name="$(basename "$RUN_CONFIG")"
+if [[ "$1" != --help && "$1" != -h ]]; then  # else launch/_run.sh prints the usage
+    RUN_CONFIG="$1"
+    shift
+fi
+config_name="$(basename "${RUN_CONFIG:-local}")"
 RUN_NAME="${RUN_NAME:-${config_name%.yaml}}"
 # shellcheck source=launch/_run.sh
 source "$REPO_ROOT/launch/_run.sh"

@@ -108,6 +108,8 @@ def _rank(rank: int, world: int, config: Config, should_stop: Callable[[], bool]
         Path(out.dir),
         eval_interval=out.eval_interval,
         eval_before_train=out.eval_before_train,
+        log_interval=out.log_interval,
+        wandb=_wandb_target(config),
         save_interval=out.save_interval,
         eval_settings=EvalSettings.from_config(config),
         keep_last=out.keep_last,
@@ -141,6 +143,16 @@ def _rank(rank: int, world: int, config: Config, should_stop: Callable[[], bool]
         if guide is not None:
             guide.close()
     return state.stopped
+
+
+def _wandb_target(config: Config) -> Any:
+    """The run's W&B target (``output.wandb_*``), or ``None``."""
+    from megatron_hapo.trainer.metrics import WandbTarget  # noqa: PLC0415
+
+    out = config.output
+    if out.wandb_project is None:
+        return None
+    return WandbTarget(out.wandb_project, out.wandb_entity, out.wandb_name, out.wandb_group)
 
 
 def _start_state(actor: Actor, engine: RolloutEngine, config: Config, explicit: Path | None) -> StepState | None:

@@ -238,8 +238,18 @@ class OutputConfig:
     reward_timeout_s: float = 10.0
     """Per-response verification time limit, from the moment a worker starts the call (its start-up does not
     count); a timeout scores the response as wrong and is counted."""
+    log_interval: int = 1
+    """Where the output is not a terminal (a Slurm log), one line every this many steps and at the last: step,
+    reward, accuracy, response length, step time (on a terminal a progress bar instead)."""
     wandb_project: str | None = None
-    """Also log to this Weights & Biases project (when wandb is installed)."""
+    """Also log to this Weights & Biases project (``pip install 'megatron_hapo[wandb]'``; ``WANDB_MODE=offline``
+    logs to ``output.dir/wandb`` for a later ``wandb sync``). A resumed run continues the same W&B run."""
+    wandb_entity: str | None = None
+    """The W&B team or user (default: the logged-in user's)."""
+    wandb_name: str | None = None
+    """The W&B run name (default: the run directory's name)."""
+    wandb_group: str | None = None
+    """The W&B group (a study's name: its runs shown together)."""
 
 
 @dataclass(kw_only=True, slots=True)

@@ -24,14 +24,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
-from megatron_hapo.config import Config
+from megatron_hapo.config import Config, to_tree
 from megatron_hapo.parallel import runtime
 from megatron_hapo.parallel.collectives import any_rank
 from megatron_hapo.rollout.engine import RolloutEngine
 from megatron_hapo.trainer.actor import Actor
 from megatron_hapo.trainer.checkpoint import save_checkpoint
 from megatron_hapo.trainer.evaluation import BestAndFinal, EvalSet, EvalSettings, eval_metrics, evaluate_sets
-from megatron_hapo.trainer.metrics import MetricsWriter
+from megatron_hapo.trainer.metrics import MetricsWriter, WandbTarget
 from megatron_hapo.trainer.pacing import hold_between_steps, step_line
 from megatron_hapo.trainer.scoring import Scorer
 from megatron_hapo.trainer.step import StepState, rl_step
@@ -64,7 +64,11 @@ class LoopSettings:
     for a non-finite gradient norm (0: never)."""
     eval_settings: EvalSettings = field(default_factory=EvalSettings)
     progress_bar: bool = True
-    """Rank 0 shows a progress bar on a terminal (tqdm), else (a Slurm log) logs one line per step."""
+    """Rank 0 shows a progress bar on a terminal (tqdm), else (a Slurm log) logs a line per ``log_interval`` steps."""
+    log_interval: int = 1
+    """Without a terminal: a step line every this many steps and at the last (``output.log_interval``)."""
+    wandb: WandbTarget | None = None
+    """Also log to Weights & Biases (``output.wandb_*``)."""
     on_step: Callable[[int, dict], None] | None = None
     """Called on every rank with ``(step, metrics)`` after each step's metrics are written (e.g. a progress
     line of a demo)."""
@@ -163,7 +167,13 @@ def train(
     if per_step > len(prompts):
         raise ValueError(f"train.prompts_per_step={per_step} exceeds the {len(prompts)} prompts available")
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(config.train.seed)).tolist()
-    writer = MetricsWriter(settings.run_dir, enabled=runtime.rank() == 0, first_step=state.step)
+    writer = MetricsWriter(
+        settings.run_dir,
+        enabled=runtime.rank() == 0,
+        first_step=state.step,
+        wandb=settings.wandb,
+        config=to_tree(config),
+    )
     tracker = BestAndFinal(state.eval_best, state.eval_final)  # a resumed run keeps its best and final
     total = config.train.total_steps
     shown = settings.progress_bar and runtime.rank() == 0
@@ -195,8 +205,9 @@ def train(
             )
             metrics["lr"] = lr
             _check_skips(state, metrics, settings.max_consecutive_skips)
-            _show_step(progress, shown and progress.disable, step, total, metrics)
             last = state.step == total
+            log_line = shown and progress.disable and (last or state.step % settings.log_interval == 0)
+            _show_step(progress, log_line, step, total, metrics)
             if eval_sets and (last or (settings.eval_interval and state.step % settings.eval_interval == 0)):
                 metrics.update(_evaluate(engine, eval_sets, settings.eval_settings, tracker, state))
             writer.write(step, metrics)

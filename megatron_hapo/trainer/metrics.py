@@ -11,8 +11,10 @@ import logging
 import math
 import os
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,40 @@ from megatron_hapo.algos import EntropyStats
 logger = logging.getLogger(__name__)
 
 
+#: The W&B run id of a run directory: a resumed run (a requeue too) continues the same W&B run.
+WANDB_ID_FILE = "wandb_run_id.txt"
+
+
+@dataclass(frozen=True)
+class WandbTarget:
+    """Where a run logs in Weights & Biases (``output.wandb_*``); ``WANDB_MODE=offline`` is honoured."""
+
+    project: str
+    entity: str | None = None
+    name: str | None = None
+    """The run's display name (default: the run directory's name)."""
+    group: str | None = None
+    """Runs shown together (a study's name)."""
+
+    def start(self, run_dir: Path, config: dict[str, Any], *, resumed: bool) -> Any:
+        """``wandb.init`` into ``run_dir/wandb``, continuing the run directory's W&B run when it has one."""
+        import wandb  # noqa: PLC0415  (checked at start-up: preflight.check_inputs)
+
+        id_file = run_dir / WANDB_ID_FILE
+        run_id = id_file.read_text().strip() if resumed and id_file.is_file() else uuid.uuid4().hex[:8]
+        id_file.write_text(run_id)
+        return wandb.init(
+            project=self.project,
+            entity=self.entity,
+            name=self.name or run_dir.name,
+            group=self.group,
+            dir=str(run_dir),
+            config=config,
+            id=run_id,
+            resume="allow",
+        )
+
+
 class MetricsWriter:
     """Writes ``metrics.jsonl`` and TensorBoard events under ``run_dir`` (rank 0 only)."""
 
@@ -31,13 +67,14 @@ class MetricsWriter:
         run_dir: str | Path,
         *,
         enabled: bool = True,
-        wandb_project: str | None = None,
+        wandb: WandbTarget | None = None,
         config: dict[str, Any] | None = None,
         first_step: int = 0,
     ) -> None:
         """``first_step``: a resumed run's step; rows of that step or later (written after the checkpoint it
         resumes from, by the run that was killed) are dropped from ``metrics.jsonl`` so that no step repeats (a
-        fresh run, ``first_step`` 0, drops every row, the ``step -1`` evaluation before training too)."""
+        fresh run, ``first_step`` 0, drops every row, the ``step -1`` evaluation before training too).
+        ``wandb``: also log to that Weights & Biases run, with ``config`` (the run's resolved config)."""
         self.run_dir, self.enabled = Path(run_dir), enabled
         self._jsonl = self._tensorboard = self._wandb = None
         if not enabled:
@@ -54,15 +91,8 @@ class MetricsWriter:
         from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415  (needs the tensorboard package)
 
         self._tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"))
-        if wandb_project is not None:
-            try:
-                import wandb  # noqa: PLC0415
-            except ImportError:
-                logger.warning(
-                    "wandb_project=%s given but wandb is not installed; jsonl + TensorBoard only", wandb_project
-                )
-            else:
-                self._wandb = wandb.init(project=wandb_project, dir=str(self.run_dir), config=config or {})
+        if wandb is not None:
+            self._wandb = wandb.start(self.run_dir, config or {}, resumed=first_step > 0)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         """Record one step's metrics (flushed at once: a killed run keeps every written step). TensorBoard tags

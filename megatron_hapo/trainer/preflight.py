@@ -8,6 +8,7 @@ whole here, columns and rows checked; the ranks get the rows), and the devices t
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,6 +160,11 @@ def check_inputs(config: Config, *, compare_config: bool = True) -> RunData:
         raise SystemExit(
             "model.transformer_engine / model.fp8 need a CUDA GPU with Transformer Engine; on CPU set "
             "model.transformer_engine=false model.fp8=null"
+        )
+    if config.output.wandb_project is not None and importlib.util.find_spec("wandb") is None:
+        raise SystemExit(
+            f"output.wandb_project={config.output.wandb_project!r}: wandb is not installed; pip install "
+            "'megatron_hapo[wandb]' (or pip install wandb), or leave output.wandb_project unset"
         )
     vllm_on_cpu = on_cpu and config.engine.kind == "vllm"
     check_model_dir(config.model.path, "model.path", vllm_on_cpu=vllm_on_cpu)

@@ -64,6 +64,9 @@ def test_train_entry_point_runs_rl_steps(tiny_llama: Path, tmp_path: Path, repo_
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_000002"
     assert json.loads((run_dir / "config.json").read_text())["model"]["tensor_parallel"] == 2
     assert "12 prompts" in result.stderr, result.stderr[-2000:]
+    # not a terminal: one line per step in the log (output.log_interval=1), no progress bar
+    assert "step 0 (1/2) reward" in result.stderr and "step 1 (2/2) reward" in result.stderr, result.stderr[-2000:]
+    assert "RL steps:" not in result.stderr
     summary = (run_dir / "eval_summary.json").read_text()
     assert set(json.loads(summary)) == {"e"} and set(json.loads(summary)["e"]) == {"avg@2", "pass@1", "pass@2"}
     assert "NaN" not in summary

@@ -40,3 +40,18 @@ def test_sbatch_headers_and_run_configs() -> None:
         assert int(header["nodes"]) == SHIPPED[config], script.name  # the layout tools/plan.py checks in CI
         assert 'source "$REPO_ROOT/launch/_run.sh"' in text
         assert not re.search(r"^\s*[a-z_.]+=[\d.e-]+\s*$", text, flags=re.MULTILINE)  # no hyperparameters in bash
+
+
+def test_every_launch_script_answers_help_and_launches_nothing(tmp_path: Path) -> None:
+    scripts = sorted(p for p in (REPO / "launch").glob("*.sh") if not p.name.startswith("_"))
+    assert {p.name for p in scripts} >= {"hapo_70b.sh", "local.sh", "evaluate.sh"}
+    env = {"PATH": "/usr/bin:/bin", "RUN_ROOT": str(tmp_path / "runs"), "HOME": str(tmp_path)}
+    for script in scripts:
+        for flag in ("--help", "-h"):
+            args = ["model.path=/nowhere", flag] if script.name != "local.sh" else [flag]
+            result = subprocess.run(["bash", str(script), *args], cwd=tmp_path, env=env, capture_output=True, text=True)
+            assert result.returncode == 0, (script.name, result.stderr)
+            assert f"launch/{script.name}" in result.stdout, (script.name, result.stdout)  # an example command
+            assert "Environment (all optional):" in result.stdout and "RUN_ROOT" in result.stdout
+            assert ("Slurm resources" in result.stdout) == (script.name != "local.sh"), result.stdout
+    assert not (tmp_path / "runs").exists() and list(tmp_path.iterdir()) == []  # nothing launched, nothing written

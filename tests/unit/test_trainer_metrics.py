@@ -138,3 +138,77 @@ def test_tensorboard_tags_are_grouped(tmp_path: Path) -> None:
     events.Reload()
     assert set(events.Tags()["scalars"]) == {"train/reward_mean", "eval/aime/avg@8"}
     assert [(e.step, e.value) for e in events.Scalars("eval/aime/avg@8")] == [(-1, 0.25), (0, 0.5)]
+
+
+def _wandb_records(path: Path) -> list:
+    """The records of a W&B ``.wandb`` file (a LevelDB-style log: a 7-byte file header, 32 KiB blocks, records
+    of crc32c (4) length (2) type (1: full, 2: first, 3: middle, 4: last) and data) as protobuf ``Record``s."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, block, chunks, pending = path.read_bytes(), 7, 32768, [], b""
+    assert data[:4] == b":W&B", data[:8]
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # the block's tail is padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):
+            chunks.append(pending + chunk if kind == 4 else chunk)
+        elif kind in (2, 3):
+            pending = chunk if kind == 2 else pending + chunk
+    records = []
+    for raw in chunks:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(raw)
+        records.append(record)
+    return records
+
+
+def test_wandb_gets_the_runs_metrics_and_config_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real wandb package, offline: the run's metrics (grouped), config, name and group are in its run file,
+    and a resumed writer continues the same W&B run."""
+    pytest.importorskip("wandb", reason="the dev extra installs wandb")
+    import json
+
+    from megatron_hapo.trainer.metrics import WANDB_ID_FILE, WandbTarget
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    target = WandbTarget("hapo-study", name=None, group="tiny-study")
+    writer = MetricsWriter(tmp_path / "run", wandb=target, config={"algo": {"clip": {"eps_high": 0.28}}})
+    writer.write(-1, {"eval/aime/avg@4": 0.25})
+    writer.write(0, {"reward_mean": 0.5, "accuracy": 0.75})
+    writer.close()
+    run_id = (tmp_path / "run" / WANDB_ID_FILE).read_text()
+    (run_file,) = (tmp_path / "run" / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
+    records = _wandb_records(run_file)
+    (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert (run.project, run.display_name, run.run_group) == ("hapo-study", "run", "tiny-study")
+    config = {item.key: json.loads(item.value_json) for item in run.config.update}
+    assert config["algo"] == {"clip": {"eps_high": 0.28}}
+    history = [
+        {("/".join(i.nested_key) if i.nested_key else i.key): json.loads(i.value_json) for i in r.history.item}
+        for r in records
+        if r.WhichOneof("record_type") == "history"
+    ]
+    assert [(h["_step"], h.get("eval/aime/avg@4"), h.get("train/reward_mean")) for h in history] == [
+        (0, 0.25, None),
+        (1, None, 0.5),
+    ]
+    MetricsWriter(tmp_path / "run", wandb=target, first_step=1).close()  # resumed: the same W&B run
+    assert (tmp_path / "run" / WANDB_ID_FILE).read_text() == run_id
+    assert len(list((tmp_path / "run" / "wandb").glob(f"offline-run-*-{run_id}"))) >= 1
+
+
+def test_asking_for_wandb_without_the_package_stops_at_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from megatron_hapo.config import load_config
+    from megatron_hapo.trainer import preflight
+
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else found(name, *a))
+    config = load_config(None, ["output.wandb_project=hapo"])
+    with pytest.raises(SystemExit, match=r"wandb is not installed; pip install 'megatron_hapo\[wandb\]'"):
+        preflight.check_inputs(config)
