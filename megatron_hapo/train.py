@@ -183,6 +183,21 @@ def _start_state(actor: Actor, engine: RolloutEngine, config: Config, explicit: 
     return None
 
 
+def _write_local_launch_record(run_dir: Path, ranks: int) -> None:
+    """``launch.json`` of a ``--local-ranks`` run: one node, its ranks, the GPU they use or ``cpu``."""
+    import torch  # noqa: PLC0415
+
+    on_gpus = torch.cuda.is_available() and torch.cuda.device_count() >= ranks  # as run_local_ranks decides
+    record = {
+        "nodes": 1,
+        "gpus_per_node": ranks,
+        "gpu": torch.cuda.get_device_name(0) if on_gpus else "cpu",
+        "master_addr": "local",
+        "attempt": 0,
+    }
+    (run_dir / "launch.json").write_text(json.dumps(record) + "\n")
+
+
 def _keep_previous_config(run_dir: Path) -> None:
     """Keep the ``config.json`` of the run's earlier starts as ``config.<n>.json`` (n = 1, 2, ...)."""
     previous = run_dir / "config.json"
@@ -239,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     if leader:
         _keep_previous_config(run_dir)
         (run_dir / "config.json").write_text(json.dumps(to_tree(config), indent=1))
+    if not joined:  # the launch scripts write theirs; tools/scaling_study.py counts the ranks from it
+        _write_local_launch_record(run_dir, args.local_ranks)
     marker = run_dir / STOPPED_MARKER
     marker.unlink(missing_ok=True)
     if joined:

@@ -4,8 +4,9 @@ chat template: enough to try the conversion tools and the trainer offline on the
 
 .venv/bin/python tools/make_tiny_model.py --family qwen2 --out /tmp/tiny-qwen2
 
-The shape (hidden 128, 4 query heads of 32, 2 key/value heads, 2 layers) runs on the default rollout engine
-(vLLM's CPU attention takes head sizes 32 and up) at tensor parallel 1 and 2. The tokenizer
+The shape (hidden 128, 4 query heads of 32, 2 key/value heads, 2 layers; ``--hidden`` / ``--layers`` change
+it, heads of 32 always) runs on the default rollout engine (vLLM's CPU attention takes head sizes 32 and up) at
+tensor parallel 1 and 2. The tokenizer
 (``megatron_hapo.models.word_tokenizer``) knows the words of the arithmetic prompts, one token each.
 """
 
@@ -33,15 +34,21 @@ def main() -> None:
     parser.add_argument("--family", choices=FAMILIES, default="llama")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--hidden", type=int, default=128, help="hidden size, a multiple of 64 (heads of 32; a study's sizes)"
+    )
+    parser.add_argument("--layers", type=int, default=2, help="decoder layers")
     args = parser.parse_args()
+    if args.hidden < 64 or args.hidden % 64 or args.layers < 1:
+        parser.error(f"--hidden {args.hidden} / --layers {args.layers}: a multiple of 64 and at least one layer")
     config_cls, model_cls, extra = FAMILIES[args.family]
     config = config_cls(
         vocab_size=256,  # the tokenizer's words, the rest unused
-        hidden_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=256,
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 32,
+        num_key_value_heads=args.hidden // 64,
+        intermediate_size=2 * args.hidden,
         max_position_embeddings=512,
         **TOKENS,
         **extra,

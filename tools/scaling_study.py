@@ -1,7 +1,10 @@
 #!/usr/bin/env python
-"""Collect the throughput of RL runs across model sizes into one table and PNG, measured or predicted.
+"""Scaling studies: lay out, launch and collect a study file's cells; or the throughput of runs, measured or predicted.
 
+    .venv/bin/python tools/scaling_study.py plan | submit [--local] | collect STUDY.yaml   # configs/studies/
     .venv/bin/python tools/scaling_study.py [RUN_DIR ...] [--predict NAME=CONFIG_JSON[:GPUS] ...] --out OUT
+
+The first form is :mod:`megatron_hapo.studies` (``plan`` / ``submit`` / ``collect``; see there). The second:
 
 Writes ``OUT/scaling_table.md`` (also printed), ``OUT/scaling.json`` and ``OUT/scaling.png`` (step-time split,
 tokens/s/GPU against parameters, reward curves). One row per run or case; the ``source`` column says whether its
@@ -35,32 +38,38 @@ import json
 import math
 import sys
 from pathlib import Path
-from statistics import fmean
 
-from megatron_hapo.models.hf_config import decoder_spec
-from megatron_hapo.models.plan import total_params
+from megatron_hapo.studies.throughput import (
+    ASSUMPTION,
+    CALIBRATION,
+    CALIBRATION_SOURCE,
+    DEFAULT_TOKENS_PER_STEP,
+    LLAMA_31_8B,
+    QWEN3_32B,
+    ROLLOUT_FRACTION,
+    SPLIT,
+    SYNC_POINTS,
+    calibration_fit,
+    dense_decoder_params,
+    fit_power_law,
+    measured_row,
+    mfu,
+    predict_tokens_per_s_per_gpu,
+    predicted_row,
+    predicted_sync_s,
+)
 from megatron_hapo.trainer.metrics import read_metrics
 
-#: Architectures of the two calibration models (Hugging Face config keys) and their published figures.
-_MODELS = Path(__file__).resolve().parents[1] / "configs" / "models"
-LLAMA_31_8B = json.loads((_MODELS / "llama-3.1-8b-instruct" / "config.json").read_text())
-QWEN3_32B = json.loads((_MODELS / "qwen3-32b" / "config.json").read_text())
-CALIBRATION = (
-    {"name": "Llama-3.1-8B", "arch": LLAMA_31_8B, "tokens_per_s_per_gpu": 1581.0, "step_s": 92.8, "gpus": 16},
-    {"name": "Qwen3-32B", "arch": QWEN3_32B, "tokens_per_s_per_gpu": 571.0, "step_s": 376.0, "gpus": 32},
-)
-CALIBRATION_SOURCE = "NeMo-RL v0.5 performance summary, H100 BF16, on-policy GRPO"
-#: Assumed rollout share of a predicted step (verl DeepSeek-671B, 96 GPUs: rollout 1050 s of a 1700 s step).
-ROLLOUT_FRACTION = 1050.0 / 1700.0
-#: (parameters, seconds) of verl's full NCCL weight broadcast on H100 (midpoints of 5.5-6.0 s and 14.2-18.1 s).
-SYNC_POINTS = ((7e9, 5.75), (32e9, 16.15))
-DEFAULT_TOKENS_PER_STEP = 1581.0 * 16 * 92.8
-ASSUMPTION = (
-    f"predicted split is an ASSUMPTION: rollout = {ROLLOUT_FRACTION:.1%} of the step (verl DeepSeek-671B "
-    "1050 s of 1700 s; NeMo-RL publishes no split), sync = power law through verl's H100 NCCL broadcast "
-    "times (7B 5.75 s, 32B 16.15 s), train = the rest"
-)
-SPLIT = ("rollout_s", "train_s", "sync_s", "other_s")
+__all__ = [  # the names the tests and other tools reach through this script
+    "LLAMA_31_8B",
+    "QWEN3_32B",
+    "ROLLOUT_FRACTION",
+    "SYNC_POINTS",
+    "fit_power_law",
+    "mfu",
+    "predicted_sync_s",
+]
+
 COLUMNS = (
     ("name", "name"),
     ("params_b", "params (B)"),
@@ -71,96 +80,6 @@ COLUMNS = (
     ("tokens_per_s_per_gpu", "tokens/s/GPU"),
     ("mfu", "MFU"),
 )
-PREDICTED_FIELDS = ("step_s", *SPLIT, "tokens_per_s_per_gpu", "mfu")
-
-
-def dense_decoder_params(hf_config: dict) -> int:
-    """Parameters of a decoder megatron_hapo trains (Llama 3, Qwen2, Qwen3) from its Hugging Face config dict: the
-    planner's count (``megatron_hapo.models.plan.total_params``); other architectures are refused, naming why."""
-    return total_params(decoder_spec(hf_config))
-
-
-def fit_power_law(points: tuple[tuple[float, float], ...]) -> tuple[float, float]:
-    """``(C, alpha)`` with ``y = C * x^-alpha`` through exactly two ``(x, y)`` points."""
-    (x1, y1), (x2, y2) = points
-    alpha = math.log(y1 / y2) / math.log(x2 / x1)
-    return y1 * x1**alpha, alpha
-
-
-def calibration_fit() -> tuple[float, float]:
-    """``(C, alpha)`` of tokens/s/GPU = C * N^-alpha through the two calibration models."""
-    return fit_power_law(tuple((dense_decoder_params(c["arch"]), c["tokens_per_s_per_gpu"]) for c in CALIBRATION))
-
-
-def predict_tokens_per_s_per_gpu(num_params: float, fit: tuple[float, float]) -> float:
-    """The analytic model's tokens/s/GPU for ``num_params`` parameters."""
-    c, alpha = fit
-    return c * num_params**-alpha
-
-
-def predicted_sync_s(num_params: float) -> float:
-    """Assumed weight-sync seconds (power law through ``SYNC_POINTS``)."""
-    c, alpha = fit_power_law(SYNC_POINTS)
-    return c * num_params**-alpha
-
-
-def mfu(num_params: float, tokens_per_s_per_gpu: float, peak_flops: float) -> float:
-    """Training-equivalent MFU: 6 N FLOPs per token over the GPU's peak."""
-    return 6.0 * num_params * tokens_per_s_per_gpu / peak_flops
-
-
-def predicted_row(
-    name: str, num_params: int, gpus: int, fit: tuple[float, float], *, tokens_per_step: float, peak_flops: float
-) -> dict:
-    """One ``predicted`` row: throughput from the fit, step from the workload, split from the ASSUMPTION."""
-    tps = predict_tokens_per_s_per_gpu(num_params, fit)
-    step = tokens_per_step / (tps * gpus)
-    rollout, sync = ROLLOUT_FRACTION * step, min(predicted_sync_s(num_params), (1 - ROLLOUT_FRACTION) * step)
-    return {
-        "name": name,
-        "params_b": num_params / 1e9,
-        "gpus": gpus,
-        "source": "predicted",
-        "predicted": True,
-        "predicted_fields": list(PREDICTED_FIELDS),
-        "step_s": step,
-        "rollout_s": rollout,
-        "train_s": step - rollout - sync,
-        "sync_s": sync,
-        "other_s": 0.0,
-        "tokens_per_s_per_gpu": tps,
-        "mfu": mfu(num_params, tps, peak_flops),
-        "tokens_per_step": tokens_per_step,
-    }
-
-
-def measured_row(name: str, metrics: list[dict], num_params: int, gpus: int, peak_flops: float) -> dict:
-    """One ``measured`` row: means over the steps after the first (all steps when there is only one)."""
-    rows = metrics[1:] or metrics
-
-    def mean(*keys: str) -> float:
-        values = [sum(row[k] for k in keys) for row in rows if all(k in row for k in keys)]
-        return fmean(values) if values else math.nan
-
-    step, rollout, sync = mean("time_step"), mean("time_generate"), mean("time_sync")
-    train = mean("time_old_log_prob", "time_train")
-    tps = mean("tokens_per_second") / gpus
-    return {
-        "name": name,
-        "params_b": num_params / 1e9,
-        "gpus": gpus,
-        "source": "measured",
-        "predicted": False,
-        "predicted_fields": [],
-        "step_s": step,
-        "rollout_s": rollout,
-        "train_s": train,
-        "sync_s": sync,
-        "other_s": step - rollout - train - sync,
-        "tokens_per_s_per_gpu": tps,
-        "mfu": mfu(num_params, tps, peak_flops),
-        "steps_averaged": len(rows),
-    }
 
 
 def run_params_and_gpus(run_dir: Path, params_b: dict[str, float]) -> tuple[int, int, list[str]]:
@@ -179,9 +98,11 @@ def run_params_and_gpus(run_dir: Path, params_b: dict[str, float]) -> tuple[int,
             f"pass --params-b {run_dir.name}=BILLIONS"
         )
     launch_file = run_dir / "launch.json"
-    if launch_file.is_file():
+    if launch_file.is_file():  # the launch scripts and --local-ranks write it
         launch = json.loads(launch_file.read_text())
         gpus = int(launch["nodes"]) * int(launch["gpus_per_node"])
+        if launch.get("gpu") == "cpu":
+            notes.append(f"{run_dir.name}: ran on {gpus} CPU ranks (tokens/s per rank; no MFU)")
     else:
         gpus = 1
         notes.append(f"{run_dir.name}: no launch.json, assumed 1 node x 1 GPU")
@@ -335,6 +256,8 @@ def collect_rows(args: argparse.Namespace, fit: tuple[float, float]) -> tuple[li
             raise ValueError(f"{run}/metrics.jsonl is empty")
         num_params, gpus, run_notes = run_params_and_gpus(run, params_b)
         rows.append(measured_row(run.name, metrics, num_params, gpus, peak))
+        if any(note.startswith(f"{run.name}: ran on") for note in run_notes):
+            rows[-1]["mfu"] = math.nan  # a GPU's peak says nothing of a CPU run
         notes += [
             *run_notes,
             f"{run.name}: the analytic model predicts "
@@ -375,6 +298,11 @@ def general_notes(fit: tuple[float, float], peak_tflops: float) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("plan", "submit", "collect"):  # a study file: megatron_hapo.studies
+        from megatron_hapo.studies.cli import main as study_main  # noqa: PLC0415
+
+        return study_main(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     fit = calibration_fit()

@@ -75,6 +75,7 @@ def save_checkpoint(
         staging.mkdir(parents=True)
     runtime.barrier()
     sync_params(actor.chunks)  # current parameters, also under an overlapped distributed optimizer
+    _allocate_optimizer_state(actor.optimizer)  # an optimizer that has not stepped yet (every group filtered)
     model_state = chunks_sharded_state_dict(actor.chunks)
     metadata = {"distrib_optim_sharding_type": optimizer_sharding, "layout": _layout()}
     payload = {"model": model_state, "optimizer": actor.optimizer.sharded_state_dict(model_state, metadata=metadata)}
@@ -220,12 +221,15 @@ def _distributed_parts(optimizer: Any) -> Iterator[tuple[Any, Any]]:
 
 
 def _allocate_optimizer_state(optimizer: Any) -> None:
-    """Give a distributed optimizer that has not stepped yet its state tensors, which loading overwrites.
+    """Give a distributed optimizer that has not stepped yet its state tensors: the state a fresh torch Adam
+    would create at its first step (zero moments, step 0), which loading overwrites or the next step continues.
 
     Megatron-Core 0.19.2's ``DistributedOptimizer.state_dict`` reads the step from each parameter's state when
-    torch's Adam runs it (no Apex / Transformer Engine, as on CPU), so a fresh one cannot build its loading
-    request. Its own dummy initialisation (a step on zero gradients, used for Megatron-FSDP) runs here at
-    learning rate 0, which leaves the parameters untouched."""
+    torch's Adam runs it (no Apex / Transformer Engine, as on CPU), so an optimizer that never stepped can neither
+    build a loading request nor be saved (``assert len(steps) == 1``: a DAPO run whose first steps kept no group
+    crashed at its first checkpoint). Upstream's own dummy initialisation (a step on zero gradients, used for
+    Megatron-FSDP) runs here at learning rate 0, which leaves the parameters untouched; its step count is then
+    set back to 0, so the first real update has Adam's first-step bias correction, as without a checkpoint."""
     for part, inner in _distributed_parts(optimizer):
         if len(inner.state):
             continue
@@ -235,6 +239,11 @@ def _allocate_optimizer_state(optimizer: Any) -> None:
         part._init_optimizer_states_with_dummy_values()  # upstream's own (pinned megatron-core)
         for group, rate in zip(inner.param_groups, rates, strict=True):
             group["lr"] = rate
+        for state in inner.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"].zero_()
+            elif "step" in state:
+                state["step"] = 0
 
 
 def _restore_adam_steps(optimizer: Any) -> None:

@@ -139,6 +139,17 @@ def _save(actor: Actor, state: StepState, settings: LoopSettings) -> None:
     )
 
 
+def _open_writer(settings: LoopSettings, config: Config, state: StepState) -> MetricsWriter:
+    """The run's metrics sinks (rank 0 writes), continuing a resumed run's rows and W&B run."""
+    return MetricsWriter(
+        settings.run_dir,
+        enabled=runtime.rank() == 0,
+        first_step=state.step,
+        wandb=settings.wandb,
+        config=to_tree(config),
+    )
+
+
 def train(
     actor: Actor,
     engine: RolloutEngine,
@@ -155,25 +166,17 @@ def train(
 ) -> StepState:
     """Run ``config.train.total_steps`` RL steps over ``prompts`` (in a seeded order, cycling); every rank calls it.
 
-    ``eval_sets`` are evaluated every ``settings.eval_interval`` steps and after the last (``eval/<set>/...``
-    metrics; best and final of each in ``eval_summary.json``). ``guide_engine`` serves the frozen guide policy of
-    mixed-policy algorithms. ``should_stop`` is asked after
-    every step (on every rank; any rank may say yes): the run then checkpoints and returns with
-    ``state.stopped`` set; asked before the first step too, it returns at once (nothing new to save). Rank 0
-    shows a progress bar (``settings.progress_bar``); ``settings.on_step`` sees every step's metrics.
+    ``eval_sets`` are evaluated every ``settings.eval_interval`` steps and after the last (``eval/<set>/...``;
+    best and final in ``eval_summary.json``). ``guide_engine`` serves a mixed-policy guide. ``should_stop`` is
+    asked after every step and before the first (every rank; any may say yes): the run then checkpoints (if it
+    trained) and returns with ``state.stopped`` set. ``settings.on_step`` sees every step's metrics.
     """
     state = state or StepState()
     per_step = config.train.prompts_per_step
     if per_step > len(prompts):
         raise ValueError(f"train.prompts_per_step={per_step} exceeds the {len(prompts)} prompts available")
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(config.train.seed)).tolist()
-    writer = MetricsWriter(
-        settings.run_dir,
-        enabled=runtime.rank() == 0,
-        first_step=state.step,
-        wandb=settings.wandb,
-        config=to_tree(config),
-    )
+    writer = _open_writer(settings, config, state)
     tracker = BestAndFinal(state.eval_best, state.eval_final)  # a resumed run keeps its best and final
     total = config.train.total_steps
     shown = settings.progress_bar and runtime.rank() == 0

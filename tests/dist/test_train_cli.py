@@ -63,6 +63,8 @@ def test_train_entry_point_runs_rl_steps(tiny_llama: Path, tmp_path: Path, repo_
     assert 0 <= rows[-1]["eval/e/avg@2"] <= rows[-1]["eval/e/pass@2"] <= 1, rows[-1]  # data.eval_file: its stem
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_000002"
     assert json.loads((run_dir / "config.json").read_text())["model"]["tensor_parallel"] == 2
+    launch = json.loads((run_dir / "launch.json").read_text())  # --local-ranks 2: for tools/scaling_study.py
+    assert (launch["nodes"], launch["gpus_per_node"], launch["gpu"]) == (1, 2, "cpu"), launch
     assert "12 prompts" in result.stderr, result.stderr[-2000:]
     # not a terminal: one line per step in the log (output.log_interval=1), no progress bar
     assert "step 0 (1/2) reward" in result.stderr and "step 1 (2/2) reward" in result.stderr, result.stderr[-2000:]
