@@ -54,3 +54,29 @@ def test_word_tokenizer_refuses_a_vocabulary_without_its_special_tokens(tmp_path
         write_word_tokenizer(tmp_path, ["a", "b"])
     with pytest.raises(ValueError, match="each word once"):
         write_word_tokenizer(tmp_path, [*SPECIAL, "a", "a"])
+
+
+def test_taught_model_says_answer_lines(tmp_path: Path, repo_root: Path) -> None:
+    """`--teach-arithmetic`: after supervised steps on the training problems the model ends its greedy responses
+    the way DAPO's rule reads them (an `Answer:` line, then EOS), which a random model never does."""
+    import torch
+    import transformers
+
+    def make(out: Path, *extra: str) -> transformers.PreTrainedModel:
+        args = [sys.executable, "tools/make_tiny_model.py", "--hidden", "64", "--out", str(out), *extra]
+        result = subprocess.run(args, cwd=repo_root, capture_output=True, text=True, timeout=300, check=False)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return transformers.AutoModelForCausalLM.from_pretrained(out)
+
+    random_model, taught = make(tmp_path / "random"), make(tmp_path / "taught", "--teach-arithmetic", "60")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "taught")
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 2 + 5 ?"}], add_generation_prompt=True, return_dict=True
+    )
+    prompt = torch.tensor([list(chat["input_ids"])])
+    said = {}
+    for name, model in (("random", random_model), ("taught", taught)):
+        out = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)[0, prompt.shape[1] :]
+        said[name] = tokenizer.convert_ids_to_tokens(out.tolist())
+    assert said["taught"][0] == "Answer:" and "</s>" in said["taught"], said
+    assert said["random"][0] != "Answer:", said
