@@ -8,7 +8,7 @@ if (($# < 1)); then
     echo "usage: bash launch/local.sh CONFIG [key=value ...]" >&2
     exit 2
 fi
-REPO_ROOT="${MEGATRON_HAPO_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
+REPO_ROOT="${MEGATRON_HAPO_ROOT:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}}"  # sbatch runs a copy
 if [[ "$1" != --help && "$1" != -h ]]; then  # else launch/_run.sh prints the usage
     RUN_CONFIG="$1"
     shift

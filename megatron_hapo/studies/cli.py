@@ -20,9 +20,8 @@ import time
 from pathlib import Path
 
 from megatron_hapo.config.errors import ConfigError
-from megatron_hapo.studies.spec import Cell, Study, StudyError, load_study
+from megatron_hapo.studies.spec import REPO, Cell, Study, StudyError, load_study
 
-REPO = Path(__file__).resolve().parents[2]
 LAUNCHER = REPO / "launch" / "local.sh"
 
 

@@ -13,8 +13,9 @@
 A cell is one size, one algorithm and one seed: the size's run config with the algorithm preset's ``algo``
 section (the size's ``algo.reward_shaping`` kept: the overlong buffer is a property of the response length,
 shared by every algorithm), the study's then the size's overrides, ``train.seed``, the benchmarks, its run
-directory ``ROOT/<size>-<algorithm>-s<seed>`` and ``output.wandb_group`` = the study's name. Paths in the file
-are relative to it; paths inside the configs are as the trainer reads them (the repository root).
+directory ``ROOT/<size>-<algorithm>-s<seed>`` and ``output.wandb_group`` = the study's name. Paths to configs
+and presets are relative to the study file; ``root`` and the paths inside the configs (models, data,
+benchmarks) are read from the repository root, where the runs start.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import yaml
 from megatron_hapo.config import Config, build_dataclass, parse_override, validate
 from megatron_hapo.config.loader import read_yaml_tree
 
+#: The repository: the runs start there, so relative paths in configs (and a study's root) are read from it.
+REPO = Path(__file__).resolve().parents[2]
 #: The keys of a study file and of one of its sizes.
 STUDY_KEYS = ("name", "description", "root", "sizes", "algorithms", "seeds", "benchmarks", "overrides")
 SIZE_KEYS = ("config", "overrides", "nodes", "gpus_per_node", "gpu_gib")
@@ -189,7 +192,7 @@ def load_study(path: str | Path) -> Study:
     return Study(
         name=name,
         path=path,
-        root=Path(raw.get("root", f"runs/studies/{name}")),
+        root=REPO / raw.get("root", f"runs/studies/{name}"),  # relative: to the repository, as the configs' paths
         sizes={n: _size(path, n, s) for n, s in raw["sizes"].items()},
         algorithms={n: _relative(path, p, f"algorithms.{n}") for n, p in raw["algorithms"].items()},
         seeds=tuple(seeds),
