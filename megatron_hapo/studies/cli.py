@@ -176,6 +176,7 @@ def submit(study: Study, *, local: bool, sbatch_args: list[str]) -> int:
             "--parsable",
             f"--nodes={cell.size.nodes}",
             f"--gpus-per-node={cell.size.gpus_per_node}",
+            f"--ntasks-per-node={cell.size.gpus_per_node}",  # one rank per GPU, as the launch scripts run them
             f"--job-name={study.name}-{cell.name}",
             f"--output={study.root}/{cell.name}.slurm-%j.out",
             "--requeue",
