@@ -53,18 +53,24 @@ class Target:
 
 
 def targets(paths: list[str]) -> list[Target]:
-    """The models named on the command line, a run directory expanded into its checkpoints (in step order)."""
+    """The models named on the command line, a run directory expanded into its checkpoints (in step order); a
+    Megatron checkpoint that holds anything but plain data is refused (one line)."""
+    from megatron_hapo.trainer.preflight import check_checkpoint_data  # noqa: PLC0415
+
     found: list[Target] = []
     for name in paths:
         path = Path(name)
         if (path / "config.json").is_file():
             found.append(Target(str(path), path, megatron=False))
         elif (path / ".metadata").is_file() and (path / "hf").is_dir():
+            check_checkpoint_data(path, str(path))
             found.append(Target(str(path), path, megatron=True))
         elif (path / "checkpoints").is_dir():
             steps = sorted(p for p in (path / "checkpoints").glob("step_*") if (p / ".metadata").is_file())
             if not steps:
                 raise SystemExit(f"{path}: a run directory without checkpoints (checkpoints/step_* missing)")
+            for step in steps:
+                check_checkpoint_data(step, str(step))
             found.extend(Target(str(p), p, megatron=True) for p in steps)
         else:
             raise SystemExit(

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from megatron_hapo.models.checkpoint import mcore_to_hf
 from megatron_hapo.parallel import runtime
 from megatron_hapo.parallel.local_launch import run_local_ranks
+from megatron_hapo.trainer.preflight import check_checkpoint_data
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from convert_hf_to_mcore import DTYPES
@@ -50,6 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--read-gb", type=float, default=1.0, help="bytes read from the checkpoint at a time")
     parser.add_argument("--dtype", choices=DTYPES, default="auto", help="written dtype (auto: the stored one)")
     args = parser.parse_args(argv)
+    steps = sorted(args.ckpt.glob("step_*")) or sorted(args.ckpt.glob("checkpoints/step_*"))
+    if not (args.ckpt / ".metadata").is_file() and steps:  # a run's checkpoints/ folder or the run itself
+        raise SystemExit(f"--ckpt {args.ckpt}: a directory of checkpoints; pass one of them, e.g. {steps[-1]}")
+    check_checkpoint_data(args.ckpt, f"--ckpt {args.ckpt}")  # before any of its pickles is read
+    if args.out.exists():
+        raise SystemExit(f"--out {args.out}: already exists; the export writes a new directory")
     run_local_ranks(_rank, 1, args, device="cpu")
     return 0
 

@@ -24,6 +24,7 @@ from megatron_hapo.models.checkpoint import load_mcore
 from megatron_hapo.parallel import runtime
 from megatron_hapo.parallel.collectives import gather_vocab_shards
 from megatron_hapo.parallel.local_launch import run_local_ranks
+from megatron_hapo.trainer.preflight import check_checkpoint_data
 
 
 def _prompts(hf_dir: Path, texts: list[str], length: int) -> torch.Tensor:
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=8, help="greedy tokens to compare")
     parser.add_argument("--max-diff", type=float, default=1e-3, help="allowed max |logit difference|")
     args = parser.parse_args(argv)
+    check_checkpoint_data(args.ckpt, f"--ckpt {args.ckpt}")  # before any of its pickles is read
     from transformers import AutoModelForCausalLM  # noqa: PLC0415
 
     texts = args.prompt or ["What is 12 * 7?", "Solve x^2 = 49.", "The capital of France is"]

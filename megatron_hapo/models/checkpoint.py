@@ -27,6 +27,7 @@ from megatron_hapo.models.loading import load_hf_weights, unwrap
 from megatron_hapo.models.mapping import Rule, rules, to_hf
 from megatron_hapo.models.mcore_reader import McoreReader
 from megatron_hapo.models.provider import build_gpt
+from megatron_hapo.models.safe_checkpoint import require_data_only
 from megatron_hapo.parallel import runtime
 
 #: Top-level files of an HF directory that are not carried alongside the weights: the weights themselves and
@@ -188,6 +189,7 @@ def load_mcore(
     from megatron.core import dist_checkpointing  # noqa: PLC0415
 
     ckpt_dir = Path(ckpt_dir)
+    require_data_only(ckpt_dir)  # before any of its pickles is read
     spec = read_decoder_spec(ckpt_dir / "hf")
     chunks = build_gpt(
         spec, dtype=dtype or config_dtype(ckpt_dir / "hf"), perform_initialization=False, **build_overrides

@@ -17,6 +17,7 @@ from typing import TypeVar
 import torch
 
 from megatron_hapo.models.mapping import Rule
+from megatron_hapo.models.safe_checkpoint import require_data_only
 
 T = TypeVar("T")
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
@@ -36,6 +37,7 @@ class McoreReader:
         from megatron.core import dist_checkpointing  # noqa: PLC0415
 
         self.ckpt_dir = Path(ckpt_dir)
+        require_data_only(self.ckpt_dir)  # before any of its pickles is read
         self._metadata = dist_checkpointing.load_tensors_metadata(str(self.ckpt_dir))
 
     def nbytes(self, rule: Rule) -> int:

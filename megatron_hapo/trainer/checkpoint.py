@@ -37,6 +37,7 @@ from megatron_hapo.models.checkpoint import (
     staging_dir,
 )
 from megatron_hapo.models.provider import sync_params
+from megatron_hapo.models.safe_checkpoint import require_data_only
 from megatron_hapo.parallel import runtime
 from megatron_hapo.trainer.manifest import rank_world, verify_manifest, write_manifest
 from megatron_hapo.trainer.step import Actor, StepState
@@ -159,6 +160,7 @@ def load_checkpoint(checkpoint: Path, actor: Actor) -> StepState:
     """Load model + optimizer into ``actor`` (any TP / PP layout) and return the trainer state (collective)."""
     from megatron.core import dist_checkpointing  # noqa: PLC0415
 
+    require_data_only(checkpoint)  # before any of its pickles is read
     metadata = _optimizer_metadata(checkpoint, actor)
     _allocate_optimizer_state(actor.optimizer)
     model_state = chunks_sharded_state_dict(actor.chunks)
@@ -181,6 +183,7 @@ def load_model_weights(checkpoint: Path, actor: Actor) -> None:
     The optimizer keeps its fresh state; its main (float32) copies are refreshed from the loaded weights."""
     from megatron.core import dist_checkpointing  # noqa: PLC0415
 
+    require_data_only(checkpoint)  # before any of its pickles is read
     model_state = chunks_sharded_state_dict(actor.chunks)
     trainer = (checkpoint / TRAINER_STATE).is_file()
     loaded = dist_checkpointing.load({"model": model_state} if trainer else model_state, str(checkpoint))

@@ -213,6 +213,17 @@ def config_changes(saved: dict, config: Config) -> list[str]:
     return [f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in keys if not _may_change(k)]
 
 
+def check_checkpoint_data(path: str | Path, key: str) -> None:
+    """One line naming ``key`` when the Megatron checkpoint ``path`` holds anything but plain data (a pickle that
+    would run code: :mod:`megatron_hapo.models.safe_checkpoint`)."""
+    from megatron_hapo.models.safe_checkpoint import UnsafeCheckpointError, require_data_only  # noqa: PLC0415
+
+    try:
+        require_data_only(path)
+    except UnsafeCheckpointError as exc:
+        raise SystemExit(f"{key}: {exc}") from None
+
+
 def resume_source(config: Config, *, compare_config: bool) -> tuple[bool, Path | None]:
     """Whether this run resumes, and from which explicit checkpoint (``None``: the run's own latest, or none).
 
@@ -233,7 +244,14 @@ def resume_source(config: Config, *, compare_config: bool) -> tuple[bool, Path |
             f"model.init_from={init_from!r}: not a Megatron checkpoint (.metadata missing); pass the output of "
             "tools/convert_hf_to_mcore.py or a checkpoints/step_* directory"
         )
+    for key, path in (("train.resume_from", resume_from), ("model.init_from", init_from)):
+        if path:
+            check_checkpoint_data(path, key)
     own_latest = (run_dir / "checkpoints" / "latest").is_file()
+    if own_latest:  # the one a resume of the run's own checkpoints reads first
+        named = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+        if (named / ".metadata").is_file():
+            check_checkpoint_data(named, f"output.dir's latest checkpoint ({named})")
     consumed = (run_dir / RESUMED_FROM).read_text().strip() if (run_dir / RESUMED_FROM).is_file() else None
     explicit = Path(resume_from) if resume_from and not (own_latest and consumed == resume_from) else None
     resuming = explicit is not None or own_latest
