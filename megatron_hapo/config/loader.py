@@ -14,6 +14,7 @@ import difflib
 import functools
 import inspect
 import itertools
+import math
 import re
 import textwrap
 import types
@@ -37,16 +38,49 @@ _Dataclass = TypeVar("_Dataclass", bound="DataclassInstance")
 RENAMED = {"output.eval_k": "output.eval.n"}
 
 
+@dataclasses.dataclass(frozen=True)
+class Override:
+    """An override's value as typed (``text``) and as YAML reads it: a text field takes the text verbatim
+    (``output.dir=/runs/exp #2`` keeps its ``#2``, which YAML reads as a comment), every other field the YAML
+    value; ``null`` is ``None`` where the field allows it."""
+
+    origin: str
+    text: str
+
+    def parsed(self) -> Any:
+        """The YAML value (a mapping, a list, a number, ``None``); one line naming the override when invalid."""
+        try:
+            return yaml.safe_load(self.text) if self.text.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {self.origin!r}: cannot parse value {self.text!r}: {err}") from None
+
+    def for_type(self, tp: Any) -> Any:
+        """The value for a field annotated ``tp``."""
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        text = self.text.strip()
+        options = args if origin in (typing.Union, types.UnionType) else (tp,)
+        if text == "null" and type(None) in options:
+            return None
+        if str in options or (origin is typing.Literal and text in args):
+            return text
+        if getattr(tp, "SHORTHAND", None) and not text.startswith("{"):  # a path standing for {file: path}
+            return text
+        return self.parsed()
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"algo.clip.eps_high=0.28"`` -> ``(["algo", "clip", "eps_high"], 0.28)`` (value parsed as YAML)."""
+    """``"algo.clip.eps_high=0.28"`` -> ``(["algo", "clip", "eps_high"], 0.28)`` (value parsed as YAML; the
+    loader keeps the text as typed for text fields: :class:`Override`)."""
+    keys, value = parse_override_text(text)
+    return keys, value.parsed()
+
+
+def parse_override_text(text: str) -> tuple[list[str], Override]:
+    """``"output.dir=/runs/exp #2"`` -> ``(["output", "dir"], Override(...))``: typed when the field is known."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r} is not of the form dotted.key=value (e.g. algo.clip.eps_high=0.28)")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as err:
-        raise ConfigError(f"override {text!r}: cannot parse value {raw!r}: {err}") from None
-    return key.strip().split("."), value
+    return key.strip().split("."), Override(text, raw)
 
 
 def _set_dotted(tree: dict[str, Any], path: list[str], value: Any, origin: str) -> None:
@@ -119,7 +153,10 @@ def _coerce_container(value: Any, tp: Any, where: str) -> Any:
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check ``value`` against the annotation ``tp`` (ints widen to floats); raise ConfigError otherwise."""
+    """Check ``value`` against the annotation ``tp`` (ints widen to floats; NaN and infinity are refused); raise
+    ConfigError otherwise."""
+    if isinstance(value, Override):
+        value = value.for_type(tp)
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -140,7 +177,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     widens = isinstance(value, int) and not isinstance(value, bool)
     exponent = isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip())  # YAML 1.1 keeps "1e-3" a string
     if tp is float and (widens or exponent):
-        return float(value)
+        value = float(value)
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: {value} is not a finite number")
     if tp in (int, float, str, bool) and (type(value) is not tp):
         raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
     return value
@@ -177,7 +216,7 @@ def build_dataclass(cls: type[_Dataclass], data: dict[str, Any], where: str = ""
             raise ConfigError(f"unknown config key '{dotted}'{hint} (valid keys here: {', '.join(names)})")
         tp = hints[key]
         if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-            kwargs[key] = build_dataclass(tp, value, dotted)
+            kwargs[key] = build_dataclass(tp, value.parsed() if isinstance(value, Override) else value, dotted)
         else:
             kwargs[key] = _coerce(value, tp, dotted)
     missing = [
@@ -205,7 +244,7 @@ def resolve_tree(path: str | Path | None, overrides: list[str] | tuple[str, ...]
     """The merged nested dict of a config file plus overrides (not yet typed)."""
     tree = read_yaml_tree(path) if path is not None else {}
     for text in overrides:
-        keys, value = parse_override(text)
+        keys, value = parse_override_text(text)
         _set_dotted(tree, keys, value, f"override {text!r}")
     return tree
 

@@ -27,8 +27,8 @@ from typing import Any
 
 import yaml
 
-from megatron_hapo.config import Config, build_dataclass, parse_override, validate
-from megatron_hapo.config.loader import read_yaml_tree
+from megatron_hapo.config import Config, build_dataclass, to_tree, validate
+from megatron_hapo.config.loader import parse_override_text, read_yaml_tree
 
 #: The repository: the runs start there, so relative paths in configs (and a study's root) are read from it.
 REPO = Path(__file__).resolve().parents[2]
@@ -87,7 +87,7 @@ def _deep_merge(base: dict, top: dict) -> dict:
 
 
 def _set(tree: dict, text: str) -> None:
-    keys, value = parse_override(text)
+    keys, value = parse_override_text(text)  # typed when the cell's config is built (a text field: verbatim)
     node = tree
     for key in keys[:-1]:
         node = node.setdefault(key, {})
@@ -136,10 +136,11 @@ class Cell:
         return config
 
     def write_config(self) -> Path:
-        """``RUN_DIR/cell.yaml``: the config the cell's run is launched with."""
+        """``RUN_DIR/cell.yaml``: the config the cell's run is launched with (resolved: no ``base``)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / "cell.yaml"
-        path.write_text(f"# study {self.study.name}, cell {self.name}\n" + yaml.safe_dump(self.tree(), sort_keys=False))
+        resolved = yaml.safe_dump(to_tree(self.config()), sort_keys=False)
+        path.write_text(f"# study {self.study.name}, cell {self.name}: the whole resolved config\n" + resolved)
         return path
 
 

@@ -2,6 +2,7 @@
 
 import dataclasses
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -160,3 +161,46 @@ def test_round_trip_through_tree_is_identity():
     config = load_config(None, ["algo.clip.eps_high=0.28", "optim.betas=[0.9, 0.95]"])
     rebuilt = cfg.build_dataclass(Config, cfg.to_tree(config))
     assert rebuilt == config
+
+
+def test_override_values_mean_what_was_typed() -> None:
+    """A text field takes the override's text verbatim (YAML would read ` #` as a comment); other fields the
+    YAML value; `null` is None where allowed."""
+    from megatron_hapo.config import load_config
+
+    config = load_config(
+        None,
+        [
+            "output.dir=/runs/exp #2",
+            "model.path=/data/model dir/x #v2",
+            "data.eval_sets.a=/data/a: b.jsonl",  # YAML would refuse the ': '
+            "engine.kind=hf",
+            "engine.tensor_parallel=1",
+            "optim.lr=1e-3",
+            "model.init_from=null",
+            "output.eval.k=[1, 4]",
+        ],
+    )
+    assert config.output.dir == "/runs/exp #2" and config.model.path == "/data/model dir/x #v2"
+    assert config.data.eval_sets["a"].file == "/data/a: b.jsonl"
+    assert (config.engine.kind, config.optim.lr, config.model.init_from, config.output.eval.k) == (
+        "hf",
+        1e-3,
+        None,
+        [1, 4],
+    )
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", "1e999"])
+def test_nan_and_infinity_are_refused(value: str, tmp_path: Path) -> None:
+    from megatron_hapo.config import load_config
+
+    with pytest.raises(ConfigError, match=r"optim\.lr: .* is not a finite number"):
+        load_config(None, [f"optim.lr={value}"])
+    with pytest.raises(ConfigError, match=r"output\.reward_timeout_s: .* is not a finite number"):
+        load_config(None, [f"output.reward_timeout_s={value}"])
+    path = tmp_path / "c.yaml"
+    path.write_text(f"algo: {{sampling: {{temperature: {value}}}}}\n")
+    if value != "1e999":  # YAML's spellings in a file
+        with pytest.raises(ConfigError, match=r"algo\.sampling\.temperature: .* is not a finite number"):
+            load_config(path)

@@ -58,7 +58,7 @@ def test_a_template_of_ones_own_and_a_named_column(tmp_path: Path) -> None:
         HAPO,
         [
             f"data.eval_sets.oly.file={path}",
-            "data.eval_sets.oly.template='Q: {problem} A:'",
+            "data.eval_sets.oly.template=Q: {problem} A:",
             "data.eval_sets.oly.reward=boxed_math",
         ],
     )
