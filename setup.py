@@ -23,6 +23,9 @@ _TRITON_CPU = "triton==3.9.0"
 # re-read the places docs/GPU.md lists for that package, run `bash scripts/gpu_check.sh` on a GPU node and the CPU
 # suite, then change the version here and in scripts/setup_venv.sh together.
 _MEGATRON_CORE = "megatron-core==0.19.2"
+# data.math_verify's verifier (HAPO's published reward asks it whether two answers are equal); installed with the
+# stack so that asking for it never falls back to a silent -1.
+_MATH_VERIFY = "math-verify>=0.7"
 _VLLM_GPU = "vllm==0.32.0"
 # Transformer Engine has not run here (no build for the check machine): pinned to 2.20, the release current when
 # the TE layer spec and FP8 settings were written (megatron-core's own `te` extra leaves it unpinned).
@@ -42,8 +45,8 @@ setup(
     # torch is deliberately unpinned above a floor: clusters run newer CUDA builds.
     install_requires=["torch>=2.4", "pyyaml>=6", "pyarrow>=15", "tensorboard>=2.14", "matplotlib>=3.8", "tqdm>=4.66"],
     extras_require={
-        "cpu": [*_MEGATRON_RUNTIME, _TRITON_CPU, "safetensors>=0.4", "transformers>=5.16"],
-        "gpu": [*_MEGATRON_RUNTIME, _MEGATRON_CORE, _VLLM_GPU, _TRANSFORMER_ENGINE],
+        "cpu": [*_MEGATRON_RUNTIME, _TRITON_CPU, "safetensors>=0.4", "transformers>=5.16", _MATH_VERIFY],
+        "gpu": [*_MEGATRON_RUNTIME, _MEGATRON_CORE, _VLLM_GPU, _TRANSFORMER_ENGINE, _MATH_VERIFY],
         "wandb": ["wandb>=0.19"],
         "dev": [
             "wandb>=0.19",  # the W&B logging test runs the real package, offline

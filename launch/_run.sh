@@ -41,6 +41,25 @@ cd "$REPO_ROOT"
 if [[ -z "${PYTHON:-}" ]]; then
     if [[ -x "$REPO_ROOT/.venv/bin/python" ]]; then PYTHON="$REPO_ROOT/.venv/bin/python"; else PYTHON=python3; fi
 fi
+ranks_per_node() {  # what the job asked for: #SBATCH --exclusive hands over every GPU of a node (and
+    # SLURM_GPUS_ON_NODE follows it), whatever --gpus-per-node said
+    if [[ -n "${GPUS_PER_NODE:-}" ]]; then echo "$GPUS_PER_NODE"
+    elif [[ -n "${SLURM_NTASKS_PER_NODE:-}" ]]; then echo "$SLURM_NTASKS_PER_NODE"
+    elif [[ -n "${SLURM_GPUS_PER_NODE:-}" ]]; then echo "${SLURM_GPUS_PER_NODE##*:}"  # "8" or "h100:8"
+    elif [[ -n "${SLURM_GPUS_ON_NODE:-}" ]]; then echo "$SLURM_GPUS_ON_NODE"
+    elif command -v nvidia-smi >/dev/null 2>&1; then echo 8
+    else echo 1; fi
+}
+GPUS_PER_NODE="$(ranks_per_node)"
+whole_number() {  # $1 names the variable, $2 its value: checked before any shell arithmetic touches it
+    if ! [[ "$2" =~ ^[1-9][0-9]{0,5}$ ]]; then
+        echo "[launch] $1='$2': a whole number is needed (e.g. $1=8)" >&2
+        exit 2
+    fi
+}
+whole_number GPUS_PER_NODE "$GPUS_PER_NODE"
+whole_number NNODES "${NNODES:-1}"
+[[ -z "${MASTER_PORT:-}" ]] || whole_number MASTER_PORT "$MASTER_PORT"
 RUN_DIR="${RUN_ROOT:-$REPO_ROOT/runs}/$RUN_NAME"
 ATTEMPT="${SLURM_RESTART_COUNT:-0}"  # Slurm counts the requeues of a job; each attempt logs to its own directory
 if [[ -n "${SLURM_JOB_ID:-}" ]]; then LOG_DIR="$RUN_DIR/logs/$SLURM_JOB_ID.$ATTEMPT"; else
@@ -61,16 +80,6 @@ fi
 args+=("$@")
 EXIT_REQUEUE=75
 
-ranks_per_node() {  # what the job asked for: #SBATCH --exclusive hands over every GPU of a node (and
-    # SLURM_GPUS_ON_NODE follows it), whatever --gpus-per-node said
-    if [[ -n "${GPUS_PER_NODE:-}" ]]; then echo "$GPUS_PER_NODE"
-    elif [[ -n "${SLURM_NTASKS_PER_NODE:-}" ]]; then echo "$SLURM_NTASKS_PER_NODE"
-    elif [[ -n "${SLURM_GPUS_PER_NODE:-}" ]]; then echo "${SLURM_GPUS_PER_NODE##*:}"  # "8" or "h100:8"
-    elif [[ -n "${SLURM_GPUS_ON_NODE:-}" ]]; then echo "$SLURM_GPUS_ON_NODE"
-    elif command -v nvidia-smi >/dev/null 2>&1; then echo 8
-    else echo 1; fi
-}
-GPUS_PER_NODE="$(ranks_per_node)"
 
 write_launch_record() {  # nodes / GPUs / rendezvous of this attempt, for tools/scaling_study.py and the logs
     local gpu

@@ -47,6 +47,9 @@ class Override:
     origin: str
     text: str
 
+    def __repr__(self) -> str:  # shown in error messages as the value typed
+        return repr(self.text.strip())
+
     def parsed(self) -> Any:
         """The YAML value (a mapping, a list, a number, ``None``); one line naming the override when invalid."""
         try:
@@ -114,6 +117,8 @@ def read_yaml_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, 
         tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: invalid YAML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(tree).__name__}")
     bases = tree.pop("base", [])

@@ -45,18 +45,31 @@ def _rows(path: Path) -> list[tuple[int, Any]]:
     """``(row number, row)``: jsonl rows are numbered by line (1-based), parquet rows from 0."""
     if path.suffix == ".jsonl":
         rows: list[tuple[int, Any]] = []
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append((number, json.loads(line)))
-                except json.JSONDecodeError as exc:
-                    rows.append((number, DataError(f"invalid JSON ({exc.msg})")))
+        for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+            if raw.strip():
+                rows.append((number, _json_row(raw)))
         return rows
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq  # noqa: PLC0415  (only for parquet files)
+        import pyarrow as pa  # noqa: PLC0415  (only for parquet files)
+        import pyarrow.parquet as pq  # noqa: PLC0415
 
-        return list(enumerate(pq.read_table(path).to_pylist()))
+        try:
+            return list(enumerate(pq.read_table(path).to_pylist()))
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError(f"{path}: not a readable parquet file ({type(exc).__name__}: {exc})") from None
     raise DataError(f"{path}: unsupported prompt file type {path.suffix!r}; use .parquet or .jsonl")
+
+
+def _json_row(raw: bytes) -> Any:
+    """One jsonl line as JSON, or the :class:`DataError` saying why not (a row that ``bad_rows=skip`` skips)."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        return DataError(f"not UTF-8 (byte {exc.start}: {exc.reason})")
+    except json.JSONDecodeError as exc:
+        return DataError(f"invalid JSON ({exc.msg})")
+    except RecursionError:
+        return DataError("JSON nested too deeply")
 
 
 def _lookup(row: Any, dotted: str) -> Any:
@@ -132,7 +145,10 @@ def detect_keys(path: str | Path, prompt_key: str, answer_key: str) -> tuple[str
     """The prompt and answer keys of ``path``: the given ones when its first row has them, else the first of
     :data:`PROMPT_KEYS` / :data:`ANSWER_KEYS` it has (the given ones again when none fits: the read then names
     the missing key)."""
-    rows = _rows(Path(path)) if Path(path).is_file() else []
+    try:
+        rows = _rows(Path(path)) if Path(path).is_file() else []
+    except DataError:  # unreadable: the read itself names the file and why
+        return prompt_key, answer_key
     first = next((row for _, row in rows if isinstance(row, dict)), None)
     if first is None:
         return prompt_key, answer_key

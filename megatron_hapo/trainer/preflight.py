@@ -161,6 +161,12 @@ def check_inputs(config: Config, *, compare_config: bool = True) -> RunData:
             "model.transformer_engine / model.fp8 need a CUDA GPU with Transformer Engine; on CPU set "
             "model.transformer_engine=false model.fp8=null"
         )
+    if config.data.math_verify and importlib.util.find_spec("math_verify") is None:
+        raise SystemExit(
+            "data.math_verify=true: the math-verify package is not installed, so every answer that is not an exact "
+            "match would score -1; pip install math-verify (scripts/setup_venv.sh installs it), or set "
+            "data.math_verify=false"
+        )
     if config.output.wandb_project is not None and importlib.util.find_spec("wandb") is None:
         raise SystemExit(
             f"output.wandb_project={config.output.wandb_project!r}: wandb is not installed; pip install "

@@ -1,0 +1,162 @@
+"""The bad-input suite (a start: issue 29): each bad config, override, data file, model directory or launch
+environment gives a clear error that names the file, key or row (or, with ``bad_rows=skip``, a counted skip),
+no traceback, and no file outside the test's directory. In process where the entry point allows it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from megatron_hapo.config import ConfigError, load_config
+from megatron_hapo.data import DataError, read_prompts
+
+REPO = Path(__file__).resolve().parents[2]
+HAPO = REPO / "configs" / "algo" / "hapo.yaml"
+
+
+def _file(tmp: Path, name: str, content: bytes | str) -> Path:
+    path = tmp / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+def _config(tmp: Path, content: bytes | str, *overrides: str) -> None:
+    load_config(_file(tmp, "c.yaml", content), list(overrides))
+
+
+#: (case, what it does, what the error must say).
+CONFIG_CASES: list[tuple[str, Callable[[Path], object], str]] = [
+    ("config not UTF-8", lambda t: _config(t, b"algo: {clip: {eps_high: \xff}}\n"), "c.yaml: not UTF-8 text"),
+    ("config invalid YAML", lambda t: _config(t, "algo: [\n"), "c.yaml: invalid YAML"),
+    ("config top level a list", lambda t: _config(t, "- a\n"), "the top level must be a mapping"),
+    ("config unknown key", lambda t: _config(t, "optim: {lrr: 1}\n"), "unknown config key 'optim.lrr'"),
+    ("config wrong type", lambda t: _config(t, "train: {total_steps: many}\n"), "train.total_steps: expected int"),
+    ("config NaN in a file", lambda t: _config(t, "optim: {lr: .nan}\n"), "optim.lr: nan is not a finite number"),
+    ("override NaN", lambda t: load_config(HAPO, ["optim.lr=.nan"]), "optim.lr: nan is not a finite number"),
+    ("override inf", lambda t: load_config(HAPO, ["output.reward_timeout_s=.inf"]), "reward_timeout_s: inf is not"),
+    ("override without =", lambda t: load_config(HAPO, ["optim.lr"]), "is not of the form dotted.key=value"),
+    ("override into a value", lambda t: load_config(HAPO, ["optim.lr.x=1"]), "optim.lr: expected float, got dict {'x': '1'}"),
+    ("renamed key", lambda t: load_config(HAPO, ["output.eval_k=4"]), "now 'output.eval.n'"),
+    ("base cycle", lambda t: _config(t, "base: c.yaml\n"), "form a cycle"),
+    ("missing base", lambda t: _config(t, "base: nowhere.yaml\n"), "nowhere.yaml does not exist"),
+    (
+        "eval set template",
+        lambda t: load_config(HAPO, ["data.eval_sets.a.file=x", "data.eval_sets.a.template=x"]),
+        "data.eval_sets.a.template='x'",
+    ),
+    ("eval set named mean", lambda t: load_config(HAPO, ["data.eval_sets.mean=x"]), "data.eval_sets.mean"),
+    ("eval k above n", lambda t: load_config(HAPO, ["output.eval.k=[16]"]), "output.eval.k[0]=16 is out of range"),
+    ("YAML tag", lambda t: _config(t, "optim: !!python/object/apply:os.system [ls]\n"), "c.yaml: invalid YAML"),
+]
+
+
+@pytest.mark.parametrize(("case", "run", "says"), CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
+def test_bad_config(case: str, run: Callable[[Path], object], says: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        run(tmp_path)
+    assert says in str(caught.value), (case, str(caught.value))
+    assert "Traceback" not in str(caught.value)
+
+
+#: (case, file name, content, the error (bad_rows=error), skipped rows (bad_rows=skip) or None: no usable row).
+DATA_CASES = [
+    ("zero-byte parquet", "d.parquet", b"", "not a readable parquet file", None),
+    ("parquet of text", "d.parquet", b"not parquet at all", "not a readable parquet file", None),
+    ("unsupported type", "d.csv", "a,b\n", "unsupported prompt file type '.csv'", None),
+    ("empty jsonl", "d.jsonl", "\n\n", "no usable prompt rows", None),
+    (
+        "line not UTF-8",
+        "d.jsonl",
+        b'{"prompt": "\xff", "reward_model": {"ground_truth": "1"}}\n',
+        "line 1: not UTF-8",
+        1,
+    ),
+    ("invalid JSON", "d.jsonl", '{"prompt": \n', "line 1: invalid JSON", 1),
+    ("nested too deeply", "d.jsonl", "[" * 100000 + "]" * 100000 + "\n", "line 1: JSON nested too deeply", 1),
+    ("answer missing", "d.jsonl", '{"prompt": "q"}\n', "line 1: missing key 'reward_model.ground_truth'", 1),
+    (
+        "answer a mapping",
+        "d.jsonl",
+        '{"prompt": "q", "reward_model": {"ground_truth": {"a": 1}}}\n',
+        "must be a string",
+        1,
+    ),
+    ("prompt an empty list", "d.jsonl", '{"prompt": [], "reward_model": {"ground_truth": "1"}}\n', "non-empty list", 1),
+    (
+        "message without content",
+        "d.jsonl",
+        '{"prompt": [{"role": "user"}], "reward_model": {"ground_truth": "1"}}\n',
+        "a chat message lacks 'content'",
+        1,
+    ),
+]
+GOOD_ROW = json.dumps({"prompt": "What is 1 + 1 ?", "reward_model": {"ground_truth": "2"}}) + "\n"
+
+
+@pytest.mark.parametrize(("case", "name", "content", "says", "skips"), DATA_CASES, ids=[c[0] for c in DATA_CASES])
+def test_bad_data(case: str, name: str, content: bytes | str, says: str, skips: int | None, tmp_path: Path) -> None:
+    path = _file(tmp_path, name, content)
+    with pytest.raises(DataError) as caught:
+        read_prompts(path)
+    assert str(path) in str(caught.value) and says in str(caught.value), (case, str(caught.value))
+    if skips is not None:  # bad_rows=skip: the row is skipped and counted, the good rows read
+        raw = content if isinstance(content, bytes) else content.encode()
+        mixed = _file(tmp_path, "mixed.jsonl", raw + GOOD_ROW.encode())
+        read = read_prompts(mixed, bad_rows="skip")
+        assert len(read.examples) == 1 and len(read.skipped) == skips, (case, read.skipped)
+
+
+LAUNCH_CASES = [
+    ("GPUS_PER_NODE with a GPU type", {"GPUS_PER_NODE": "h100:8"}, "GPUS_PER_NODE='h100:8': a whole number"),
+    ("GPUS_PER_NODE running a command", {"GPUS_PER_NODE": "a[$(touch pwned)]"}, "GPUS_PER_NODE='a[$(touch pwned)]'"),
+    ("NNODES zero", {"NNODES": "0"}, "NNODES='0': a whole number"),
+    ("MASTER_PORT text", {"MASTER_PORT": "http"}, "MASTER_PORT='http': a whole number"),
+]
+
+
+@pytest.mark.parametrize(("case", "env", "says"), LAUNCH_CASES, ids=[c[0] for c in LAUNCH_CASES])
+def test_bad_launch_environment(case: str, env: dict[str, str], says: str, tmp_path: Path) -> None:
+    full = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}, "RUN_ROOT": str(tmp_path / "runs")}
+    done = subprocess.run(
+        ["bash", str(REPO / "launch" / "local.sh"), str(HAPO)],
+        cwd=tmp_path,
+        env={**full, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and says in done.stderr, (case, done.stderr)
+    assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())  # nothing created, nothing run
+
+
+def _inputs(**overrides: str) -> None:
+    from megatron_hapo.trainer.preflight import check_inputs
+
+    check_inputs(load_config(HAPO, [f"{k.replace('__', '.')}={v}" for k, v in overrides.items()]))
+
+
+def test_bad_model_directories_and_missing_packages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        (lambda: _inputs(model__path=str(tmp_path / "nowhere")), "no such directory"),
+        (lambda: _inputs(model__path=str(empty)), "config.json missing"),
+        (lambda: _inputs(model__path="null"), "model.path=None: no such directory"),
+    ]
+    for run, says in cases:
+        with pytest.raises(SystemExit) as caught:
+            run()
+        assert says in str(caught.value) and "\n" not in str(caught.value), str(caught.value)
+    found = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "math_verify" else found(name, *a)
+    )
+    with pytest.raises(SystemExit, match="data.math_verify=true: the math-verify package is not installed"):
+        _inputs(data__math_verify="true")
