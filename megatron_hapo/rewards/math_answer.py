@@ -100,6 +100,16 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
+_DOLLAR_SPAN = re.compile(r"(.*?)(\$)(.*?)(\$)(.*)")
+
+
+def _keep_dollar_span(line: str) -> str:
+    """DAPO's ``$...$`` rule on one line (the text between its first two ``$``), in linear time: the regex
+    scans every start position of a line without two ``$`` to its end (quadratic: 32k characters took 7.9 s),
+    and such a line never matches."""
+    return _DOLLAR_SPAN.sub(r"$\3$", line) if line.count("$") >= 2 else line
+
+
 def normalize_answer(answer: str) -> str:
     """DAPO's ``normalize_final_answer``: the same string for the same answer written differently."""
     answer = answer.rsplit("=", maxsplit=1)[-1]
@@ -107,7 +117,7 @@ def normalize_answer(answer: str) -> str:
         answer = answer.replace(before, after)
     for unit in _UNITS:
         answer = answer.replace(unit, "")
-    answer = re.sub(r"(.*?)(\$)(.*?)(\$)(.*)", r"$\3$", answer)
+    answer = "\n".join(map(_keep_dollar_span, answer.split("\n")))
     for command in _UNWRAP:
         answer = re.sub(command + r"\{(.*)\}" if command == r"\\boxed" else command + r"\{(.*?)\}", r"\1", answer)
     answer = re.sub(r"(frac)([^{])(.)", r"frac{\2}{\3}", answer)

@@ -50,3 +50,18 @@ def test_modular_sum_task() -> None:
     assert {tuple(p) for p in prompts} == every_pair
     assert first_token_equals([12, 2], 12) == (1.0, True) and first_token_equals([2, 12], 12) == (-1.0, False)
     assert first_token_equals([], 12) == (-1.0, False)
+
+
+def test_dollar_rule_per_line_equals_dapos_regex_on_random_text() -> None:
+    """The linear-time ``$...$`` rule gives what DAPO's whole-text regex gives (which scanned every start
+    position of a line without two ``$`` to its end: 7.9 s for a 32k-character boxed answer, now 9 ms)."""
+    import random
+    import re
+
+    from megatron_hapo.rewards.math_answer import _keep_dollar_span
+
+    dapo = re.compile(r"(.*?)(\$)(.*?)(\$)(.*)")
+    rng = random.Random(0)
+    for _ in range(5000):
+        text = "".join(rng.choice("ab$\n \\{}") for _ in range(rng.randint(0, 40)))
+        assert "\n".join(map(_keep_dollar_span, text.split("\n"))) == dapo.sub(r"$\3$", text), repr(text)
