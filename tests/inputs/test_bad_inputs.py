@@ -40,7 +40,7 @@ CONFIG_CASES: list[tuple[str, Callable[[Path], object], str]] = [
     ("override NaN", lambda t: load_config(HAPO, ["optim.lr=.nan"]), "optim.lr: nan is not a finite number"),
     ("override inf", lambda t: load_config(HAPO, ["output.reward_timeout_s=.inf"]), "reward_timeout_s: inf is not"),
     ("override without =", lambda t: load_config(HAPO, ["optim.lr"]), "is not of the form dotted.key=value"),
-    ("override into a value", lambda t: load_config(HAPO, ["optim.lr.x=1"]), "optim.lr: expected float, got dict {'x': '1'}"),
+    ("override into a value", lambda t: load_config(HAPO, ["optim.lr.x=1"]), "optim.lr: expected float, got dict"),
     ("renamed key", lambda t: load_config(HAPO, ["output.eval_k=4"]), "now 'output.eval.n'"),
     ("base cycle", lambda t: _config(t, "base: c.yaml\n"), "form a cycle"),
     ("missing base", lambda t: _config(t, "base: nowhere.yaml\n"), "nowhere.yaml does not exist"),
