@@ -110,6 +110,7 @@ def _rank(rank: int, world: int, config: Config, should_stop: Callable[[], bool]
         eval_before_train=out.eval_before_train,
         log_interval=out.log_interval,
         wandb=_wandb_target(config),
+        max_reward_failure_share=out.max_reward_failure_share,
         save_interval=out.save_interval,
         eval_settings=EvalSettings.from_config(config),
         keep_last=out.keep_last,

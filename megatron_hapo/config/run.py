@@ -235,6 +235,10 @@ class OutputConfig:
     state gathered per parameter on DP rank 0 while saving; a resume may change TP, PP and DP)."""
     reward_workers: int = 4
     """Verifier worker processes."""
+    max_reward_failure_share: float = 0.25
+    """Stop the run, with the first failure's text, when more than this share of a step's answers could not be
+    verified (the verifier raised, timed out or crashed: each scores as wrong and is counted in
+    ``reward_errors`` / ``reward_timeouts`` / ``reward_crashes``). 1: never stop."""
     reward_timeout_s: float = 10.0
     """Per-response verification time limit, from the moment a worker starts the call (its start-up does not
     count); a timeout scores the response as wrong and is counted."""

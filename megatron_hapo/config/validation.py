@@ -120,6 +120,7 @@ def _check_layout_fields(config: Config, errors: list[str]) -> None:
         _in_range(errors, f"output.{key}", getattr(out, key), 0, None)
     _check_eval(config, errors)
     _in_range(errors, "output.reward_workers", out.reward_workers, 1, None)
+    _in_range(errors, "output.max_reward_failure_share", out.max_reward_failure_share, 0.0, 1.0)
     _in_range(errors, "output.reward_timeout_s", out.reward_timeout_s, 0.0, None, low_open=True)
 
 

@@ -30,6 +30,8 @@ class Outcome:
     """The verifier's return value, or ``failure_value``."""
     status: str
     """``ok``, ``timeout`` (killed at the deadline), ``crash`` (the worker died) or ``error`` (it raised)."""
+    detail: str = ""
+    """Why it failed: the verifier's exception (``error``), or what happened to the worker."""
 
 
 def _serve(conn: Connection, fn: Callable[..., Any], memory_mb: int | None) -> None:
@@ -113,7 +115,9 @@ class RewardWorkers:
                     self._collect(worker, results)
                 elif time.monotonic() >= worker.deadline:
                     assert worker.task is not None  # worker is in busy
-                    results[worker.task] = Outcome(self.failure_value, "timeout" if worker.started else "crash")
+                    late = worker.started
+                    detail = f"no answer within {self.timeout_s} s" if late else "the worker did not start the call"
+                    results[worker.task] = Outcome(self.failure_value, "timeout" if late else "crash", detail)
                     self._replace(worker)
         done: list[Outcome] = []
         for outcome in results:
@@ -140,14 +144,16 @@ class RewardWorkers:
         try:
             index, status, value = worker.conn.recv()
         except (EOFError, OSError):  # the worker died mid-call (crash, memory limit, killed)
-            results[task] = Outcome(self.failure_value, "crash")
+            results[task] = Outcome(self.failure_value, "crash", "the worker died during the call")
             self._replace(worker)
             return
         if status == "start":  # the call begins now: its own time limit
             worker.started, worker.deadline = True, time.monotonic() + self.timeout_s
             return
         worker.task = None
-        results[index] = Outcome(value if status == "ok" else self.failure_value, status)
+        results[index] = Outcome(
+            value if status == "ok" else self.failure_value, status, "" if status == "ok" else value
+        )
 
     def close(self) -> None:
         """Stop the workers."""

@@ -11,8 +11,9 @@
     overrides: [train.total_steps=10]             # every cell
 
 A cell is one size, one algorithm and one seed: the size's run config with the algorithm preset's ``algo``
-section (the size's ``algo.reward_shaping`` kept: the overlong buffer is a property of the response length,
-shared by every algorithm), the study's then the size's overrides, ``train.seed``, the benchmarks, its run
+section and its ``data.math_verify`` (the verifier of the algorithm's published code; the size's
+``algo.reward_shaping`` kept: the overlong buffer is a property of the response length, shared by every
+algorithm), the study's then the size's overrides, ``train.seed``, the benchmarks, its run
 directory ``ROOT/<size>-<algorithm>-s<seed>`` and ``output.wandb_group`` = the study's name. Paths to configs
 and presets are relative to the study file; ``root`` and the paths inside the configs (models, data,
 benchmarks) are read from the repository root, where the runs start.
@@ -121,6 +122,9 @@ class Cell:
         algo = copy.deepcopy(read_yaml_tree(self.study.algorithms[self.algorithm]).get("algo", {}))
         shaping = tree.get("algo", {}).get("reward_shaping")
         tree["algo"] = _deep_merge(algo, {"reward_shaping": shaping}) if shaping else algo
+        preset_data = read_yaml_tree(self.study.algorithms[self.algorithm]).get("data", {})
+        if "math_verify" in preset_data:  # the verifier of the algorithm's published code (docs/ALGORITHMS.md)
+            tree.setdefault("data", {})["math_verify"] = preset_data["math_verify"]
         for text in (*self.study.overrides, *self.size.overrides):
             _set(tree, text)
         tree.setdefault("train", {})["seed"] = self.seed

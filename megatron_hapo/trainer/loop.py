@@ -33,7 +33,7 @@ from megatron_hapo.trainer.checkpoint import save_checkpoint
 from megatron_hapo.trainer.evaluation import BestAndFinal, EvalSet, EvalSettings, eval_metrics, evaluate_sets
 from megatron_hapo.trainer.metrics import MetricsWriter, WandbTarget
 from megatron_hapo.trainer.pacing import hold_between_steps, step_line
-from megatron_hapo.trainer.scoring import Scorer
+from megatron_hapo.trainer.scoring import Scorer, reward_failures
 from megatron_hapo.trainer.step import StepState, rl_step
 
 if TYPE_CHECKING:
@@ -69,6 +69,8 @@ class LoopSettings:
     """Without a terminal: a step line every this many steps and at the last (``output.log_interval``)."""
     wandb: WandbTarget | None = None
     """Also log to Weights & Biases (``output.wandb_*``)."""
+    max_reward_failure_share: float = 1.0
+    """Stop when more than this share of a step's answers could not be verified (``output.*``; 1: never)."""
     on_step: Callable[[int, dict], None] | None = None
     """Called on every rank with ``(step, metrics)`` after each step's metrics are written (e.g. a progress
     line of a demo)."""
@@ -207,6 +209,7 @@ def train(
                 more_prompts=take,
             )
             metrics["lr"] = lr
+            metrics.update(reward_failures(score, settings.max_reward_failure_share))
             _check_skips(state, metrics, settings.max_consecutive_skips)
             last = state.step == total
             log_line = shown and progress.disable and (last or state.step % settings.log_interval == 0)

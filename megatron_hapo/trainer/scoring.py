@@ -20,22 +20,65 @@ if TYPE_CHECKING:
 Scorer = Callable[[Sequence[list[int]], Sequence[Any]], tuple[torch.Tensor, torch.Tensor]]
 
 
+class WorkerScorer:
+    """A :data:`Scorer` over a :class:`~megatron_hapo.rewards.RewardWorkers` whose function returns ``(reward,
+    correct)``; a response whose verification timed out, crashed or raised scores ``failure`` and is counted
+    (:meth:`take_tally`). ``decode`` (e.g. a tokenizer's ``batch_decode``) turns the token ids into the text the
+    verifier reads."""
+
+    def __init__(
+        self,
+        workers: RewardWorkers,
+        failure: tuple[float, bool] = (-1.0, False),
+        decode: Callable[[list[list[int]]], list[str]] | None = None,
+    ) -> None:
+        self.workers, self.failure, self.decode = workers, failure, decode
+        self._tally: dict[str, int] = {}
+        self._first_failure: str | None = None
+
+    def __call__(self, token_ids: Sequence[list[int]], answers: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        responses = self.decode(list(token_ids)) if self.decode is not None else token_ids
+        outcomes = self.workers.map(list(zip(responses, answers, strict=True)))
+        for outcome in outcomes:
+            self._tally[outcome.status] = self._tally.get(outcome.status, 0) + 1
+            if outcome.status != "ok" and self._first_failure is None:
+                self._first_failure = f"{outcome.status}: {outcome.detail}"
+        values = [o.value if o.status == "ok" else self.failure for o in outcomes]
+        return torch.tensor([v[0] for v in values]), torch.tensor([v[1] for v in values])
+
+    def take_tally(self) -> tuple[dict[str, int], str | None]:
+        """``({status: count}, the first failure's text)`` since the last call."""
+        tally, first = self._tally, self._first_failure
+        self._tally, self._first_failure = {}, None
+        return tally, first
+
+
 def worker_scorer(
     workers: RewardWorkers,
     failure: tuple[float, bool] = (-1.0, False),
     decode: Callable[[list[list[int]]], list[str]] | None = None,
-) -> Scorer:
-    """A :data:`Scorer` over a :class:`~megatron_hapo.rewards.RewardWorkers` whose function returns ``(reward,
-    correct)``; a response whose verification timed out, crashed or raised scores ``failure`` (and is counted).
-    ``decode`` (e.g. a tokenizer's ``batch_decode``) turns the token ids into the text the verifier reads."""
+) -> WorkerScorer:
+    """A :class:`WorkerScorer`."""
+    return WorkerScorer(workers, failure, decode)
 
-    def score(token_ids: Sequence[list[int]], answers: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        responses = decode(list(token_ids)) if decode is not None else token_ids
-        outcomes = workers.map(list(zip(responses, answers, strict=True)))
-        values = [o.value if o.status == "ok" else failure for o in outcomes]
-        return torch.tensor([v[0] for v in values]), torch.tensor([v[1] for v in values])
 
-    return score
+def reward_failures(score: Scorer, limit: float) -> dict[str, float]:
+    """This step's verifier failures as metrics (``reward_errors``, ``reward_timeouts``, ``reward_crashes``) when
+    ``score`` counts them; raises when more than ``limit`` of the step's answers failed, with the first failure."""
+    take = getattr(score, "take_tally", None)
+    if take is None:
+        return {}
+    tally, first = take()
+    total = sum(tally.values())
+    failed = total - tally.get("ok", 0)
+    if total and failed / total > limit:
+        raise RuntimeError(
+            f"{failed} of {total} answers this step could not be verified ({failed / total:.0%} > "
+            f"output.max_reward_failure_share={limit}); first: {first}. Fix the verifier (or data.math_verify), or "
+            "raise output.max_reward_failure_share"
+        )
+    names = {"error": "reward_errors", "timeout": "reward_timeouts", "crash": "reward_crashes"}
+    return {metric: float(tally.get(status, 0)) for status, metric in names.items()}
 
 
 def inline_scorer(verify: Callable[[list[int], Any], tuple[float, bool]]) -> Scorer:
@@ -57,7 +100,7 @@ def math_scorers(
     data's and each evaluation set's), each over its own ``output.reward_workers`` verifier processes, all closed
     on exit."""
     with ExitStack() as stack:
-        scorers = {}
+        scorers: dict[str, Scorer] = {}
         for rule in dict.fromkeys(rules):
             workers = RewardWorkers(
                 partial(math_reward, rule=rule, math_verify=config.data.math_verify),

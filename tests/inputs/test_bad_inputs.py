@@ -160,3 +160,39 @@ def test_bad_model_directories_and_missing_packages(tmp_path: Path, monkeypatch:
     )
     with pytest.raises(SystemExit, match="data.math_verify=true: the math-verify package is not installed"):
         _inputs(data__math_verify="true")
+
+
+def _verify(response: str, answer: str) -> tuple[float, bool]:
+    """A verifier that raises on one answer: a broken reward function."""
+    if answer == "boom":
+        raise ValueError("cannot parse the answer 'boom'")
+    return (1.0, True) if response == answer else (-1.0, False)
+
+
+def test_a_failing_verifier_is_counted_and_stops_the_run_past_its_share() -> None:
+    from megatron_hapo.rewards import RewardWorkers
+    from megatron_hapo.trainer.scoring import reward_failures, worker_scorer
+
+    workers = RewardWorkers(_verify, workers=1, timeout_s=30.0, failure_value=(-1.0, False))
+    try:
+        score = worker_scorer(workers, decode=lambda ids: [" ".join(map(str, i)) for i in ids])
+        rewards, _ = score([[1], [2], [3], [4]], ["1", "boom", "3", "9"])
+        assert rewards.tolist() == [1.0, -1.0, 1.0, -1.0]
+        assert reward_failures(score, limit=0.5) == {
+            "reward_errors": 1.0,
+            "reward_timeouts": 0.0,
+            "reward_crashes": 0.0,
+        }
+        score([[1], [2]], ["boom", "boom"])
+        with pytest.raises(RuntimeError, match=r"2 of 2 answers .* first: error: ValueError: cannot parse the answer"):
+            reward_failures(score, limit=0.5)
+    finally:
+        workers.close()
+
+
+def test_math_verify_scores_equal_answers_written_differently() -> None:
+    """After the set-up (math-verify installed), `data.math_verify=true` is no silent -1."""
+    from megatron_hapo.rewards.math_answer import math_reward
+
+    assert math_reward("Answer: \\frac{1}{2}", "1/2", math_verify=True) == (1.0, True)
+    assert math_reward("Answer: \\frac{1}{2}", "1/2", math_verify=False) == (-1.0, False)

@@ -33,7 +33,8 @@ def test_preset_loads_validates_and_is_silent(preset):
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
 def test_preset_only_sets_algo_kinds_and_values(preset):
     tree = yaml.safe_load(preset.read_text())
-    assert set(tree) <= {"base", "algo"}
+    assert set(tree) <= {"base", "algo", "data"}
+    assert set(tree.get("data", {})) <= {"math_verify"}  # the published code's verifier (docs/ALGORITHMS.md 26)
     for section in tree.get("algo", {}).values():
         assert isinstance(section, dict)
         assert all(not isinstance(v, dict | list) for v in section.values())
@@ -44,6 +45,8 @@ def test_presets_differ_as_the_spec_says():
     assert (hapo.clip.eps_low, hapo.clip.eps_high, hapo.clip.dual_clip_c) == (0.2, 0.2, 10.0)
     assert (dapo.clip.eps_low, dapo.clip.eps_high) == (0.2, 0.28)
     assert hapo.group_filter.kind == "none" and dapo.group_filter.kind == "all_equal"
+    assert load_config(REPO / "configs/algo/hapo.yaml").data.math_verify  # HAPO's published reward; DAPO's: verl's
+    assert not load_config(REPO / "configs/algo/dapo.yaml").data.math_verify
     assert hapo.entropy.pivot_quantile == 0.8 and hapo.sampling.tau == 0.05
 
 

@@ -35,6 +35,7 @@ def test_cells_swap_the_algorithm_and_keep_the_sizes_overlong_buffer(tmp_path: P
     assert hapo.algo.sampling.kind == "entropy_adaptive" and dapo.algo.sampling.kind == "fixed"
     assert dapo.algo.group_filter.kind == "all_equal" and hapo.algo.redistribution.kind == "hapo"
     assert hapo.algo.reward_shaping == dapo.algo.reward_shaping  # the run config's, for both algorithms
+    assert hapo.data.math_verify and not dapo.data.math_verify  # each preset's published verifier
     assert (dapo.train.seed, dapo.train.total_steps, dapo.model.tensor_parallel) == (1, 3, 4)
     assert dapo.output.dir == str(tmp_path / "root" / "7b-dapo-s1") and dapo.output.wandb_group == "s"
     assert set(dapo.data.eval_sets) == {"aime24"} and dapo.data.eval_file is None
