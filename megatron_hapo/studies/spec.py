@@ -123,8 +123,8 @@ class Cell:
         shaping = tree.get("algo", {}).get("reward_shaping")
         tree["algo"] = _deep_merge(algo, {"reward_shaping": shaping}) if shaping else algo
         preset_data = read_yaml_tree(self.study.algorithms[self.algorithm]).get("data", {})
-        if "math_verify" in preset_data:  # the verifier of the algorithm's published code (docs/ALGORITHMS.md)
-            tree.setdefault("data", {})["math_verify"] = preset_data["math_verify"]
+        # the verifier of the algorithm's published code (docs/ALGORITHMS.md 26), not the run config's base's
+        tree.setdefault("data", {})["math_verify"] = bool(preset_data.get("math_verify", False))
         for text in (*self.study.overrides, *self.size.overrides):
             _set(tree, text)
         tree.setdefault("train", {})["seed"] = self.seed
