@@ -186,7 +186,8 @@ def _evaluate_local(found: list[Target], job: Job, local_ranks: int) -> None:
         if exports:
             run_local_ranks(_export, 1, exports, device="cpu")
         _check_models(models, job.config)
-        run_local_ranks(_rank, local_ranks, replace(job, models=models))
+        error_log = Path(job.out) / "rank_error.log"  # a failed rank's traceback; the terminal gets its first line
+        run_local_ranks(_rank, local_ranks, replace(job, models=models), error_log=error_log)
 
 
 #: How long the ranks of a launched evaluation wait for each other (rank 0 exports the Megatron checkpoints while

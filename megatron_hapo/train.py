@@ -262,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     if joined:
         stopped = _joined_rank(config, stops.requested, data)
     else:
-        run_local_ranks(_rank, args.local_ranks, config, stops.event.is_set, data)  # the ranks read the parent's
+        error_log = run_dir / "rank_error.log"  # a failed rank's traceback; the terminal gets its first line
+        run_local_ranks(_rank, args.local_ranks, config, stops.event.is_set, data, error_log=error_log)
         stopped = marker.is_file()
     marker.unlink(missing_ok=True)
     if stopped:

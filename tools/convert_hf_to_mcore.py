@@ -22,6 +22,7 @@ from tqdm import tqdm
 from megatron_hapo.models.checkpoint import hf_to_mcore
 from megatron_hapo.parallel import runtime
 from megatron_hapo.parallel.local_launch import run_local_ranks
+from megatron_hapo.trainer.preflight import check_model_dir
 
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -44,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel processes of the conversion job")
     parser.add_argument("--dtype", choices=DTYPES, default="auto", help="stored dtype (auto: the checkpoint's)")
     args = parser.parse_args(argv)
+    check_model_dir(str(args.hf_dir), "--hf-dir", vllm_on_cpu=False, tokenizer=False)  # config, weights: one line
+    if args.out.exists():
+        raise SystemExit(f"--out {args.out}: already exists; the conversion writes a new directory")
     run_local_ranks(_rank, args.tp * args.pp, args, device="cpu")
     return 0
 

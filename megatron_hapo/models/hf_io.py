@@ -33,3 +33,46 @@ class HFCheckpoint:
         """One tensor, read from its file (``KeyError`` when absent)."""
         with safe_open(self._files[name], framework="pt") as handle:
             return handle.get_tensor(name)
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why the safetensors file ``path`` cannot be read whole (``None``: it can): its 8-byte header length, its
+    JSON header and the data every tensor's offsets point at, checked without reading any tensor."""
+    size = path.stat().st_size
+    if size < 8:
+        return f"{path}: {size} bytes, not a safetensors file (truncated?)"
+    with path.open("rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        if 8 + length > size:
+            return f"{path}: its header claims {length} bytes but the file has {size}: truncated"
+        try:
+            header = json.loads(handle.read(length))
+        except (ValueError, UnicodeDecodeError):
+            return f"{path}: unreadable safetensors header"
+    if not isinstance(header, dict):
+        return f"{path}: unreadable safetensors header"
+    ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+    if ends and 8 + length + max(ends) > size:
+        return f"{path}: truncated ({size} bytes, its tensors need {8 + length + max(ends)})"
+    return None
+
+
+def check_hf_weights(model_dir: str | Path) -> str | None:
+    """Why the safetensors weights of the HF directory ``model_dir`` cannot be read (``None``: they can): no
+    weights, an index naming a missing shard, a truncated or unreadable file. Reads headers only."""
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return f"{index}: unreadable index (a weight_map of tensor -> shard file is expected)"
+        missing = [f for f in files if not (model_dir / f).is_file()]
+        if missing:
+            return f"{index} names {len(missing)} missing shard(s): {', '.join(missing[:3])}"
+        paths = [model_dir / f for f in files]
+    elif (model_dir / "model.safetensors").is_file():
+        paths = [model_dir / "model.safetensors"]
+    else:
+        return f"{model_dir}: no model.safetensors or model.safetensors.index.json (only safetensors weights are read)"
+    return next((problem for path in paths if (problem := _safetensors_problem(path))), None)

@@ -34,10 +34,46 @@ def _entry(rank: int, world: int, rendezvous: str, body: Callable[..., object], 
     exit_after_cleanup(0)  # a failed body raises to torch's spawn wrapper, which reports it to the parent
 
 
+class RankFailedError(SystemExit):
+    """A local rank failed: the message is one line (the rank and its error's first line), for the user's
+    terminal; the rank's whole traceback is chained (``__cause__``) and written to the error log when given."""
+
+
+def _error_line(text: str) -> str:
+    """The exception line of a traceback's text (the first line after its last indented one)."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    indented = [i for i, line in enumerate(lines) if line.startswith(" ")]
+    after = indented[-1] + 1 if indented else 0
+    return lines[after] if after < len(lines) else (lines[-1] if lines else "no message")
+
+
+def _rank_failure(exc: Exception, error_log: Path | None) -> RankFailedError:
+    """The one-line :class:`RankFailedError` of a failed ``mp.spawn``; the whole text goes to ``error_log`` (or a
+    file in the system's temporary directory), which the line names."""
+    text = str(exc)
+    if isinstance(exc, mp.ProcessRaisedException):
+        summary = f"rank {exc.error_index} failed: {_error_line(text)}"
+    else:  # ProcessExitedException: it printed its own message (a one-line SystemExit) or died
+        summary = f"rank {getattr(exc, 'error_index', '?')}: {text.strip().splitlines()[-1]}"
+    if error_log is None:  # no run directory to keep it in: the system's temporary directory
+        handle, name = tempfile.mkstemp(prefix="megatron_hapo-rank-error-", suffix=".log")
+        os.close(handle)
+        error_log = Path(name)
+    error_log.parent.mkdir(parents=True, exist_ok=True)
+    error_log.write_text(text + "\n")
+    return RankFailedError(f"{summary} (traceback: {error_log})")
+
+
 def run_local_ranks(
-    body: Callable[..., object], world: int, *args: Any, device: str = "auto", rendezvous_dir: Path | None = None
+    body: Callable[..., object],
+    world: int,
+    *args: Any,
+    device: str = "auto",
+    rendezvous_dir: Path | None = None,
+    error_log: Path | None = None,
 ) -> None:
-    """Call the module-level ``body(rank, world, *args)`` on ``world`` processes; a failing rank raises here.
+    """Call the module-level ``body(rank, world, *args)`` on ``world`` processes; a failing rank raises here a
+    :class:`RankFailedError`: one line for the terminal, the rank's traceback in ``error_log`` (when given).
 
     ``device="cpu"`` keeps the ranks on the CPU even on a GPU node (the conversion tools: a whole model shard in
     host memory, where a GPU might not hold it); ``auto`` uses one GPU per rank when there are enough.
@@ -54,6 +90,8 @@ def run_local_ranks(
     try:
         with tempfile.TemporaryDirectory(dir=rendezvous_dir) as tmp:
             mp.spawn(_entry, args=(world, str(Path(tmp) / "rendezvous"), body, args), nprocs=world, join=True)
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
+        raise _rank_failure(exc, error_log) from exc
     finally:
         if hide_gpus:
             if saved is None:

@@ -57,9 +57,10 @@ def head_dim(config: dict) -> int:
     return int(text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"])
 
 
-def check_model_dir(path: str | None, key: str, *, vllm_on_cpu: bool) -> None:
+def check_model_dir(path: str | None, key: str, *, vllm_on_cpu: bool, tokenizer: bool = True) -> None:
     """Refuse a model directory the run cannot use: not an HF directory (a Megatron checkpoint named, with the
-    fix), no tokenizer, or a head size vLLM's CPU engine refuses (when that engine will load it)."""
+    fix), no tokenizer (unless ``tokenizer`` is off: a conversion), unreadable safetensors (a truncated file, a
+    missing shard: named), or a head size vLLM's CPU engine refuses (when that engine will load it)."""
     if not path or not Path(path).is_dir():
         raise SystemExit(f"{key}={path!r}: no such directory (an HF model directory: config.json, weights, tokenizer)")
     model = Path(path)
@@ -70,7 +71,7 @@ def check_model_dir(path: str | None, key: str, *, vllm_on_cpu: bool) -> None:
                 f"tools/convert_mcore_to_hf.py --ckpt {path} --out DIR and pass DIR"
             )
         raise SystemExit(f"{key}={path!r}: not an HF model directory (config.json missing)")
-    if not any((model / name).is_file() for name in TOKENIZER_FILES):
+    if tokenizer and not any((model / name).is_file() for name in TOKENIZER_FILES):
         raise SystemExit(
             f"{key}={path!r}: no tokenizer ({', '.join(TOKENIZER_FILES)}); copy the tokenizer files of the model it "
             "came from into it (tools/make_tiny_model.py writes one for its models)"
@@ -79,6 +80,10 @@ def check_model_dir(path: str | None, key: str, *, vllm_on_cpu: bool) -> None:
         size = head_dim(json.loads((model / "config.json").read_text()))
     except (ValueError, KeyError, TypeError, ZeroDivisionError) as exc:
         raise SystemExit(f"{model / 'config.json'}: unreadable model config ({type(exc).__name__}: {exc})") from None
+    from megatron_hapo.models.hf_io import check_hf_weights  # noqa: PLC0415
+
+    if (problem := check_hf_weights(model)) is not None:
+        raise SystemExit(f"{key}={path!r}: {problem}")
     if vllm_on_cpu and size not in VLLM_CPU_HEAD_SIZES:
         raise SystemExit(
             f"{key}={path!r}: head size {size} is not one vLLM's CPU engine takes {VLLM_CPU_HEAD_SIZES}; use "

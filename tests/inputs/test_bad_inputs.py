@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -196,3 +197,101 @@ def test_math_verify_scores_equal_answers_written_differently() -> None:
 
     assert math_reward("Answer: \\frac{1}{2}", "1/2", math_verify=True) == (1.0, True)
     assert math_reward("Answer: \\frac{1}{2}", "1/2", math_verify=False) == (-1.0, False)
+
+
+def _failing_rank(rank: int, world: int) -> None:
+    raise ValueError(f"rank {rank} cannot go on:\nsecond line")
+
+
+def test_a_failing_rank_is_one_line_with_the_traceback_in_the_log(tmp_path: Path) -> None:
+    from megatron_hapo.parallel.local_launch import RankFailedError, run_local_ranks
+
+    log = tmp_path / "run" / "rank_error.log"
+    with pytest.raises(RankFailedError) as caught:
+        run_local_ranks(_failing_rank, 1, device="cpu", rendezvous_dir=tmp_path, error_log=log)
+    message = str(caught.value)
+    assert message.startswith("rank 0 failed: ValueError: rank 0 cannot go on:") and "\n" not in message, message
+    assert f"(traceback: {log})" in message and "Traceback" in log.read_text()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tiny") / "hf"
+    done = subprocess.run(
+        [sys.executable, "tools/make_tiny_model.py", "--hidden", "64", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out
+
+
+def _broken_copy(model: Path, tmp: Path, breaks: str) -> Path:
+    import shutil
+
+    broken = tmp / "broken"
+    shutil.copytree(model, broken)
+    weights = broken / "model.safetensors"
+    if breaks == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif breaks == "missing shard":
+        index = {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "model-00002-of-00002.safetensors"}}
+        (broken / "model.safetensors.index.json").write_text(json.dumps(index))
+    elif breaks == "config":
+        (broken / "config.json").write_text("{not json")
+    elif breaks == "header":
+        weights.write_bytes(b"\x0e\x00\x00\x00\x00\x00\x00\x00not a json hdr")
+    return broken
+
+
+@pytest.mark.parametrize(
+    ("breaks", "says"),
+    [
+        ("truncated", "model.safetensors: truncated"),
+        ("missing shard", "names 1 missing shard(s): model-00002-of-00002.safetensors"),
+        ("config", "config.json: unreadable model config"),
+        ("header", "model.safetensors: unreadable safetensors header"),
+    ],
+)
+def test_bad_hf_directories_for_conversion_and_training(
+    breaks: str, says: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    import sys
+
+    broken = _broken_copy(tiny_model, tmp_path, breaks)
+    for args in (
+        ["tools/convert_hf_to_mcore.py", "--hf-dir", str(broken), "--out", str(tmp_path / "out")],
+        [
+            "-m",
+            "megatron_hapo.train",
+            str(HAPO),
+            f"model.path={broken}",
+            f"output.dir={tmp_path / 'run'}",
+            "data.train_file=megatron_hapo/examples/arithmetic/train.jsonl",
+        ],
+    ):
+        done = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+        last = done.stderr.strip().splitlines()[-1]
+        assert done.returncode != 0 and "Traceback" not in done.stderr and says in last, (args[0], done.stderr[-2000:])
+    assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists()
+
+
+def test_conversion_back_names_what_it_needs(tiny_model: Path, tmp_path: Path) -> None:
+    import sys
+
+    run = tmp_path / "run" / "checkpoints"
+    (run / "step_000002").mkdir(parents=True)
+    (tmp_path / "exists").mkdir()
+    cases = [
+        (["--ckpt", str(run), "--out", str(tmp_path / "o")], "a directory of checkpoints; pass one of them"),
+        (["--ckpt", str(tiny_model), "--out", str(tmp_path / "o")], "not a Megatron checkpoint (.metadata missing)"),
+    ]
+    for args, says in cases:
+        done = subprocess.run(
+            [sys.executable, "tools/convert_mcore_to_hf.py", *args], cwd=REPO, capture_output=True, text=True
+        )
+        assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+        assert says in done.stderr.strip().splitlines()[-1], done.stderr[-2000:]
+    assert not (tmp_path / "o").exists()
