@@ -160,6 +160,16 @@ run_locally() {  # NNODES x GPUS_PER_NODE ranks on this machine, joined like the
 
 TERMINATED=""  # set when Slurm SIGTERMs this batch shell: the job is being cancelled or timed out
 echo "[launch] $RUN_NAME: ${RUN_CONFIG:-$LAUNCH_MODULE} -> $RUN_DIR (attempt $ATTEMPT; rank logs in $LOG_DIR)"
+report_failure() {  # the ranks' first error line as the launcher's last line (the whole logs stay in LOG_DIR)
+    local line
+    line="$(grep -h -m1 -E '^(\[rank[0-9]+\]: )?[A-Za-z_.]*(Error|Exception): ' "$LOG_DIR"/rank-*.log 2>/dev/null \
+        | head -n 1 || true)"
+    if [[ -z "$line" ]]; then  # a one-line refusal (SystemExit) is the last line of its rank's log
+        line="$(grep -h -v '^[[:space:]]*$' "$LOG_DIR"/rank-0.log 2>/dev/null | tail -n 1 || true)"
+    fi
+    echo "[launch] failed (exit $1): ${line:-no error line in the rank logs} (rank logs: $LOG_DIR)" >&2
+}
+
 status=0
 if [[ -n "${SLURM_JOB_ID:-}" ]] && command -v srun >/dev/null 2>&1; then
     run_on_slurm || status=$?
@@ -180,4 +190,5 @@ if ((status == EXIT_REQUEUE)) || { ((status == 0)) && [[ -f "$STOP_FLAG" ]]; }; 
     echo "[launch] checkpointed on a stop signal; run the same command again to resume"
     exit "$EXIT_REQUEUE"
 fi
+if ((status != 0)); then report_failure "$status"; fi
 exit "$status"

@@ -76,3 +76,39 @@ def check_hf_weights(model_dir: str | Path) -> str | None:
     else:
         return f"{model_dir}: no model.safetensors or model.safetensors.index.json (only safetensors weights are read)"
     return next((problem for path in paths if (problem := _safetensors_problem(path))), None)
+
+
+def hf_tensor_shapes(model_dir: str | Path) -> dict[str, list[int]]:
+    """``{tensor name: shape}`` of an HF directory's safetensors, from their headers (no tensor is read)."""
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    files = (
+        sorted({model_dir / f for f in json.loads(index.read_text())["weight_map"].values()})
+        if index.is_file()
+        else [model_dir / "model.safetensors"]
+    )
+    shapes: dict[str, list[int]] = {}
+    for path in files:
+        with path.open("rb") as handle:
+            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+        shapes.update({name: entry["shape"] for name, entry in header.items() if name != "__metadata__"})
+    return shapes
+
+
+def config_weights_mismatch(model_dir: str | Path, config: dict) -> str | None:
+    """How the weights of ``model_dir`` disagree with its ``config.json`` (``config``): the embedding's
+    vocabulary x hidden size, the number of layers; ``None`` when they agree (or the names are not Llama /
+    Qwen's). Call it after :func:`check_hf_weights` passed."""
+    text = config.get("text_config", config)
+    shapes = hf_tensor_shapes(model_dir)
+    embed = shapes.get("model.embed_tokens.weight")
+    expected = [text.get("vocab_size"), text.get("hidden_size")]
+    if embed is not None and embed != expected:
+        return (
+            f"config.json says vocabulary x hidden {expected[0]} x {expected[1]}, but model.embed_tokens.weight is "
+            f"{embed[0]} x {embed[1]}: the config and the weights are of different models"
+        )
+    layers = {int(name.split(".")[2]) for name in shapes if name.startswith("model.layers.")}
+    if layers and len(layers) != text.get("num_hidden_layers"):
+        return f"config.json says {text.get('num_hidden_layers')} layers, the weights hold {len(layers)}"
+    return None

@@ -78,3 +78,12 @@ def test_launch_script_runs_two_local_nodes(tiny_llama: Path, tmp_path: Path, re
     # and each rank computed the old log-probs of its half of the step's 16 sequences
     assert {row["forward_only_sequences"] for row in rows} == {8.0}, rows
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_000003"
+
+
+def test_a_failed_rank_is_the_launchers_last_line(tmp_path: Path, repo_root: Path) -> None:
+    """A rank that refuses its input (here every rank's preflight: no such model directory) exits non-zero; the
+    launcher's last line repeats the rank's error instead of leaving the user to open the rank logs."""
+    overrides = _overrides(tmp_path / "nowhere", _dapo_jsonl(tmp_path / "train.jsonl", 4), steps=1)
+    output, _ = _launch(repo_root, tmp_path / "runs", overrides).communicate(timeout=600)
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("[launch] failed (exit 1): model.path=") and "no such directory" in last, output[-3000:]

@@ -241,6 +241,12 @@ def _broken_copy(model: Path, tmp: Path, breaks: str) -> Path:
         (broken / "model.safetensors.index.json").write_text(json.dumps(index))
     elif breaks == "config":
         (broken / "config.json").write_text("{not json")
+    elif breaks == "hidden size":
+        config = json.loads((broken / "config.json").read_text())
+        (broken / "config.json").write_text(json.dumps({**config, "hidden_size": 128, "num_attention_heads": 4}))
+    elif breaks == "layers":
+        config = json.loads((broken / "config.json").read_text())
+        (broken / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
     elif breaks == "header":
         weights.write_bytes(b"\x0e\x00\x00\x00\x00\x00\x00\x00not a json hdr")
     return broken
@@ -253,6 +259,8 @@ def _broken_copy(model: Path, tmp: Path, breaks: str) -> Path:
         ("missing shard", "names 1 missing shard(s): model-00002-of-00002.safetensors"),
         ("config", "config.json: unreadable model config"),
         ("header", "model.safetensors: unreadable safetensors header"),
+        ("hidden size", "vocabulary x hidden 256 x 128, but model.embed_tokens.weight is 256 x 64"),
+        ("layers", "config.json says 3 layers, the weights hold 2"),
     ],
 )
 def test_bad_hf_directories_for_conversion_and_training(
