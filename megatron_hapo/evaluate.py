@@ -261,4 +261,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from megatron_hapo.processes import run_cli
+
+    raise SystemExit(run_cli(main))  # a refused input: its line, status 2

@@ -31,6 +31,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -180,3 +181,24 @@ def exit_after_cleanup(status: int) -> NoReturn:
         with contextlib.suppress(Exception):
             stream.flush()
     os._exit(status)
+
+
+#: Exit status of a refused input (a config, file, key or argument): one line on stderr, as argparse exits.
+EXIT_BAD_INPUT = 2
+
+
+def run_cli(main: Callable[[], int | None]) -> int:
+    """``main()``'s status, with a refused input (``SystemExit`` carrying its one-line message) turned into
+    that line on stderr and :data:`EXIT_BAD_INPUT`; a failed rank (``RankFailedError``, status 1) and any other
+    exit pass through."""
+    from megatron_hapo.parallel.local_launch import RankFailedError  # noqa: PLC0415
+
+    try:
+        return main() or 0
+    except RankFailedError:
+        raise
+    except SystemExit as exc:
+        if not isinstance(exc.code, str):
+            raise
+        sys.stderr.write(exc.code + "\n")
+        return EXIT_BAD_INPUT

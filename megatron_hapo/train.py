@@ -276,6 +276,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from megatron_hapo.processes import exit_after_cleanup
+    from megatron_hapo.processes import exit_after_cleanup, run_cli
 
-    exit_after_cleanup(main())  # an exception still ends it the usual way (traceback, status 1)
+    exit_after_cleanup(run_cli(main))  # a refused input: its line, status 2; an exception: traceback, status 1

@@ -53,4 +53,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megatron_hapo.processes import run_cli
+
+    sys.exit(run_cli(main))  # a refused input: its line, status 2

@@ -86,4 +86,4 @@ def test_a_failed_rank_is_the_launchers_last_line(tmp_path: Path, repo_root: Pat
     overrides = _overrides(tmp_path / "nowhere", _dapo_jsonl(tmp_path / "train.jsonl", 4), steps=1)
     output, _ = _launch(repo_root, tmp_path / "runs", overrides).communicate(timeout=600)
     last = output.strip().splitlines()[-1]
-    assert last.startswith("[launch] failed (exit 1): model.path=") and "no such directory" in last, output[-3000:]
+    assert last.startswith("[launch] failed (exit 2): model.path=") and "no such directory" in last, output[-3000:]

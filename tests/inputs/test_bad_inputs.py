@@ -282,7 +282,7 @@ def test_bad_hf_directories_for_conversion_and_training(
     ):
         done = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
         last = done.stderr.strip().splitlines()[-1]
-        assert done.returncode != 0 and "Traceback" not in done.stderr and says in last, (args[0], done.stderr[-2000:])
+        assert done.returncode == 2 and "Traceback" not in done.stderr and says in last, (args[0], done.stderr[-2000:])
     assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists()
 
 
