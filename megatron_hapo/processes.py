@@ -189,14 +189,15 @@ EXIT_BAD_INPUT = 2
 
 def run_cli(main: Callable[[], int | None]) -> int:
     """``main()``'s status, with a refused input (``SystemExit`` carrying its one-line message) turned into
-    that line on stderr and :data:`EXIT_BAD_INPUT`; a failed rank (``RankFailedError``, status 1) and any other
-    exit pass through."""
+    that line on stderr and :data:`EXIT_BAD_INPUT`, and a failed local rank (``RankFailedError``) into its line
+    and status 1; any other exit or exception passes through."""
     from megatron_hapo.parallel.local_launch import RankFailedError  # noqa: PLC0415
 
     try:
         return main() or 0
-    except RankFailedError:
-        raise
+    except RankFailedError as exc:  # its line; the traceback is in the file the line names
+        sys.stderr.write(f"{exc}\n")
+        return 1
     except SystemExit as exc:
         if not isinstance(exc.code, str):
             raise

@@ -34,9 +34,10 @@ def _entry(rank: int, world: int, rendezvous: str, body: Callable[..., object], 
     exit_after_cleanup(0)  # a failed body raises to torch's spawn wrapper, which reports it to the parent
 
 
-class RankFailedError(SystemExit):
+class RankFailedError(RuntimeError):
     """A local rank failed: the message is one line (the rank and its error's first line), for the user's
-    terminal; the rank's whole traceback is chained (``__cause__``) and written to the error log when given."""
+    terminal (``processes.run_cli`` prints only it); the rank's whole traceback is chained (``__cause__``) and
+    written to the error log."""
 
 
 def _error_line(text: str) -> str:

@@ -80,16 +80,16 @@ def check_model_dir(path: str | None, key: str, *, vllm_on_cpu: bool, tokenizer:
         size = head_dim(json.loads((model / "config.json").read_text()))
     except (ValueError, KeyError, TypeError, ZeroDivisionError) as exc:
         raise SystemExit(f"{model / 'config.json'}: unreadable model config ({type(exc).__name__}: {exc})") from None
-    from megatron_hapo.models.hf_io import check_hf_weights, config_weights_mismatch  # noqa: PLC0415
-
-    problem = check_hf_weights(model) or config_weights_mismatch(model, json.loads((model / "config.json").read_text()))
-    if problem is not None:
-        raise SystemExit(f"{key}={path!r}: {problem}")
     if vllm_on_cpu and size not in VLLM_CPU_HEAD_SIZES:
         raise SystemExit(
             f"{key}={path!r}: head size {size} is not one vLLM's CPU engine takes {VLLM_CPU_HEAD_SIZES}; use "
             "engine.kind=hf, or a model with another head size (tools/make_tiny_model.py makes one of 32)"
         )
+    from megatron_hapo.models.hf_io import check_hf_weights, config_weights_mismatch  # noqa: PLC0415
+
+    problem = check_hf_weights(model) or config_weights_mismatch(model, json.loads((model / "config.json").read_text()))
+    if problem is not None:
+        raise SystemExit(f"{key}={path!r}: {problem}")
 
 
 def read_data(config: Config) -> RunData:

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from rl_fixtures import _dapo_jsonl, _model_with_tokenizer
 from test_vllm_rollout import tiny_llama  # noqa: F401  (the shared fixture)
 
@@ -102,6 +103,10 @@ def test_train_entry_point_refuses_bad_inputs_in_one_line(tmp_path: Path, repo_r
     (model / "tokenizer.json").write_text("{}")
     assert "head size 16 is not one vLLM's CPU engine takes" in refusal(f"model.path={model}")
     hf_engine = (f"model.path={model}", "engine.kind=hf")
+    assert "no model.safetensors or model.safetensors.index.json" in refusal(*hf_engine)
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(model / "model.safetensors"))  # readable weights: the data is next
     assert "data.train_file='/no/such.jsonl': no such file" in refusal(*hf_engine, "data.train_file=/no/such.jsonl")
     rows = tmp_path / "rows.jsonl"
     rows.write_text(json.dumps({"question": "1 + 1", "answer": "2"}) + "\n")
