@@ -17,6 +17,7 @@ Every row is padded only to its own micro-batch's longest sequence (or the pack'
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -209,16 +210,21 @@ def run_schedule(forward_step: Any, mbs: list[PolicyMicroBatch], chunks: list[An
     ``mbs`` (the micro-batches themselves are shared, not copied). Without virtual stages, one iterator. The
     shapes vary between micro-batches; ``seq_length`` / ``micro_batch_size`` are the largest (Megatron exchanges
     the actual shapes between stages, ``variable_seq_lengths``).
+
+    ``forward_only`` runs under ``torch.no_grad()``: Megatron's schedules do not turn autograd off themselves, so
+    every layer would keep its activations for a backward that never comes. (Not inference mode: tensors made
+    there, such as cached rotary tables, could not be used by a later training pass.)
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: PLC0415
 
     iterators = [iter(mbs) for _ in chunks] if len(chunks) > 1 else iter(mbs)
-    return get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iterators,
-        model=chunks,
-        num_microbatches=len(mbs),
-        seq_length=max(mb.tokens.shape[1] for mb in mbs),
-        micro_batch_size=max(mb.tokens.shape[0] for mb in mbs),
-        forward_only=forward_only,
-    )
+    with torch.no_grad() if forward_only else contextlib.nullcontext():
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iterators,
+            model=chunks,
+            num_microbatches=len(mbs),
+            seq_length=max(mb.tokens.shape[1] for mb in mbs),
+            micro_batch_size=max(mb.tokens.shape[0] for mb in mbs),
+            forward_only=forward_only,
+        )

@@ -70,7 +70,10 @@ def _run(batch, layout, algo, chunks, groups, fused: bool) -> dict:
 
     rows = torch.arange(batch.num_sequences)
     mbs, slots = microbatches(batch, rows, layout)
-    outputs = run_schedule(LogProbEntropyStep(groups, VOCAB, fused_output=fused), mbs, chunks, forward_only=True)
+    saved = []  # tensors autograd keeps for a backward: the forward-only pass must keep none
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        outputs = run_schedule(LogProbEntropyStep(groups, VOCAB, fused_output=fused), mbs, chunks, forward_only=True)
+    graph = [key for out in outputs for key, value in out.items() if value.requires_grad]
     log_prob, entropy = torch.zeros(batch.response_mask.shape), torch.zeros(batch.response_mask.shape)
     for out, where in zip(outputs, slots, strict=False):
         log_prob[where.rows, : where.index.shape[1]] = where.read(out["log_prob"]).float()
@@ -95,6 +98,8 @@ def _run(batch, layout, algo, chunks, groups, fused: bool) -> dict:
         "loss": float(loss),
         "grads": full_grads(chunks),
         "shapes": [tuple(mb.tokens.shape) for mb in mbs],
+        "forward_only_saved": len(saved),
+        "forward_only_outputs_with_graph": graph,
     }
 
 
@@ -148,6 +153,7 @@ def _layout_rank(rank: int, world: int, tp: int, vpp: int | None, out: Path) -> 
                     "microbatches": len(got["shapes"]),
                     "reference_microbatches": len(ref["shapes"]),
                     "shapes": got["shapes"],
+                    "forward_only_autograd": (got["forward_only_saved"], got["forward_only_outputs_with_graph"]),
                 }
             )
     if rank == 0:
@@ -169,6 +175,7 @@ def test_budget_and_packing_match_one_sequence_per_microbatch(
 
     for row in report:
         assert max(row["errors"].values()) <= TOLERANCE, row
+        assert row["forward_only_autograd"] == [0, []], row  # no activation kept, no graph built
         assert row["microbatches"] < row["reference_microbatches"], row  # the budget really grouped sequences
         if row["layout"].startswith("packed"):
             assert all(rows == 1 for rows, _ in row["shapes"]), row
