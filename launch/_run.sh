@@ -6,7 +6,9 @@
 # Arguments: for the trainer dotted key=value overrides (model.path=..., data.train_file=...), else the module's own.
 # Environment (all optional):
 #   MODEL_PATH        HF checkpoint directory, passed as model.path=
-#   RUN_ROOT          where run directories go (default runs/); the run writes to RUN_ROOT/RUN_NAME
+#   RUN_ROOT          where run directories go, checkpoints included; the run writes to RUN_ROOT/RUN_NAME (default:
+#                     $SCRATCH/megatron_hapo/runs where the cluster sets SCRATCH, its fast shared file system;
+#                     else runs/ in the repository). A 70B checkpoint is about 1 TB: put it where writes are fast
 #   GPUS_PER_NODE     ranks per node (default: what the job asked for, --ntasks-per-node or --gpus-per-node,
 #                     else SLURM_GPUS_ON_NODE, else 8 on GPUs, else 1)
 #   MASTER_ADDR       rendezvous address (default: the first node's NodeAddr in Slurm, 127.0.0.1 locally)
@@ -60,6 +62,7 @@ whole_number() {  # $1 names the variable, $2 its value: checked before any shel
 whole_number GPUS_PER_NODE "$GPUS_PER_NODE"
 whole_number NNODES "${NNODES:-1}"
 [[ -z "${MASTER_PORT:-}" ]] || whole_number MASTER_PORT "$MASTER_PORT"
+RUN_ROOT="${RUN_ROOT:-${SCRATCH:+$SCRATCH/megatron_hapo/runs}}"
 RUN_DIR="${RUN_ROOT:-$REPO_ROOT/runs}/$RUN_NAME"
 ATTEMPT="${SLURM_RESTART_COUNT:-0}"  # Slurm counts the requeues of a job; each attempt logs to its own directory
 if [[ -n "${SLURM_JOB_ID:-}" ]]; then LOG_DIR="$RUN_DIR/logs/$SLURM_JOB_ID.$ATTEMPT"; else

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -95,6 +96,8 @@ def _rank(rank: int, world: int, config: Config, should_stop: Callable[[], bool]
 
     model, out = config.model, config.output
     runtime.quiet_logs()
+    connections = os.environ.get(runtime.MAX_CONNECTIONS_ENV) or "unset"
+    logger.info("%s=%s (tensor parallel %d)", runtime.MAX_CONNECTIONS_ENV, connections, model.tensor_parallel)
     runtime.initialize_model_parallel(
         model.tensor_parallel, model.pipeline_parallel, model.virtual_pipeline, seed=config.train.seed
     )
@@ -211,7 +214,7 @@ def _joined_rank(config: Config, should_stop: Callable[[], bool], data: RunData)
     """Join the launcher's process group (torchrun / srun environment) and run this rank; whether it stopped."""
     from megatron_hapo.parallel import runtime  # noqa: PLC0415
 
-    with runtime.process_group():  # NCCL on cuda:LOCAL_RANK, gloo on CPU
+    with runtime.process_group(timeout=timedelta(minutes=config.parallel.timeout_minutes)):  # NCCL on GPU, else gloo
         return _rank(runtime.rank(), runtime.world_size(), config, should_stop, data)
 
 
@@ -225,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_hapo.config import load_config  # noqa: PLC0415
     from megatron_hapo.config.errors import ConfigError  # noqa: PLC0415
     from megatron_hapo.config.loader import to_tree  # noqa: PLC0415
+    from megatron_hapo.parallel import runtime  # noqa: PLC0415
     from megatron_hapo.parallel.local_launch import run_local_ranks  # noqa: PLC0415
     from megatron_hapo.trainer.preflight import check_inputs  # noqa: PLC0415
 
@@ -248,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:  # one message, no traceback (as print_config)
         raise SystemExit(str(exc)) from None
     leader = not joined or os.environ["RANK"] == "0"  # the one process that checks and writes the run's config
+    runtime.set_cuda_connections(config.model.tensor_parallel)  # before anything starts CUDA in this process
     # before any rank starts: one line each
     data = check_inputs(config, compare_config=leader and not args.allow_config_change)
     run_dir = Path(config.output.dir)
@@ -263,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         stopped = _joined_rank(config, stops.requested, data)
     else:
         error_log = run_dir / "rank_error.log"  # a failed rank's traceback; the terminal gets its first line
-        run_local_ranks(_rank, args.local_ranks, config, stops.event.is_set, data, error_log=error_log)
+        timeout = timedelta(minutes=config.parallel.timeout_minutes)
+        run_local_ranks(_rank, args.local_ranks, config, stops.event.is_set, data, error_log=error_log, timeout=timeout)
         stopped = marker.is_file()
     marker.unlink(missing_ok=True)
     if stopped:

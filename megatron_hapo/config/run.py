@@ -257,6 +257,16 @@ class OutputConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class ParallelConfig:
+    """The job's process groups (the trainer's layout is ``model.*``, the engine's ``engine.tensor_parallel``)."""
+
+    timeout_minutes: int = 60
+    """How long a collective may wait before the job fails (the default group, Megatron's groups and their gloo
+    twins; NCCL's own default is 10). A synchronous checkpoint of a large model on a shared file system waits in
+    barriers for minutes: 60, as NeMo-RL advises for long saves (>= 1)."""
+
+
+@dataclass(kw_only=True, slots=True)
 class Config:
     """The whole resolved configuration of a run."""
 
@@ -276,3 +286,5 @@ class Config:
     """Rollout engine (trainer entry point)."""
     output: OutputConfig = field(default_factory=OutputConfig)
     """Run directory, evaluation and checkpoint intervals, verifier workers (trainer entry point)."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Process-group settings (trainer entry point)."""

@@ -116,6 +116,7 @@ def _check_layout_fields(config: Config, errors: list[str]) -> None:
             f"engine.kind=hf keeps a whole model in each rank: set engine.tensor_parallel=1 (got {e.tensor_parallel})"
         )
     _in_range(errors, "output.log_interval", out.log_interval, 1, None)
+    _in_range(errors, "parallel.timeout_minutes", config.parallel.timeout_minutes, 1, None)
     for key in ("eval_interval", "save_interval", "keep_last"):
         _in_range(errors, f"output.{key}", getattr(out, key), 0, None)
     _check_eval(config, errors)

@@ -13,6 +13,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,16 @@ from megatron_hapo.processes import die_with_parent, exit_after_cleanup
 logger = logging.getLogger(__name__)
 
 
-def _entry(rank: int, world: int, rendezvous: str, body: Callable[..., object], args: tuple) -> None:
+_Meeting = tuple[str, timedelta | None]
+"""Where the local ranks meet (the rendezvous file) and their collectives' timeout."""
+
+
+def _entry(rank: int, world: int, meeting: _Meeting, body: Callable[..., object], args: tuple) -> None:
+    rendezvous, timeout = meeting
     die_with_parent()  # nothing outlives the parent, whatever it dies of
     faulthandler.enable()  # a crash in native code leaves every thread's Python stack on stderr
     os.environ[runtime.LOCAL_RANK_ENV] = str(rank)
-    with runtime.process_group(init_method=f"file://{rendezvous}", rank=rank, world_size=world):
+    with runtime.process_group(init_method=f"file://{rendezvous}", rank=rank, world_size=world, timeout=timeout):
         body(rank, world, *args)
     exit_after_cleanup(0)  # a failed body raises to torch's spawn wrapper, which reports it to the parent
 
@@ -72,13 +78,15 @@ def run_local_ranks(
     device: str = "auto",
     rendezvous_dir: Path | None = None,
     error_log: Path | None = None,
+    timeout: timedelta | None = None,
 ) -> None:
     """Call the module-level ``body(rank, world, *args)`` on ``world`` processes; a failing rank raises here a
     :class:`RankFailedError`: one line for the terminal, the rank's traceback in ``error_log`` (when given).
 
     ``device="cpu"`` keeps the ranks on the CPU even on a GPU node (the conversion tools: a whole model shard in
     host memory, where a GPU might not hold it); ``auto`` uses one GPU per rank when there are enough.
-    ``rendezvous_dir``: where the ranks meet (a temporary directory by default).
+    ``rendezvous_dir``: where the ranks meet (a temporary directory by default). ``timeout``: of every collective
+    (:data:`~megatron_hapo.parallel.runtime.DEFAULT_TIMEOUT` by default).
     """
     if device not in ("auto", "cpu"):
         raise ValueError(f"device must be auto or cpu, got {device!r}")
@@ -90,7 +98,8 @@ def run_local_ranks(
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # read by the spawned children when they import torch
     try:
         with tempfile.TemporaryDirectory(dir=rendezvous_dir) as tmp:
-            mp.spawn(_entry, args=(world, str(Path(tmp) / "rendezvous"), body, args), nprocs=world, join=True)
+            meeting = (str(Path(tmp) / "rendezvous"), timeout)
+            mp.spawn(_entry, args=(world, meeting, body, args), nprocs=world, join=True)
     except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
         raise _rank_failure(exc, error_log) from exc
     finally:

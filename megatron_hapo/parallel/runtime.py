@@ -20,6 +20,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -27,6 +28,29 @@ import torch.distributed as dist
 
 #: ``LOCAL_RANK`` (torchrun, ``launch/_run.sh``) picks the GPU of a rank on its node.
 LOCAL_RANK_ENV = "LOCAL_RANK"
+#: How long a collective may wait before the job fails, unless the caller says otherwise (``parallel.timeout_minutes``
+#: of a run): the default group, Megatron's groups and the gloo groups all get it. NCCL's own default is 10 minutes,
+#: less than a synchronous checkpoint of a 70B model (~1 TB) on a shared file system may keep ranks in a barrier.
+DEFAULT_TIMEOUT = timedelta(minutes=60)
+_TIMEOUT: list[timedelta] = [DEFAULT_TIMEOUT]
+
+
+#: The hardware queues CUDA gives a process. Megatron overlaps tensor-parallel communication (sequence
+#: parallelism's all-gather / reduce-scatter, the asynchronous weight-gradient all-reduce) with GEMMs correctly
+#: only if kernels run in the order they are issued: one queue, on GPUs before Blackwell. Megatron-LM refuses
+#: to start otherwise (megatron/training/arguments.py); megatron-core only warns.
+MAX_CONNECTIONS_ENV = "CUDA_DEVICE_MAX_CONNECTIONS"
+
+
+def set_cuda_connections(tp: int) -> str | None:
+    """Set ``CUDA_DEVICE_MAX_CONNECTIONS=1`` for a tensor-parallel trainer (``tp > 1``); call it before CUDA starts
+    in this process (it is read when the CUDA context is made; spawned ranks inherit it). Without tensor
+    parallelism it is left alone (CUDA's default of 8 queues lets the data-parallel gradient reduction overlap
+    the backward). A value the user set wins. Returns the value the process runs with (``None``: CUDA's
+    default)."""
+    if tp > 1 and MAX_CONNECTIONS_ENV not in os.environ:
+        os.environ[MAX_CONNECTIONS_ENV] = "1"
+    return os.environ.get(MAX_CONNECTIONS_ENV)
 
 
 def on_gpu() -> bool:
@@ -53,8 +77,11 @@ def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def join_process_group(backend: str | None = None, **init_kwargs: Any) -> None:
+def join_process_group(backend: str | None = None, *, timeout: timedelta | None = None, **init_kwargs: Any) -> None:
     """Set this rank's GPU from ``LOCAL_RANK`` (on CUDA), then join the launcher's default process group.
+
+    ``timeout`` (default :data:`DEFAULT_TIMEOUT`) bounds every collective of the job: it is the default group's, and
+    :func:`initialize_model_parallel` and :func:`host_group` give it to the groups they create.
 
     No ``device_id`` is bound to the default group, as in Megatron-LM (its commit "Don't pass device_id to
     torch.distributed.init_process_group, it causes hangs"): with a bound group every later ``new_group`` becomes
@@ -68,7 +95,20 @@ def join_process_group(backend: str | None = None, **init_kwargs: Any) -> None:
                 "(torchrun and launch/_run.sh set it)"
             )
         torch.cuda.set_device(int(os.environ.get(LOCAL_RANK_ENV, "0")))
-    dist.init_process_group(backend or backend_for_device(), **init_kwargs)
+    _TIMEOUT[0] = timeout or DEFAULT_TIMEOUT
+    dist.init_process_group(backend or backend_for_device(), timeout=_TIMEOUT[0], **init_kwargs)
+
+
+def collective_timeout() -> timedelta:
+    """The timeout this process's groups were created with (:func:`join_process_group`)."""
+    return _TIMEOUT[0]
+
+
+def group_timeout(group: dist.ProcessGroup | None = None) -> timedelta:
+    """The timeout ``group`` (default: the whole job) actually holds, read from its backend."""
+    group = group or dist.group.WORLD
+    device = torch.device("cuda") if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    return group._get_backend(device).options._timeout
 
 
 def leave_process_group() -> None:
@@ -78,7 +118,9 @@ def leave_process_group() -> None:
 
 
 @contextmanager
-def process_group(backend: str | None = None, **init_kwargs: Any) -> Iterator[None]:
+def process_group(
+    backend: str | None = None, *, timeout: timedelta | None = None, **init_kwargs: Any
+) -> Iterator[None]:
     """Join the default process group for the body (as :func:`join_process_group`), then leave it together.
 
     On a normal exit every rank reaches a barrier before any destroys the group: a rank that tore its gloo pairs
@@ -87,7 +129,7 @@ def process_group(backend: str | None = None, **init_kwargs: Any) -> Iterator[No
     exception the group is destroyed at once, without waiting for peers that may be dead; the launcher stops the
     rest.
     """
-    join_process_group(backend, **init_kwargs)
+    join_process_group(backend, timeout=timeout, **init_kwargs)
     try:
         yield
     except BaseException:
@@ -148,7 +190,8 @@ def host_group() -> dist.ProcessGroup | None:
     moment the rollout engine holds its memory. Over gloo the same gather stays in host memory (Megatron keeps
     gloo twins of its groups for the same reason). The first call is collective (``new_group``)."""
     if not _HOST_GROUP:
-        _HOST_GROUP.append(dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None)
+        gloo = dist.get_backend() != "gloo"
+        _HOST_GROUP.append(dist.new_group(backend="gloo", timeout=collective_timeout()) if gloo else None)
     return _HOST_GROUP[0]
 
 
@@ -200,7 +243,7 @@ def model_parallel_layout() -> ModelParallelLayout:
 def quiet_logs() -> None:
     """Silence Megatron's import-time notices (no Apex / TE, deprecations): noise in tools and checks."""
     warnings.filterwarnings("ignore", module=r"megatron\..*")
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|absl|CUDA_DEVICE_MAX|ShardedTensor).*")
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|absl|ShardedTensor).*")
     logging.getLogger("megatron").setLevel(logging.ERROR)
 
 
@@ -221,6 +264,9 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, 
     if mpu.model_parallel_is_initialized():
         mpu.destroy_model_parallel()
     mpu.initialize_model_parallel(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        distributed_timeout_minutes=max(1, round(collective_timeout().total_seconds() / 60)),
     )
     model_parallel_cuda_manual_seed(seed)

@@ -78,6 +78,9 @@ def test_launch_script_runs_two_local_nodes(tiny_llama: Path, tmp_path: Path, re
     # and each rank computed the old log-probs of its half of the step's 16 sequences
     assert {row["forward_only_sequences"] for row in rows} == {8.0}, rows
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_000003"
+    # no tensor parallelism: CUDA's default queues are left to the ranks (TP > 1: tests/dist/test_train_cli.py)
+    first_rank = (sorted(run_dir.glob("logs/*/rank-0.log")) or [run_dir / "no-rank-0-log"])[0]
+    assert "CUDA_DEVICE_MAX_CONNECTIONS=unset (tensor parallel 1)" in first_rank.read_text(), logs
 
 
 def test_a_failed_rank_is_the_launchers_last_line(tmp_path: Path, repo_root: Path) -> None:

@@ -67,6 +67,7 @@ def test_train_entry_point_runs_rl_steps(tiny_llama: Path, tmp_path: Path, repo_
     launch = json.loads((run_dir / "launch.json").read_text())  # --local-ranks 2: for tools/scaling_study.py
     assert (launch["nodes"], launch["gpus_per_node"], launch["gpu"]) == (1, 2, "cpu"), launch
     assert "12 prompts" in result.stderr, result.stderr[-2000:]
+    assert "CUDA_DEVICE_MAX_CONNECTIONS=1 (tensor parallel 2)" in result.stderr  # what the ranks run with
     # not a terminal: one line per step in the log (output.log_interval=1), no progress bar
     assert "step 0 (1/2) reward" in result.stderr and "step 1 (2/2) reward" in result.stderr, result.stderr[-2000:]
     assert "RL steps:" not in result.stderr

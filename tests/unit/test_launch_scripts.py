@@ -55,3 +55,24 @@ def test_every_launch_script_answers_help_and_launches_nothing(tmp_path: Path) -
             assert "Environment (all optional):" in result.stdout and "RUN_ROOT" in result.stdout
             assert ("Slurm resources" in result.stdout) == (script.name != "local.sh"), result.stdout
     assert not (tmp_path / "runs").exists() and list(tmp_path.iterdir()) == []  # nothing launched, nothing written
+
+
+def test_runs_go_to_the_clusters_scratch_file_system(tmp_path: Path) -> None:
+    """Without RUN_ROOT, a cluster's $SCRATCH holds the run directory (its checkpoints are large); RUN_ROOT wins."""
+    base = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "GPUS_PER_NODE": "1", "PYTHON": "/bin/false"}
+    for extra, expected in (
+        ({"SCRATCH": str(tmp_path / "scratch")}, tmp_path / "scratch" / "megatron_hapo" / "runs" / "r"),
+        ({"SCRATCH": str(tmp_path / "scratch"), "RUN_ROOT": str(tmp_path / "mine")}, tmp_path / "mine" / "r"),
+    ):
+        env = {**base, **extra, "RUN_NAME": "r"}
+        result = subprocess.run(
+            ["bash", str(REPO / "launch" / "hapo_1.5b.sh"), "model.path=/nowhere"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert f"-> {expected} (attempt 0" in result.stdout, result.stdout + result.stderr
+        assert (expected / "logs").is_dir()  # the rank logs went there (the ranks were /bin/false: exit 1)
+        assert result.returncode == 1, result.stderr

@@ -18,6 +18,8 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
 from megatron_hapo.processes import descendants, running, still_running
 
 HELPERS = """
@@ -190,3 +192,15 @@ def test_exit_after_cleanup_runs_the_exit_handlers_and_leaves_no_helper(tmp_path
     assert marker.read_text() == "handlers ran"
     # the same buffered reader as readline's (communicate() would read past what it holds); EOF: no helper left
     assert program.stdout.read() == "buffered, not yet flushed"  # the streams are flushed
+
+
+def test_tensor_parallel_ranks_get_one_cuda_queue(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA_DEVICE_MAX_CONNECTIONS=1 with TP > 1 (Megatron's overlapped TP communication needs issue order);
+    left at CUDA's default without TP; a value the user set wins."""
+    from megatron_hapo.parallel import runtime
+
+    monkeypatch.delenv(runtime.MAX_CONNECTIONS_ENV, raising=False)
+    assert runtime.set_cuda_connections(1) is None and runtime.MAX_CONNECTIONS_ENV not in os.environ
+    assert runtime.set_cuda_connections(8) == "1" and os.environ[runtime.MAX_CONNECTIONS_ENV] == "1"
+    monkeypatch.setenv(runtime.MAX_CONNECTIONS_ENV, "4")
+    assert runtime.set_cuda_connections(2) == "4"
