@@ -106,7 +106,7 @@ def collective_timeout() -> timedelta:
 
 def group_timeout(group: dist.ProcessGroup | None = None) -> timedelta:
     """The timeout ``group`` (default: the whole job) actually holds, read from its backend."""
-    group = group or dist.group.WORLD
+    group = group or dist.distributed_c10d._get_default_group()
     device = torch.device("cuda") if dist.get_backend(group) == "nccl" else torch.device("cpu")
     return group._get_backend(device).options._timeout
 
