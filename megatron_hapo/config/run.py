@@ -185,6 +185,14 @@ class EngineConfig:
     trainer's memory must fit the GPU together."""
     cpu_kv_cache_gib: int = 1
     """KV cache per engine on CPU, in GiB."""
+    sleep_level: Literal[1, 2] = 2
+    """How the policy engine (vLLM, on GPU) frees its memory while the trainer updates: 2 drops its weights,
+    which the weight sync after every step replaces in full (no copy to host memory and back: 16.4 GiB per GPU
+    at 70B TP8); 1 copies them to pinned host memory and back. The guide engine never drops its weights."""
+    async_scheduling: bool | None = None
+    """vLLM's async scheduling (the next step scheduled while the GPU runs this one); ``None``: vLLM's default
+    (on for GPUs with this launcher; the CPU build turns it off). Not yet run with the adaptive temperature on a
+    GPU: docs/GPU.md."""
     dtype: str = "auto"
     """Engine dtype (``auto``: the trainer's ``model.dtype``, so that the sync can be verified tightly)."""
     sync_tolerance: float | None = None

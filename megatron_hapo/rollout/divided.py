@@ -75,8 +75,8 @@ class DividedEngine:
     def prompt_log_probs(self, token_ids: Sequence[int]) -> torch.Tensor:
         return self.engine.prompt_log_probs(token_ids)
 
-    def sleep(self) -> None:
-        self.engine.sleep()
+    def sleep(self, level: int | None = None) -> None:
+        self.engine.sleep(level)
 
     def wake_up(self, tags: Sequence[str] | None = None) -> None:
         self.engine.wake_up(tags)

@@ -99,8 +99,11 @@ class RolloutEngine(Protocol):
         """``[S - 1]`` float32 log-probs of ``token_ids[1:]`` given their prefixes, at temperature 1."""
         ...
 
-    def sleep(self) -> None:
-        """Hand the engine's accelerator memory to the trainer (no-op where there is nothing to free)."""
+    def sleep(self, level: int | None = None) -> None:
+        """Hand the engine's accelerator memory to the trainer (no-op where there is nothing to free).
+
+        ``level`` (vLLM's sleep level; ``None``: the engine's configured one): 1 keeps the weights in host memory
+        for the wake-up, 2 drops them (a full ``load_weights`` must follow the wake-up)."""
         ...
 
     def wake_up(self, tags: Sequence[str] | None = None) -> None:

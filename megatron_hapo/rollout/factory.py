@@ -63,6 +63,8 @@ def make_engine(
                 dtype=engine_dtype,
                 seed=seed,
                 enable_sleep_mode=sleep_mode,
+                sleep_level=engine.sleep_level,
+                async_scheduling=engine.async_scheduling,
             ),
         )
     raise ValueError(f"engine.kind must be vllm or hf, got {engine.kind!r}")

@@ -253,8 +253,9 @@ class HFEngine:
             logits = self.model(input_ids=ids, use_cache=False).logits[0, :-1].float()
             return logits.log_softmax(dim=-1).gather(-1, ids[0, 1:, None])[:, 0].cpu()
 
-    def sleep(self) -> None:
-        """On CUDA (``offload_when_asleep``): move the weights to CPU memory for training; else nothing."""
+    def sleep(self, level: int | None = None) -> None:
+        """On CUDA (``offload_when_asleep``): move the weights to CPU memory for training; else nothing. The
+        weights are kept at every ``level`` (vLLM's sleep levels do not apply to this engine)."""
         if self.config.offload_when_asleep and self.device.type == "cuda" and not self.asleep:
             self.model.to("cpu")
             torch.cuda.empty_cache()

@@ -84,9 +84,10 @@ class VLLMConfig:
     enable_sleep_mode: bool = True
     """On GPU: free weights / KV cache between rollouts (``sleep`` / ``wake_up``); ignored on CPU. vLLM allows
     one sleep-mode engine per process: a second engine (e.g. a frozen guide) must set it off."""
-    sleep_level: Literal[1, 2] = 1
+    sleep_level: Literal[1, 2] = 2
     """1: weights are copied to host memory and restored on wake-up (usable at once); 2: weights are dropped
-    (no host copy; a full ``load_weights`` must follow every wake-up before the engine is used)."""
+    (no host copy; a full ``load_weights`` must follow every wake-up before the engine is used: the weight sync
+    after every step does). :meth:`VLLMEngine.sleep` may name another level for one sleep."""
     async_scheduling: bool | None = None
     """vLLM's async scheduling (``None``: vLLM's default, on with GPUs and this launcher; CPU forces it off)."""
     enforce_eager: bool | None = None
@@ -280,6 +281,8 @@ class VLLMEngine:
             raise RuntimeError("vLLM did not build exactly one adaptive-temperature processor in this rank")
         self.processor = temperature_processor.INSTANCES[-1]
         self._sleeping: set[str] = set()
+        self._sleep_level = self.config.sleep_level
+        """The level of the current (or last) sleep."""
         self._weights_dropped = False
         """Woken from a level-2 sleep and not loaded since: the weights are garbage."""
         if self._sleep_mode:
@@ -394,19 +397,23 @@ class VLLMEngine:
                 values.append(position[tok].logprob)
         return torch.tensor(values, dtype=torch.float32)
 
-    def sleep(self) -> None:
+    def sleep(self, level: int | None = None) -> None:
         """Release the engine's GPU memory (weights and KV cache) for training; no-op on CPU or when asleep.
 
-        At ``sleep_level`` 1 the weights go to host memory and come back on wake-up; at level 2 they are dropped
-        and a full :meth:`load_weights` must follow the wake-up. The KV cache is dropped at both levels, and vLLM
+        At level 1 the weights go to host memory and come back on wake-up; at level 2 they are dropped (vLLM
+        keeps only the model's buffers, such as rotary tables) and a full :meth:`load_weights` must follow the
+        wake-up. ``level``: ``None`` is ``config.sleep_level``. The KV cache is dropped at both levels, and vLLM
         resets its prefix cache as it falls asleep. Works right after construction.
         """
+        level = self.config.sleep_level if level is None else level
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 or 2, got {level}")
         if not self._sleep_mode or self._sleeping == SLEEP_TAGS:
             return
         if "weights" in self._sleeping:  # vLLM would skip the call and leave the KV cache in memory
             raise RuntimeError("the vLLM engine's KV cache is awake but its weights are not: wake_up() fully first")
-        self.llm.sleep(level=self.config.sleep_level)
-        self._sleeping = set(SLEEP_TAGS)
+        self.llm.sleep(level=level)
+        self._sleeping, self._sleep_level = set(SLEEP_TAGS), level
 
     def wake_up(self, tags: Sequence[str] | None = None) -> None:
         """Take GPU memory back: ``["weights"]``, ``["kv_cache"]`` or both (``None``); no-op for awake parts.
@@ -423,7 +430,7 @@ class VLLMEngine:
             return
         fully_awake = self.llm.wake_up(tags=waking)  # only asleep tags: vLLM ignores the call if one is awake
         self._sleeping -= set(waking)
-        if "weights" in waking and self.config.sleep_level == 2:
+        if "weights" in waking and self._sleep_level == 2:
             self._weights_dropped = True
         if bool(fully_awake) != (not self._sleeping):
             raise RuntimeError(f"vLLM reports fully_awake={fully_awake} but {sorted(self._sleeping)} still sleep")

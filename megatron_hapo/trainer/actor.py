@@ -218,7 +218,7 @@ def build_guide_engine(config: Config, policy_engine: RolloutEngine) -> RolloutE
     guide_path = config.algo.guide_policy.model_path
     if config.algo.guide_policy.kind == "none" or guide_path is None:
         return None
-    policy_engine.sleep()
+    policy_engine.sleep(level=1)  # woken again before any sync: its weights must come back
     guide = build_engine(
         config, guide_path, sleep_mode=False, gpu_memory_utilization=config.engine.guide_gpu_memory_utilization
     )

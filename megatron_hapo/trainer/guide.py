@@ -70,7 +70,7 @@ def guide_rollout(
     routed_prompts = [prompts[i] for i in routed.tolist()]
     engine.wake_up()  # an engine that can sleep does so between its rollouts (no-ops for one that cannot)
     responses = engine.generate(routed_prompts, n, guide_sampling, None)
-    engine.sleep()
+    engine.sleep(level=1)  # nothing reloads the frozen guide's weights: they must come back on wake-up
     max_length = config.rollout.max_response_length
     batch = StepBatch.from_responses(routed_prompts, responses, max_response_length=max_length, guide=True)
     routed_answers = [answers[i] for i in routed.repeat_interleave(n).tolist()]

@@ -89,15 +89,18 @@ def test_train_entry_point_with_hf_engine(small_llama: Path, tmp_path: Path, rep
 
 
 class RecordingEngine:
-    """A rollout engine that forwards to a real one and checks the sleep / wake protocol on every call."""
+    """A rollout engine that forwards to a real one and checks the sleep / wake protocol on every call, vLLM's
+    sleep levels included: weights woken from a level-2 sleep are garbage until the next ``load_weights``."""
 
-    def __init__(self, name: str, engine: object, log: list[str]) -> None:
-        self.name, self.engine, self.log = name, engine, log
+    def __init__(self, name: str, engine: object, log: list[str], level: int) -> None:
+        self.name, self.engine, self.log, self.level = name, engine, log, level
         self.awake = {"weights": True, "kv_cache": True}
+        self.dropped = self.garbage = False
 
     def _require(self, call: str, *parts: str) -> None:
         asleep = [part for part in parts if not self.awake[part]]
         assert not asleep, f"{self.name}.{call} while {asleep} sleep (log: {self.log[-6:]})"
+        assert not (self.garbage and "kv_cache" in parts), f"{self.name}.{call} on dropped weights: {self.log[-6:]}"
         self.log.append(f"{self.name}.{call}")
 
     def generate(self, *args: object, **kwargs: object) -> list:
@@ -107,24 +110,27 @@ class RecordingEngine:
     def load_weights(self, named_tensors: object) -> None:
         self._require("load_weights", "weights")
         self.engine.load_weights(named_tensors)
+        self.garbage = False
 
     def prompt_log_probs(self, token_ids: object) -> torch.Tensor:
         self._require("prompt_log_probs", "weights", "kv_cache")
         return self.engine.prompt_log_probs(token_ids)
 
-    def sleep(self) -> None:
-        self.awake = dict.fromkeys(self.awake, False)
-        self.log.append(f"{self.name}.sleep")
-        self.engine.sleep()
+    def sleep(self, level: int | None = None) -> None:
+        level = self.level if level is None else level
+        self.awake, self.dropped = dict.fromkeys(self.awake, False), level == 2
+        self.log.append(f"{self.name}.sleep({level})")
+        self.engine.sleep(level)
 
     def wake_up(self, tags: list[str] | None = None) -> None:
         for tag in tags or list(self.awake):
+            self.garbage = self.garbage or (tag == "weights" and not self.awake[tag] and self.dropped)
             self.awake[tag] = True
         self.log.append(f"{self.name}.wake_up({','.join(tags or ['all'])})")
         self.engine.wake_up(tags)
 
 
-def _handover_ranks(rank: int, world: int, model: Path, repo_root: Path, out: Path) -> None:
+def _handover_ranks(rank: int, world: int, model: Path, repo_root: Path, out: Path, level: int) -> None:
     from megatron_hapo.config import load_config
     from megatron_hapo.parallel import runtime
     from megatron_hapo.rollout.factory import make_engine
@@ -144,6 +150,7 @@ def _handover_ranks(rank: int, world: int, model: Path, repo_root: Path, out: Pa
         "train.mini_batch_prompts=2",
         "optim.lr=1e-3",
         "model.offload=optimizer",
+        f"engine.sleep_level={level}",
     ]
     config = load_config(repo_root / "configs/algo/mixed_dapo.yaml", overrides)
     runtime.quiet_logs()
@@ -152,7 +159,8 @@ def _handover_ranks(rank: int, world: int, model: Path, repo_root: Path, out: Pa
     actor.probe = [5, 6, 7, 8, 9, 10, 11, 12]
     log: list[str] = []
     build = partial(make_engine, engine=config.engine, dtype="float32", max_model_len=64, seed=0)
-    engine, guide = RecordingEngine("policy", build(model), log), RecordingEngine("guide", build(model), log)
+    level = config.engine.sleep_level
+    engine, guide = RecordingEngine("policy", build(model), log, level), RecordingEngine("guide", build(model), log, 1)
     guide.sleep()
     step = actor.optimizer.step
 
@@ -199,17 +207,21 @@ def _handover_ranks(rank: int, world: int, model: Path, repo_root: Path, out: Pa
         out.write_text(json.dumps(log))
 
 
-def test_engines_sleep_while_the_trainer_updates(small_llama: Path, tmp_path: Path, repo_root: Path) -> None:
+@pytest.mark.parametrize("level", [1, 2])
+def test_engines_sleep_while_the_trainer_updates(small_llama: Path, tmp_path: Path, repo_root: Path, level: int) -> None:
+    """The policy engine sleeps at ``engine.sleep_level`` (2 by default: its weights dropped and then replaced by
+    the sync before any use), the frozen guide always at level 1."""
     out = tmp_path / "log.json"
-    run_on_ranks(partial(_handover_ranks, model=small_llama, repo_root=repo_root, out=out), 2, tmp_path / "ranks")
+    ranks = partial(_handover_ranks, model=small_llama, repo_root=repo_root, out=out, level=level)
+    run_on_ranks(ranks, 2, tmp_path / "ranks")
     log = json.loads(out.read_text())
     step_logs = "\n".join(log).split("policy.generate")[1:]
     assert len(step_logs) == 2, log
     for entries in (part.strip().split("\n") for part in step_logs):
-        assert "optimizer.step" in entries and entries[0] == "policy.sleep", entries
+        assert "optimizer.step" in entries and entries[0] == f"policy.sleep({level})", entries
         assert "guide.generate" in entries, entries  # a zero-reward group went to the guide
         guide_at = entries.index("guide.generate")
-        assert entries[guide_at - 1] == "guide.wake_up(all)" and entries[guide_at + 1] == "guide.sleep", entries
+        assert entries[guide_at - 1] == "guide.wake_up(all)" and entries[guide_at + 1] == "guide.sleep(1)", entries
         sync = entries.index("policy.wake_up(weights)")
         assert entries[sync + 1] == "policy.load_weights", entries  # one reload call per sync
         assert entries[sync + 2] == "policy.wake_up(kv_cache)" and entries[sync + 3] == "policy.prompt_log_probs"

