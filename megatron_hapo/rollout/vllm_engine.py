@@ -281,7 +281,7 @@ class VLLMEngine:
             raise RuntimeError("vLLM did not build exactly one adaptive-temperature processor in this rank")
         self.processor = temperature_processor.INSTANCES[-1]
         self._sleeping: set[str] = set()
-        self._sleep_level = self.config.sleep_level
+        self._sleep_level: int = self.config.sleep_level
         """The level of the current (or last) sleep."""
         self._weights_dropped = False
         """Woken from a level-2 sleep and not loaded since: the weights are garbage."""
