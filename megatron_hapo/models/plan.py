@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from megatron_hapo.models.hf_config import DecoderSpec
-from megatron_hapo.models.precision import FP8Config, check_fp8
+from megatron_hapo.models.precision import FP8Config, check_fp8, token_multiple
 
 if TYPE_CHECKING:
     from megatron_hapo.config import Config
@@ -120,6 +120,7 @@ def check_layout(spec: DecoderSpec, config: Config, layout: Layout) -> list[str]
     if layout.vpp and layout.pp == 1:
         errors.append("model.virtual_pipeline needs model.pipeline_parallel > 1")
     errors += _batch_errors(config, layout)
+    errors += _padding_errors(config, layout)
     errors += _engine_errors(spec, config, layout)
     if config.model.fp8:
         errors += _fp8_errors(spec, config, layout)
@@ -140,6 +141,26 @@ def _fp8_errors(spec: DecoderSpec, config: Config, layout: Layout) -> list[str]:
     except ValueError as exc:
         return [f"model.fp8 on H100: {exc}"]
     return []
+
+
+def row_multiple(config: Config, layout: Layout) -> int:
+    """The multiple every micro-batch row is padded to in this layout (FP8 recipe, TP with sequence parallelism)."""
+    recipe = config.model.fp8_recipe if config.model.fp8 else None
+    return token_multiple(recipe, tp=layout.tp, sequence_parallel=config.model.sequence_parallel)
+
+
+def _padding_errors(config: Config, layout: Layout) -> list[str]:
+    """A token budget must hold one padded row of the layout's multiple."""
+    multiple, train = row_multiple(config, layout), config.train
+    errors = []
+    for key in ("max_tokens_per_microbatch", "forward_max_tokens_per_microbatch"):
+        budget = getattr(train, key)
+        if budget is not None and budget < multiple:
+            errors.append(
+                f"train.{key}={budget} is below one padded row of this layout ({multiple} tokens: fp8 / sequence "
+                f"parallelism at TP {layout.tp}): raise it to {multiple} or more"
+            )
+    return errors
 
 
 def _batch_errors(config: Config, layout: Layout) -> list[str]:
@@ -241,6 +262,8 @@ def plan_run(spec: DecoderSpec, config: Config, layout: Layout) -> Plan:
     if layout.pp == 2 and layout.vpp:
         plan.notes.append("PP=2 with virtual stages: the trainer turns batch_p2p_comm off (known-bad batched P2P)")
     plan.notes.append(f"vocabulary padded to {spec.padded_vocab_size(layout.tp)} rows for TP {layout.tp}")
+    if (multiple := row_multiple(config, layout)) > 16:
+        plan.notes.append(f"micro-batch rows padded to multiples of {multiple} tokens (fp8 / sequence parallelism)")
     return plan
 
 

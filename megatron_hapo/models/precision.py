@@ -9,6 +9,7 @@ GPU's compute capability, the layer counts vs the pipeline stages; each error na
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -65,6 +66,24 @@ def check_fp8(cfg: FP8Config, spec: DecoderSpec, *, pp: int = 1, capability: tup
     per_stage = spec.num_layers // pp
     if max(start, end) > per_stage:
         raise ValueError(f"bf16_layers_start / end exceed the {per_stage} layers of a pipeline stage")
+
+
+#: Every micro-batch row is padded to at least a multiple of this many tokens (without FP8 or tensor parallelism).
+BASE_TOKEN_MULTIPLE = 16
+
+
+def token_multiple(recipe: str | None, *, tp: int = 1, sequence_parallel: bool = False) -> int:
+    """The multiple a micro-batch's tokens per row are padded to, for the layout's GEMMs.
+
+    FP8 GEMMs (Transformer Engine's ``assert_dim_for_fp8_exec`` on each linear's *local* input) need the rows a
+    rank computes on in multiples of the recipe's: 16 for delayed / tensorwise, 128 for blockwise, 32 for mxfp8.
+    With sequence parallelism each of the ``tp`` ranks holds ``1 / tp`` of the tokens before its fused norm +
+    linear gathers them, so the row must be a multiple of ``recipe multiple x tp`` (NeMo-RL pads packs the same
+    way, ``nemo_rl/models/megatron/data.py``); without FP8 sequence parallelism still needs a multiple of ``tp``.
+    ``recipe``: ``None`` without FP8."""
+    per_rank = _RECIPES[recipe][1] if recipe is not None else 1
+    split = tp if sequence_parallel and tp > 1 else 1
+    return math.lcm(BASE_TOKEN_MULTIPLE, per_rank * split)
 
 
 def fp8_transformer_settings(cfg: FP8Config) -> dict[str, Any]:

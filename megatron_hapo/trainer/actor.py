@@ -19,7 +19,7 @@ from megatron_hapo.parallel.policy_loss import ParallelGroups
 from megatron_hapo.parallel.runtime import on_gpu
 from megatron_hapo.rollout.engine import RolloutEngine
 from megatron_hapo.rollout.weight_sync import SyncPlan
-from megatron_hapo.trainer.microbatch import BatchLayout
+from megatron_hapo.trainer.microbatch import SEQUENCE_MULTIPLE, BatchLayout
 
 if TYPE_CHECKING:
     from megatron.core.distributed import DistributedDataParallel
@@ -47,6 +47,9 @@ class Actor:
     """Pack several sequences into one row under the budget (``train.pack_sequences``)."""
     fused_output: bool = False
     """Log-probs and entropies without logits (``model.fused_output``)."""
+    sequence_multiple: int = SEQUENCE_MULTIPLE
+    """Micro-batch rows are padded to a multiple of this (:func:`~megatron_hapo.models.precision.token_multiple`:
+    what FP8 and sequence parallelism need)."""
     sync_tolerance: float = 1e-3
     offload: bool = False
     """``model.offload=optimizer``: optimizer state and gradient buffers leave the GPU outside the updates."""
@@ -88,6 +91,7 @@ class Actor:
             pack=self.pack and budget is not None,
             count_multiple=self.microbatch_multiple,
             uniform_shape=uniform,
+            sequence_multiple=self.sequence_multiple,
         )
 
 
@@ -126,7 +130,7 @@ def build_actor(config: Config, probe_prompts: Sequence[Sequence[int]] = ()) -> 
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: PLC0415
 
     from megatron_hapo.models import HFCheckpoint, build_gpt, load_hf_weights, read_decoder_spec  # noqa: PLC0415
-    from megatron_hapo.models.precision import FP8Config  # noqa: PLC0415
+    from megatron_hapo.models.precision import FP8Config, token_multiple  # noqa: PLC0415
     from megatron_hapo.rollout.weight_sync import PROBE_TOKENS, build_sync_plan, sync_probe  # noqa: PLC0415
 
     model, optim = config.model, config.optim
@@ -180,6 +184,9 @@ def build_actor(config: Config, probe_prompts: Sequence[Sequence[int]] = ()) -> 
         forward_max_tokens=train.forward_max_tokens_per_microbatch,
         pack=train.pack_sequences,
         fused_output=model.fused_output,
+        sequence_multiple=token_multiple(
+            model.fp8_recipe if model.fp8 else None, tp=layout.tp, sequence_parallel=model.sequence_parallel
+        ),
         sync_tolerance=sync_tolerance(config),
         offload=model.offload == "optimizer",
     )

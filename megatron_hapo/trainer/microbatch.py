@@ -10,9 +10,11 @@ Three layouts (:class:`BatchLayout`):
 - with ``pack``, the sequences of a micro-batch share one row (the THD layout: ``cu_seqlens``; Transformer
   Engine's attention on a GPU, :mod:`megatron_hapo.models.attention` on CPU), and the budget counts real tokens.
 
-Every row is padded only to its own micro-batch's longest sequence (or the pack's length), rounded up to
-:data:`SEQUENCE_MULTIPLE`. Pipeline stages exchange each micro-batch's shape (Megatron's
-``variable_seq_lengths``); all ranks of a pipeline build the same micro-batches from the same batch.
+Every row is padded only to its own micro-batch's longest sequence (or the pack's length), rounded up to the
+layout's ``sequence_multiple`` (:func:`~megatron_hapo.models.precision.token_multiple`: 16, or what FP8 and
+sequence parallelism need, e.g. 128 at TP8 with tensorwise FP8); the filler micro-batches too. Pipeline stages
+exchange each micro-batch's shape (Megatron's ``variable_seq_lengths``); all ranks of a pipeline build the same
+micro-batches from the same batch.
 """
 
 from __future__ import annotations
@@ -23,13 +25,13 @@ from typing import Any
 
 import torch
 
+from megatron_hapo.models.precision import BASE_TOKEN_MULTIPLE
 from megatron_hapo.parallel.policy_loss import PolicyMicroBatch
 from megatron_hapo.parallel.runtime import rank_device
 from megatron_hapo.trainer.batch import StepBatch
 
-#: Rows are padded to a multiple of this: FP8 GEMMs (Transformer Engine) need token counts in multiples of 8 / 16,
-#: and sequence parallelism a multiple of the TP size.
-SEQUENCE_MULTIPLE = 16
+#: Rows are padded to at least a multiple of this (a layout may need more: :attr:`BatchLayout.sequence_multiple`).
+SEQUENCE_MULTIPLE = BASE_TOKEN_MULTIPLE
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -53,16 +55,23 @@ class BatchLayout:
     uniform_shape: bool = False
     """Pad every micro-batch of one schedule call to the same ``[B, S]``: pipeline stages that do not exchange
     shapes (:func:`~megatron_hapo.models.provider.variable_shapes`)."""
+    sequence_multiple: int = SEQUENCE_MULTIPLE
+    """Every row's length is a multiple of this (:func:`~megatron_hapo.models.precision.token_multiple`)."""
 
     def __post_init__(self) -> None:
         if self.pack and self.max_tokens is None:
             raise ValueError("packing sequences needs a token budget (train.max_tokens_per_microbatch)")
-        if self.max_tokens is not None and self.max_tokens < SEQUENCE_MULTIPLE:
-            raise ValueError(f"a token budget of {self.max_tokens} is below one padded row ({SEQUENCE_MULTIPLE})")
+        if self.sequence_multiple < 1 or self.sequence_multiple % SEQUENCE_MULTIPLE:
+            raise ValueError(f"sequence_multiple={self.sequence_multiple} must be a multiple of {SEQUENCE_MULTIPLE}")
+        if self.max_tokens is not None and self.max_tokens < self.sequence_multiple:
+            raise ValueError(
+                f"a token budget of {self.max_tokens} is below one padded row ({self.sequence_multiple} tokens for "
+                "this layout): raise train.max_tokens_per_microbatch"
+            )
 
     def cost(self, lengths: list[int]) -> int:
         """Tokens a micro-batch of sequences of ``lengths`` computes on (its padded size)."""
-        rows, width = microbatch_shape(lengths, pack=self.pack)
+        rows, width = microbatch_shape(lengths, pack=self.pack, multiple=self.sequence_multiple)
         return rows * width
 
 
@@ -106,29 +115,35 @@ class Slots:
         return torch.where(self.index >= 0, flat[self.index.clamp_min(0)], 0)
 
 
-def microbatch_shape(lengths: list[int], *, pack: bool) -> tuple[int, int]:
-    """``(rows, width)`` of the micro-batch of sequences of ``lengths`` (at least one row of
-    :data:`SEQUENCE_MULTIPLE`)."""
+def microbatch_shape(lengths: list[int], *, pack: bool, multiple: int = SEQUENCE_MULTIPLE) -> tuple[int, int]:
+    """``(rows, width)`` of the micro-batch of sequences of ``lengths`` (at least one row of ``multiple``; the
+    width a multiple of it)."""
     if pack or not lengths:
-        return 1, round_up(max(sum(lengths), 1), SEQUENCE_MULTIPLE)
-    return len(lengths), round_up(max(lengths), SEQUENCE_MULTIPLE)
+        return 1, round_up(max(sum(lengths), 1), multiple)
+    return len(lengths), round_up(max(lengths), multiple)
 
 
 def build_microbatch(
-    batch: StepBatch, rows: torch.Tensor, *, pack: bool, train: bool = False, shape: tuple[int, int] | None = None
+    batch: StepBatch,
+    rows: torch.Tensor,
+    *,
+    pack: bool,
+    train: bool = False,
+    shape: tuple[int, int] | None = None,
+    multiple: int = SEQUENCE_MULTIPLE,
 ) -> tuple[PolicyMicroBatch, Slots]:
     """The micro-batch of ``rows`` (host memory): one padded row per sequence, or one packed row.
 
     Position ``t`` predicts token ``t + 1``; response token ``j`` of a sequence with prompt length ``p`` is
     predicted at its position ``p - 1 + j``. ``train`` adds the behaviour log-probs, advantages, rollout-correction
-    weights and guide flags. Empty ``rows`` give one fully masked row of :data:`SEQUENCE_MULTIPLE` pad tokens.
-    ``shape``: pad to at least this ``(rows, width)`` with masked pad tokens.
+    weights and guide flags. Empty ``rows`` give one fully masked row of ``multiple`` pad tokens (the row width's
+    multiple). ``shape``: pad to at least this ``(rows, width)`` with masked pad tokens.
     """
     lengths, prompts = batch.lengths[rows], batch.prompt_lengths[rows]
     responses = batch.response_mask[rows]
     count = len(rows)
     pack = pack and count > 0
-    num_rows, width = microbatch_shape(lengths.tolist(), pack=pack)
+    num_rows, width = microbatch_shape(lengths.tolist(), pack=pack, multiple=multiple)
     if shape is not None:
         num_rows, width = max(num_rows, shape[0]), max(width, shape[1])
     offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)[:-1]]) if pack else torch.arange(count) * width
@@ -195,9 +210,13 @@ def microbatches(
     groups += [rows[:0]] * (-len(groups) % layout.count_multiple)
     shape = None
     if layout.uniform_shape:
-        shapes = [microbatch_shape(batch.lengths[group].tolist(), pack=layout.pack) for group in groups]
+        multiple = layout.sequence_multiple
+        shapes = [microbatch_shape(batch.lengths[g].tolist(), pack=layout.pack, multiple=multiple) for g in groups]
         shape = (max(rows for rows, _ in shapes), max(width for _, width in shapes))
-    built = [build_microbatch(batch, group, pack=layout.pack, train=train, shape=shape) for group in groups]
+    built = [
+        build_microbatch(batch, group, pack=layout.pack, train=train, shape=shape, multiple=layout.sequence_multiple)
+        for group in groups
+    ]
     device = rank_device()
     return [micro.to(device) for micro, _ in built], [slots for _, slots in built]
 

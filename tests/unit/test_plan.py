@@ -166,3 +166,14 @@ def test_sequence_parallelism_splits_the_activations_over_tp(capsys: pytest.Capt
         assert code == 0, err
         sizes.append(float(re.search(r"activations ([0-9.]+)", out).group(1)))
     assert sizes[0] / sizes[1] == pytest.approx(13 / 4.25, rel=0.05), sizes
+
+
+def test_fp8_rows_are_padded_to_what_each_tp_rank_needs(capsys: pytest.CaptureFixture) -> None:
+    """The 70B FP8 layout (TP8, sequence parallelism, tensorwise): rows padded to 16 x 8 = 128 tokens, so a token
+    budget below one such row is refused; blockwise needs 128 x 8."""
+    code, out, err = _plan_70b(capsys, "model.fp8=hybrid")
+    assert code == 0 and "micro-batch rows padded to multiples of 128 tokens" in out, out + err
+    code, _, err = _plan_70b(capsys, "model.fp8=hybrid", "train.max_tokens_per_microbatch=100")
+    assert code == 1 and "train.max_tokens_per_microbatch=100 is below one padded row" in err, err
+    code, out, err = _plan_70b(capsys, "model.fp8=hybrid", "model.fp8_recipe=blockwise")
+    assert code == 0 and "micro-batch rows padded to multiples of 1024 tokens" in out, out + err

@@ -107,3 +107,50 @@ def test_a_response_longer_than_the_limit_or_without_a_prompt_is_refused() -> No
         StepBatch.from_responses([[1]], [_response(0, [1, 2, 3])], max_response_length=2)
     with pytest.raises(ValueError, match="empty prompt"):
         StepBatch.from_responses([[]], [_response(0, [1])], max_response_length=2)
+
+
+#: Rows each rank's FP8 GEMM needs its local input in multiples of (Transformer Engine 2.x; None: bf16).
+FP8_ROWS = {None: 1, "delayed": 16, "tensorwise": 16, "blockwise": 128, "mxfp8": 32}
+
+
+def _long_tailed_batch(count: int = 11) -> StepBatch:
+    gen = torch.Generator().manual_seed(3)
+    lengths = [1, 3, 200, 17, 45, 9, 130, 2, 61, 5, 33][:count]
+    prompts = [torch.randint(3, 50, (int(n),), generator=gen).tolist() for n in (4, 9, 6)]
+    responses = [_response(i % 3, torch.randint(3, 50, (n,), generator=gen).tolist()) for i, n in enumerate(lengths)]
+    return StepBatch.from_responses(prompts, responses, max_response_length=max(lengths))
+
+
+@pytest.mark.parametrize("recipe", list(FP8_ROWS))
+@pytest.mark.parametrize("tp", [1, 2, 4, 8])
+def test_every_microbatch_fits_each_ranks_fp8_gemms(recipe: str | None, tp: int) -> None:
+    """With sequence parallelism each TP rank's fused norm + linear sees 1 / TP of a micro-batch's tokens; those
+    rows must be a multiple of the recipe's (TE's ``assert_dim_for_fp8_exec``) in every micro-batch: padded,
+    budgeted, packed, and the empty fillers of the interleaved schedule."""
+    from megatron_hapo.models.precision import token_multiple
+
+    multiple = token_multiple(recipe, tp=tp, sequence_parallel=True)
+    batch, rows = _long_tailed_batch(), torch.arange(11)
+    common = {"count_multiple": 8, "sequence_multiple": multiple}  # fillers up to a multiple of 8 micro-batches
+    layouts = {
+        "padded": BatchLayout(micro_batch_size=3, **common),
+        "budget": BatchLayout(max_tokens=max(512, multiple), **common),
+        "packed": BatchLayout(max_tokens=max(512, multiple), pack=True, **common),
+        "uniform": BatchLayout(micro_batch_size=2, uniform_shape=True, **common),
+    }
+    for name, layout in layouts.items():
+        for train in (False, True):
+            mbs, _ = microbatches(batch, rows, layout, train=train)
+            assert len(mbs) % 8 == 0 and not mbs[-1].mask.any(), name  # the last one is a filler
+            for mb in mbs:
+                sequences, width = mb.tokens.shape
+                assert width % tp == 0, (name, recipe, tp, mb.tokens.shape)  # sequence parallelism's split
+                local_rows = sequences * width // tp
+                assert local_rows % FP8_ROWS[recipe] == 0, (name, recipe, tp, mb.tokens.shape)
+    if recipe in ("delayed", "tensorwise") and tp > 1:  # the fixed 16 of before: 16 / TP rows per sequence
+        assert 16 * 1 // tp % FP8_ROWS[recipe] != 0 and multiple == 16 * tp
+
+
+def test_a_budget_below_one_padded_row_is_refused() -> None:
+    with pytest.raises(ValueError, match="below one padded row.*128 tokens"):
+        BatchLayout(max_tokens=96, sequence_multiple=128)
