@@ -8,6 +8,8 @@ first layer), optionally wrapped in Megatron DDP with ``finalize_model_grads``.
 from __future__ import annotations
 
 import copy
+import importlib
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
@@ -20,6 +22,45 @@ from megatron_hapo.parallel.runtime import model_parallel_layout, on_gpu, rank_d
 
 if TYPE_CHECKING:
     from megatron.core.distributed import DistributedDataParallel
+
+logger = logging.getLogger(__name__)
+#: apex's CUDA kernel that accumulates a weight gradient straight into the float32 main gradient; Megatron's own
+#: linear layers (the output layer, also in the Transformer Engine spec) refuse gradient-accumulation fusion
+#: without it.
+WGRAD_KERNEL = "fused_weight_gradient_mlp_cuda"
+
+
+def _wgrad_kernel_imports() -> bool:
+    try:
+        importlib.import_module(WGRAD_KERNEL)
+    except ImportError:
+        return False
+    return True
+
+
+def fusion_settings(*, te: bool, ddp: bool) -> dict[str, bool]:
+    """The ``TransformerConfig`` fusions of a build: all off with the local spec (CPU, tests); with Transformer
+    Engine on a GPU, RoPE fusion (TE's kernels, the packed THD one included: no per-sequence loop with host syncs
+    in every attention layer) and the SwiGLU fusion; gradient-accumulation fusion (weight gradients accumulated
+    straight into the float32 main gradient, no bf16 copy and add) where Megatron's DDP gives parameters a main
+    gradient and apex's kernel imports (:data:`WGRAD_KERNEL`)."""
+    fused = {
+        "apply_rope_fusion": te,
+        "bias_activation_fusion": te,
+        "gradient_accumulation_fusion": te and ddp and _wgrad_kernel_imports(),
+    }
+    if te:
+        reason = (
+            ""
+            if fused["gradient_accumulation_fusion"]
+            else f" ({'no DDP' if not ddp else WGRAD_KERNEL + ' not importable'})"
+        )
+        logger.info(
+            "fusions: rope on, bias-activation on, gradient-accumulation %s%s",
+            "on" if fused["gradient_accumulation_fusion"] else "off",
+            reason,
+        )
+    return fused
 
 
 def build_chunks(
@@ -168,6 +209,7 @@ def build_gpt(
         capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
         check_fp8(fp8, spec, pp=model_parallel_layout().pp, capability=capability)
         config_overrides = {**fp8_transformer_settings(fp8), **config_overrides}
+    config_overrides = {**fusion_settings(te=te, ddp=ddp), **config_overrides}
     config = transformer_config(spec, dtype=dtype, **config_overrides)
 
     if te:

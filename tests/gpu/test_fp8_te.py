@@ -52,6 +52,24 @@ def test_te_spec_matches_local_spec_in_bf16(megatron_world):
     assert (a.float() - b.float()).abs().max() < 0.1
 
 
+def test_te_build_is_fused_and_accumulates_into_main_grad(megatron_world):
+    """With Transformer Engine the build fuses RoPE and SwiGLU (the bf16 parity test above runs them against the
+    unfused local spec), and under DDP gradient accumulation where apex's kernel imports: a backward fills the
+    float32 main gradients."""
+    from megatron_hapo.models import build_gpt
+    from megatron_hapo.models.provider import _wgrad_kernel_imports
+
+    chunks = build_gpt(_spec(), dtype=torch.bfloat16, te=True, ddp=True)
+    config = chunks[0].config
+    assert config.apply_rope_fusion and config.bias_activation_fusion
+    assert config.gradient_accumulation_fusion == _wgrad_kernel_imports()
+    chunks[0].zero_grad_buffer()
+    _forward_backward(chunks, torch.randint(0, 1000, (2, 64), device="cuda"))
+    main_grads = [p.main_grad for p in chunks[0].parameters()]
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in main_grads)
+    assert sum(float(g.abs().sum()) for g in main_grads) > 0
+
+
 @pytest.mark.parametrize("recipe", ["tensorwise", "delayed"])
 def test_fp8_step_runs_and_stays_finite(megatron_world, recipe):
     from megatron_hapo.models import build_gpt

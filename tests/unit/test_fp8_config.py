@@ -59,3 +59,19 @@ def test_delayed_recipe_defaults_to_no_bf16_layers():
     check_fp8(cfg, spec(), pp=1, capability=HOPPER)
     assert fp8_transformer_settings(cfg)["first_last_layers_bf16"] is False
     assert FP8Config(fp8="e4m3").bf16_layers() == (1, 1)
+
+
+def test_fusions_follow_the_layer_spec_and_what_imports(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Transformer Engine builds fuse RoPE and SwiGLU; gradient-accumulation fusion also needs Megatron's DDP (the
+    main gradient) and apex's kernel; the local spec (CPU) fuses nothing."""
+    from megatron_hapo.models import provider
+
+    assert not any(provider.fusion_settings(te=False, ddp=True).values())
+    for kernel, ddp, expected in ((True, True, True), (True, False, False), (False, True, False)):
+        monkeypatch.setattr(provider, "_wgrad_kernel_imports", lambda kernel=kernel: kernel)
+        fused = provider.fusion_settings(te=True, ddp=ddp)
+        assert fused == {
+            "apply_rope_fusion": True,
+            "bias_activation_fusion": True,
+            "gradient_accumulation_fusion": expected,
+        }, (kernel, ddp)
