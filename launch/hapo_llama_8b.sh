@@ -3,7 +3,8 @@
 #   sbatch launch/hapo_llama_8b.sh model.path=/path/to/checkpoint data.train_file=/path/to/dapo-math-17k.parquet \
 #       data.eval_file=/path/to/valid.parquet
 # Check the layout first, no GPU needed: .venv/bin/python tools/plan.py configs/runs/llama-3.1-8b-hapo.yaml --nodes 4 --gpus-per-node 8
-# Requeued on the pre-time-limit signal; a requeued job resumes from its last checkpoint (launch/README.md).
+# Requeued on the pre-time-limit signal (USR1 600 s before the limit: the stop lead time tools/plan.py
+# estimates); a requeued job resumes from its last checkpoint (launch/README.md).
 #SBATCH --job-name=llama-3.1-8b-hapo
 #SBATCH --nodes=4
 #SBATCH --gpus-per-node=8

@@ -74,6 +74,18 @@ def _report(plan: Plan, layout: Layout, config: object, gpu_bytes: float) -> Non
     )
 
 
+def _report_stop_lead(config: object, num_params: int, layout: Layout) -> None:
+    """The ``--signal=USR1@T`` a launch script of this run should ask for (an ESTIMATE; the formula is in
+    ``megatron_hapo.studies.throughput.stop_lead_time``)."""
+    from megatron_hapo.studies.throughput import stop_lead_time  # noqa: PLC0415
+
+    lead = stop_lead_time(config, num_params, nodes=layout.nodes, gpus_per_node=layout.gpus_per_node)
+    print(
+        f"preemption: #SBATCH --signal=USR1@{int(lead['lead_s'])} (ESTIMATED: step {lead['step_s']:.0f} s, rollout "
+        f"{lead['rollout_s']:.0f} s, updates {lead['updates_s']:.0f} s, checkpoint {lead['save_s']:.0f} s)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", type=Path)
@@ -105,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         plan.errors.append(f"the planner counts {plan.total_params} parameters, transformers builds {counted}")
     if not plan.errors:
         _report(plan, layout, config, args.gpu_gib * GIB)
+        _report_stop_lead(config, plan.total_params, layout)
         plan.errors = fit_errors(plan, config, args.gpu_gib * GIB)
         for note in plan.notes:
             print(f"note: {note}")

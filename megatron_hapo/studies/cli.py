@@ -41,7 +41,7 @@ def plan_cell(cell: Cell) -> dict:
     """The planner's verdict on one cell: layout, parameters, errors, and the estimated GPU-hours."""
     from megatron_hapo.models.hf_config import decoder_spec  # noqa: PLC0415
     from megatron_hapo.models.plan import GIB, Layout, fit_errors, plan_run  # noqa: PLC0415
-    from megatron_hapo.studies.throughput import calibration_fit, predict_tokens_per_s_per_gpu  # noqa: PLC0415
+    from megatron_hapo.studies.throughput import estimated_step_s, stop_lead_time  # noqa: PLC0415
 
     row: dict = {"cell": cell.name, "gpus": cell.gpus, "errors": []}
     try:
@@ -64,7 +64,7 @@ def plan_cell(cell: Cell) -> dict:
     errors = list(plan.errors)
     if not errors and cell.size.gpu_gib:
         errors = fit_errors(plan, config, cell.size.gpu_gib * GIB)
-    steps, rollout = config.train.total_steps, config.rollout
+    steps = config.train.total_steps
     row.update(
         params_b=plan.total_params / 1e9,
         layout=f"TP{layout.tp} PP{layout.pp} DP{layout.dp} / engine TP{layout.engine_tp}",
@@ -73,10 +73,9 @@ def plan_cell(cell: Cell) -> dict:
         device="GPU" if cell.size.gpu_gib else "CPU",
     )
     if cell.size.gpu_gib:  # responses at half their limit on average: an ESTIMATE
-        tokens = float(config.train.prompts_per_step * rollout.num_samples_per_prompt)
-        tokens *= (rollout.max_prompt_length + rollout.max_response_length) / 2
-        step_s = tokens / (predict_tokens_per_s_per_gpu(plan.total_params, calibration_fit()) * cell.gpus)
-        row["gpu_hours_estimate"] = steps * step_s * cell.gpus / 3600
+        row["gpu_hours_estimate"] = steps * estimated_step_s(config, plan.total_params, cell.gpus) * cell.gpus / 3600
+        size = {"nodes": cell.size.nodes, "gpus_per_node": cell.size.gpus_per_node}
+        row["stop_lead_s"] = stop_lead_time(config, plan.total_params, **size)["lead_s"]
     return row
 
 
@@ -141,6 +140,8 @@ def _queued(study: Study, cell: Cell) -> str | None:
 
 def submit(study: Study, *, local: bool, sbatch_args: list[str]) -> int:
     """Launch every unfinished cell (see the module docstring); 1 when a local cell failed."""
+    from megatron_hapo.studies.throughput import MIN_LEAD_S  # noqa: PLC0415
+
     if not LAUNCHER.is_file():
         raise StudyError(f"submit runs the repository's launch scripts ({LAUNCHER} missing): run it from a clone")
     study.root.mkdir(parents=True, exist_ok=True)
@@ -180,7 +181,7 @@ def submit(study: Study, *, local: bool, sbatch_args: list[str]) -> int:
             f"--job-name={study.name}-{cell.name}",
             f"--output={study.root}/{cell.name}.slurm-%j.out",
             "--requeue",
-            "--signal=USR1@600",
+            f"--signal=USR1@{int(plan_cell(cell).get('stop_lead_s', MIN_LEAD_S))}",  # the plan's (floor: CPU cells)
             "--open-mode=append",
             *sbatch_args,
             str(LAUNCHER),

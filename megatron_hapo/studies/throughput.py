@@ -11,9 +11,13 @@ import json
 import math
 from pathlib import Path
 from statistics import fmean
+from typing import TYPE_CHECKING
 
 from megatron_hapo.models.hf_config import decoder_spec
 from megatron_hapo.models.plan import total_params
+
+if TYPE_CHECKING:
+    from megatron_hapo.config import Config
 
 #: Architectures of the two calibration models (Hugging Face config keys) and their published figures.
 _MODELS = Path(__file__).resolve().parents[1] / "configs" / "models"
@@ -124,4 +128,54 @@ def measured_row(name: str, metrics: list[dict], num_params: int, gpus: int, pea
         "tokens_per_s_per_gpu": tps,
         "mfu": mfu(num_params, tps, peak_flops),
         "steps_averaged": len(rows),
+    }
+
+
+#: Write bandwidth of a checkpoint per node to the shared file system: an ASSUMPTION (parallel file systems give a
+#: client node 1-5 GB/s; the low end).
+CHECKPOINT_WRITE_BYTES_PER_S_PER_NODE = 1e9
+#: The stop lead time's safety factor and fixed allowance (the launcher's signal relay, the stop checks'
+#: collectives, the manifest).
+LEAD_SAFETY, LEAD_ALLOWANCE_S = 1.25, 60.0
+#: Never ask for less warning than the launch scripts' old fixed 10 minutes.
+MIN_LEAD_S = 600
+
+
+def estimated_step_s(config: Config, num_params: float, gpus: int) -> float:
+    """An RL step's seconds ESTIMATED from the throughput fit: every response at half of its limit on average."""
+    rollout = config.rollout
+    tokens = float(config.train.prompts_per_step * rollout.num_samples_per_prompt)
+    tokens *= (rollout.max_prompt_length + rollout.max_response_length) / 2
+    return tokens / (predict_tokens_per_s_per_gpu(num_params, calibration_fit()) * gpus)
+
+
+def checkpoint_bytes(num_params: float, dtype: str) -> float:
+    """A checkpoint's size: the parameters in ``dtype``, and Adam's float32 m and v with float32 main parameters
+    for 16-bit training (a 70B bf16 run: about 1 TB)."""
+    return num_params * (2 + 12 if dtype == "bfloat16" else 4 + 8)
+
+
+def stop_lead_time(config: Config, num_params: float, *, nodes: int, gpus_per_node: int) -> dict[str, float]:
+    """How long before the time limit a run must be asked to stop (Slurm's ``--signal=USR1@T``), ESTIMATED.
+
+    The loop checks for a stop between a step's phases: after the rollout, after the updates, after the sync
+    and evaluation (:func:`~megatron_hapo.trainer.loop.train`), so a request waits at most for the longest
+    phase, then the checkpoint is written::
+
+        T = LEAD_SAFETY x (max(rollout, updates) + save) + LEAD_ALLOWANCE_S, in whole minutes, >= MIN_LEAD_S
+
+    with the phases from :func:`estimated_step_s` split as :func:`predicted_row` splits a step and the save at
+    :data:`CHECKPOINT_WRITE_BYTES_PER_S_PER_NODE`. An evaluation is not in it: a request that arrives during
+    one waits for it too (keep ``output.eval_interval`` evaluations short, or add their time to T)."""
+    step = estimated_step_s(config, num_params, nodes * gpus_per_node)
+    rollout = ROLLOUT_FRACTION * step
+    sync = min(predicted_sync_s(num_params), (1 - ROLLOUT_FRACTION) * step)
+    save = checkpoint_bytes(num_params, config.model.dtype) / (nodes * CHECKPOINT_WRITE_BYTES_PER_S_PER_NODE)
+    lead = LEAD_SAFETY * (max(rollout, step - rollout - sync) + save) + LEAD_ALLOWANCE_S
+    return {
+        "step_s": step,
+        "rollout_s": rollout,
+        "updates_s": step - rollout - sync,
+        "save_s": save,
+        "lead_s": float(max(MIN_LEAD_S, math.ceil(lead / 60) * 60)),
     }

@@ -5,7 +5,9 @@
         metrics = rl_step(prompts of this step)       # rollout -> reward -> advantages -> update -> sync
         write metrics; every eval_interval steps: avg@n / pass@k per benchmark; every save_interval steps: checkpoint
 
-        if asked to stop (a signal before a time limit): checkpoint and return
+        if asked to stop (a signal before a time limit): checkpoint and return; the request is also seen between
+        the step's phases (after the rollout: the step is dropped; after the updates: no sync, no evaluation), so
+        a stop waits for one phase, not a whole step and its evaluation
 
 Checkpoints (:mod:`megatron_hapo.trainer.checkpoint`) hold everything a resumed run needs; the prompt order is
 seeded and read from ``state.data_cursor`` (saved with the checkpoint), so ``train(...,
@@ -129,6 +131,43 @@ def _show_step(progress: tqdm, log_line: bool, step: int, total: int, metrics: d
         logger.info(step_line(step, total, metrics))
 
 
+@dataclass
+class _StepRecord:
+    """Where a finished step's metrics go."""
+
+    settings: LoopSettings
+    writer: MetricsWriter
+    progress: tqdm
+    shown: bool
+    """Rank 0 with progress shown (a bar on a terminal, else a log line)."""
+
+
+def _record_step(
+    record: _StepRecord,
+    state: StepState,
+    metrics: dict,
+    *,
+    lr: float,
+    score: Scorer,
+    evaluation: Callable[[StepState], dict[str, float]] | None,
+) -> None:
+    """A finished step (``state.step`` counts it): its learning rate added, the verifier's failures and the
+    skipped updates checked, the step shown, evaluated (``evaluation``), written and passed to
+    ``settings.on_step`` (``metrics`` is updated in place: ``state.metrics`` holds it)."""
+    settings, step, total = record.settings, state.step - 1, record.progress.total
+    metrics["lr"] = lr
+    metrics.update(reward_failures(score, settings.max_reward_failure_share))
+    _check_skips(state, metrics, settings.max_consecutive_skips)
+    last = state.step == total
+    log_line = record.shown and record.progress.disable and (last or state.step % settings.log_interval == 0)
+    _show_step(record.progress, log_line, step, total, metrics)
+    if evaluation is not None:
+        metrics.update(evaluation(state))
+    record.writer.write(step, metrics)
+    if settings.on_step is not None:
+        settings.on_step(step, metrics)
+
+
 def _save(actor: Actor, state: StepState, settings: LoopSettings) -> None:
     """A checkpoint of ``state`` under ``run_dir/checkpoints``."""
     save_checkpoint(
@@ -170,8 +209,9 @@ def train(
 
     ``eval_sets`` are evaluated every ``settings.eval_interval`` steps and after the last (``eval/<set>/...``;
     best and final in ``eval_summary.json``). ``guide_engine`` serves a mixed-policy guide. ``should_stop`` is
-    asked after every step and before the first (every rank; any may say yes): the run then checkpoints (if it
-    trained) and returns with ``state.stopped`` set. ``settings.on_step`` sees every step's metrics.
+    asked before the first step, between each step's phases (:func:`rl_step`) and after every step (every rank;
+    any may say yes): the run then checkpoints (if it trained since it started) and returns with
+    ``state.stopped`` set. ``settings.on_step`` sees every step's metrics.
     """
     state = state or StepState()
     per_step = config.train.prompts_per_step
@@ -188,13 +228,14 @@ def train(
         if any_rank(should_stop is not None and should_stop()):  # a stop asked for during start-up
             state.stopped = True
             return state
+        saved_at = state.step  # the step of the checkpoint this process started from (0: none needed)
         actor.offload_training_state()  # model.offload: the engine generates without the optimizer state beside it
         if eval_sets and settings.eval_before_train and state.step == 0:
             writer.write(-1, _evaluate(engine, eval_sets, settings.eval_settings, tracker, state))
         while state.step < total:
             lr = learning_rate(state.step, peak=config.optim.lr, warmup_steps=config.optim.warmup_steps)
             set_learning_rate(actor.optimizer, lr)
-            step = state.step
+            cursor = state.data_cursor  # the step's first prompt: where a resume starts if the step is dropped
             take = partial(_next_prompts, order, prompts, answers, state)
             step_prompts, step_answers = take(per_step)
             metrics = rl_step(
@@ -207,22 +248,30 @@ def train(
                 state=state,
                 guide_engine=guide_engine,
                 more_prompts=take,
+                should_stop=should_stop,
             )
-            metrics["lr"] = lr
-            metrics.update(reward_failures(score, settings.max_reward_failure_share))
-            _check_skips(state, metrics, settings.max_consecutive_skips)
+            if metrics is None:  # stopped after the rollout: the step is dropped, its prompts come again on resume
+                state.data_cursor, state.stopped = cursor, True
+                if state.step != saved_at:
+                    _save(actor, state, settings)
+                break
+            stopped_in_step = bool(metrics.pop("stopped", 0.0))  # after its updates: not synced, not evaluated
             last = state.step == total
-            log_line = shown and progress.disable and (last or state.step % settings.log_interval == 0)
-            _show_step(progress, log_line, step, total, metrics)
-            if eval_sets and (last or (settings.eval_interval and state.step % settings.eval_interval == 0)):
-                metrics.update(_evaluate(engine, eval_sets, settings.eval_settings, tracker, state))
-            writer.write(step, metrics)
-            if settings.on_step is not None:
-                settings.on_step(step, metrics)
+            due = last or (settings.eval_interval > 0 and state.step % settings.eval_interval == 0)
+            evaluate = bool(eval_sets) and due and not stopped_in_step
+            _record_step(
+                _StepRecord(settings, writer, progress, shown),
+                state,
+                metrics,
+                lr=lr,
+                score=score,
+                evaluation=partial(_evaluate, engine, eval_sets, settings.eval_settings, tracker) if evaluate else None,
+            )
             hold_between_steps(state.step, should_stop)  # test pacing only (MEGATRON_HAPO_TEST_HOLD)
-            stop = any_rank(should_stop is not None and should_stop())
+            stop = stopped_in_step or any_rank(should_stop is not None and should_stop())
             if last or stop or (settings.save_interval and state.step % settings.save_interval == 0):
                 _save(actor, state, settings)
+                saved_at = state.step
             if stop and not last:
                 state.stopped = True
                 break

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +27,7 @@ from megatron_hapo.algos import (
 from megatron_hapo.config import AlgoConfig, Config
 from megatron_hapo.models.provider import sync_params
 from megatron_hapo.parallel.collectives import (
+    any_rank,
     check_same_on_ranks,
     group_rank_size,
     objects_from_last_stage,
@@ -164,11 +165,17 @@ def rl_step(
     state: StepState,
     guide_engine: RolloutEngine | None = None,
     more_prompts: PromptSource | None = None,
-) -> dict:
+    should_stop: Callable[[], bool] | None = None,
+) -> dict | None:
     """One RL step on ``prompts``; returns its metrics and advances ``state`` (statistics for the next rollout).
 
     ``guide_engine`` serves the frozen guide policy of mixed-policy algorithms (``algo.guide_policy.kind``);
     ``more_prompts`` supplies the further generation rounds of dynamic sampling (without it: one round).
+
+    ``should_stop`` is asked between the phases (every rank; any may say yes), so that a stop signal waits for
+    one phase, not a whole step: after the rollout the step is abandoned before any update (returns ``None``,
+    ``state`` untouched but for ``data_cursor``, which the caller sets back); after the updates the step is
+    complete and the weight sync is skipped (``metrics["stopped"] = 1``; the engine is not used again).
     """
     algo, rollout, n = config.algo, config.rollout, config.rollout.num_samples_per_prompt
     check_loss_setup(algo, actor.groups)  # refuse an unsupported composition before spending a rollout on it
@@ -186,6 +193,8 @@ def rl_step(
         clock=clock,
     )
     engine.sleep()  # its GPU memory goes to the trainer until the weight sync
+    if any_rank(should_stop is not None and should_stop()):
+        return None  # nothing trained yet: the checkpoint of the step before holds everything
     keep = generated.keep
     batch = StepBatch.from_responses(
         generated.prompts, generated.responses, max_response_length=rollout.max_response_length
@@ -220,8 +229,11 @@ def rl_step(
             metrics.update(_updates(actor, config, batch, plan, stats))
             actor.offload_training_state()  # before the engine wakes for the sync
         state.skipped_updates += int(metrics["updates_skipped"])
-    with clock("sync"):  # also after a step that trained nothing: a level-2 sleep dropped the engine's weights
-        metrics.update(sync_and_verify(actor, engine))  # wakes the engine for the next rollout or an evaluation
+    if any_rank(should_stop is not None and should_stop()):
+        metrics["stopped"] = 1.0  # the checkpoint comes next; the next rollout, after a resume, syncs afresh
+    else:
+        with clock("sync"):  # also after a step that trained nothing: a level-2 sleep dropped the engine's weights
+            metrics.update(sync_and_verify(actor, engine))  # wakes the engine for the next rollout or an evaluation
     total_tokens = int(batch.lengths[:num_on_policy].sum())
     metrics.update(clock.metrics(response_tokens=int(lengths.sum()), total_tokens=total_tokens))
     state.stats, state.step = stats, state.step + 1

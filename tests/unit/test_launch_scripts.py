@@ -76,3 +76,26 @@ def test_runs_go_to_the_clusters_scratch_file_system(tmp_path: Path) -> None:
         assert f"-> {expected} (attempt 0" in result.stdout, result.stdout + result.stderr
         assert (expected / "logs").is_dir()  # the rank logs went there (the ranks were /bin/false: exit 1)
         assert result.returncode == 1, result.stderr
+
+
+def test_each_scripts_stop_signal_is_its_runs_estimated_lead_time() -> None:
+    """``--signal=USR1@T``: T is the planner's stop lead time for the script's run config and nodes (the longest
+    phase between two stop checks plus the checkpoint, with margin; docs/GPU.md), not a fixed 10 minutes that a
+    70B step and its ~1 TB checkpoint would overrun."""
+    import json
+
+    from megatron_hapo.config import load_config
+    from megatron_hapo.studies.throughput import MIN_LEAD_S, dense_decoder_params, stop_lead_time
+
+    leads = {}
+    for script in SBATCH_SCRIPTS:
+        text = script.read_text()
+        header = dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(\S+))?", text, flags=re.MULTILINE))
+        config = load_config(REPO / re.search(r"^RUN_CONFIG=(\S+)$", text, flags=re.MULTILINE).group(1), warn=False)
+        params = dense_decoder_params(json.loads((REPO / config.model.config_file).read_text()))
+        size = {"nodes": int(header["nodes"]), "gpus_per_node": int(header["gpus-per-node"])}
+        lead = stop_lead_time(config, params, **size)
+        assert header["signal"] == f"USR1@{int(lead['lead_s'])}", (script.name, lead)
+        assert lead["lead_s"] >= 1.25 * (max(lead["rollout_s"], lead["updates_s"]) + lead["save_s"]), script.name
+        leads[script.name] = lead["lead_s"]
+    assert leads["hapo_70b.sh"] > MIN_LEAD_S and min(leads.values()) == MIN_LEAD_S, leads
