@@ -40,6 +40,15 @@ def _architecture(config: object) -> dict:
     return json.loads(Path(source).read_text())
 
 
+def _guide_architecture(config: object) -> object:
+    """The mixed-policy guide's architecture from ``algo.guide_policy.model_path``'s config.json (``None``: no
+    guide, or no such file: the planner assumes the policy's and says so)."""
+    path = config.algo.guide_policy.model_path
+    if config.algo.guide_policy.kind == "none" or not path or not (Path(path) / "config.json").is_file():
+        return None
+    return decoder_spec(json.loads((Path(path) / "config.json").read_text()))
+
+
 def meta_device_params(hf_config: dict) -> int:
     """Parameters of the HF model built on the meta device (transformers; no memory is allocated)."""
     import torch  # noqa: PLC0415
@@ -67,6 +76,12 @@ def _report(plan: Plan, layout: Layout, config: object, gpu_bytes: float) -> Non
         f"rollout: the trainer keeps {trainer_resident_bytes(plan) / GIB:.1f} GiB per GPU; the engine asks for "
         f"{config.engine.gpu_memory_utilization * gpu_bytes / GIB:.1f} GiB (engine.gpu_memory_utilization)"
     )
+    if plan.guide:
+        print(
+            f"guide engine (vLLM, awake all run): weights {plan.guide['weights'] / GIB:.1f} GiB per GPU in "
+            f"{config.engine.guide_gpu_memory_utilization * gpu_bytes / GIB:.1f} GiB "
+            "(engine.guide_gpu_memory_utilization)"
+        )
     print(
         f"rollout (vLLM): weights {plan.rollout['weights'] / GIB:.1f} GiB per GPU, KV cache "
         f"{plan.rollout['kv_per_sequence'] / GIB:.2f} GiB per full-length sequence; "
@@ -111,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         model.virtual_pipeline,
         config.engine.tensor_parallel,
     )
-    plan = plan_run(spec, config, layout)
+    plan = plan_run(spec, config, layout, guide_spec=_guide_architecture(config))
     counted = meta_device_params(hf_config)
     if counted != plan.total_params:
         plan.errors.append(f"the planner counts {plan.total_params} parameters, transformers builds {counted}")

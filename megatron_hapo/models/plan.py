@@ -20,6 +20,10 @@ PP stages and TP (norms replicated). Memory per GPU, in bytes:
   cache, ``2 L kv_heads head_dim`` 16-bit values per token (KV heads split over the engine TP, replicated when
   TP exceeds them). vLLM schedules as many sequences as the cache holds (up to ``max_num_seqs``), so the plan
   reports how many full-length sequences fit and fails only when not even one does.
+- the guide engine of mixed-policy algorithms (``algo.guide_policy.kind=mixed``): vLLM lets one engine per process
+  sleep, so the guide keeps ``engine.guide_gpu_memory_utilization x GPU`` for the whole run, through training
+  too. Its weights (the guide's parameters in 16-bit ``/ engine TP``) and one full-length sequence must fit that
+  share; the share must fit beside the trainer in both phases.
 
 These are estimates of what dominates, not an allocator trace; the report says so and adds a fixed allowance
 for the CUDA context and NCCL buffers.
@@ -76,6 +80,9 @@ class Plan:
     total_params: int = 0
     offloaded: tuple[str, ...] = ()
     """Parts of ``training`` that leave the GPU while the engine generates (``model.offload``)."""
+    guide: dict[str, float] = field(default_factory=dict)
+    """The mixed-policy guide engine's ``weights`` and ``kv_per_sequence`` per GPU and its ``engine_tp`` (empty
+    without a guide)."""
 
 
 def layer_params(spec: DecoderSpec, tp: int) -> int:
@@ -231,8 +238,19 @@ def _activation_bytes(spec: DecoderSpec, config: Config, layout: Layout) -> tupl
     return in_flight * layers * per_layer + rebuilt, logits
 
 
-def plan_run(spec: DecoderSpec, config: Config, layout: Layout) -> Plan:
-    """Check the layout and estimate per-GPU memory of training and rollout (see the module docstring)."""
+def _engine_bytes(spec: DecoderSpec, config: Config, layout: Layout) -> dict[str, float]:
+    """A vLLM engine of ``spec`` at the engine TP: 16-bit weights and the KV cache of one full-length sequence."""
+    kv_heads = max(spec.num_query_groups // layout.engine_tp, 1)
+    sequence = config.rollout.max_prompt_length + config.rollout.max_response_length
+    return {
+        "weights": total_params(spec) * 2 / layout.engine_tp,
+        "kv_per_sequence": sequence * 2 * spec.num_layers * kv_heads * spec.head_dim * 2,
+    }
+
+
+def plan_run(spec: DecoderSpec, config: Config, layout: Layout, guide_spec: DecoderSpec | None = None) -> Plan:
+    """Check the layout and estimate per-GPU memory of training and rollout (see the module docstring).
+    ``guide_spec``: the mixed-policy guide's architecture (default: the policy's)."""
     plan = Plan(errors=check_layout(spec, config, layout), total_params=total_params(spec))
     if plan.errors:
         return plan
@@ -251,12 +269,11 @@ def plan_run(spec: DecoderSpec, config: Config, layout: Layout) -> Plan:
         "runtime": RUNTIME_RESERVE_BYTES,
     }
     plan.offloaded = ("gradients", "optimizer") if config.model.offload == "optimizer" else ()
-    kv_heads = max(spec.num_query_groups // layout.engine_tp, 1)
-    sequence = config.rollout.max_prompt_length + config.rollout.max_response_length
-    plan.rollout = {
-        "weights": plan.total_params * 2 / layout.engine_tp,
-        "kv_per_sequence": sequence * 2 * spec.num_layers * kv_heads * spec.head_dim * 2,
-    }
+    plan.rollout = _engine_bytes(spec, config, layout)
+    if config.algo.guide_policy.kind != "none":
+        plan.guide = {**_engine_bytes(guide_spec or spec, config, layout), "engine_tp": layout.engine_tp}
+        if guide_spec is None:
+            plan.notes.append("guide engine: the policy's architecture assumed (no config.json at its model_path)")
     if config.model.fp8:
         plan.notes.append("fp8: estimated as bf16 (Transformer Engine's FP8 weight copies are transient per layer)")
     if layout.pp == 2 and layout.vpp:
@@ -269,19 +286,22 @@ def plan_run(spec: DecoderSpec, config: Config, layout: Layout) -> Plan:
 
 def fit_errors(plan: Plan, config: Config, gpu_bytes: float) -> list[str]:
     """Why ``plan`` does not fit GPUs of ``gpu_bytes`` (empty when it fits)."""
-    errors = []
-    training = sum(plan.training.values())
-    if training > gpu_bytes:
+    errors = _guide_errors(plan, config, gpu_bytes)
+    training, guide_share = sum(plan.training.values()), guide_share_bytes(plan, config, gpu_bytes)
+    if training + guide_share > gpu_bytes:
+        beside = f" beside the guide engine's {guide_share / GIB:.1f} GiB" if guide_share else ""
         errors.append(
-            f"training needs {training / GIB:.1f} GiB per GPU, more than the {gpu_bytes / GIB:.0f} GiB "
+            f"training needs {training / GIB:.1f} GiB per GPU{beside}, more than the {gpu_bytes / GIB:.0f} GiB "
             "available: raise model.tensor_parallel / pipeline_parallel, lower "
             "train.max_tokens_per_microbatch (or model.micro_batch_size without a budget) or "
             "set model.recompute=full"
         )
     resident, engine_share = trainer_resident_bytes(plan), config.engine.gpu_memory_utilization * gpu_bytes
+    resident += guide_share
     if resident + engine_share > gpu_bytes:
         most = max(int((gpu_bytes - resident) / gpu_bytes * 100) / 100, 0.0)
         kept = ", ".join(name for name in ("parameters", "gradients", "optimizer") if name not in plan.offloaded)
+        kept += ", and the guide engine's share" if guide_share else ""
         errors.append(
             f"during rollout the trainer keeps {resident / GIB:.1f} GiB per GPU ({kept}) beside the "
             f"engine's engine.gpu_memory_utilization x GPU = "
@@ -302,6 +322,30 @@ def fit_errors(plan: Plan, config: Config, gpu_bytes: float) -> list[str]:
             "responses are long"
         )
     return errors
+
+
+def guide_share_bytes(plan: Plan, config: Config, gpu_bytes: float) -> float:
+    """What the mixed-policy guide engine holds on every GPU for the whole run (0 without one)."""
+    return config.engine.guide_gpu_memory_utilization * gpu_bytes if plan.guide else 0.0
+
+
+def _guide_errors(plan: Plan, config: Config, gpu_bytes: float) -> list[str]:
+    """The guide engine's weights, the runtime reserve and one full-length sequence must fit its share."""
+    if not plan.guide:
+        return []
+    share, weights = guide_share_bytes(plan, config, gpu_bytes), plan.guide["weights"]
+    needed = weights + RUNTIME_RESERVE_BYTES + plan.guide["kv_per_sequence"]
+    if needed <= share:
+        return []
+    least = -(-needed / gpu_bytes * 100 // 1) / 100  # rounded up to a hundredth
+    return [
+        f"the guide engine needs {needed / GIB:.1f} GiB per GPU (weights {weights / GIB:.1f} GiB at engine TP "
+        f"{int(plan.guide['engine_tp'])} and one full-length sequence), more than "
+        f"engine.guide_gpu_memory_utilization x GPU = {share / GIB:.1f} GiB: raise "
+        f"engine.guide_gpu_memory_utilization to {least:.2f} (and make room: model.offload=optimizer, a lower "
+        "engine.gpu_memory_utilization) or raise engine.tensor_parallel, which splits the guide too; vLLM lets "
+        "one engine per process sleep, so the guide keeps its share through training"
+    ]
 
 
 def trainer_resident_bytes(plan: Plan) -> float:

@@ -20,6 +20,7 @@ SHIPPED = {
     "llama-3.1-8b-hapo": 4,
     "llama-3.3-70b-hapo": 8,
     "llama-3.3-70b-hapo-fp8": 8,
+    "llama-3.3-70b-mixed-dapo": 8,
 }
 
 
@@ -177,3 +178,26 @@ def test_fp8_rows_are_padded_to_what_each_tp_rank_needs(capsys: pytest.CaptureFi
     assert code == 1 and "train.max_tokens_per_microbatch=100 is below one padded row" in err, err
     code, out, err = _plan_70b(capsys, "model.fp8=hybrid", "model.fp8_recipe=blockwise")
     assert code == 0 and "micro-batch rows padded to multiples of 1024 tokens" in out, out + err
+
+
+def test_the_guide_engine_is_counted_and_must_fit(capsys: pytest.CaptureFixture) -> None:
+    """Mixed-policy DAPO at 70B: the guide engine cannot sleep (one sleep-mode vLLM engine per process), so its
+    share stays on every GPU. At the default 0.15 its 16.4 GiB of weights do not fit; with a share that holds them
+    the trainer's resident state, the policy engine and the guide exceed 80 GB unless the optimizer state leaves
+    the GPU during rollout: the shipped config does that and fits."""
+
+    def plan(*overrides: str) -> tuple[int, str, str]:
+        config = str(REPO / "configs" / "runs" / "llama-3.3-70b-mixed-dapo.yaml")
+        code = _tool().main([config, *overrides, "--nodes", "8", "--gpus-per-node", "8"])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    code, out, err = plan()
+    assert code == 0 and "guide engine (vLLM, awake all run): weights 16.4 GiB per GPU in 24.0 GiB" in out, out + err
+    code, _, err = plan("engine.guide_gpu_memory_utilization=0.15")
+    assert code == 1 and "the guide engine needs 19.6 GiB per GPU" in err, err
+    assert "raise engine.guide_gpu_memory_utilization to 0.25" in err
+    code, _, err = plan("model.offload=none")
+    assert code == 1 and "during rollout the trainer keeps 52.4 GiB" in err and "guide engine's share" in err, err
+    code, _, err = plan("algo.guide_policy.kind=none", "model.offload=none")  # without a guide the HAPO run fits
+    assert code == 0, err
