@@ -204,6 +204,46 @@ def all_gather_objects(value: object, group: dist.ProcessGroup | None = None) ->
     return out
 
 
+def broadcast_parts(
+    local: list[torch.Tensor], dtypes: list[torch.dtype], owners: list[int], group: dist.ProcessGroup | None = None
+) -> list[list[torch.Tensor]]:
+    """Each owner's 1-D tensors ``local`` (one per entry of ``dtypes``; a rank that owns nothing passes any) on
+    every rank of ``group`` (the whole job by default), in ``owners`` order (global ranks), in host memory.
+
+    The element counts are all-gathered first (``len(dtypes)`` integers per rank); then each owner broadcasts its
+    tensors as one byte buffer of their exact size. A rank receives the owners' bytes once: nothing from a rank
+    that owns nothing and no padding (``all_gather_object`` sends every rank's pickle padded to the largest, to
+    every rank). Returns ``[[tensor per dtype] per owner]``; this rank's own part is ``local`` itself."""
+    if world_size() == 1:
+        return [list(local)]
+    me, device = dist.get_rank(), collective_device(group)
+    counts = [t.numel() for t in local] if me in owners else [0] * len(dtypes)
+    gathered = [torch.empty(len(dtypes), dtype=torch.int64, device=device) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, torch.tensor(counts, dtype=torch.int64, device=device), group=group)
+    ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+    counts_of = {rank: part.tolist() for rank, part in zip(ranks, gathered, strict=True)}
+    widths = [torch.empty(0, dtype=dtype).element_size() for dtype in dtypes]
+    out = []
+    for owner in owners:
+        sizes = [n * width for n, width in zip(counts_of[owner], widths, strict=True)]
+        if owner == me:
+            buffer = torch.cat(
+                [t.to(dtype).contiguous().view(torch.uint8) for t, dtype in zip(local, dtypes, strict=True)]
+            )
+        else:
+            buffer = torch.empty(sum(sizes), dtype=torch.uint8)
+        if buffer.numel():
+            staged = buffer.to(device)
+            dist.broadcast(staged, src=owner, group=group)
+            buffer = staged.cpu()
+        if owner == me:
+            out.append(list(local))
+            continue
+        pieces = buffer.split(sizes)
+        out.append([piece.clone().view(dtype) for piece, dtype in zip(pieces, dtypes, strict=True)])
+    return out
+
+
 @dataclass(frozen=True)
 class ModelParallelLayout:
     """The initialised Megatron layout of this rank (what model builders need to know of it)."""
