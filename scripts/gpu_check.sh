@@ -14,6 +14,10 @@
 # repository itself), using `pip install --no-index --find-links .gpu_wheels --no-deps --target`, or, where the
 # image has no pip, by unpacking the wheels (they are zip files; none of the carried ones needs a build step).
 #
+# The check machine has no vLLM: the first node with CUDA vLLM must also run `python -m pytest tests/gpu -m gpu`,
+# whose tests/gpu/test_vllm_gpu.py compares the adaptive-temperature records and metrics with vLLM's async
+# scheduling on and off (engine.async_scheduling; docs/GPU.md, "The GPU path's second review").
+#
 # Environment knobs:
 #   GPU_CHECK_PYTHON     interpreter (default: the first of python3, python that imports torch)
 #   GPU_CHECK_WHEELS     wheel folder (default: <repo>/.gpu_wheels)

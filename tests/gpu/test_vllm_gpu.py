@@ -69,3 +69,41 @@ def test_sync_verify_sleep_wake_and_adaptive_temperature(gpu_world, tmp_path: Pa
     assert len(responses) == 8 and temperatures.numel() == sum(len(r.token_ids) for r in responses)
     assert float(temperatures.min()) >= 0.8 - 1e-6 and float(temperatures.max()) <= 1.2 + 1e-6
     engine.close()
+
+
+def test_adaptive_temperature_records_with_async_scheduling_on_and_off(gpu_world, tmp_path: Path) -> None:
+    """On GPUs vLLM schedules asynchronously by default (``engine.async_scheduling``; the CPU build cannot): step
+    N + 1 is scheduled before step N's tokens are known, so the temperature records must still be kept per real
+    token. Both ways, every recorded temperature equals the adaptive temperature recomputed from the float32
+    reference's entropy at that position, and the temperature metrics of the two runs (the same seeds) agree."""
+    import transformers
+
+    from megatron_hapo.algos import EntropyStats, adaptive_temperature
+    from megatron_hapo.rollout import SamplingSettings
+    from megatron_hapo.rollout.engine import temperature_metrics
+    from megatron_hapo.rollout.vllm_engine import VLLMConfig, VLLMEngine
+
+    _tiny_llama(tmp_path / "hf")
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).cuda()
+    stats = EntropyStats.from_floats(1.5, 0.5, 1.0, 1.0)
+    sampling = SamplingSettings(max_tokens=24, temperature=0.9, adaptive_tau=0.3, seed=5)
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
+    metrics, errors = {}, {}
+    for mode in (False, True):
+        config = VLLMConfig(
+            max_model_len=256, max_num_seqs=16, gpu_memory_utilization=0.3, dtype="float32", async_scheduling=mode
+        )
+        engine = VLLMEngine(tmp_path / "hf", config)
+        responses = engine.generate(prompts, 4, sampling, stats)
+        engine.close()
+        worst = 0.0
+        for r in responses:
+            tokens = torch.tensor([prompts[r.prompt_index] + r.token_ids], device="cuda")
+            with torch.no_grad():
+                logits = reference(tokens).logits[0, len(prompts[r.prompt_index]) - 1 : -1].float().cpu()
+            expected = adaptive_temperature(logits, 0.9, stats, tau=0.3)
+            worst = max(worst, float((r.temperatures - expected).abs().max()))
+        metrics[mode], errors[mode] = temperature_metrics(responses), worst
+    assert max(errors.values()) <= 1e-3, errors  # per-token records right with and without async scheduling
+    for name, value in metrics[False].items():
+        assert abs(metrics[True][name] - value) <= 0.02, (name, metrics)
