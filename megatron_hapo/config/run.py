@@ -60,7 +60,9 @@ class TrainConfig:
     max_tokens_per_microbatch: int | None = None
     """Token budget of a training micro-batch: sequences are grouped so that each micro-batch computes on at most
     this many tokens (a longer sequence gets one of its own), each padded only to its own micro-batch's longest
-    (or packed, ``pack_sequences``). ``null``: ``model.micro_batch_size`` sequences per micro-batch."""
+    (or packed, ``pack_sequences``). ``null``: derived from the rollout lengths, ``model.micro_batch_size`` x
+    (``max_prompt_length`` + ``max_response_length``): the tokens a micro-batch of that many sequences could
+    hold, now filled with real tokens instead of padding (:func:`microbatch_token_budget`)."""
     forward_max_tokens_per_microbatch: int | None = None
     """The same for the forward-only pass (no activations kept for a backward, so it can be larger); ``null``:
     twice ``max_tokens_per_microbatch``."""
@@ -89,7 +91,8 @@ class ModelConfig:
     virtual_pipeline: int | None = None
     """Virtual pipeline stages per rank (interleaved schedule), or null."""
     micro_batch_size: int = 4
-    """Sequences per micro-batch in the trainer's forward / backward."""
+    """Without ``train.max_tokens_per_microbatch``: the budget of a micro-batch is this many sequences of the
+    longest possible length (prompt + response), filled with real tokens (packed)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Trainer parameter / compute dtype (Megatron keeps float32 main parameters for the optimizer)."""
     recompute: Literal["none", "full"] = "none"
@@ -262,6 +265,17 @@ class OutputConfig:
     """The W&B run name (default: the run directory's name)."""
     wandb_group: str | None = None
     """The W&B group (a study's name: its runs shown together)."""
+
+
+def microbatch_token_budget(config: Config) -> int:
+    """The training micro-batch's token budget: ``train.max_tokens_per_microbatch``, or where it is not set
+    ``model.micro_batch_size`` longest possible sequences (rounded up to 16 tokens). The trainer cuts micro-batches
+    by it (packed, ``train.pack_sequences``) and the planner sizes their activations by it: the same memory as
+    ``micro_batch_size`` padded sequences of the longest length, without computing on padding."""
+    if config.train.max_tokens_per_microbatch is not None:
+        return config.train.max_tokens_per_microbatch
+    longest = config.rollout.max_prompt_length + config.rollout.max_response_length
+    return -(-config.model.micro_batch_size * longest // 16) * 16
 
 
 @dataclass(kw_only=True, slots=True)

@@ -126,7 +126,7 @@ def check_layout(spec: DecoderSpec, config: Config, layout: Layout) -> list[str]
         errors.append(f"trainer layout: {exc}")
     if layout.vpp and layout.pp == 1:
         errors.append("model.virtual_pipeline needs model.pipeline_parallel > 1")
-    errors += _batch_errors(config, layout)
+    errors += _batch_errors(config)
     errors += _padding_errors(config, layout)
     errors += _engine_errors(spec, config, layout)
     if config.model.fp8:
@@ -170,26 +170,15 @@ def _padding_errors(config: Config, layout: Layout) -> list[str]:
     return errors
 
 
-def _batch_errors(config: Config, layout: Layout) -> list[str]:
-    train, n, mbs = config.train, config.rollout.num_samples_per_prompt, config.model.micro_batch_size
-    errors = []
+def _batch_errors(config: Config) -> list[str]:
+    """The step's prompts must split into mini-batches. (Micro-batches always have a token budget, set or derived
+    from the rollout lengths: any number of sequences per rank splits into them, and their count is filled up to
+    the interleaved schedule's multiple.)"""
+    train, errors = config.train, []
     if train.prompts_per_step % train.mini_batch_prompts:
         errors.append(
             f"train.mini_batch_prompts={train.mini_batch_prompts} does not divide "
             f"train.prompts_per_step={train.prompts_per_step}"
-        )
-    per_rank = train.mini_batch_prompts * n / max(layout.dp, 1)
-    if train.max_tokens_per_microbatch is not None:  # token budget: any count, filled up for the interleaving
-        return errors
-    if per_rank != int(per_rank) or int(per_rank) % mbs:
-        errors.append(
-            f"a mini-batch of {train.mini_batch_prompts} prompts x {n} samples does not split into "
-            f"micro-batches of {mbs} over {layout.dp} data-parallel ranks"
-        )
-    elif layout.vpp and int(per_rank) // mbs < layout.pp:
-        errors.append(
-            f"the interleaved schedule needs at least {layout.pp} micro-batches per mini-batch and rank, "
-            f"got {int(per_rank) // mbs}"
         )
     return errors
 
@@ -210,10 +199,12 @@ def _engine_errors(spec: DecoderSpec, config: Config, layout: Layout) -> list[st
 
 
 def microbatch_tokens(config: Config) -> int:
-    """The most tokens one training micro-batch computes on."""
+    """The most tokens one training micro-batch computes on: its budget (derived from the rollout lengths where
+    none is set, as the trainer derives it), or one longest sequence where that is more."""
+    from megatron_hapo.config.run import microbatch_token_budget  # noqa: PLC0415
+
     longest = config.rollout.max_prompt_length + config.rollout.max_response_length
-    budget = config.train.max_tokens_per_microbatch
-    return max(budget, longest) if budget is not None else longest * config.model.micro_batch_size
+    return max(microbatch_token_budget(config), longest)
 
 
 def _activation_bytes(spec: DecoderSpec, config: Config, layout: Layout) -> tuple[float, float]:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from megatron_hapo.config import Config
-from megatron_hapo.config.run import ModelConfig
+from megatron_hapo.config.run import ModelConfig, microbatch_token_budget
 from megatron_hapo.models.hf_config import DecoderSpec
 from megatron_hapo.parallel import runtime
 from megatron_hapo.parallel.collectives import group_rank_size
@@ -180,7 +180,7 @@ def build_actor(config: Config, probe_prompts: Sequence[Sequence[int]] = ()) -> 
         plan,
         probe=sync_probe(list(probe_prompts), length=probe_length) if probe_prompts else [],
         micro_batch_size=model.micro_batch_size,
-        max_tokens=train.max_tokens_per_microbatch,
+        max_tokens=microbatch_token_budget(config),
         forward_max_tokens=train.forward_max_tokens_per_microbatch,
         pack=train.pack_sequences,
         fused_output=model.fused_output,

@@ -55,10 +55,6 @@ def test_broken_layouts_are_refused_with_the_reason(capsys: pytest.CaptureFixtur
         (["model.pipeline_parallel=3"], "not divisible by model.tensor_parallel x model.pipeline_parallel"),
         (["engine.tensor_parallel=16"], "engine.tensor_parallel=16 spans nodes"),
         (["train.mini_batch_prompts=48"], "must divide train.prompts_per_step=512"),
-        (
-            ["model.micro_batch_size=3", "train.max_tokens_per_microbatch=null"],
-            "does not split into micro-batches of 3 over 8 data-parallel ranks",
-        ),
         (["model.virtual_pipeline=2"], "model.virtual_pipeline needs model.pipeline_parallel > 1"),
         (["rollout.max_response_length=40000"], "exceeds the model's max_position_embeddings 32768"),
         (

@@ -154,3 +154,37 @@ def test_every_microbatch_fits_each_ranks_fp8_gemms(recipe: str | None, tp: int)
 def test_a_budget_below_one_padded_row_is_refused() -> None:
     with pytest.raises(ValueError, match="below one padded row.*128 tokens"):
         BatchLayout(max_tokens=96, sequence_multiple=128)
+
+
+def test_without_a_budget_every_preset_computes_on_real_tokens() -> None:
+    """No preset sets ``train.max_tokens_per_microbatch``: the budget is derived from the rollout lengths
+    (``micro_batch_size`` longest sequences) and the sequences are packed, so a long-tailed step computes on at
+    most 1.1x its real tokens (padded to each micro-batch's longest, as before: 1.8x on the issue's toy run)."""
+    from pathlib import Path
+
+    from megatron_hapo.config import load_config
+    from megatron_hapo.config.run import microbatch_token_budget
+    from megatron_hapo.models.plan import microbatch_tokens
+
+    gen = torch.Generator().manual_seed(7)
+    lengths = torch.empty(256).log_normal_(5.0, 0.9, generator=gen).clamp(1, 1024).long().tolist()  # long-tailed
+    prompts = [torch.randint(3, 50, (int(n),), generator=gen).tolist() for n in (40, 90, 160, 250)]
+    responses = [_response(i % 4, [7] * n) for i, n in enumerate(lengths)]
+    batch = StepBatch.from_responses(prompts, responses, max_response_length=1024)
+    real = int(batch.lengths.sum())
+    presets = sorted((Path(__file__).parents[2] / "configs" / "algo").glob("*.yaml"))
+    assert len(presets) >= 6
+    for preset in presets:
+        overrides = ["rollout.max_prompt_length=256", "rollout.max_response_length=1024"]
+        overrides += ["algo.reward_shaping.buffer_length=256"]  # DAPO's 4096 exceeds these responses
+        config = load_config(preset, overrides, warn=False)
+        assert config.train.max_tokens_per_microbatch is None and config.train.pack_sequences, preset.name
+        budget = microbatch_token_budget(config)
+        assert budget == config.model.micro_batch_size * 1280 == microbatch_tokens(config)  # the planner's too
+        mbs, _ = microbatches(batch, torch.arange(batch.num_sequences), BatchLayout(max_tokens=budget, pack=True))
+        processed = sum(mb.tokens.numel() for mb in mbs)
+        padded = sum(
+            mb.tokens.numel() for mb in microbatches(batch, torch.arange(batch.num_sequences), BatchLayout())[0]
+        )
+        assert processed <= 1.1 * real < padded, (preset.name, processed / real, padded / real)
+        print(f"{preset.name}: {processed / real:.3f}x packed, {padded / real:.3f}x padded")
