@@ -64,6 +64,25 @@ def reads_rollout_entropy(algo: Any) -> bool:
     return adaptive or (needs_entropy(algo) and algo.entropy.scope == "step")
 
 
+def reads_old_log_prob_before_loss(algo: Any) -> bool:
+    """Whether anything reads the old log-probs or token entropies of the forward-only pass before the loss:
+    the advantages (GTPO's and GRPO-S's entropy shaping), the entropy statistics (the next rollout's adaptive
+    temperature, an ``h_hat`` consumer at ``step`` / ``minibatch`` scope), the rollout correction's weights and the
+    mixed-policy guide's rows. Without any, and with one on-policy optimizer step, the old policy is the update's
+    own forward: the pass is a no-op (:func:`~megatron_hapo.trainer.step.rl_step`)."""
+    before_loss = {  # the components that run between the rollout and the loss
+        "sampling": SAMPLING,
+        "reward_shaping": REWARD_SHAPING,
+        "group_filter": GROUP_FILTER,
+        "advantage": ADVANTAGE,
+    }
+    if any(registry.get(getattr(algo, section).kind).needs_entropy for section, registry in before_loss.items()):
+        return True
+    if needs_entropy(algo) and algo.entropy.scope != "microbatch":
+        return True
+    return algo.rollout_correction.kind != "none" or algo.guide_policy.kind != "none"
+
+
 def token_policy_loss(
     log_prob: torch.Tensor,
     old_log_prob: torch.Tensor,

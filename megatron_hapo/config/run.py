@@ -66,6 +66,10 @@ class TrainConfig:
     forward_max_tokens_per_microbatch: int | None = None
     """The same for the forward-only pass (no activations kept for a backward, so it can be larger); ``null``:
     twice ``max_tokens_per_microbatch``."""
+    old_log_prob_pass: Literal["auto", "always"] = "auto"
+    """The forward-only pass for the old log-probs and entropies: ``auto`` skips it where it is a no-op (one
+    on-policy optimizer step, one epoch, and nothing reads old log-probs or entropies before the loss: GRPO and
+    DAPO; the loss then takes its own log-probs, detached, as the old ones); ``always`` runs it every step."""
     pack_sequences: bool = True
     """With a token budget, put several sequences in one row (THD: Transformer Engine's attention on a GPU, a
     per-sequence local attention on CPU) instead of one padded row each."""

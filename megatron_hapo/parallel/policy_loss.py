@@ -36,6 +36,7 @@ from megatron_hapo.algos import (
     EntropyStats,
     GuideBatch,
     aggregation_terms,
+    rollout_mismatch_metrics,
 )
 from megatron_hapo.algos.compose import needs_entropy, token_policy_loss
 from megatron_hapo.config.algo import AlgoConfig
@@ -158,6 +159,10 @@ class MiniBatchPlan:
     tokens only); ``None`` when the algorithm has no guide term."""
     entropy_stats: EntropyStats | None = None
     """Statistics for ``h_hat`` at ``minibatch`` / ``step`` scope; ``None`` at ``microbatch`` scope."""
+    old_is_current: bool = False
+    """The step's one on-policy optimizer step without a forward-only pass: the old log-probs are this forward's
+    own (detached; ratio 1), and the micro-batches' ``old_log_prob`` carry the rollout's, for the mismatch
+    metrics."""
 
 
 def check_loss_setup(algo: AlgoConfig, groups: ParallelGroups) -> None:
@@ -178,12 +183,14 @@ def plan_minibatch(
     groups: ParallelGroups,
     *,
     entropy_stats: EntropyStats | None = None,
+    old_is_current: bool = False,
 ) -> MiniBatchPlan:
     """Count the mini-batch's denominators once (one all-reduce each over ``groups.dp_cp``).
 
     Every rank of the DP x CP group calls it with its own micro-batches (all pipeline stages may call it; only
     the last one uses the result). ``entropy_stats`` is required when an ``h_hat`` consumer is configured at
-    ``minibatch`` / ``step`` scope (see :func:`pooled_entropy_stats`).
+    ``minibatch`` / ``step`` scope (see :func:`pooled_entropy_stats`). ``old_is_current``: see
+    :attr:`MiniBatchPlan.old_is_current`.
     """
     check_loss_setup(algo, groups)
     scope = algo.entropy.scope
@@ -199,6 +206,7 @@ def plan_minibatch(
         total_tokens=global_denominator([mb.mask for mb in microbatches], "token-mean", dp_group=groups.dp_cp),
         entropy_stats=entropy_stats.to(split[0][0].device) if scope != "microbatch" and entropy_stats else None,
         guide_denominator=global_denominator(guide_masks, mode, dp_group=groups.dp_cp) if guide else None,
+        old_is_current=old_is_current,
     )
 
 
@@ -397,6 +405,10 @@ class PolicyLossStep:
         log_prob, entropy = batch.per_sequence(log_prob), batch.per_sequence(entropy)  # [n, L] from here
         old_log_prob, advantages = batch.per_sequence(batch.old_log_prob), batch.per_sequence(batch.advantages)
         on_mask, guide_mask = batch.masks()
+        mismatch = {}
+        if self.plan.old_is_current:  # one on-policy step: the old policy is this forward (the pass is skipped)
+            mismatch = rollout_mismatch_metrics(log_prob.detach(), old_log_prob, on_mask)  # vs the rollout's
+            old_log_prob = log_prob.detach()
         per_token, metrics = token_policy_loss(
             log_prob,
             old_log_prob,
@@ -417,7 +429,7 @@ class PolicyLossStep:
         share = torch.stack(  # one or two terms: the same sum as adding them
             [weight * aggregation_terms(pt.detach(), m, mode)[0] / d.clamp_min(1e-12) for pt, m, d, weight in terms]
         ).sum()
-        metrics = {name: value.detach() for name, value in metrics.items()}
+        metrics = {name: value.detach() for name, value in {**metrics, **mismatch}.items()}
         metrics["loss_share"] = share  # sums to the mini-batch loss over micro-batches and DP ranks
         metrics["entropy_sum"] = (entropy.detach() * on_mask).sum()
         metrics["num_tokens"] = on_mask.sum()

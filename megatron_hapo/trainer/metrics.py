@@ -132,7 +132,15 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
 
 
 #: Loss-step metrics that are maxima / minima over tokens; every other per-micro-batch metric is a token mean.
-_EXTREMES = {"ratio_max": max, "ratio_min": min, "guide_ratio_max": max, "guide_ratio_min": min}
+_EXTREMES = {
+    "ratio_max": max,
+    "ratio_min": min,
+    "guide_ratio_max": max,
+    "guide_ratio_min": min,
+    "mismatch_max_abs_log_ratio": max,  # from the update's forward when the forward-only pass is skipped
+    "mismatch_max_ratio": max,
+    "mismatch_min_ratio": min,
+}
 _SUMS = ("loss_share", "entropy_sum", "num_tokens", "guide_num_tokens")
 
 

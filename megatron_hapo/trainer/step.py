@@ -20,6 +20,7 @@ from megatron_hapo.algos import (
     AdvantageInputs,
     EntropyStats,
     compute_advantages,
+    reads_old_log_prob_before_loss,
     reads_rollout_entropy,
     rollout_mismatch_metrics,
     shape_rewards,
@@ -109,11 +110,20 @@ def _old_log_prob_and_stats(
     return stats, last_stage
 
 
-def _update(actor: Actor, algo: AlgoConfig, batch: StepBatch, local: torch.Tensor, stats: EntropyStats) -> dict:
+def _update(
+    actor: Actor,
+    algo: AlgoConfig,
+    batch: StepBatch,
+    local: torch.Tensor,
+    stats: EntropyStats | None,
+    *,
+    old_is_current: bool,
+) -> dict:
     """One optimizer step on a mini-batch of which ``local`` are this data-parallel rank's rows; a non-finite
-    gradient norm skips it. Returns the loss metrics of the last pipeline stage, on every stage."""
+    gradient norm skips it (``old_is_current``: :attr:`MiniBatchPlan.old_is_current`). Returns the loss metrics of
+    the last pipeline stage, on every stage."""
     mbs, _ = microbatches(batch, local, actor.layout(), train=True)
-    plan = plan_minibatch(mbs, algo, actor.groups, entropy_stats=stats)
+    plan = plan_minibatch(mbs, algo, actor.groups, entropy_stats=stats, old_is_current=old_is_current)
     for chunk in actor.chunks:
         chunk.zero_grad_buffer()
     actor.optimizer.zero_grad()
@@ -134,7 +144,15 @@ def _update(actor: Actor, algo: AlgoConfig, batch: StepBatch, local: torch.Tenso
     return {**metrics, "grad_norm": grad_norm, "update_skipped": float(skipped)}
 
 
-def _updates(actor: Actor, config: Config, batch: StepBatch, plan: SequencePlan, step_stats: EntropyStats) -> dict:
+def _updates(
+    actor: Actor,
+    config: Config,
+    batch: StepBatch,
+    plan: SequencePlan,
+    step_stats: EntropyStats | None,
+    *,
+    old_is_current: bool,
+) -> dict:
     """PPO epochs over the plan's mini-batches; each metric is averaged over the updates that have it (an update
     of guide sequences only has no on-policy clip fractions)."""
     algo = config.algo
@@ -146,7 +164,7 @@ def _updates(actor: Actor, config: Config, batch: StepBatch, plan: SequencePlan,
             stats = step_stats
             if algo.entropy.scope == "minibatch":  # each token of the mini-batch once, on the rank that trains it
                 stats = pooled_entropy_stats([batch.entropy[local]], [on_policy[local]], algo, actor.groups)
-            results.append(_update(actor, algo, batch, local, stats))
+            results.append(_update(actor, algo, batch, local, stats, old_is_current=old_is_current))
     names = {name for r in results for name in r} - {"update_skipped"}
     out = {name: sum(r[name] for r in results if name in r) / sum(name in r for r in results) for name in names}
     out["updates_skipped"] = float(sum(r["update_skipped"] for r in results))
@@ -215,9 +233,16 @@ def rl_step(
     )
     whole_rollout = reads_rollout_entropy(algo)  # else the forward-only pass skips the dropped groups
     computed = torch.ones_like(keep) if whole_rollout else keep  # [N_policy] rows with old log-probs
-    with clock("old_log_prob"):
-        forward_rows = plan.forward_rows(untrained=whole_rollout)
-        stats, last_stage = _old_log_prob_and_stats(actor, batch, forward_rows, algo)
+    old_is_current = _old_is_current(config, plan, guide)
+    if old_is_current:  # the loss takes its own log-probs as the old ones; the rollout's ride along for metrics
+        batch.old_log_prob = batch.rollout_log_prob.clone()
+        forward_rows, stats, computed = keep.nonzero().flatten()[:0], None, torch.zeros_like(keep)
+        pp_rank, pp_size = group_rank_size(actor.groups.pp)
+        last_stage = pp_rank == pp_size - 1
+    else:
+        with clock("old_log_prob"):
+            forward_rows = plan.forward_rows(untrained=whole_rollout)
+            stats, last_stage = _old_log_prob_and_stats(actor, batch, forward_rows, algo)
     metrics = _rollout_metrics(generated, batch, stats, computed & last_stage, guide)
     metrics["forward_only_sequences"] = max_over_ranks(float(len(forward_rows)))  # the busiest DP rank's
     if isinstance(engine, DividedEngine) and served is not None:  # the busiest replica's requests
@@ -226,7 +251,7 @@ def rl_step(
         _fill_advantages(config, generated, batch, computed)
         with clock("train"):
             actor.restore_training_state()
-            metrics.update(_updates(actor, config, batch, plan, stats))
+            metrics.update(_updates(actor, config, batch, plan, stats, old_is_current=old_is_current))
             actor.offload_training_state()  # before the engine wakes for the sync
         state.skipped_updates += int(metrics["updates_skipped"])
     if any_rank(should_stop is not None and should_stop()):
@@ -244,13 +269,14 @@ def rl_step(
 def _rollout_metrics(
     generated: Generated,
     batch: StepBatch,
-    stats: EntropyStats,
+    stats: EntropyStats | None,
     computed: torch.Tensor,
     guide: GuideRollout | None,
 ) -> dict[str, float]:
     """What the step generated: rewards, accuracy, lengths, temperatures, entropy statistics, the rollout /
     trainer mismatch (over ``computed``, ``[N_policy]`` bool: the rows whose old log-probs this rank holds), the
-    kept groups, the generation rounds and samples, and the guide's share."""
+    kept groups, the generation rounds and samples, and the guide's share. Without a forward-only pass (``stats``
+    ``None``) the statistics are not computed and the mismatch comes from the update's forward instead."""
     responses = generated.responses
     num_on_policy = len(responses)
     metrics = {
@@ -258,13 +284,14 @@ def _rollout_metrics(
         "accuracy": float(generated.correct.float().mean()),
         "response_length_mean": float(batch.response_lengths[:num_on_policy].float().mean()),
         **temperature_metrics(responses),
-        **entropy_stats_metrics(stats),
     }
     policy = slice(0, num_on_policy)
-    mismatch = rollout_mismatch_metrics(
-        batch.old_log_prob[policy], batch.rollout_log_prob[policy], batch.response_mask[policy] & computed[:, None]
-    )
-    metrics.update({name: float(value) for name, value in mismatch.items()})
+    if stats is not None:
+        metrics.update(entropy_stats_metrics(stats))
+        mismatch = rollout_mismatch_metrics(
+            batch.old_log_prob[policy], batch.rollout_log_prob[policy], batch.response_mask[policy] & computed[:, None]
+        )
+        metrics.update({name: float(value) for name, value in mismatch.items()})
     metrics["kept_groups"] = float(generated.keep.view(len(generated.prompts), -1)[:, 0].sum())
     metrics["generation_rounds"] = float(generated.rounds)
     metrics["generated_samples"] = float(num_on_policy)
@@ -272,6 +299,20 @@ def _rollout_metrics(
         metrics["guide_groups"] = float(len(guide.routed_prompts))
         metrics["guide_accuracy"] = float(guide.correct.float().mean())
     return metrics
+
+
+def _old_is_current(config: Config, plan: SequencePlan, guide: GuideRollout | None) -> bool:
+    """Whether the forward-only pass is a no-op this step: one optimizer step (one mini-batch, one epoch) on the
+    policy's own samples, and nothing reads old log-probs or entropies before the loss. The old log-probs are then
+    the update's own, detached: exactly the pass's values (the weights have not moved), so ratio 1 and the same
+    gradient; TRL skips the pass in the same case. ``train.old_log_prob_pass=always`` keeps it."""
+    single_step = config.train.ppo_epochs == 1 and len(plan.minibatches) == 1
+    return (
+        config.train.old_log_prob_pass == "auto"
+        and single_step
+        and guide is None
+        and not reads_old_log_prob_before_loss(config.algo)
+    )
 
 
 def _fill_advantages(config: Config, generated: Generated, batch: StepBatch, computed: torch.Tensor) -> None:
