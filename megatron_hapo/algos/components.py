@@ -146,7 +146,12 @@ def _keep_all(metric: torch.Tensor, group_ids: GroupIds) -> torch.Tensor:
 
 
 @GROUP_FILTER.register(
-    "all_equal", uses=("metric",), read_by={"max_generation_rounds": "megatron_hapo.trainer.generation"}
+    "all_equal",
+    uses=("metric",),
+    read_by={
+        "max_generation_rounds": "megatron_hapo.trainer.generation",
+        "oversample": "megatron_hapo.trainer.generation",
+    },
 )
 def _drop_all_equal(metric: torch.Tensor, group_ids: GroupIds) -> torch.Tensor:
     return filter_groups(metric, group_ids)

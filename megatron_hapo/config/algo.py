@@ -63,6 +63,11 @@ class GroupFilterConfig:
     """Per-response metric the filter compares: ``acc`` (correctness, not the length-shaped score)."""
     max_generation_rounds: int = 10
     """Generation rounds allowed to fill the batch with kept groups; <= 0 means unlimited."""
+    oversample: float = 3.0
+    """The most prompts a round asks for, as a multiple of the groups it still needs (>= 1; 1: rounds of exactly
+    the missing groups, as before). Each round asks for ``needed / keep rate`` prompts, the keep rate being the
+    recent steps' (the round's own in later rounds), within ``[needed, oversample x needed]``: with DAPO's filter
+    most steps then need one round. verl's DAPO recipe generates 3x the training batch per round."""
 
 
 @dataclass(kw_only=True, slots=True)

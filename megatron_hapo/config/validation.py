@@ -66,6 +66,7 @@ def _check_algo_ranges(algo: AlgoConfig, errors: list[str]) -> None:
     _in_range(errors, "algo.redistribution.beta", algo.redistribution.beta, 0.0, None)
     _in_range(errors, "algo.guide_policy.weight", g.weight, 0.0, None)
     _in_range(errors, "algo.rollout_correction.cap", algo.rollout_correction.cap, 1.0, None)
+    _in_range(errors, "algo.group_filter.oversample", algo.group_filter.oversample, 1.0, None)
 
 
 def _check_run(config: Config, errors: list[str]) -> None:

@@ -91,6 +91,7 @@ def save_checkpoint(
             "eval_best": state.eval_best,
             "eval_final": state.eval_final,
             "data_cursor": state.data_cursor,
+            "keep_rate": state.keep_rate,
         }
         _write_synced(staging / TRAINER_STATE, json.dumps(trainer_state))
         if hf_dir is not None:
@@ -153,6 +154,7 @@ def read_trainer_state(checkpoint: Path) -> StepState:
         data_cursor=int(saved["data_cursor"]),
         eval_best={k: (float(v[0]), int(v[1])) for k, v in best.items()} if isinstance(best, dict) else {},
         eval_final={k: float(v) for k, v in saved.get("eval_final", {}).items()},
+        keep_rate=saved.get("keep_rate"),  # absent before the over-sampled rounds: estimated afresh
     )
 
 

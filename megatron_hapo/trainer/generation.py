@@ -4,6 +4,7 @@ until enough groups have mixed outcomes)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -53,14 +54,20 @@ def generate_rounds(
     clock: PhaseClock,
 ) -> Generated:
     """Generate, score and filter; with a group filter (DAPO dynamic sampling, spec 1.2) generate further rounds
-    of as many new prompts until the kept groups reach the step's number of prompts (extra ones are dropped) or
-    ``algo.group_filter.max_generation_rounds`` is spent (then the step trains on what it kept, see
-    docs/ALGORITHMS.md)."""
+    of new prompts until the kept groups reach the step's number of prompts (extra ones are dropped, the first
+    kept in the data order stay) or ``algo.group_filter.max_generation_rounds`` is spent (then the step trains on
+    what it kept, see docs/ALGORITHMS.md). Each round is over-sampled by the expected keep rate
+    (:func:`round_prompts`), the first by the recent steps' (``state.keep_rate``, updated here)."""
     algo, n, target = config.algo, config.rollout.num_samples_per_prompt, len(prompts)
     filtering = algo.group_filter.kind != "none"
     limit = algo.group_filter.max_generation_rounds
     out = Generated([], [], [], torch.zeros(0), torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.bool), 0)
     batch, batch_answers = list(prompts), list(answers)
+    if filtering and more_prompts is not None:  # the first round over-sampled by the recent keep rate
+        extra = round_prompts(target, state.keep_rate, algo.group_filter.oversample) - target
+        if extra > 0:
+            more, more_answers = more_prompts(extra)
+            batch, batch_answers = batch + more, batch_answers + more_answers
     while True:
         sampling = SamplingSettings.for_training(
             algo.sampling,
@@ -82,7 +89,26 @@ def generate_rounds(
         kept = out.keep.view(-1, n)[:, 0].nonzero().flatten()
         if more_prompts is None or not filtering or len(kept) >= target or (limit > 0 and out.rounds >= limit):
             break
-        batch, batch_answers = more_prompts(target)
+        rate = len(kept) / len(out.prompts)  # this step's so far
+        batch, batch_answers = more_prompts(round_prompts(target - len(kept), rate, algo.group_filter.oversample))
+    if filtering:
+        rate = float(out.keep.view(-1, n)[:, 0].float().mean())
+        state.keep_rate = (
+            rate if state.keep_rate is None else KEEP_RATE_DECAY * state.keep_rate + (1 - KEEP_RATE_DECAY) * rate
+        )
     per_group = out.keep.view(-1, n)  # a view: clearing rows clears out.keep
     per_group[kept[target:]] = False  # exactly the step's number of groups, as verl truncates
     return out
+
+
+#: Weight of the previous steps in the keep rate's moving average.
+KEEP_RATE_DECAY = 0.5
+
+
+def round_prompts(needed: int, keep_rate: float | None, oversample: float) -> int:
+    """Prompts a generation round asks for to keep ``needed`` groups: ``needed / keep_rate``, within ``[needed,
+    oversample x needed]`` (``keep_rate`` ``None``, before any step: ``needed``)."""
+    if keep_rate is None or needed <= 0:
+        return max(needed, 0)
+    wanted = needed / max(keep_rate, 1e-9)
+    return int(min(max(math.ceil(wanted), needed), math.floor(oversample * needed)))

@@ -73,6 +73,9 @@ class StepState:
     """Steps in a row whose every update was skipped (non-finite gradient norm)."""
     data_cursor: int = 0
     """Prompts of the seeded data order consumed so far (dynamic sampling may take several batches a step)."""
+    keep_rate: float | None = None
+    """Share of generated groups the group filter kept, averaged over the recent steps (sizes the next step's
+    first round; ``None`` before the first filtered step)."""
     metrics: list[dict] = field(default_factory=list)
 
 

@@ -55,3 +55,14 @@ def test_forward_rows_cover_each_sequence_once(dp: int) -> None:
 def test_who_reads_the_whole_rollouts_entropy(preset: str, overrides: list[str], reads: bool) -> None:
     config = load_config(preset_path(preset), overrides, warn=False)
     assert reads_rollout_entropy(config.algo) is reads
+
+
+def test_generation_rounds_ask_for_the_groups_the_keep_rate_says_they_need() -> None:
+    """DAPO's rounds over-sampled: needed / keep rate prompts, never fewer than needed nor more than the cap."""
+    from megatron_hapo.trainer.generation import round_prompts
+
+    assert round_prompts(32, None, 3.0) == 32  # no estimate before the first filtered step
+    assert round_prompts(32, 0.5, 3.0) == 64
+    assert round_prompts(32, 0.1, 3.0) == 96  # capped at 3x
+    assert round_prompts(32, 1.0, 3.0) == 32 and round_prompts(32, 0.5, 1.0) == 32  # oversample 1: as before
+    assert round_prompts(5, 0.0, 2.0) == 10 and round_prompts(0, 0.5, 3.0) == 0
