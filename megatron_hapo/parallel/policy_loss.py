@@ -160,9 +160,8 @@ class MiniBatchPlan:
     entropy_stats: EntropyStats | None = None
     """Statistics for ``h_hat`` at ``minibatch`` / ``step`` scope; ``None`` at ``microbatch`` scope."""
     old_is_current: bool = False
-    """The step's one on-policy optimizer step without a forward-only pass: the old log-probs are this forward's
-    own (detached; ratio 1), and the micro-batches' ``old_log_prob`` carry the rollout's, for the mismatch
-    metrics."""
+    """No forward-only pass: the old log-probs are this forward's own (detached; ratio 1); the micro-batches'
+    ``old_log_prob`` carry the rollout's, for the mismatch metrics."""
 
 
 def check_loss_setup(algo: AlgoConfig, groups: ParallelGroups) -> None:

@@ -131,6 +131,39 @@ def _show_step(progress: tqdm, log_line: bool, step: int, total: int, metrics: d
         logger.info(step_line(step, total, metrics))
 
 
+def _step_or_drop(
+    actor: Actor,
+    engines: tuple[RolloutEngine, RolloutEngine | None],
+    score: Scorer,
+    *,
+    config: Config,
+    state: StepState,
+    take: Callable[[int], tuple[list[list[int]], list[Any]]],
+    should_stop: Callable[[], bool] | None,
+) -> dict | None:
+    """:func:`rl_step` on the next ``train.prompts_per_step`` prompts of ``take`` (``engines``: the policy's and the
+    guide's); ``None`` when a stop came during its rollout: the step is dropped and ``state`` is as before it (its
+    prompts come again on resume)."""
+    engine, guide_engine = engines
+    cursor = state.data_cursor
+    step_prompts, step_answers = take(config.train.prompts_per_step)
+    metrics = rl_step(
+        actor,
+        engine,
+        score,
+        prompts=step_prompts,
+        answers=step_answers,
+        config=config,
+        state=state,
+        guide_engine=guide_engine,
+        more_prompts=take,
+        should_stop=should_stop,
+    )
+    if metrics is None:
+        state.data_cursor, state.stopped = cursor, True
+    return metrics
+
+
 @dataclass
 class _StepRecord:
     """Where a finished step's metrics go."""
@@ -235,23 +268,11 @@ def train(
         while state.step < total:
             lr = learning_rate(state.step, peak=config.optim.lr, warmup_steps=config.optim.warmup_steps)
             set_learning_rate(actor.optimizer, lr)
-            cursor = state.data_cursor  # the step's first prompt: where a resume starts if the step is dropped
             take = partial(_next_prompts, order, prompts, answers, state)
-            step_prompts, step_answers = take(per_step)
-            metrics = rl_step(
-                actor,
-                engine,
-                score,
-                prompts=step_prompts,
-                answers=step_answers,
-                config=config,
-                state=state,
-                guide_engine=guide_engine,
-                more_prompts=take,
-                should_stop=should_stop,
+            metrics = _step_or_drop(
+                actor, (engine, guide_engine), score, config=config, state=state, take=take, should_stop=should_stop
             )
             if metrics is None:  # stopped after the rollout: the step is dropped, its prompts come again on resume
-                state.data_cursor, state.stopped = cursor, True
                 if state.step != saved_at:
                     _save(actor, state, settings)
                 break

@@ -189,15 +189,12 @@ def rl_step(
     should_stop: Callable[[], bool] | None = None,
 ) -> dict | None:
     """One RL step on ``prompts``; returns its metrics and advances ``state`` (statistics for the next rollout).
-
     ``guide_engine`` serves the frozen guide policy of mixed-policy algorithms (``algo.guide_policy.kind``);
     ``more_prompts`` supplies the further generation rounds of dynamic sampling (without it: one round).
-
     ``should_stop`` is asked between the phases (every rank; any may say yes), so that a stop signal waits for
     one phase, not a whole step: after the rollout the step is abandoned before any update (returns ``None``,
     ``state`` untouched but for ``data_cursor``, which the caller sets back); after the updates the step is
-    complete and the weight sync is skipped (``metrics["stopped"] = 1``; the engine is not used again).
-    """
+    complete and the weight sync is skipped (``metrics["stopped"] = 1``; the engine is not used again)."""
     algo, rollout, n = config.algo, config.rollout, config.rollout.num_samples_per_prompt
     check_loss_setup(algo, actor.groups)  # refuse an unsupported composition before spending a rollout on it
     check_guide_setup(algo, guide_engine)
@@ -234,27 +231,17 @@ def rl_step(
         dp=group_rank_size(actor.groups.dp),
         lengths=batch.lengths,
     )
-    whole_rollout = reads_rollout_entropy(algo)  # else the forward-only pass skips the dropped groups
-    computed = torch.ones_like(keep) if whole_rollout else keep  # [N_policy] rows with old log-probs
-    old_is_current = _old_is_current(config, plan, guide)
-    if old_is_current:  # the loss takes its own log-probs as the old ones; the rollout's ride along for metrics
-        batch.old_log_prob = batch.rollout_log_prob.clone()
-        forward_rows, stats, computed = keep.nonzero().flatten()[:0], None, torch.zeros_like(keep)
-        pp_rank, pp_size = group_rank_size(actor.groups.pp)
-        last_stage = pp_rank == pp_size - 1
-    else:
-        with clock("old_log_prob"):
-            forward_rows = plan.forward_rows(untrained=whole_rollout)
-            stats, last_stage = _old_log_prob_and_stats(actor, batch, forward_rows, algo)
-    metrics = _rollout_metrics(generated, batch, stats, computed & last_stage, guide)
-    metrics["forward_only_sequences"] = max_over_ranks(float(len(forward_rows)))  # the busiest DP rank's
+    old = _old_log_prob_phase(actor, config, batch, plan, keep=keep, guide=guide, clock=clock)
+    stats, computed = old.stats, old.computed
+    metrics = _rollout_metrics(generated, batch, stats, computed & old.last_stage, guide)
+    metrics["forward_only_sequences"] = max_over_ranks(float(old.sequences))  # the busiest DP rank's
     if isinstance(engine, DividedEngine) and served is not None:  # the busiest replica's requests
         metrics["rollout_requests_per_engine"] = max_over_ranks(float(engine.requests_served - served))
     if bool(keep.any()) or guide is not None:
         _fill_advantages(config, generated, batch, computed)
         with clock("train"):
             actor.restore_training_state()
-            metrics.update(_updates(actor, config, batch, plan, stats, old_is_current=old_is_current))
+            metrics.update(_updates(actor, config, batch, plan, stats, old_is_current=old.is_current))
             actor.offload_training_state()  # before the engine wakes for the sync
         state.skipped_updates += int(metrics["updates_skipped"])
     if any_rank(should_stop is not None and should_stop()):
@@ -267,6 +254,46 @@ def rl_step(
     state.stats, state.step = stats, state.step + 1
     state.metrics.append(metrics)
     return metrics
+
+
+@dataclass
+class _OldLogProbs:
+    """What the step's old-log-prob phase left in the batch."""
+
+    stats: EntropyStats | None
+    """The pooled entropy statistics (``None``: the pass was skipped)."""
+    computed: torch.Tensor
+    """``[N_policy]`` bool: the rows whose old log-probs were computed (on the last pipeline stage)."""
+    last_stage: bool
+    sequences: int
+    """Sequences this rank's forward-only pass computed."""
+    is_current: bool
+    """The pass was a no-op and skipped: the loss takes its own log-probs as the old ones."""
+
+
+def _old_log_prob_phase(
+    actor: Actor,
+    config: Config,
+    batch: StepBatch,
+    plan: SequencePlan,
+    *,
+    keep: torch.Tensor,
+    guide: GuideRollout | None,
+    clock: PhaseClock,
+) -> _OldLogProbs:
+    """The forward-only pass over this rank's rows (all generated ones when something reads the whole rollout's
+    entropy, else the kept ones), or none where it is a no-op (:func:`_old_is_current`): the micro-batches then
+    carry the rollout's log-probs, for the mismatch metrics of the update's forward."""
+    whole_rollout = reads_rollout_entropy(config.algo)
+    if _old_is_current(config, plan, guide):
+        batch.old_log_prob = batch.rollout_log_prob.clone()
+        pp_rank, pp_size = group_rank_size(actor.groups.pp)
+        return _OldLogProbs(None, torch.zeros_like(keep), pp_rank == pp_size - 1, 0, is_current=True)
+    with clock("old_log_prob"):
+        rows = plan.forward_rows(untrained=whole_rollout)
+        stats, last_stage = _old_log_prob_and_stats(actor, batch, rows, config.algo)
+    computed = torch.ones_like(keep) if whole_rollout else keep
+    return _OldLogProbs(stats, computed, last_stage, len(rows), is_current=False)
 
 
 def _rollout_metrics(
