@@ -204,7 +204,8 @@ def microbatch_tokens(config: Config) -> int:
     from megatron_hapo.config.run import microbatch_token_budget  # noqa: PLC0415
 
     longest = config.rollout.max_prompt_length + config.rollout.max_response_length
-    return max(microbatch_token_budget(config), longest)
+    budget = microbatch_token_budget(config)
+    return max(budget, longest) if budget is not None else longest * config.model.micro_batch_size
 
 
 def _activation_bytes(spec: DecoderSpec, config: Config, layout: Layout) -> tuple[float, float]:
