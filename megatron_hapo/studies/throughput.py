@@ -72,6 +72,12 @@ def predicted_sync_s(num_params: float) -> float:
     return c * num_params**-alpha
 
 
+def predicted_split(step_s: float, num_params: float) -> tuple[float, float]:
+    """``(rollout_s, sync_s)`` of a predicted step of ``step_s`` seconds (the ASSUMPTION above); training is the
+    rest."""
+    return ROLLOUT_FRACTION * step_s, min(predicted_sync_s(num_params), (1 - ROLLOUT_FRACTION) * step_s)
+
+
 def mfu(num_params: float, tokens_per_s_per_gpu: float, peak_flops: float) -> float:
     """Training-equivalent MFU: 6 N FLOPs per token over the GPU's peak."""
     return 6.0 * num_params * tokens_per_s_per_gpu / peak_flops
@@ -83,7 +89,7 @@ def predicted_row(
     """One ``predicted`` row: throughput from the fit, step from the workload, split from the ASSUMPTION."""
     tps = predict_tokens_per_s_per_gpu(num_params, fit)
     step = tokens_per_step / (tps * gpus)
-    rollout, sync = ROLLOUT_FRACTION * step, min(predicted_sync_s(num_params), (1 - ROLLOUT_FRACTION) * step)
+    rollout, sync = predicted_split(step, num_params)
     return {
         "name": name,
         "params_b": num_params / 1e9,
@@ -168,8 +174,7 @@ def stop_lead_time(config: Config, num_params: float, *, nodes: int, gpus_per_no
     :data:`CHECKPOINT_WRITE_BYTES_PER_S_PER_NODE`. An evaluation is not in it: a request that arrives during
     one waits for it too (keep ``output.eval_interval`` evaluations short, or add their time to T)."""
     step = estimated_step_s(config, num_params, nodes * gpus_per_node)
-    rollout = ROLLOUT_FRACTION * step
-    sync = min(predicted_sync_s(num_params), (1 - ROLLOUT_FRACTION) * step)
+    rollout, sync = predicted_split(step, num_params)
     save = checkpoint_bytes(num_params, config.model.dtype) / (nodes * CHECKPOINT_WRITE_BYTES_PER_S_PER_NODE)
     lead = LEAD_SAFETY * (max(rollout, step - rollout - sync) + save) + LEAD_ALLOWANCE_S
     return {
