@@ -20,6 +20,9 @@ class RolloutConfig:
     """Longest prompt in tokens; longer prompts are dropped and counted (> 0)."""
     max_response_length: int = 4096
     """Longest response in tokens (L_max, > 0); generation stops there."""
+    min_response_length: int = 0
+    """No EOS before this many tokens (vLLM's ``min_tokens``; 0: off). For benchmarks of a fixed length
+    (``benchmarks/bench_vs_trl.py``) and for recipes that forbid empty answers."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -143,8 +146,9 @@ class EvalSetConfig:
     """How a prompt is put to the model: ``none`` (as written in the file), ``dapo`` (DAPO's instruction to end
     with an ``Answer:`` line), ``boxed`` (Qwen2.5-Math's: the answer in ``\\boxed{}``), or a text holding
     ``{problem}`` where the prompt goes. Applied to the last user message, before the chat template."""
-    reward: Literal["dapo_math", "boxed_math"] | None = None
-    """The answer rule; null: the template's (``dapo``: dapo_math, ``boxed``: boxed_math), else ``data.reward``."""
+    reward: str | None = None
+    """The answer rule (as ``data.reward``); null: the template's (``dapo``: dapo_math, ``boxed``: boxed_math),
+    else ``data.reward``."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -166,8 +170,10 @@ class DataConfig:
     """Dotted key of the ground-truth answer."""
     bad_rows: Literal["error", "skip"] = "error"
     """A malformed row stops with its file and row (``error``) or is skipped and counted (``skip``)."""
-    reward: Literal["dapo_math", "boxed_math"] = "dapo_math"
-    """Verifier: DAPO's last ``Answer:`` line, or the last ``\\boxed{}``."""
+    reward: str = "dapo_math"
+    """Verifier: ``dapo_math`` (DAPO's last ``Answer:`` line), ``boxed_math`` (the last ``\\boxed{}``), or your
+    own function, ``package.module:function`` or ``path/to/file.py:function``, called as ``f(response,
+    ground_truth, extra)`` in the verifier workers (``megatron_hapo.rewards.custom``; docs/EXTENDING.md)."""
     math_verify: bool = False
     """Fall back to ``math-verify`` (when installed) for answers that do not match after normalisation."""
 
@@ -191,8 +197,9 @@ class EngineConfig:
     """Share of GPU memory for the mixed-policy guide engine (vLLM). vLLM 0.32 lets one engine per process sleep,
     so the guide keeps its weights and KV cache for the whole run: the policy engine's share, this one and the
     trainer's memory must fit the GPU together."""
-    cpu_kv_cache_gib: int = 1
-    """KV cache per engine on CPU, in GiB."""
+    cpu_kv_cache_gib: float | None = None
+    """KV cache per engine on CPU, in GiB; ``None``: what one rollout call can use, ``max_num_seqs`` sequences of
+    prompt + response length (``rollout.factory.cpu_kv_cache_bytes``)."""
     sleep_level: Literal[1, 2] = 2
     """How the policy engine (vLLM, on GPU) frees its memory while the trainer updates: 2 drops its weights,
     which the weight sync after every step replaces in full (no copy to host memory and back: 16.4 GiB per GPU

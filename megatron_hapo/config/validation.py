@@ -74,6 +74,7 @@ def _check_run(config: Config, errors: list[str]) -> None:
     _in_range(errors, "rollout.num_samples_per_prompt", r.num_samples_per_prompt, 1, None)
     _in_range(errors, "rollout.max_prompt_length", r.max_prompt_length, 1, None)
     _in_range(errors, "rollout.max_response_length", r.max_response_length, 1, None)
+    _in_range(errors, "rollout.min_response_length", r.min_response_length, 0, r.max_response_length)
     _in_range(errors, "optim.lr", o.lr, 0.0, None, low_open=True)
     _in_range(errors, "optim.warmup_steps", o.warmup_steps, 0, None)
     _in_range(errors, "optim.weight_decay", o.weight_decay, 0.0, None)
@@ -106,8 +107,10 @@ def _check_layout_fields(config: Config, errors: list[str]) -> None:
         _in_range(errors, f"model.{key}", getattr(m, key), 1, None)
     if m.virtual_pipeline is not None:
         _in_range(errors, "model.virtual_pipeline", m.virtual_pipeline, 2, None)
-    for key in ("tensor_parallel", "max_num_seqs", "cpu_kv_cache_gib"):
+    for key in ("tensor_parallel", "max_num_seqs"):
         _in_range(errors, f"engine.{key}", getattr(e, key), 1, None)
+    if e.cpu_kv_cache_gib is not None:
+        _in_range(errors, "engine.cpu_kv_cache_gib", e.cpu_kv_cache_gib, 0.0, None, low_open=True)
     for key in ("gpu_memory_utilization", "guide_gpu_memory_utilization"):
         _in_range(errors, f"engine.{key}", getattr(e, key), 0.0, 1.0, low_open=True)
     if e.sync_tolerance is not None:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from megatron_hapo.models.attention import replace_module, with_packed_attention
+from megatron_hapo.models.attention import replace_module, with_packed_attention, with_packed_rotary
 from megatron_hapo.models.hf_config import DecoderSpec
 from megatron_hapo.models.precision import FP8Config, check_fp8, fp8_transformer_settings
 from megatron_hapo.parallel.runtime import model_parallel_layout, on_gpu, rank_device
@@ -224,7 +224,7 @@ def build_gpt(
         return layer_spec if te else sequence_parallel_block_spec(config, layer_spec, stage)
 
     def make_model(stage: int | None, first: bool, last: bool) -> torch.nn.Module:
-        return GPTModel(
+        model = GPTModel(
             config=config,
             transformer_layer_spec=block_spec(stage),
             vocab_size=vocab,
@@ -238,6 +238,7 @@ def build_gpt(
             rope_scaling_factor=spec.rope_scaling_factor or 8.0,
             vp_stage=stage,
         )
+        return model if te else with_packed_rotary(model)
 
     return build_chunks(config, make_model, dtype=dtype, ddp=ddp, distributed_optimizer=distributed_optimizer)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_hapo.models.attention import with_packed_attention
+from megatron_hapo.models.attention import with_packed_attention, with_packed_rotary
 from megatron_hapo.models.provider import build_chunks, sequence_parallel_block_spec, variable_shapes
 from megatron_hapo.parallel.runtime import model_parallel_layout
 
@@ -97,7 +97,7 @@ def build_tiny_gpt(
     layer_spec = with_packed_attention(get_gpt_layer_local_spec())
 
     def make_model(stage: int | None, first: bool, last: bool) -> torch.nn.Module:
-        return GPTModel(
+        model = GPTModel(
             config=config,
             transformer_layer_spec=sequence_parallel_block_spec(config, layer_spec, stage),
             vocab_size=shape.vocab_size,
@@ -108,5 +108,6 @@ def build_tiny_gpt(
             post_process=last,
             vp_stage=stage,
         )
+        return with_packed_rotary(model)
 
     return build_chunks(config, make_model, dtype=dtype, ddp=ddp)

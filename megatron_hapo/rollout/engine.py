@@ -40,6 +40,9 @@ class SamplingSettings:
     """Tokens that end a response besides the model's EOS."""
     seed: int | None = None
     """Base seed: request ``i`` samples with ``seed + i`` (reproducible rollouts); ``None``: unseeded."""
+    min_tokens: int = 0
+    """No EOS / stop token before this many tokens (vLLM's ``min_tokens``: their logits are masked before any
+    other processing; the recorded log-probs stay the model's raw ones). 0: off."""
 
     def __post_init__(self) -> None:
         if self.max_tokens <= 0:
@@ -48,9 +51,13 @@ class SamplingSettings:
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
         if self.adaptive_tau is not None and not 0 <= self.adaptive_tau < 1:
             raise ValueError(f"adaptive_tau must lie in [0, 1), got {self.adaptive_tau}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"need 0 <= min_tokens <= max_tokens, got {self.min_tokens} and {self.max_tokens}")
 
     @classmethod
-    def for_training(cls, sampling: SamplingConfig, *, max_tokens: int, seed: int | None = None) -> SamplingSettings:
+    def for_training(
+        cls, sampling: SamplingConfig, *, max_tokens: int, seed: int | None = None, min_tokens: int = 0
+    ) -> SamplingSettings:
         """From an ``algo.sampling`` config (``kind`` fixed | entropy_adaptive, temperature, top_p, top_k, tau)."""
         adaptive = SAMPLING.get(sampling.kind).needs_entropy  # the registry's entry says whether it adapts
         return cls(
@@ -60,6 +67,7 @@ class SamplingSettings:
             top_k=sampling.top_k,
             adaptive_tau=sampling.tau if adaptive else None,
             seed=seed,
+            min_tokens=min_tokens,
         )
 
 

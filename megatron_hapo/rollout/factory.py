@@ -2,10 +2,36 @@
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 from megatron_hapo.config.run import EngineConfig
 from megatron_hapo.rollout.engine import RolloutEngine
+
+#: vLLM's KV-cache page on CPU is at most this many tokens: each sequence is counted in whole pages.
+KV_PAGE_TOKENS = 128
+#: Bytes of one element of the KV cache by engine dtype.
+_DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
+
+
+def cpu_kv_cache_bytes(model_dir: str | Path, *, dtype: str, max_num_seqs: int, max_model_len: int) -> int:
+    """Bytes of the KV cache one rollout call can use on CPU: ``max_num_seqs`` sequences of ``max_model_len``.
+
+    Per token ``2 (K, V) x layers x KV heads x head dim x bytes``, from the checkpoint's ``config.json``; each
+    sequence in whole pages (:data:`KV_PAGE_TOKENS`). Without a size vLLM's CPU worker takes
+    ``gpu_memory_utilization`` of the NUMA node's memory minus what the process holds (the trainer's included);
+    this project's old default was a fixed 1 GiB. ``dtype``: the engine's (``auto``: the checkpoint's).
+    """
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    config = config.get("text_config", config)
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    name = (config.get("torch_dtype") or config.get("dtype") or "float32") if dtype == "auto" else dtype
+    per_token = 2 * config["num_hidden_layers"] * kv_heads * head_dim * _DTYPE_BYTES.get(str(name), 4)
+    tokens = max_num_seqs * math.ceil(max_model_len / KV_PAGE_TOKENS) * KV_PAGE_TOKENS
+    return per_token * tokens
 
 
 def make_engine(
@@ -52,6 +78,13 @@ def make_engine(
         from megatron_hapo.rollout.vllm_engine import VLLMConfig, VLLMEngine  # noqa: PLC0415
 
         memory = engine.gpu_memory_utilization if gpu_memory_utilization is None else gpu_memory_utilization
+        kv_bytes = (
+            cpu_kv_cache_bytes(
+                model_dir, dtype=engine_dtype, max_num_seqs=engine.max_num_seqs, max_model_len=max_model_len
+            )
+            if engine.cpu_kv_cache_gib is None
+            else int(engine.cpu_kv_cache_gib * 2**30)
+        )
         return VLLMEngine(
             model_dir,
             VLLMConfig(
@@ -59,7 +92,7 @@ def make_engine(
                 max_model_len=max_model_len,
                 max_num_seqs=engine.max_num_seqs,
                 gpu_memory_utilization=memory,
-                cpu_kv_cache_gib=engine.cpu_kv_cache_gib,
+                cpu_kv_cache_bytes=kv_bytes,
                 dtype=engine_dtype,
                 seed=seed,
                 enable_sleep_mode=sleep_mode,

@@ -23,7 +23,8 @@ Each decode step follows vLLM's V1 sampler with ``logprobs_mode=raw_logprobs``:
    ``T * factor``; then divided by ``T``, masked by top-k then top-p (vLLM's rules), and the token is drawn by the
    exponential race ``argmax(p / q)``, ``q ~ Exp(1)`` from the request's own ``torch.Generator`` on the device;
 4. the response stops on an EOS id of the model's generation config or a stop token, which is kept (``stop``),
-   else at ``max_tokens`` or ``max_model_len`` (``length``).
+   else at ``max_tokens`` or ``max_model_len`` (``length``); before ``min_tokens`` tokens those ids are masked
+   (after the raw log-probs, before the temperature: vLLM's min-tokens processor).
 
 A request's tokens therefore depend on its prompt, its seed and the weights, not on its batch (up to last-bit
 differences of batched matmuls, as in vLLM). The random stream is not vLLM's (vLLM's CPU sampler uses a fused
@@ -176,7 +177,10 @@ class HFEngine:
             logits, cache, mask, positions = self._prefill([r.prompt for r in batch])
             live = list(range(len(batch)))  # batch index of each row still in the model's batch
             while True:
-                tokens, log_probs, temperatures = _sample(logits, sampling, stats, [batch[i].generator for i in live])
+                early = [row for row, i in enumerate(live) if len(batch[i].tokens) < sampling.min_tokens]
+                banned = (early, sorted(stop)) if early and stop else None
+                generators = [batch[i].generator for i in live]
+                tokens, log_probs, temperatures = _sample(logits, sampling, stats, generators, banned)
                 keep = []
                 for row, i in enumerate(live):
                     request = batch[i]
@@ -295,9 +299,19 @@ def _sample(
     sampling: SamplingSettings,
     stats: EntropyStats | None,
     generators: list[torch.Generator | None],
+    banned: tuple[list[int], list[int]] | None = None,
 ) -> tuple[list[int], list[float], list[float] | None]:
-    """One step of vLLM's sampler on ``[B, V]`` float32 logits: tokens, raw log-probs, temperatures (adaptive)."""
+    """One step of vLLM's sampler on ``[B, V]`` float32 logits: tokens, raw log-probs, temperatures (adaptive).
+
+    ``banned``: (rows, token ids) that may not be drawn (``min_tokens``: the stop ids of rows still short of it),
+    masked after the raw log-probs and before every other step, as vLLM's min-tokens processor does."""
     raw = logits.log_softmax(dim=-1)
+    if banned is not None:
+        rows, ids = banned
+        logits = logits.clone()
+        logits[torch.tensor(rows, device=logits.device)[:, None], torch.tensor(ids, device=logits.device)] = float(
+            "-inf"
+        )
     temperatures = None
     if sampling.temperature < SAMPLING_EPS:
         tokens = logits.argmax(dim=-1)

@@ -76,8 +76,10 @@ class VLLMConfig:
     gpu_memory_utilization: float = 0.5
     """This engine's budget for weights + activations + KV cache, as a share of the GPU's *total* memory; at
     start-up vLLM refuses to run unless that much is free (sleeping engines' memory counts as free)."""
-    cpu_kv_cache_gib: int = 1
-    """KV-cache size per engine on CPU in whole GiB (``VLLM_CPU_KVCACHE_SPACE``)."""
+    cpu_kv_cache_bytes: int = 2**30
+    """KV-cache size per engine on CPU (vLLM's ``kv_cache_memory_bytes``; ``VLLM_CPU_KVCACHE_SPACE`` in the
+    environment, whole GiB, wins over it: vLLM's legacy setting). The trainer sizes it from the step
+    (:func:`megatron_hapo.rollout.factory.cpu_kv_cache_bytes`)."""
     logprobs_mode: Literal["raw_logprobs", "processed_logprobs"] = "raw_logprobs"
     """``raw_logprobs``: log-probs at temperature 1 before any processor, comparable with the trainer's;
     ``processed_logprobs``: of the distribution actually sampled from (after the adaptive and base temperature)."""
@@ -248,8 +250,6 @@ class VLLMEngine:
                 "its memory. Build this engine with enable_sleep_mode=False, or close the other one first."
             )
         _launcher_environment()
-        if not on_gpu:
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(config.cpu_kv_cache_gib)
         _guard_process_state()
         self.config = config
         optional = {
@@ -257,6 +257,8 @@ class VLLMEngine:
             for name in ("async_scheduling", "max_num_batched_tokens")
             if getattr(config, name) is not None
         }
+        if not on_gpu:
+            optional["kv_cache_memory_bytes"] = config.cpu_kv_cache_bytes
         rng = _generator_states()
         known = len(temperature_processor.INSTANCES)
         self.llm = LLM(
@@ -349,6 +351,7 @@ class VLLMEngine:
             top_p=sampling.top_p,
             top_k=sampling.top_k,
             max_tokens=sampling.max_tokens,
+            min_tokens=sampling.min_tokens,
             logprobs=0,
             stop_token_ids=list(sampling.stop_token_ids),
             seed=None if sampling.seed is None else sampling.seed + index,

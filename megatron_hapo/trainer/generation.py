@@ -72,6 +72,7 @@ def generate_rounds(
         sampling = SamplingSettings.for_training(
             algo.sampling,
             max_tokens=config.rollout.max_response_length,
+            min_tokens=config.rollout.min_response_length,
             seed=config.train.seed * 1_000_003 + state.step + out.rounds * ROUND_SEED_OFFSET,
         )
         out.sampling = out.sampling or sampling

@@ -185,7 +185,31 @@ def check_inputs(config: Config, *, compare_config: bool = True) -> RunData:
         check_model_dir(guide.model_path, "algo.guide_policy.model_path", vllm_on_cpu=vllm_on_cpu)
     _, resume = resume_source(config, compare_config=compare_config)
     data = read_data(config)
+    check_reward_functions(config, data)
     return RunData(train=data.train, evals=data.evals, resume=resume)
+
+
+def check_reward_functions(config: Config, data: RunData) -> None:
+    """Each user-named reward function (``data.reward``, an evaluation set's ``reward``) loaded and called once
+    on a probe (an empty response and its file's first answer), before a step is spent: a module that fails to
+    import, a wrong signature, an exception or a result that is not a score is one line naming the key."""
+    from megatron_hapo.rewards.custom import RewardFunctionError, custom_reward, is_reference  # noqa: PLC0415
+
+    uses = [("data.reward", config.data.reward, data.train.examples)]
+    uses += [(f"data.eval_sets.{one.name}.reward", one.reward, one.examples) for one in data.evals]
+    for key, rule, examples in uses:
+        if not is_reference(rule):
+            continue
+        answer = examples[0].answer if examples else ""
+        try:
+            custom_reward("", answer, {}, reference=rule)
+        except RewardFunctionError as exc:
+            raise SystemExit(f"{key}: {exc}") from None
+        except Exception as exc:
+            raise SystemExit(
+                f"{key}: reward {rule!r} raised {type(exc).__name__}: {exc} on a probe (response '', answer "
+                f"{answer!r}); a reward function must score any text, an empty response included"
+            ) from None
 
 
 #: Config keys a resumed run may change (dotted, or a section prefix ending in "."): how long it runs, how often

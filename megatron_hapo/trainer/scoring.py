@@ -11,10 +11,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from megatron_hapo.rewards import RewardWorkers
+from megatron_hapo.rewards.custom import custom_reward, is_reference
 from megatron_hapo.rewards.math_answer import math_reward
 
 if TYPE_CHECKING:
     from megatron_hapo.config import Config
+
+#: What a response whose user-named reward function failed (raised, timed out, returned a non-number) scores:
+#: 0, not the built-in rules' -1 (a user's scale is unknown; 0 is "no reward"); the failure is counted either way.
+CUSTOM_FAILURE: tuple[float, bool, dict[str, float]] = (0.0, False, {})
 
 #: ``score(response token ids, answer) -> (reward, correct)`` per response.
 Scorer = Callable[[Sequence[list[int]], Sequence[Any]], tuple[torch.Tensor, torch.Tensor]]
@@ -29,12 +34,13 @@ class WorkerScorer:
     def __init__(
         self,
         workers: RewardWorkers,
-        failure: tuple[float, bool] = (-1.0, False),
+        failure: tuple = (-1.0, False),
         decode: Callable[[list[list[int]]], list[str]] | None = None,
     ) -> None:
         self.workers, self.failure, self.decode = workers, failure, decode
         self._tally: dict[str, int] = {}
         self._first_failure: str | None = None
+        self._sub_scores: dict[str, list[float]] = {}
 
     def __call__(self, token_ids: Sequence[list[int]], answers: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
         responses = self.decode(list(token_ids)) if self.decode is not None else token_ids
@@ -44,6 +50,9 @@ class WorkerScorer:
             if outcome.status != "ok" and self._first_failure is None:
                 self._first_failure = f"{outcome.status}: {outcome.detail}"
         values = [o.value if o.status == "ok" else self.failure for o in outcomes]
+        for value in values:  # a user's function may return named sub-scores: (reward, correct, {name: value})
+            for name, sub in (value[2] if len(value) > 2 else {}).items():
+                self._sub_scores.setdefault(name, []).append(sub)
         return torch.tensor([v[0] for v in values]), torch.tensor([v[1] for v in values])
 
     def take_tally(self) -> tuple[dict[str, int], str | None]:
@@ -52,10 +61,16 @@ class WorkerScorer:
         self._tally, self._first_failure = {}, None
         return tally, first
 
+    def take_sub_scores(self) -> dict[str, float]:
+        """The mean of each named sub-score since the last call, as ``reward/<name>`` metrics."""
+        means = {f"reward/{name}": sum(v) / len(v) for name, v in self._sub_scores.items()}
+        self._sub_scores = {}
+        return means
+
 
 def worker_scorer(
     workers: RewardWorkers,
-    failure: tuple[float, bool] = (-1.0, False),
+    failure: tuple = (-1.0, False),
     decode: Callable[[list[list[int]]], list[str]] | None = None,
 ) -> WorkerScorer:
     """A :class:`WorkerScorer`."""
@@ -65,10 +80,9 @@ def worker_scorer(
 def reward_failures(score: Scorer, limit: float) -> dict[str, float]:
     """This step's verifier failures as metrics (``reward_errors``, ``reward_timeouts``, ``reward_crashes``) when
     ``score`` counts them; raises when more than ``limit`` of the step's answers failed, with the first failure."""
-    take = getattr(score, "take_tally", None)
-    if take is None:
+    if not isinstance(score, WorkerScorer):
         return {}
-    tally, first = take()
+    tally, first = score.take_tally()
     total = sum(tally.values())
     failed = total - tally.get("ok", 0)
     if total and failed / total > limit:
@@ -78,7 +92,7 @@ def reward_failures(score: Scorer, limit: float) -> dict[str, float]:
             "raise output.max_reward_failure_share"
         )
     names = {"error": "reward_errors", "timeout": "reward_timeouts", "crash": "reward_crashes"}
-    return {metric: float(tally.get(status, 0)) for status, metric in names.items()}
+    return {metric: float(tally.get(status, 0)) for status, metric in names.items()} | score.take_sub_scores()
 
 
 def inline_scorer(verify: Callable[[list[int], Any], tuple[float, bool]]) -> Scorer:
@@ -96,18 +110,24 @@ def inline_scorer(verify: Callable[[list[int], Any], tuple[float, bool]]) -> Sco
 def math_scorers(
     config: Config, rules: Iterable[str], decode: Callable[[list[list[int]]], list[str]]
 ) -> Iterator[dict[str, Scorer]]:
-    """A :func:`worker_scorer` for each answer rule in ``rules`` (``dapo_math`` / ``boxed_math``: the training
-    data's and each evaluation set's), each over its own ``output.reward_workers`` verifier processes, all closed
-    on exit."""
+    """A :func:`worker_scorer` for each answer rule in ``rules`` (``dapo_math`` / ``boxed_math`` or a user's
+    ``module:function``, :mod:`megatron_hapo.rewards.custom`: the training data's and each evaluation set's), each
+    over its own ``output.reward_workers`` verifier processes, all closed on exit."""
     with ExitStack() as stack:
         scorers: dict[str, Scorer] = {}
         for rule in dict.fromkeys(rules):
+            function = (
+                partial(custom_reward, reference=rule)
+                if is_reference(rule)
+                else partial(math_reward, rule=rule, math_verify=config.data.math_verify)
+            )
+            failure = CUSTOM_FAILURE if is_reference(rule) else (-1.0, False)
             workers = RewardWorkers(
-                partial(math_reward, rule=rule, math_verify=config.data.math_verify),
+                function,
                 workers=config.output.reward_workers,
                 timeout_s=config.output.reward_timeout_s,
-                failure_value=(-1.0, False),
+                failure_value=failure,
             )
             stack.callback(workers.close)
-            scorers[rule] = worker_scorer(workers, decode=decode)
+            scorers[rule] = worker_scorer(workers, failure, decode=decode)
         yield scorers

@@ -118,6 +118,12 @@ def test_greedy_log_probs_and_stops_match_full_forwards(tiny_llama: Path, refere
         PROMPTS[:1], 1, SamplingSettings(max_tokens=10, temperature=0.0, stop_token_ids=(stop,)), None
     )
     assert stopped.token_ids == expected[0][: expected[0].index(stop) + 1] and stopped.finish_reason == "stop"
+    # min_tokens masks the stop ids until that many tokens (the greedy path changes), log-probs stay raw
+    (forced,) = engine.generate(
+        PROMPTS[:1], 1, SamplingSettings(max_tokens=10, temperature=0.0, stop_token_ids=(stop,), min_tokens=6), None
+    )
+    assert len(forced.token_ids) >= 6 and stop not in forced.token_ids[:5] and forced.token_ids != expected[0]
+    assert _log_prob_error(reference, PROMPTS[:1], [forced]) <= TOLERANCE
     (capped,) = _engine(tiny_llama, max_model_len=len(PROMPTS[2]) + 3).generate(
         PROMPTS[2:], 1, SamplingSettings(max_tokens=10, temperature=0.0), None
     )
@@ -237,6 +243,21 @@ def test_factory_and_config(tiny_llama: Path) -> None:
         validate(run.Config(engine=run.EngineConfig(kind="hf", tensor_parallel=2)))
 
 
+def test_cpu_kv_cache_is_sized_from_the_step(tiny_llama: Path, reference) -> None:
+    """The KV cache the trainer gives vLLM on CPU equals what transformers' cache holds for ``max_num_seqs``
+    sequences of ``max_model_len`` tokens (whole pages)."""
+    from megatron_hapo.rollout.factory import KV_PAGE_TOKENS, cpu_kv_cache_bytes
+
+    with torch.no_grad():
+        cache = reference(input_ids=torch.zeros(1, KV_PAGE_TOKENS, dtype=torch.long), use_cache=True).past_key_values
+    held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    sized = partial(cpu_kv_cache_bytes, tiny_llama, max_num_seqs=8)
+    assert sized(dtype="float32", max_model_len=KV_PAGE_TOKENS) == 8 * held
+    assert sized(dtype="float32", max_model_len=KV_PAGE_TOKENS + 1) == 16 * held  # a second page per sequence
+    assert sized(dtype="bfloat16", max_model_len=KV_PAGE_TOKENS) == 4 * held
+    assert sized(dtype="auto", max_model_len=KV_PAGE_TOKENS) == 8 * held  # the checkpoint's float32
+
+
 def _vllm_rank(rank: int, world: int, hf_dir: Path, out: Path) -> None:
     from megatron_hapo.parallel import runtime
     from megatron_hapo.rollout import SamplingSettings
@@ -255,9 +276,12 @@ def _vllm_rank(rank: int, world: int, hf_dir: Path, out: Path) -> None:
     }
     greedy = SamplingSettings(max_tokens=10, temperature=0.0)
     sampled = SamplingSettings(max_tokens=6, temperature=T, adaptive_tau=TAU, seed=3)
+    stop = _greedy(reference, PROMPTS[0], 4)[3]
+    forced = SamplingSettings(max_tokens=10, temperature=0.0, stop_token_ids=(stop,), min_tokens=6)
     results = {
         kind: {
             "greedy": e.generate(PROMPTS, 1, greedy, None),
+            "forced": e.generate(PROMPTS[:1], 1, forced, None)[0],
             "sampled": e.generate(PROMPTS, 2, sampled, stats),
             "probe": e.prompt_log_probs(PROMPTS[2] + PROMPTS[0]),
         }
@@ -277,6 +301,9 @@ def _vllm_rank(rank: int, world: int, hf_dir: Path, out: Path) -> None:
     ]
     report = {
         "greedy_equal": all(a.token_ids == b.token_ids for a, b in greedy_pairs),
+        # min_tokens: vLLM's processor and the HF engine's mask agree (no stop before 6 tokens)
+        "forced_equal": vllm["forced"].token_ids == hf["forced"].token_ids,
+        "forced_length": len(vllm["forced"].token_ids),
         "greedy_logprob": max(float((a.log_probs - b.log_probs).abs().max()) for a, b in greedy_pairs),
         "probe": float((vllm["probe"] - hf["probe"]).abs().max()),
         # the first sampled token of every response is drawn from its prompt alone: same temperature in both
@@ -296,6 +323,6 @@ def test_hf_engine_matches_vllm(tiny_llama: Path, tmp_path: Path) -> None:
     run_on_ranks(partial(_vllm_rank, hf_dir=tiny_llama, out=report), 1, tmp_path / "ranks")
     result = json.loads(report.read_text())
     print(result)
-    assert result["greedy_equal"], result
+    assert result["greedy_equal"] and result["forced_equal"] and result["forced_length"] >= 6, result
     for key in ("greedy_logprob", "probe", "first_temperature", "sampled_logprob"):
         assert result[key] <= TOLERANCE, (key, result)

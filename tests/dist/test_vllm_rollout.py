@@ -270,7 +270,7 @@ def _rollout_ranks(rank: int, world: int, hf_dir: Path, out: Path) -> None:
                 max_model_len=128,
                 max_num_seqs=8,
                 dtype="float32",
-                cpu_kv_cache_gib=1,
+                cpu_kv_cache_bytes=2**26,
                 max_num_batched_tokens=16 if chunked else None,
                 sleep_level=level,
             ),
