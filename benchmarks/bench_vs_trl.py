@@ -158,7 +158,9 @@ def ours(work: Path, size: str, model_dir: Path, data: Path, *, steps: int, vari
         "output.eval_interval=0",
         "output.reward_workers=1",
     ]
-    if variant != "hapo":
+    if variant == "hapo":  # DAPO's overlong shaping within the response (every response has the same length)
+        overrides += [f"algo.reward_shaping.buffer_length={response // 4}"]
+    else:
         overrides += ["algo.aggregation.kind=token-mean"]
     if variant == "grpo-hf":
         overrides += ["engine.kind=hf"]

@@ -109,6 +109,10 @@ def _rank(rank: int, world: int, job: Job) -> None:
     """One rank: for each (label, HF directory) an engine, every set, the results (rank 0 writes them)."""
     import transformers  # noqa: PLC0415
 
+    from megatron_hapo.plugins import import_plugins  # noqa: PLC0415
+
+    import_plugins(job.config.algo.plugins)  # a rank is a process of its own: its registries start built-in
+
     from megatron_hapo.parallel import runtime  # noqa: PLC0415
     from megatron_hapo.trainer.actor import build_engine  # noqa: PLC0415
     from megatron_hapo.trainer.evaluation import encode_eval_sets, evaluate_sets, with_mean  # noqa: PLC0415

@@ -49,9 +49,10 @@ STOPPED_MARKER = ".stopped_for_requeue"
 
 def _prompts(
     config: Config, tokenizer: Any, path: str | None, read: PromptSet | None
-) -> tuple[list[list[int]], list[str]]:
+) -> tuple[list[list[int]], list[Any]]:
     """The chat-templated token ids and answers of ``read`` (the rows of ``path``, read by the preflight)."""
     from megatron_hapo.data import encode_prompts  # noqa: PLC0415
+    from megatron_hapo.trainer.scoring import scored_answers  # noqa: PLC0415
 
     if read is None:
         return [], []
@@ -63,7 +64,7 @@ def _prompts(
         len(read.skipped),
         encoded.dropped_too_long,
     )
-    return encoded.token_ids, [e.answer for e in encoded.examples]
+    return encoded.token_ids, scored_answers(encoded.examples, config.data.reward)
 
 
 def _setup_logging(rank: int) -> None:
@@ -87,6 +88,10 @@ def _rank(rank: int, world: int, config: Config, should_stop: Callable[[], bool]
     """
     _setup_logging(rank)
     import transformers  # noqa: PLC0415
+
+    from megatron_hapo.plugins import import_plugins  # noqa: PLC0415
+
+    import_plugins(config.algo.plugins)  # a rank is a process of its own: its registries start built-in
 
     from megatron_hapo.parallel import runtime  # noqa: PLC0415
     from megatron_hapo.trainer.actor import build_actor, build_engines  # noqa: PLC0415

@@ -17,20 +17,26 @@ import warnings
 
 import yaml
 
+from megatron_hapo.algos import REGISTRIES
 from megatron_hapo.config import Config, ConfigError, ConfigWarning, field_docs, load_config, to_tree
 
 
-def _documented_lines(obj: object, indent: int = 0) -> list[str]:
-    """YAML lines of a config dataclass with each field's docstring as a comment above it."""
+def _documented_lines(obj: object, indent: int = 0, section: str = "") -> list[str]:
+    """YAML lines of a config dataclass with each field's docstring as a comment above it (a plugin kind's
+    declared fields beside the built-in ones, with their ``PluginField.doc``)."""
     lines, pad, docs = [], "  " * indent, field_docs(type(obj))
-    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
-        value = getattr(obj, f.name)
-        lines.append(f"{pad}# {docs.get(f.name, '')}")
+    values = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}  # type: ignore[arg-type]
+    plugin_values = values.pop("plugin_fields", {})
+    if plugin_values:
+        declared = dict(REGISTRIES[section].get(values["kind"]).fields)
+        docs |= {name: f"{declared[name].doc} (plugin field of kind {values['kind']!r})" for name in plugin_values}
+    for name, value in (values | plugin_values).items():
+        lines.append(f"{pad}# {docs.get(name, '')}")
         if dataclasses.is_dataclass(value):
-            lines.append(f"{pad}{f.name}:")
-            lines.extend(_documented_lines(value, indent + 1))
+            lines.append(f"{pad}{name}:")
+            lines.extend(_documented_lines(value, indent + 1, name))
         else:
-            rendered = yaml.safe_dump({f.name: to_tree(value)}, default_flow_style=True, width=1000).strip()
+            rendered = yaml.safe_dump({name: to_tree(value)}, default_flow_style=True, width=1000).strip()
             lines.append(f"{pad}{rendered[1:-1]}")
     return lines
 

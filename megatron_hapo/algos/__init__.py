@@ -50,7 +50,7 @@ from megatron_hapo.algos.gtpo import (
     gtpo_token_rewards,
 )
 from megatron_hapo.algos.mixed_policy import guide_policy_surrogate, mix_losses, zero_reward_groups
-from megatron_hapo.algos.registry import Registry
+from megatron_hapo.algos.registry import PluginField, Registry
 from megatron_hapo.algos.rollout_correction import rollout_mismatch_metrics, truncated_importance_weights
 from megatron_hapo.algos.sampling import adaptive_temperature
 from megatron_hapo.algos.surrogate import (
@@ -95,6 +95,7 @@ __all__ = [
     "AggregationMode",
     "EntropyStats",
     "GuideBatch",
+    "PluginField",
     "Registry",
     "adaptive_clip_bounds",
     "adaptive_temperature",

@@ -17,6 +17,20 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class PluginField:
+    """A config field that a kind registered outside the package declares for itself (``register(fields=)``):
+    set as ``algo.<component>.<name>`` like a built-in field, type-checked, shown by ``print_config`` and kept in
+    the run's ``config.json``."""
+
+    type: type
+    """``bool``, ``int``, ``float`` or ``str``."""
+    default: Any
+    """The value when the config does not set it."""
+    doc: str = ""
+    """One line for ``print_config``."""
+
+
+@dataclass(frozen=True)
 class Entry:
     """A registered kind.
 
@@ -29,6 +43,7 @@ class Entry:
             module that reads it.
         whole_sequences: the kind needs every token of a sequence on one rank (a sequence-level ratio or a
             per-sequence mean), so context parallelism, which splits sequences, cannot compute it.
+        fields: config fields the kind declares itself (a plugin's), by name.
     """
 
     kind: str
@@ -37,6 +52,7 @@ class Entry:
     needs_entropy: bool
     read_by: tuple[tuple[str, str], ...] = ()
     whole_sequences: bool = False
+    fields: tuple[tuple[str, PluginField], ...] = ()
 
     @property
     def knobs(self) -> tuple[str, ...]:
@@ -59,12 +75,20 @@ class Registry:
         needs_entropy: bool = False,
         read_by: dict[str, str] | None = None,
         whole_sequences: bool = False,
+        fields: dict[str, PluginField] | None = None,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-        """Decorator registering ``fn`` under ``kind``; ``ValueError`` when ``fn`` does not take a ``uses`` field."""
+        """Decorator registering ``fn`` under ``kind``; ``ValueError`` when ``fn`` does not take a ``uses`` field,
+        or a declared field is not one of ``uses`` or has a default of another type."""
 
         def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
             if kind in self._entries:
                 raise ValueError(f"{self.component} kind {kind!r} is already registered")
+            for name, spec in (fields or {}).items():
+                if name not in uses or spec.type not in (bool, int, float, str) or type(spec.default) is not spec.type:
+                    raise ValueError(
+                        f"{self.component} kind {kind!r}: field {name!r} must be in uses and have a bool, int, float "
+                        f"or str type with a default of that type (got {spec.type.__name__} = {spec.default!r})"
+                    )
             accepted = inspect.signature(fn).parameters
             if dropped := [name for name in uses if name not in accepted]:
                 raise ValueError(
@@ -78,6 +102,7 @@ class Registry:
                 needs_entropy=needs_entropy,
                 read_by=tuple((read_by or {}).items()),
                 whole_sequences=whole_sequences,
+                fields=tuple((fields or {}).items()),
             )
             return fn
 
@@ -97,8 +122,15 @@ class Registry:
         return tuple(self._entries)
 
     def params(self, kind: str, component_config: Any) -> dict[str, Any]:
-        """The fields of ``component_config`` that ``kind``'s function takes, as keyword arguments."""
-        return {name: getattr(component_config, name) for name in self.get(kind).uses}
+        """The fields of ``component_config`` that ``kind``'s function takes, as keyword arguments (a plugin's
+        declared fields from the config's ``plugin_fields``, else their defaults)."""
+        entry = self.get(kind)
+        declared = dict(entry.fields)
+        values = getattr(component_config, "plugin_fields", {})
+        return {
+            name: values.get(name, declared[name].default) if name in declared else getattr(component_config, name)
+            for name in entry.uses
+        }
 
     def __contains__(self, kind: object) -> bool:
         return kind in self._entries

@@ -8,11 +8,20 @@ ratio, token-mean), so a preset states only what differs from plain GRPO.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 
 @dataclass(kw_only=True, slots=True)
-class SamplingConfig:
+class ComponentConfig:
+    """A component section: its ``kind`` (a registered kind) and that kind's fields."""
+
+    plugin_fields: dict[str, Any] = field(default_factory=dict)
+    """Values of the fields a plugin kind declares (``register(fields=...)``), set as ``algo.<component>.<name>``
+    like the fields below and shown and saved that way (filled in by the config loader)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class SamplingConfig(ComponentConfig):
     """Rollout sampling of the training responses (spec 2.2)."""
 
     kind: str = "fixed"
@@ -42,7 +51,7 @@ class EntropyConfig:
 
 
 @dataclass(kw_only=True, slots=True)
-class RewardShapingConfig:
+class RewardShapingConfig(ComponentConfig):
     """Shaping added to the correctness reward (spec 1.2)."""
 
     kind: str = "none"
@@ -54,7 +63,7 @@ class RewardShapingConfig:
 
 
 @dataclass(kw_only=True, slots=True)
-class GroupFilterConfig:
+class GroupFilterConfig(ComponentConfig):
     """Dynamic sampling: which groups enter the training batch (spec 1.2)."""
 
     kind: str = "none"
@@ -71,7 +80,7 @@ class GroupFilterConfig:
 
 
 @dataclass(kw_only=True, slots=True)
-class AdvantageConfig:
+class AdvantageConfig(ComponentConfig):
     """Advantage estimator (spec 1.1, 2.3, 3.2, 3.3)."""
 
     kind: str = "grpo"
@@ -94,7 +103,7 @@ class AdvantageConfig:
 
 
 @dataclass(kw_only=True, slots=True)
-class ClipConfig:
+class ClipConfig(ComponentConfig):
     """Importance-ratio clipping (spec 1.2, 2.5)."""
 
     kind: str = "fixed"
@@ -110,7 +119,7 @@ class ClipConfig:
 
 
 @dataclass(kw_only=True, slots=True)
-class RedistributionConfig:
+class RedistributionConfig(ComponentConfig):
     """Differential advantage redistribution (spec 2.4)."""
 
     kind: str = "none"
@@ -120,7 +129,7 @@ class RedistributionConfig:
 
 
 @dataclass(kw_only=True, slots=True)
-class RatioConfig:
+class RatioConfig(ComponentConfig):
     """Level of the importance ratio (spec 3.3, ambiguity G3)."""
 
     kind: str = "token"
@@ -128,7 +137,7 @@ class RatioConfig:
 
 
 @dataclass(kw_only=True, slots=True)
-class AggregationConfig:
+class AggregationConfig(ComponentConfig):
     """How per-token losses become one loss (exact across ranks and micro-batches)."""
 
     kind: str = "token-mean"
@@ -136,7 +145,7 @@ class AggregationConfig:
 
 
 @dataclass(kw_only=True, slots=True)
-class GuidePolicyConfig:
+class GuidePolicyConfig(ComponentConfig):
     """Mixed-policy DAPO: a frozen guide policy (spec 4; a reading of an abstract, ambiguity M1)."""
 
     kind: str = "none"
@@ -156,7 +165,7 @@ class GuidePolicyConfig:
 
 
 @dataclass(kw_only=True, slots=True)
-class RolloutCorrectionConfig:
+class RolloutCorrectionConfig(ComponentConfig):
     """Correction for the rollout engine's log-probs differing from the trainer's (docs/ROLLOUT.md)."""
 
     kind: str = "none"
@@ -168,6 +177,10 @@ class RolloutCorrectionConfig:
 @dataclass(kw_only=True, slots=True)
 class AlgoConfig:
     """An RL algorithm as a composition of component kinds."""
+
+    plugins: list[str] = field(default_factory=list)
+    """Your modules (dotted names or ``.py`` paths) that register kinds (``@ADVANTAGE.register(...)``), imported
+    before the config is checked, in every rank (docs/EXTENDING.md)."""
 
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     """Rollout sampling (fixed or entropy-adaptive temperature)."""

@@ -36,6 +36,8 @@ _Dataclass = TypeVar("_Dataclass", bound="DataclassInstance")
 
 #: Keys renamed since an earlier release: a config that still uses one gets the new name in one line.
 RENAMED = {"output.eval_k": "output.eval.n"}
+#: The field of a component section that holds its plugin kind's declared fields (never a key users write).
+PLUGIN_FIELDS = "plugin_fields"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,17 +206,38 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+def _declared_fields(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
+    """The fields that the chosen kind of component section ``where`` declares itself (a plugin kind's
+    :class:`~megatron_hapo.algos.PluginField` by name); empty for built-in and unknown kinds (validation names
+    an unknown kind)."""
+    from megatron_hapo.algos import REGISTRIES  # noqa: PLC0415  (plugins have registered by now)
+
+    registry = REGISTRIES.get(where.rsplit(".", 1)[-1])
+    default = next(f.default for f in dataclasses.fields(cls) if f.name == "kind")
+    kind = data.get("kind", default)
+    kind = kind.for_type(str) if isinstance(kind, Override) else kind
+    if registry is None or not isinstance(kind, str) or kind not in registry:
+        return {}
+    return dict(registry.get(kind).fields)
+
+
 def build_dataclass(cls: type[_Dataclass], data: dict[str, Any], where: str = "") -> _Dataclass:
-    """Instantiate config dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types."""
+    """Instantiate config dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types. In a
+    component section, the fields its (plugin) kind declares are taken as well, into ``plugin_fields``."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__} {data!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs: dict[str, Any] = {}
+    component = PLUGIN_FIELDS in [f.name for f in dataclasses.fields(cls)]
+    declared = _declared_fields(cls, data, where) if component else {}
+    names = [f.name for f in dataclasses.fields(cls) if f.name != PLUGIN_FIELDS] + list(declared)
+    kwargs: dict[str, Any] = {PLUGIN_FIELDS: {}} if component else {}
     for key, value in data.items():
         dotted = f"{where}.{key}" if where else str(key)
         if dotted in RENAMED:
             raise ConfigError(f"config key '{dotted}' is now '{RENAMED[dotted]}'; rename it")
+        if key in declared:
+            kwargs[PLUGIN_FIELDS][key] = _coerce(value, declared[key].type, dotted)
+            continue
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
             hint = f"; did you mean '{where + '.' if where else ''}{close[0]}'?" if close else ""
@@ -231,13 +254,31 @@ def build_dataclass(cls: type[_Dataclass], data: dict[str, Any], where: str = ""
     ]
     if missing:
         raise ConfigError(f"{where or 'config'}: missing {', '.join(repr(m) for m in missing)}")
+    for name, spec in declared.items():
+        kwargs[PLUGIN_FIELDS].setdefault(name, spec.default)
     return cls(**kwargs)
+
+
+def import_config_plugins(tree: dict[str, Any]) -> None:
+    """Import the ``algo.plugins`` of an untyped config tree (before it is typed: their kinds and fields must be
+    known to type it); a plugin that fails is a :class:`ConfigError` naming it."""
+    from megatron_hapo.plugins import PluginError, import_plugins  # noqa: PLC0415
+
+    algo = tree.get("algo")
+    plugins = algo.get("plugins") if isinstance(algo, dict) else None
+    if plugins is None:
+        return
+    try:
+        import_plugins(_coerce(plugins, list[str], "algo.plugins"))
+    except PluginError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def to_tree(obj: Any) -> Any:
     """A config dataclass as plain nested dicts / lists (YAML-ready)."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_tree(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if dataclasses.is_dataclass(obj):  # a plugin kind's fields beside the built-in ones, as they are set
+        tree = {f.name: to_tree(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.name != PLUGIN_FIELDS}
+        return tree | dict(getattr(obj, PLUGIN_FIELDS, {}))
     if isinstance(obj, tuple | list):
         return [to_tree(v) for v in obj]
     if isinstance(obj, dict):
@@ -267,7 +308,9 @@ def load_config(
     Raises:
         ConfigError: unknown key, wrong type, out-of-range value or inconsistent combination.
     """
-    config = build_dataclass(Config, resolve_tree(path, overrides))
+    tree = resolve_tree(path, overrides)
+    import_config_plugins(tree)
+    config = build_dataclass(Config, tree)
     validate(config)
     if warn:
         no_effect_warnings(config, emit=True)

@@ -170,6 +170,13 @@ class DataConfig:
     """Dotted key of the ground-truth answer."""
     bad_rows: Literal["error", "skip"] = "error"
     """A malformed row stops with its file and row (``error``) or is skipped and counted (``skip``)."""
+    extra_keys: list[str] = field(default_factory=list)
+    """Dotted keys of each row passed to a reward function of yours as its ``extra`` dict (e.g. a countdown
+    problem's ``numbers``); they must be in every row."""
+    row_adapter: str | None = None
+    """A function of yours (``module:function`` / ``file.py:function``) that turns a row of any layout into
+    ``{"prompt": messages or text, "answer": ..., "extra": {...}}``; used instead of ``prompt_key`` / ``answer_key``
+    / ``extra_keys`` (docs/EXTENDING.md)."""
     reward: str = "dapo_math"
     """Verifier: ``dapo_math`` (DAPO's last ``Answer:`` line), ``boxed_math`` (the last ``\\boxed{}``), or your
     own function, ``package.module:function`` or ``path/to/file.py:function``, called as ``f(response,

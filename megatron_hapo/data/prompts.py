@@ -10,7 +10,7 @@ and counted, never truncated.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +30,8 @@ class PromptExample:
     """Ground truth for the verifier."""
     row: int
     """Its line in a jsonl file (from 1) or its row in a parquet file (from 0)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """The row's other fields for a reward function of yours (``data.extra_keys``, or a row adapter's)."""
 
 
 @dataclass
@@ -167,14 +169,45 @@ def detect_keys(path: str | Path, prompt_key: str, answer_key: str) -> tuple[str
     return found[0], found[1]
 
 
+def _example(
+    row: Any,
+    number: int,
+    *,
+    prompt_key: str,
+    answer_key: str,
+    extra_keys: Sequence[str],
+    adapter: Callable[[dict[str, Any]], Any] | None,
+) -> PromptExample:
+    """One row as a :class:`PromptExample` (by its keys, or by the adapter); :class:`DataError` if unusable."""
+    if adapter is None:
+        extra = {key: _lookup(row, key) for key in extra_keys}
+        return PromptExample(
+            _messages(_lookup(row, prompt_key)), _answer_text(_lookup(row, answer_key), answer_key), number, extra
+        )
+    try:
+        adapted = adapter(row)
+    except Exception as exc:  # the adapter's failure on this row is the row's
+        raise DataError(f"data.row_adapter raised {type(exc).__name__}: {exc}") from None
+    if not isinstance(adapted, dict) or not {"prompt", "answer"} <= adapted.keys():
+        raise DataError(f"data.row_adapter must return a mapping with 'prompt' and 'answer', got {adapted!r:.80}")
+    extra = adapted.get("extra") or {}
+    if not isinstance(extra, dict):
+        raise DataError(f"data.row_adapter's 'extra' must be a mapping, got {type(extra).__name__}")
+    return PromptExample(_messages(adapted["prompt"]), _answer_text(adapted["answer"], "answer"), number, extra)
+
+
 def read_prompts(
     path: str | Path,
     *,
     prompt_key: str = "prompt",
     answer_key: str = "reward_model.ground_truth",
     bad_rows: Literal["error", "skip"] = "error",
+    extra_keys: Sequence[str] = (),
+    row_adapter: Callable[[dict[str, Any]], Any] | None = None,
 ) -> PromptSet:
-    """Read a ``.parquet`` or ``.jsonl`` prompt file (see the module docstring)."""
+    """Read a ``.parquet`` or ``.jsonl`` prompt file (see the module docstring). ``extra_keys``: dotted keys of
+    each row kept in :attr:`PromptExample.extra`. ``row_adapter``: a function of the row returning a mapping of
+    ``prompt`` (messages or text), ``answer`` and optionally ``extra`` (a dict), used instead of the keys."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such prompt file")
@@ -184,8 +217,16 @@ def read_prompts(
         try:
             if isinstance(row, DataError):
                 raise row
-            answer = _answer_text(_lookup(row, answer_key), answer_key)
-            out.examples.append(PromptExample(_messages(_lookup(row, prompt_key)), answer, row_number))
+            out.examples.append(
+                _example(
+                    row,
+                    row_number,
+                    prompt_key=prompt_key,
+                    answer_key=answer_key,
+                    extra_keys=extra_keys,
+                    adapter=row_adapter,
+                )
+            )
         except DataError as exc:
             if bad_rows == "error":
                 raise DataError(f"{path}: {unit} {row_number}: {exc} (bad_rows=skip skips such rows)") from None

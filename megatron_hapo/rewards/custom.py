@@ -13,14 +13,12 @@ prompt file or a checkpoint is ever run.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
 import math
-import sys
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
+
+from megatron_hapo.plugins import PluginError, load_function
 
 #: The rules built into :func:`~megatron_hapo.rewards.math_answer.math_reward`.
 BUILT_IN_RULES = ("dapo_math", "boxed_math")
@@ -35,51 +33,25 @@ def is_reference(rule: str) -> bool:
     return rule not in BUILT_IN_RULES
 
 
-def import_module(name: str) -> Any:
-    """Import ``name``: a dotted module name, or a path to a ``.py`` file (imported as its stem, once)."""
-    if not name.endswith(".py"):
-        return importlib.import_module(name)
-    path = Path(name).resolve()
-    if not path.is_file():
-        raise FileNotFoundError(f"{name}: no such file")
-    module_name = f"megatron_hapo_plugin_{path.stem}_{abs(hash(str(path))) % 10**8}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    assert spec is not None and spec.loader is not None  # a .py file that exists
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[module_name]
-        raise
-    return module
-
-
 def load_reward_function(reference: str) -> Callable[..., Any]:
     """The function ``reference`` names (``module:function`` / ``file.py:function``), checked to take three
     positional arguments; :class:`RewardFunctionError` (one line) otherwise."""
-    module_name, sep, attribute = reference.rpartition(":")
-    if not sep or not module_name or not attribute:
+    if ":" not in reference:
         raise RewardFunctionError(
             f"reward {reference!r}: name a built-in rule ({', '.join(BUILT_IN_RULES)}) or a function as "
             "'package.module:function' or 'path/to/file.py:function'"
         )
     try:
-        module = import_module(module_name)
-    except Exception as exc:
-        raise RewardFunctionError(f"reward {reference!r}: importing {module_name} failed: {exc!r}") from exc
-    function = getattr(module, attribute, None)
-    if not callable(function):
-        raise RewardFunctionError(f"reward {reference!r}: {module_name} has no function {attribute!r}")
+        function = load_function(reference, "reward")
+    except PluginError as exc:
+        raise RewardFunctionError(str(exc)) from None
     try:
         inspect.signature(function).bind("response", "answer", {})
     except TypeError as exc:
         raise RewardFunctionError(
-            f"reward {reference!r}: must take (response, ground_truth, extra); {attribute}{inspect.signature(function)}"
-            f" does not ({exc})"
-        ) from exc
+            f"reward {reference!r}: must take (response, ground_truth, extra); {function.__name__}"
+            f"{inspect.signature(function)} does not ({exc})"
+        ) from None
     return function
 
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from megatron_hapo.rollout.engine import RolloutEngine, SamplingSettings
-from megatron_hapo.trainer.scoring import Scorer
+from megatron_hapo.trainer.scoring import Scorer, scored_answers
 
 if TYPE_CHECKING:
     from megatron_hapo.config import Config
@@ -95,7 +95,7 @@ def encode_eval_sets(
         )
         if not encoded.token_ids:
             raise ValueError(f"evaluation set {one.name} ({one.path}): no prompt fits rollout.max_prompt_length")
-        answers = [e.answer for e in encoded.examples]
+        answers = scored_answers(encoded.examples, one.reward)
         out.append(EvalSet(one.name, encoded.token_ids, answers, scorers[one.reward]))
     return out
 

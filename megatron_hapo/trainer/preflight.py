@@ -12,7 +12,7 @@ import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from megatron_hapo.config import Config
@@ -103,9 +103,7 @@ def read_data(config: Config) -> RunData:
     if not Path(data.train_file).is_file():
         raise SystemExit(f"data.train_file={data.train_file!r}: no such file")
     try:
-        train = read_prompts(
-            data.train_file, prompt_key=data.prompt_key, answer_key=data.answer_key, bad_rows=data.bad_rows
-        )
+        train = read_prompts(data.train_file, **row_settings(config, data.prompt_key, data.answer_key))
     except DataError as exc:
         raise SystemExit(
             f"data.train_file: {exc} (keys: data.prompt_key={data.prompt_key!r}, data.answer_key={data.answer_key!r})"
@@ -131,6 +129,25 @@ def eval_specs(config: Config, extra: dict[str, str] | None = None) -> dict[str,
     return specs
 
 
+def row_settings(config: Config, prompt_key: str, answer_key: str) -> dict[str, Any]:
+    """How ``read_prompts`` reads a file's rows under ``data.*`` (keys, bad rows, extra keys, the row adapter,
+    loaded here: a failure is one line naming ``data.row_adapter``)."""
+    from megatron_hapo.plugins import PluginError, load_function  # noqa: PLC0415
+
+    data = config.data
+    try:
+        adapter = load_function(data.row_adapter, "data.row_adapter") if data.row_adapter else None
+    except PluginError as exc:
+        raise SystemExit(str(exc)) from None
+    return {
+        "prompt_key": prompt_key,
+        "answer_key": answer_key,
+        "bad_rows": data.bad_rows,
+        "extra_keys": tuple(data.extra_keys),
+        "row_adapter": adapter,
+    }
+
+
 def read_eval_sets(config: Config, specs: dict[str, tuple[str, EvalSetConfig]]) -> tuple[EvalData, ...]:
     """Each set read (columns found: :func:`~megatron_hapo.data.prompts.detect_keys`, unless set), put into its
     template, with its answer rule; a missing file or column is one line naming the key that named the set."""
@@ -144,7 +161,7 @@ def read_eval_sets(config: Config, specs: dict[str, tuple[str, EvalSetConfig]]) 
         prompt_key, answer_key = detect_keys(spec.file, config.data.prompt_key, config.data.answer_key)
         prompt_key, answer_key = spec.prompt_key or prompt_key, spec.answer_key or answer_key
         try:
-            read = read_prompts(spec.file, prompt_key=prompt_key, answer_key=answer_key, bad_rows=config.data.bad_rows)
+            read = read_prompts(spec.file, **row_settings(config, prompt_key, answer_key))
         except DataError as exc:
             raise SystemExit(
                 f"{key}: {exc} (keys {prompt_key!r} / {answer_key!r}; name them with data.eval_sets.{name}.prompt_key"

@@ -44,7 +44,8 @@ class WorkerScorer:
 
     def __call__(self, token_ids: Sequence[list[int]], answers: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
         responses = self.decode(list(token_ids)) if self.decode is not None else token_ids
-        outcomes = self.workers.map(list(zip(responses, answers, strict=True)))
+        calls = [(r, *a) if isinstance(a, tuple) else (r, a) for r, a in zip(responses, answers, strict=True)]
+        outcomes = self.workers.map(calls)
         for outcome in outcomes:
             self._tally[outcome.status] = self._tally.get(outcome.status, 0) + 1
             if outcome.status != "ok" and self._first_failure is None:
@@ -131,3 +132,9 @@ def math_scorers(
             stack.callback(workers.close)
             scorers[rule] = worker_scorer(workers, failure, decode=decode)
         yield scorers
+
+
+def scored_answers(examples: Sequence[Any], rule: str) -> list[Any]:
+    """What the scorer of ``rule`` gets per prompt: the answer, or for a function of yours ``(answer, extra)``
+    (the row's ``data.extra_keys`` / row adapter's fields; the built-in rules read the answer alone)."""
+    return [(e.answer, e.extra) if is_reference(rule) else e.answer for e in examples]

@@ -1,0 +1,142 @@
+"""Extending without forking (docs/EXTENDING.md): the shipped examples, from outside the package, through the
+trainer's entry point at two ranks, and their pieces on their own.
+
+- ``examples/plugins/rloo.py`` registers an advantage kind with a field of its own (``loo_eps``);
+- ``examples/plugins/countdown.py`` is a reward function with a sub-score and a data set whose rows carry their
+  numbers in a field of their own (``data.extra_keys``).
+
+``python -m megatron_hapo.train ... algo.plugins=[examples/plugins/rloo.py] algo.advantage.kind=rloo
+algo.advantage.loo_eps=... data.reward=examples/plugins/countdown.py:countdown_reward --local-ranks 2`` trains two
+steps: the field is validated, recorded in ``config.json`` as set, the sub-score is a step metric, and each rank
+(a process of its own) imported the plugin before it looked the kind up (else it stops on an unknown kind).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "examples" / "plugins"))  # the examples as a user's modules
+
+
+def test_rloo_kind_and_its_field() -> None:
+    from megatron_hapo.algos import ADVANTAGE
+    from megatron_hapo.algos.components import AdvantageInputs
+    from megatron_hapo.config import load_config, to_tree
+
+    plugin = "algo.plugins=[examples/plugins/rloo.py]"
+    config = load_config(
+        "configs/algo/grpo.yaml", [plugin, "algo.advantage.kind=rloo", "algo.advantage.loo_eps=0.5"], warn=False
+    )
+    assert to_tree(config)["algo"]["advantage"]["loo_eps"] == 0.5  # saved as set, beside the built-in fields
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 3.0])
+    inputs = AdvantageInputs(rewards, [0, 0, 0, 1, 1, 2], torch.ones(6, 2, dtype=torch.bool))
+    params = ADVANTAGE.params("rloo", config.algo.advantage)
+    assert params == {"std_norm": True, "loo_eps": 0.5}
+    advantages = ADVANTAGE.get("rloo").fn(inputs, **params)[:, 0]
+    std = rewards[:3].std()  # Bessel-corrected, as GRPO's
+    expected = torch.tensor([1.0 / (std + 0.5), -0.5 / (std + 0.5), -0.5 / (std + 0.5), 0.0, 0.0, 0.0])
+    torch.testing.assert_close(advantages, expected)
+    assert ADVANTAGE.params("rloo", load_config("configs/algo/grpo.yaml", [plugin], warn=False).algo.advantage) == {
+        "std_norm": True,
+        "loo_eps": 1e-6,  # the declared default when the kind is chosen without it
+    }
+
+
+@pytest.mark.parametrize(
+    ("overrides", "says"),
+    [
+        (["algo.advantage.kind=rloo", "algo.advantage.loo_epz=1"], "did you mean 'algo.advantage.loo_eps'"),
+        (["algo.advantage.kind=rloo", "algo.advantage.loo_eps=tiny"], "algo.advantage.loo_eps: expected float"),
+        (["algo.advantage.loo_eps=1"], "unknown config key 'algo.advantage.loo_eps'"),  # not the chosen kind's
+        (["algo.advantage.plugin_fields={}"], "unknown config key 'algo.advantage.plugin_fields'"),
+    ],
+)
+def test_plugin_fields_are_checked_like_built_in_ones(overrides: list[str], says: str) -> None:
+    from megatron_hapo.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as caught:
+        load_config("configs/algo/grpo.yaml", ["algo.plugins=[examples/plugins/rloo.py]", *overrides], warn=False)
+    assert says in str(caught.value) and "\n" not in str(caught.value), str(caught.value)
+
+
+def test_bad_plugins_are_one_line(tmp_path: Path) -> None:
+    from megatron_hapo.config import ConfigError, load_config
+
+    twice = tmp_path / "twice.py"
+    twice.write_text("from megatron_hapo.algos import ADVANTAGE\nADVANTAGE.register('grpo')(lambda inputs: None)\n")
+    broken = tmp_path / "broken.py"
+    broken.write_text("raise RuntimeError('this plugin is broken')\n")
+    for plugin, says in [
+        (twice, "ValueError: advantage kind 'grpo' is already registered"),
+        (broken, "RuntimeError: this plugin is broken"),
+        (tmp_path / "absent.py", "no such file"),
+        ("no_such_plugin_module", "No module named 'no_such_plugin_module'"),
+    ]:
+        with pytest.raises(ConfigError) as caught:
+            load_config("configs/algo/grpo.yaml", [f"algo.plugins=[{plugin}]"], warn=False)
+        message = str(caught.value)
+        assert message.startswith("algo.plugins: ") and says in message and "\n" not in message, message
+
+
+def test_countdown_reward_and_rows() -> None:
+    from countdown import countdown_reward, make_countdown
+
+    rows = make_countdown(20, seed=3)
+    assert len(rows) == 20 and all(len(r["numbers"]) == 3 for r in rows)
+    assert countdown_reward("3 + 4 * 2", "11", {"numbers": [3, 4, 2]}) == {"score": 1.0, "correct": True, "format": 1.0}
+    assert countdown_reward("4 * 4 - 5", "11", {"numbers": [3, 4, 5]})["score"] == 0.0  # 4 used twice
+    assert countdown_reward("1 2 - 1", "11", {"numbers": [12, 1]})["correct"]  # digits join up
+    assert countdown_reward("__import__('os')", "1", {"numbers": [1]}) == {"score": 0.0, "correct": False, "format": 0.0}
+
+
+def test_train_with_the_examples_at_two_ranks(tmp_path: Path) -> None:
+    from countdown import make_countdown
+
+    model = tmp_path / "tiny"
+    subprocess.run([sys.executable, "tools/make_tiny_model.py", "--out", str(model)], cwd=REPO, check=True)
+    data = tmp_path / "countdown.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in make_countdown(16)))
+    run_dir = tmp_path / "run"
+    args = [
+        "configs/algo/grpo.yaml",
+        "algo.plugins=[examples/plugins/rloo.py]",
+        "algo.advantage.kind=rloo",
+        "algo.advantage.loo_eps=0.001",
+        "data.reward=examples/plugins/countdown.py:countdown_reward",
+        f"data.train_file={data}",
+        "data.answer_key=target",
+        "data.extra_keys=[numbers]",
+        f"model.path={model}",
+        "engine.kind=hf",
+        "engine.max_num_seqs=32",
+        "rollout.num_samples_per_prompt=4",
+        "rollout.max_prompt_length=32",
+        "rollout.max_response_length=6",
+        "train.prompts_per_step=4",
+        "train.mini_batch_prompts=4",
+        "train.total_steps=2",
+        "optim.lr=1e-3",
+        "optim.warmup_steps=0",
+        "output.reward_workers=1",
+        f"output.dir={run_dir}",
+        "--local-ranks",
+        "2",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "megatron_hapo.train", *args], cwd=REPO, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["algo"]["plugins"] == ["examples/plugins/rloo.py"]
+    assert saved["algo"]["advantage"]["kind"] == "rloo" and saved["algo"]["advantage"]["loo_eps"] == 0.001
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1]
+    assert all(0.0 <= r["reward/format"] <= 1.0 for r in rows), rows  # the function's sub-score, as a metric
+    assert all(r["reward_errors"] == 0.0 for r in rows)
