@@ -29,6 +29,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -119,13 +120,32 @@ class TreePeak:
         return self.peak / 2**30
 
 
+def _stop_group(process: subprocess.Popen) -> None:
+    """Stop a run's process group at once: two different signals (the trainer's "stop now"), then SIGKILL."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
 def run_measured(command: list[str], env: dict[str, str], log: Path) -> float:
     """Run ``command`` to its end (its output to ``log``); the peak RSS of its process tree in GiB."""
     with log.open("w") as f:
-        process = subprocess.Popen(command, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+        process = subprocess.Popen(
+            command, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
+        )
         peak = TreePeak(process.pid)
-        code = process.wait()
-        gib = peak.stop()
+        try:
+            code = process.wait()
+        finally:  # the benchmark stopped (Ctrl-C, SIGTERM): the run and everything it started go with it
+            gib = peak.stop()
+            if process.poll() is None:
+                _stop_group(process)
     if code:
         raise SystemExit(f"{' '.join(command[:4])} ... failed ({code}); its log: {log}")
     return gib
@@ -300,6 +320,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the summary as JSON here")
     parser.add_argument("--ours-override", nargs="*", default=[], help="more key=value overrides for our runs")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: each run's process group is stopped
     install_trl(args.trl_dir)
     summary: dict[str, dict] = {}
     work = Path(tempfile.mkdtemp(prefix="bench_vs_trl_"))  # kept when a run fails (its log is named), else removed

@@ -41,7 +41,8 @@ def shape_rewards(algo: Any, rewards: torch.Tensor, lengths: torch.Tensor, *, ma
 def keep_groups(algo: Any, metric: torch.Tensor, group_ids: Any) -> torch.Tensor:
     """``[B]`` bool: responses of the groups the configured filter keeps (``metric``: ``[B]`` accuracy)."""
     cfg = algo.group_filter
-    return GROUP_FILTER.get(cfg.kind).fn(metric, group_ids)
+    fields = {k: v for k, v in GROUP_FILTER.params(cfg.kind, cfg).items() if k != "metric"}  # metric: the tensor
+    return GROUP_FILTER.get(cfg.kind).fn(metric, group_ids, **fields)
 
 
 def compute_advantages(algo: Any, inputs: AdvantageInputs) -> torch.Tensor:
