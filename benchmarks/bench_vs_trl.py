@@ -237,6 +237,7 @@ def trl_worker(model_dir: str, data: str, response: int, steps: int) -> None:
         logging_steps=1,
         report_to="none",
         use_cpu=True,
+        bf16=False,  # TRL's GRPOConfig defaults to bf16 autocast; both systems compute in float32 here
         save_strategy="no",
         shuffle_dataset=False,
         seed=0,

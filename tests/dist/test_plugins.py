@@ -25,6 +25,21 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "examples" / "plugins"))  # the examples as a user's modules
 
 
+@pytest.fixture(autouse=True)
+def isolated_registries():
+    """Plugin kinds registered by a test in this process are gone after it (and their modules, so that the next
+    load imports and registers them again): other tests see the built-in registries."""
+    from megatron_hapo.algos import REGISTRIES
+
+    saved = {name: dict(registry._entries) for name, registry in REGISTRIES.items()}
+    yield
+    for name, registry in REGISTRIES.items():
+        registry._entries.clear()
+        registry._entries.update(saved[name])
+    for module in [m for m in sys.modules if m.startswith("megatron_hapo_plugin_")]:
+        del sys.modules[module]
+
+
 def test_rloo_kind_and_its_field() -> None:
     from megatron_hapo.algos import ADVANTAGE
     from megatron_hapo.algos.components import AdvantageInputs
@@ -121,3 +136,20 @@ def test_train_with_the_examples_at_two_ranks(tmp_path: Path) -> None:
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert all(0.0 <= r["reward/format"] <= 1.0 for r in rows), rows  # the function's sub-score, as a metric
     assert all(r["reward_errors"] == 0.0 for r in rows)
+
+
+def test_print_config_shows_a_plugin_field_with_its_doc() -> None:
+    command = [
+        sys.executable,
+        "tools/print_config.py",
+        "configs/algo/grpo.yaml",
+        "algo.plugins=[examples/plugins/rloo.py]",
+        "algo.advantage.kind=rloo",
+        "algo.advantage.loo_eps=0.25",
+        "--docs",
+    ]
+    shown = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True).stdout.splitlines()
+    at = shown.index("    loo_eps: 0.25")
+    assert "added to the group's standard deviation" in shown[at - 1] and "plugin field of kind 'rloo'" in shown[at - 1]
+    plain = subprocess.run(command[:-1], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert "  advantage:\n    kind: rloo\n" in plain and "    loo_eps: 0.25\n" in plain
