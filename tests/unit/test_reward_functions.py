@@ -121,3 +121,35 @@ def test_workers_score_count_failures_and_report_sub_scores(plugin: Path) -> Non
         rewards, _ = scorers[rules[1]]([[], [1]], ["1", "1"])  # the empty response raises
         assert rewards.tolist() == [0.0, 1.0]
         assert reward_failures(scorers[rules[1]], limit=0.5)["reward_errors"] == 1.0
+
+
+def test_extra_keys_and_a_row_adapter(tmp_path: Path) -> None:
+    """Rows of another layout: extra dotted keys reach ``extra``; a row adapter by reference turns any row into
+    prompt / answer / extra, a row it fails on is a bad row (named, or skipped and counted)."""
+    import json
+
+    from megatron_hapo.config import load_config
+    from megatron_hapo.data import DataError, read_prompts
+    from megatron_hapo.trainer.preflight import row_settings
+
+    rows = tmp_path / "rows.jsonl"
+    lines = [{"q": "2 + 2", "meta": {"sol": "4", "nums": [2, 2]}}, {"q": "bad row", "meta": {}}]
+    rows.write_text("".join(json.dumps(row) + "\n" for row in lines))
+    adapter = tmp_path / "adapter.py"
+    adapter.write_text(
+        "def adapt(row):\n"
+        "    return {'prompt': row['q'], 'answer': row['meta']['sol'], 'extra': {'nums': row['meta']['nums']}}\n"
+    )
+    read = read_prompts(rows, prompt_key="q", answer_key="meta.sol", extra_keys=("meta.nums",), bad_rows="skip")
+    assert read.examples[0].extra == {"meta.nums": [2, 2]} and len(read.skipped) == 1
+    config = load_config("configs/algo/grpo.yaml", [f"data.row_adapter={adapter}:adapt"], warn=False)
+    settings = row_settings(config, "prompt", "answer")
+    adapted = read_prompts(rows, **(settings | {"bad_rows": "skip"}))
+    (example,) = adapted.examples
+    assert example.messages == (("user", "2 + 2"),) and example.answer == "4" and example.extra == {"nums": [2, 2]}
+    assert adapted.skipped == [(2, "data.row_adapter raised KeyError: 'sol'")]
+    with pytest.raises(DataError, match=r"line 2: data.row_adapter raised KeyError"):
+        read_prompts(rows, **settings)
+    bad = load_config("configs/algo/grpo.yaml", [f"data.row_adapter={adapter}:missing"], warn=False)
+    with pytest.raises(SystemExit, match=r"^data.row_adapter=.*has no function 'missing'$"):
+        row_settings(bad, "prompt", "answer")
