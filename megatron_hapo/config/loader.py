@@ -195,8 +195,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 @functools.cache
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring written under each field of a config dataclass (parsed from its source and its bases')."""
-    inherited = [field_docs(base) for base in cls.__bases__ if dataclasses.is_dataclass(base)]
-    return functools.reduce(lambda a, b: a | b, inherited, {}) | _own_field_docs(cls)
+    docs: dict[str, str] = {}
+    for base in cls.__bases__:
+        if dataclasses.is_dataclass(base):
+            docs |= field_docs(base)
+    return docs | _own_field_docs(cls)
 
 
 def _own_field_docs(cls: type) -> dict[str, str]:
