@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_hapo.config import load_config  # noqa: PLC0415
     from megatron_hapo.config.errors import ConfigError  # noqa: PLC0415
     from megatron_hapo.trainer.evaluation import EvalSettings  # noqa: PLC0415
-    from megatron_hapo.trainer.preflight import eval_specs, read_eval_sets  # noqa: PLC0415
+    from megatron_hapo.trainer.preflight import check_reward_functions, eval_specs, read_eval_sets  # noqa: PLC0415
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -254,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     if not specs:
         raise SystemExit("no benchmark: pass --set NAME=FILE (a .jsonl or .parquet prompt file) or data.eval_sets")
     found, sets = targets([t for t in args.targets if t not in overrides]), read_eval_sets(config, specs)
+    check_reward_functions(config, sets)
     job = Job(config, [], sets, settings, str(args.out))
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # srun / torchrun: launch/evaluate.sh
         _evaluate_joined(found, job)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -202,18 +203,19 @@ def check_inputs(config: Config, *, compare_config: bool = True) -> RunData:
         check_model_dir(guide.model_path, "algo.guide_policy.model_path", vllm_on_cpu=vllm_on_cpu)
     _, resume = resume_source(config, compare_config=compare_config)
     data = read_data(config)
-    check_reward_functions(config, data)
+    check_reward_functions(config, data.evals, data.train)
     return RunData(train=data.train, evals=data.evals, resume=resume)
 
 
-def check_reward_functions(config: Config, data: RunData) -> None:
-    """Each user-named reward function (``data.reward``, an evaluation set's ``reward``) loaded and called once
-    on a probe (an empty response and its file's first answer), before a step is spent: a module that fails to
-    import, a wrong signature, an exception or a result that is not a score is one line naming the key."""
+def check_reward_functions(config: Config, evals: Sequence[EvalData], train: PromptSet | None = None) -> None:
+    """Each user-named reward function (``data.reward`` with the ``train`` rows, an evaluation set's ``reward``)
+    loaded and called once on a probe (an empty response and its file's first answer), before a step is spent
+    (the trainer's and the evaluator's start-up): a module that fails to import, a wrong signature, an exception
+    or a result that is not a score is one line naming the key."""
     from megatron_hapo.rewards.custom import RewardFunctionError, custom_reward, is_reference  # noqa: PLC0415
 
-    uses = [("data.reward", config.data.reward, data.train.examples)]
-    uses += [(f"data.eval_sets.{one.name}.reward", one.reward, one.examples) for one in data.evals]
+    uses = [("data.reward", config.data.reward, train.examples)] if train is not None else []
+    uses += [(f"data.eval_sets.{one.name}.reward", one.reward, one.examples) for one in evals]
     for key, rule, examples in uses:
         if not is_reference(rule):
             continue

@@ -117,12 +117,13 @@ def math_scorers(
     with ExitStack() as stack:
         scorers: dict[str, Scorer] = {}
         for rule in dict.fromkeys(rules):
+            custom = is_reference(rule)
             function = (
                 partial(custom_reward, reference=rule)
-                if is_reference(rule)
+                if custom
                 else partial(math_reward, rule=rule, math_verify=config.data.math_verify)
             )
-            failure = CUSTOM_FAILURE if is_reference(rule) else (-1.0, False)
+            failure = CUSTOM_FAILURE if custom else (-1.0, False)
             workers = RewardWorkers(
                 function,
                 workers=config.output.reward_workers,

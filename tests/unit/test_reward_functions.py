@@ -86,17 +86,21 @@ def test_bad_references_are_one_line(tmp_path: Path) -> None:
 def test_start_up_probe_names_the_key(plugin: Path) -> None:
     from megatron_hapo.config import load_config
     from megatron_hapo.data import PromptExample, PromptSet
-    from megatron_hapo.trainer.preflight import RunData, check_reward_functions
+    from megatron_hapo.trainer.preflight import EvalData, RunData, check_reward_functions
 
     data = RunData(train=PromptSet([PromptExample((("user", "q"),), "4", 1)]))
     config = load_config("configs/algo/grpo.yaml", [f"data.reward={plugin}:length_reward"], warn=False)
-    check_reward_functions(config, data)  # a good one passes
+    check_reward_functions(config, data.evals, data.train)  # a good one passes
     for name, says in [("raises", "raised KeyError: 'no answer line' on a probe"), ("two_args", "must take")]:
         config = load_config("configs/algo/grpo.yaml", [f"data.reward={plugin}:{name}"], warn=False)
         with pytest.raises(SystemExit) as caught:
-            check_reward_functions(config, data)
+            check_reward_functions(config, data.evals, data.train)
         assert str(caught.value).startswith("data.reward: ") and says in str(caught.value), str(caught.value)
         assert "\n" not in str(caught.value)
+    # the evaluator probes its sets' functions the same way (no training rows there)
+    eval_set = EvalData("held", "h.jsonl", data.train.examples, 0, f"{plugin}:raises")
+    with pytest.raises(SystemExit, match=r"^data.eval_sets.held.reward: reward .* raised KeyError"):
+        check_reward_functions(config, [eval_set])
 
 
 def test_workers_score_count_failures_and_report_sub_scores(plugin: Path) -> None:
