@@ -125,6 +125,9 @@ def _rank(rank: int, world: int, config: Config, should_stop: Callable[[], bool]
         model_dir=Path(str(model.path)),  # checked by the preflight
         optimizer_sharding=out.optimizer_sharding,
         max_consecutive_skips=config.train.max_consecutive_skips,
+        save_rollouts_every=out.save_rollouts_every,
+        save_rollouts_samples=out.save_rollouts_samples,
+        tokenizer=tokenizer,
     )
     decode = partial(tokenizer.batch_decode, skip_special_tokens=True)
     rules = [config.data.reward, *(one.reward for one in data.evals)]

@@ -94,6 +94,7 @@ def token_policy_loss(
     entropy: torch.Tensor | None = None,
     h_hat: torch.Tensor | None = None,
     token_weights: torch.Tensor | None = None,
+    record: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-token policy loss of the configured composition.
 
@@ -108,6 +109,9 @@ def token_policy_loss(
         h_hat: ``[B, L]`` precomputed normalised entropies (a distributed caller passes minibatch / step scope).
         token_weights: ``[B, L]`` per-token loss multipliers without gradient (the rollout correction's TIS
             weights, :func:`~megatron_hapo.algos.rollout_correction.truncated_importance_weights`).
+        record: filled, when given, with the per-token values the loss used, ``[B, L]`` float32 each, without
+            gradient: ``ratio``, ``advantage`` (after redistribution), ``eps_low``, ``eps_high`` and, where an
+            ``h_hat`` consumer is configured, ``h_hat`` (rollout dumps, :mod:`megatron_hapo.trainer.rollout_dump`).
 
     Returns:
         ``(per_token_loss [B, L], metrics)``.
@@ -131,6 +135,9 @@ def token_policy_loss(
         ratio, advantages, mask, eps_low=eps_low, eps_high=eps_high, dual_clip_c=clip_cfg.dual_clip_c
     )
     metrics.update(surrogate_metrics)
+    if record is not None:
+        used = {"ratio": ratio, "advantage": advantages, "eps_low": eps_low, "eps_high": eps_high, "h_hat": h_hat}
+        record.update({name: _per_token(value, mask) for name, value in used.items() if value is not None})
     if token_weights is not None:
         loss = loss * token_weights.detach()
         metrics["tis_weight_mean"] = masked_mean(token_weights.detach(), mask.bool())
@@ -139,6 +146,14 @@ def token_policy_loss(
         metrics["eps_high_mean"] = masked_mean(eps_high, mask.bool())
         metrics["eps_low_mean"] = masked_mean(eps_low, mask.bool())
     return loss, metrics
+
+
+def _per_token(value: torch.Tensor | float, mask: torch.Tensor) -> torch.Tensor:
+    """A float, ``[B]`` per-sequence or ``[B, L]`` value -> ``[B, L]`` float32 without gradient."""
+    value = torch.as_tensor(value, device=mask.device).detach().float()
+    if value.dim() == 1:
+        value = value[:, None]
+    return value.expand(mask.shape).clone()
 
 
 def policy_loss(

@@ -121,7 +121,8 @@ def _check_layout_fields(config: Config, errors: list[str]) -> None:
         )
     _in_range(errors, "output.log_interval", out.log_interval, 1, None)
     _in_range(errors, "parallel.timeout_minutes", config.parallel.timeout_minutes, 1, None)
-    for key in ("eval_interval", "save_interval", "keep_last"):
+    _in_range(errors, "output.save_rollouts_samples", out.save_rollouts_samples, 1, None)
+    for key in ("eval_interval", "save_interval", "keep_last", "save_rollouts_every"):
         _in_range(errors, f"output.{key}", getattr(out, key), 0, None)
     _check_eval(config, errors)
     _in_range(errors, "output.reward_workers", out.reward_workers, 1, None)

@@ -41,9 +41,9 @@ from megatron_hapo.algos import (
 from megatron_hapo.algos.compose import needs_entropy, token_policy_loss
 from megatron_hapo.config.algo import AlgoConfig
 from megatron_hapo.parallel.collectives import group_rank_size
-from megatron_hapo.parallel.runtime import collective_device, rank_device
+from megatron_hapo.parallel.runtime import rank_device
 from megatron_hapo.parallel.schedule_checks import check_pipeline_schedule
-from megatron_hapo.parallel.stats import distributed_entropy_stats, normalize_with_stats
+from megatron_hapo.parallel.stats import distributed_entropy_stats, normalize_with_stats, stats_from_last_stage
 from megatron_hapo.parallel.token_mean import global_denominator, microbatch_loss, per_token_loss_outputs
 from megatron_hapo.parallel.vocab_parallel import vocab_parallel_logprob_entropy
 
@@ -75,6 +75,11 @@ class ParallelGroups:
             dp_cp=mpu.get_data_parallel_group(with_context_parallel=True),
             pp=mpu.get_pipeline_model_parallel_group(),
         )
+
+
+#: Per-token values a loss with ``record_values`` returns: the old log-prob, the entropy of its forward, the loss
+#: mask and :func:`~megatron_hapo.algos.compose.token_policy_loss`'s ``record`` (``h_hat`` only where consumed).
+RECORDED_VALUES = ("old_log_prob", "entropy", "mask", "ratio", "advantage", "eps_low", "eps_high", "h_hat")
 
 
 @dataclass(kw_only=True)
@@ -110,6 +115,9 @@ class PolicyMicroBatch:
     them). The loss reads every per-token value through it (:meth:`per_sequence`), so per-sequence terms
     (``seq-mean-*`` aggregation, sequence-level ratios) see one sequence per row however the sequences are
     packed. ``None``: the rows are the sequences, ``n = B``."""
+    record_values: bool = False
+    """The loss also returns the per-token values it used (``"token_values"``: :data:`RECORDED_VALUES`, ``[B, S]``
+    each in host memory; the rollout dumps)."""
 
     def to(self, device: torch.device) -> PolicyMicroBatch:
         """This micro-batch with every tensor on ``device`` (host-to-device copies are asynchronous)."""
@@ -135,6 +143,16 @@ class PolicyMicroBatch:
         valid = self.sequences >= 0
         picked = values.reshape(-1)[self.sequences.clamp_min(0)]
         return torch.where(valid, picked, torch.zeros((), dtype=values.dtype, device=values.device))
+
+    def per_position(self, values: torch.Tensor) -> torch.Tensor:
+        """``[n, L]`` one sequence per row -> ``[B, S]`` per position (the inverse of :meth:`per_sequence`; 0 at
+        positions no sequence's loss token has)."""
+        if self.sequences is None:
+            return values
+        valid = self.sequences >= 0
+        out = values.new_zeros(self.mask.numel())
+        out[self.sequences[valid]] = values[valid]
+        return out.view(self.mask.shape)
 
     def masks(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(on-policy mask [n, L], guide mask [n, L] or None)``, one sequence per row."""
@@ -228,22 +246,6 @@ def pooled_entropy_stats(
         sign=cfg.sign,
     )
     return stats.to("cpu")
-
-
-def stats_from_last_stage(stats: EntropyStats | None, pp_group: dist.ProcessGroup | None) -> EntropyStats:
-    """Broadcast the statistics the last pipeline stage computed (``stats``; ``None`` elsewhere) to every stage."""
-    _, pp_size = group_rank_size(pp_group)
-    if pp_size == 1:
-        if stats is None:
-            raise ValueError("a single pipeline stage must pass its statistics")
-        return stats
-    last = dist.get_process_group_ranks(pp_group)[-1]
-    device = collective_device(pp_group)
-    values = torch.zeros(4, dtype=torch.float32, device=device)
-    if stats is not None:
-        values = torch.stack([stats.pivot, stats.rms, stats.scale_pos, stats.scale_neg]).float().to(device)
-    dist.broadcast(values, src=last, group=pp_group)
-    return EntropyStats(*values.cpu().unbind())
 
 
 @dataclass(frozen=True)
@@ -408,6 +410,7 @@ class PolicyLossStep:
         if self.plan.old_is_current:  # one on-policy step: the old policy is this forward (the pass is skipped)
             mismatch = rollout_mismatch_metrics(log_prob.detach(), old_log_prob, on_mask)  # vs the rollout's
             old_log_prob = log_prob.detach()
+        record: dict[str, torch.Tensor] | None = {} if batch.record_values else None
         per_token, metrics = token_policy_loss(
             log_prob,
             old_log_prob,
@@ -416,6 +419,7 @@ class PolicyLossStep:
             algo=self.algo,
             h_hat=self._h_hat(batch, entropy.detach(), on_mask),
             token_weights=batch.per_sequence(batch.loss_weights),
+            record=record,
         )
         terms = [(per_token, on_mask, self.plan.denominator, 1.0)]
         if guide_mask is not None and self.algo.guide_policy.kind != "none":
@@ -432,6 +436,9 @@ class PolicyLossStep:
         metrics["loss_share"] = share  # sums to the mini-batch loss over micro-batches and DP ranks
         metrics["entropy_sum"] = (entropy.detach() * on_mask).sum()
         metrics["num_tokens"] = on_mask.sum()
+        if record is not None:  # what this loss used, per position, for the rollout dumps
+            record.update(old_log_prob=old_log_prob, entropy=entropy.detach(), mask=on_mask.float())
+            metrics["token_values"] = {name: batch.per_position(v.float()).cpu() for name, v in record.items()}  # type: ignore[assignment]
         if self.calculate_per_token_loss:
             loss = sum(
                 weight * per_token_loss_outputs(pt, m, mode, denominator=d, total_tokens=self.plan.total_tokens)[0]
@@ -456,42 +463,13 @@ class PolicyLossStep:
         return GUIDE_POLICY.get(cfg.kind).fn(guide, **GUIDE_POLICY.params(cfg.kind, cfg))
 
 
-@dataclass(frozen=True)
-class SupervisedStep:
-    """Training step of a supervised warm-up: the token-mean negative log-likelihood of ``targets`` under ``mask``,
-    exact over the mini-batch (``denominator``: its valid tokens over every micro-batch and DP x CP rank)."""
-
-    groups: ParallelGroups
-    denominator: torch.Tensor
-    num_microbatches: int
-    vocab_size: int | None
-
-    def __call__(self, data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
-        batch = next(data_iterator)
-        return _run_model(model, batch), partial(self.loss, batch)
-
-    def loss(self, batch: PolicyMicroBatch, logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        log_prob, _ = _logprob_entropy(batch, logits, self.groups, None, self.vocab_size)
-        _, dp_size = group_rank_size(self.groups.dp)
-        loss = microbatch_loss(
-            -log_prob,
-            batch.mask,
-            "token-mean",
-            denominator=self.denominator,
-            num_microbatches=self.num_microbatches,
-            dp_size=dp_size,
-        )
-        share = (-log_prob.detach() * batch.mask).sum() / self.denominator.clamp_min(1e-12)
-        return loss, {"nll_share": share, "num_tokens": batch.mask.sum()}
-
-
 __all__ = [
+    "RECORDED_VALUES",
     "LogProbEntropyStep",
     "MiniBatchPlan",
     "ParallelGroups",
     "PolicyLossStep",
     "PolicyMicroBatch",
-    "SupervisedStep",
     "check_loss_setup",
     "check_pipeline_schedule",
     "plan_minibatch",

@@ -16,6 +16,7 @@ from megatron_hapo.algos import EntropyStats, apply_entropy_stats, nearest_rank_
 from megatron_hapo.algos._checks import check_finite
 from megatron_hapo.algos.entropy import ENTROPY_EPS, EntropySign, side_scales
 from megatron_hapo.parallel.collectives import all_reduce, group_rank_size
+from megatron_hapo.parallel.runtime import collective_device
 
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
@@ -107,3 +108,19 @@ def distributed_normalized_entropy(
 def normalize_with_stats(entropy: torch.Tensor, stats: EntropyStats) -> torch.Tensor:
     """``h_hat`` of token entropies ``[*]`` under given statistics (the trainer's normaliser: no eps, no clamp)."""
     return apply_entropy_stats(torch.log(entropy.float().clamp_min(ENTROPY_EPS)), stats)
+
+
+def stats_from_last_stage(stats: EntropyStats | None, pp_group: dist.ProcessGroup | None) -> EntropyStats:
+    """Broadcast the statistics the last pipeline stage computed (``stats``; ``None`` elsewhere) to every stage."""
+    _, pp_size = group_rank_size(pp_group)
+    if pp_size == 1:
+        if stats is None:
+            raise ValueError("a single pipeline stage must pass its statistics")
+        return stats
+    last = dist.get_process_group_ranks(pp_group)[-1]
+    device = collective_device(pp_group)
+    values = torch.zeros(4, dtype=torch.float32, device=device)
+    if stats is not None:
+        values = torch.stack([stats.pivot, stats.rms, stats.scale_pos, stats.scale_neg]).float().to(device)
+    dist.broadcast(values, src=last, group=pp_group)
+    return EntropyStats(*values.cpu().unbind())

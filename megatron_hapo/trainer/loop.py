@@ -35,6 +35,7 @@ from megatron_hapo.trainer.checkpoint import save_checkpoint
 from megatron_hapo.trainer.evaluation import BestAndFinal, EvalSet, EvalSettings, eval_metrics, evaluate_sets
 from megatron_hapo.trainer.metrics import MetricsWriter, WandbTarget
 from megatron_hapo.trainer.pacing import hold_between_steps, step_line
+from megatron_hapo.trainer.rollout_dump import RolloutDumps
 from megatron_hapo.trainer.scoring import Scorer, reward_failures
 from megatron_hapo.trainer.step import StepState, rl_step
 
@@ -73,6 +74,13 @@ class LoopSettings:
     """Also log to Weights & Biases (``output.wandb_*``)."""
     max_reward_failure_share: float = 1.0
     """Stop when more than this share of a step's answers could not be verified (``output.*``; 1: never)."""
+    save_rollouts_every: int = 0
+    """Dump the responses of every this many steps with their per-token values (``output.save_rollouts_every``;
+    0: never; :mod:`megatron_hapo.trainer.rollout_dump`)."""
+    save_rollouts_samples: int = 32
+    """Responses per dumped step, whole groups (``output.save_rollouts_samples``)."""
+    tokenizer: Any = None
+    """Decodes the dumps' text (``None``: token ids only)."""
     on_step: Callable[[int, dict], None] | None = None
     """Called on every rank with ``(step, metrics)`` after each step's metrics are written (e.g. a progress
     line of a demo)."""
@@ -140,6 +148,7 @@ def _step_or_drop(
     state: StepState,
     take: Callable[[int], tuple[list[list[int]], list[Any]]],
     should_stop: Callable[[], bool] | None,
+    dumps: RolloutDumps | None = None,
 ) -> dict | None:
     """:func:`rl_step` on the next ``train.prompts_per_step`` prompts of ``take`` (``engines``: the policy's and the
     guide's); ``None`` when a stop came during its rollout: the step is dropped and ``state`` is as before it (its
@@ -158,9 +167,12 @@ def _step_or_drop(
         guide_engine=guide_engine,
         more_prompts=take,
         should_stop=should_stop,
+        dumps=dumps,
     )
     if metrics is None:
         state.data_cursor, state.stopped = cursor, True
+    elif dumps is not None and dumps.due(state.step - 1):  # failed writes so far (they finish in the background)
+        metrics["rollout_dump_errors"] = runtime.max_over_ranks(float(dumps.errors()))
     return metrics
 
 
@@ -256,6 +268,13 @@ def train(
     total = config.train.total_steps
     shown = settings.progress_bar and runtime.rank() == 0
     progress = tqdm(total=total, initial=state.step, desc="RL steps", unit="step", disable=None if shown else True)
+    dumps = RolloutDumps(
+        settings.run_dir,
+        settings.save_rollouts_every,
+        settings.save_rollouts_samples,
+        seed=config.train.seed,
+        tokenizer=settings.tokenizer,
+    )
     try:
         hold_between_steps(state.step, should_stop)  # test pacing only (MEGATRON_HAPO_TEST_HOLD)
         if any_rank(should_stop is not None and should_stop()):  # a stop asked for during start-up
@@ -270,7 +289,14 @@ def train(
             set_learning_rate(actor.optimizer, lr)
             take = partial(_next_prompts, order, prompts, answers, state)
             metrics = _step_or_drop(
-                actor, (engine, guide_engine), score, config=config, state=state, take=take, should_stop=should_stop
+                actor,
+                (engine, guide_engine),
+                score,
+                config=config,
+                state=state,
+                take=take,
+                should_stop=should_stop,
+                dumps=dumps,
             )
             if metrics is None:  # stopped after the rollout: the step is dropped, its prompts come again on resume
                 if state.step != saved_at:
@@ -299,6 +325,7 @@ def train(
     finally:
         progress.close()
         writer.close()
+        dumps.close()
     if runtime.rank() == 0:
         tracker.write(settings.run_dir / "eval_summary.json")  # {set: {metric: {best, best_step, final}}}
     return state

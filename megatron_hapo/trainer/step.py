@@ -20,6 +20,7 @@ from megatron_hapo.algos import (
     AdvantageInputs,
     EntropyStats,
     compute_advantages,
+    needs_entropy,
     reads_old_log_prob_before_loss,
     reads_rollout_entropy,
     rollout_mismatch_metrics,
@@ -53,6 +54,7 @@ from megatron_hapo.trainer.guide import GuideRollout, check_guide_setup, guide_r
 from megatron_hapo.trainer.metrics import PhaseClock, entropy_stats_metrics, reduce_loss_metrics
 from megatron_hapo.trainer.microbatch import microbatches, run_schedule
 from megatron_hapo.trainer.plan import SequencePlan
+from megatron_hapo.trainer.rollout_dump import RolloutDumps, ValueRecorder
 from megatron_hapo.trainer.scoring import Scorer, worker_scorer  # noqa: F401  (re-exported)
 
 
@@ -121,11 +123,14 @@ def _update(
     stats: EntropyStats | None,
     *,
     old_is_current: bool,
+    recorder: ValueRecorder | None = None,
 ) -> dict:
     """One optimizer step on a mini-batch of which ``local`` are this data-parallel rank's rows; a non-finite
-    gradient norm skips it (``old_is_current``: :attr:`MiniBatchPlan.old_is_current`). Returns the loss metrics of
-    the last pipeline stage, on every stage."""
-    mbs, _ = microbatches(batch, local, actor.layout(), train=True)
+    gradient norm skips it (``old_is_current``: :attr:`MiniBatchPlan.old_is_current`; ``recorder`` takes the loss's
+    per-token values of its rows). Returns the loss metrics of the last pipeline stage, on every stage."""
+    mbs, slots = microbatches(batch, local, actor.layout(), train=True)
+    if recorder is not None:
+        recorder.mark(mbs, [where.rows for where in slots])
     plan = plan_minibatch(mbs, algo, actor.groups, entropy_stats=stats, old_is_current=old_is_current)
     for chunk in actor.chunks:
         chunk.zero_grad_buffer()
@@ -138,6 +143,8 @@ def _update(
     if not skipped:  # Megatron's step clips to optim.grad_clip and updates
         skipped = not actor.optimizer.step()[0]
     metrics: dict[str, float] | None = None
+    if recorder is not None and outputs:
+        recorder.take(outputs, slots)
     if outputs:  # the last stage: the metrics of the whole mini-batch, every DP x CP rank's micro-batches
         shares = [{name: float(value) for name, value in out.items()} for out in outputs]
         gathered = all_gather_objects(shares, actor.groups.dp_cp)
@@ -155,9 +162,10 @@ def _updates(
     step_stats: EntropyStats | None,
     *,
     old_is_current: bool,
+    recorder: ValueRecorder | None = None,
 ) -> dict:
     """PPO epochs over the plan's mini-batches; each metric is averaged over the updates that have it (an update
-    of guide sequences only has no on-policy clip fractions)."""
+    of guide sequences only has no on-policy clip fractions). ``recorder``: see :func:`_update`."""
     algo = config.algo
     on_policy = batch.on_policy_mask()
     results = []
@@ -167,7 +175,7 @@ def _updates(
             stats = step_stats
             if algo.entropy.scope == "minibatch":  # each token of the mini-batch once, on the rank that trains it
                 stats = pooled_entropy_stats([batch.entropy[local]], [on_policy[local]], algo, actor.groups)
-            results.append(_update(actor, algo, batch, local, stats, old_is_current=old_is_current))
+            results.append(_update(actor, algo, batch, local, stats, old_is_current=old_is_current, recorder=recorder))
     names = {name for r in results for name in r} - {"update_skipped"}
     out = {name: sum(r[name] for r in results if name in r) / sum(name in r for r in results) for name in names}
     out["updates_skipped"] = float(sum(r["update_skipped"] for r in results))
@@ -187,6 +195,7 @@ def rl_step(
     guide_engine: RolloutEngine | None = None,
     more_prompts: PromptSource | None = None,
     should_stop: Callable[[], bool] | None = None,
+    dumps: RolloutDumps | None = None,
 ) -> dict | None:
     """One RL step on ``prompts``; returns its metrics and advances ``state`` (statistics for the next rollout).
     ``guide_engine`` serves the frozen guide policy of mixed-policy algorithms (``algo.guide_policy.kind``);
@@ -194,7 +203,8 @@ def rl_step(
     ``should_stop`` is asked between the phases (every rank; any may say yes), so that a stop signal waits for
     one phase, not a whole step: after the rollout the step is abandoned before any update (returns ``None``,
     ``state`` untouched but for ``data_cursor``, which the caller sets back); after the updates the step is
-    complete and the weight sync is skipped (``metrics["stopped"] = 1``; the engine is not used again)."""
+    complete and the weight sync is skipped (``metrics["stopped"] = 1``; the engine is not used again).
+    ``dumps``: where a step is due, its selected responses and the loss's values go to a rollout dump."""
     algo, rollout, n = config.algo, config.rollout, config.rollout.num_samples_per_prompt
     check_loss_setup(algo, actor.groups)  # refuse an unsupported composition before spending a rollout on it
     check_guide_setup(algo, guide_engine)
@@ -238,12 +248,7 @@ def rl_step(
     if isinstance(engine, DividedEngine) and served is not None:  # the busiest replica's requests
         metrics["rollout_requests_per_engine"] = max_over_ranks(float(engine.requests_served - served))
     if bool(keep.any()) or guide is not None:
-        _fill_advantages(config, generated, batch, computed)
-        with clock("train"):
-            actor.restore_training_state()
-            metrics.update(_updates(actor, config, batch, plan, stats, old_is_current=old.is_current))
-            actor.offload_training_state()  # before the engine wakes for the sync
-        state.skipped_updates += int(metrics["updates_skipped"])
+        metrics.update(_train(actor, config, (generated, batch), plan, old, clock=clock, state=state, dumps=dumps))
     if any_rank(should_stop is not None and should_stop()):
         metrics["stopped"] = 1.0  # the checkpoint comes next; the next rollout, after a resume, syncs afresh
     else:
@@ -294,6 +299,35 @@ def _old_log_prob_phase(
         stats, last_stage = _old_log_prob_and_stats(actor, batch, rows, config.algo)
     computed = torch.ones_like(keep) if whole_rollout else keep
     return _OldLogProbs(stats, computed, last_stage, len(rows), is_current=False)
+
+
+def _train(
+    actor: Actor,
+    config: Config,
+    step_data: tuple[Generated, StepBatch],
+    plan: SequencePlan,
+    old: _OldLogProbs,
+    *,
+    clock: PhaseClock,
+    state: StepState,
+    dumps: RolloutDumps | None,
+) -> dict:
+    """Advantages, then the updates (with the training state restored, offloaded again after); a due rollout
+    dump records the loss's values of its rows and is queued."""
+    generated, batch = step_data
+    _fill_advantages(config, generated, batch, old.computed)
+    recorder = None
+    if dumps is not None:
+        width, n = batch.response_mask.shape[1], config.rollout.num_samples_per_prompt
+        recorder = dumps.recorder(state.step, generated.keep, n, width, h_hat=needs_entropy(config.algo))
+    with clock("train"):
+        actor.restore_training_state()
+        metrics = _updates(actor, config, batch, plan, old.stats, old_is_current=old.is_current, recorder=recorder)
+        actor.offload_training_state()  # before the engine wakes for the sync
+    state.skipped_updates += int(metrics["updates_skipped"])
+    if dumps is not None and recorder is not None:
+        dumps.save(state.step, recorder, generated, batch, actor.groups)
+    return metrics
 
 
 def _rollout_metrics(

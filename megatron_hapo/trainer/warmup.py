@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from megatron_hapo.parallel.collectives import group_rank_size, objects_from_last_stage
-from megatron_hapo.parallel.policy_loss import SupervisedStep
+from megatron_hapo.parallel.supervised_loss import SupervisedStep
 from megatron_hapo.parallel.token_mean import global_denominator
 from megatron_hapo.rollout.engine import Response, RolloutEngine
 from megatron_hapo.trainer.batch import StepBatch

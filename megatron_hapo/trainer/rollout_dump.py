@@ -1,0 +1,286 @@
+"""Rollout dumps: whole groups of a step's responses with every per-token value the step used, for looking
+inside a run after the fact (``tools/inspect_rollouts.py`` renders them).
+
+Every ``output.save_rollouts_every`` steps, ``output.save_rollouts_samples`` responses (whole groups of the
+trained ones, chosen by a seed of the run and the step, the same on every rank) are written to
+``RUN/rollouts/step_000042.jsonl.gz``, one JSON object per response:
+
+- ``step``, ``group`` (the prompt's index among the step's generated prompts), ``sample``, ``reward``,
+  ``correct``, ``finish_reason``, ``answer``, ``prompt_ids``, ``response_ids``, ``prompt``, ``response`` (text)
+  and ``tokens`` (each response token's text);
+- ``values``: one list per quantity, a number per response token (float32 values, written exactly; ``null`` for
+  a non-finite one): ``rollout_log_prob`` (the engine's), ``temperature`` (the one it was sampled at),
+  ``group_advantage`` (the estimator's, before redistribution), and what the loss used at the token's first
+  update (:data:`~megatron_hapo.parallel.policy_loss.RECORDED_VALUES`): ``old_log_prob``, ``entropy`` (of that
+  forward), ``h_hat`` (where an ``h_hat`` consumer is configured), ``advantage`` (after redistribution),
+  ``eps_low``, ``eps_high``, ``ratio`` and ``loss_mask``.
+
+The loss returns its values only for the micro-batches holding a selected sequence (on the last pipeline stage);
+each data-parallel rank fills the rows it trained and one all-reduce over the data-parallel group puts them
+together; the first rank of that group (tensor-parallel rank 0) hands them to a background thread that decodes
+the text and writes the file (to a temporary name, renamed when complete). A failed write is logged in one line
+and counted (``rollout_dump_errors``), never fatal.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+import queue
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from megatron_hapo.parallel.collectives import group_rank_size, rows_from_owners
+from megatron_hapo.parallel.policy_loss import RECORDED_VALUES, ParallelGroups, PolicyMicroBatch
+
+logger = logging.getLogger(__name__)
+
+#: Where a run's dumps go, under its directory.
+DUMP_DIR = "rollouts"
+#: Seed offset of the selection (a step's choice depends on ``train.seed`` and the step only).
+SELECTION_SEED = 7_919
+
+
+def dump_path(run_dir: Path, step: int) -> Path:
+    """The dump of ``step`` (the metrics row's step index)."""
+    return Path(run_dir) / DUMP_DIR / f"step_{step:06d}.jsonl.gz"
+
+
+def select_rows(keep: torch.Tensor, n: int, samples: int, seed: int) -> torch.Tensor:
+    """``[k]`` ascending rows of ``samples // n`` (at least one) whole groups drawn by ``seed`` from the kept ones
+    (``keep``: ``[P * n]`` bool, whole groups); fewer when fewer groups were kept."""
+    kept = keep.view(-1, n)[:, 0].nonzero().flatten()
+    count = min(len(kept), max(1, samples // n))
+    order = torch.randperm(len(kept), generator=torch.Generator().manual_seed(seed))[:count]
+    groups = kept[order].sort().values
+    return (groups[:, None] * n + torch.arange(n)).flatten()
+
+
+@dataclass
+class ValueRecorder:
+    """The loss's per-token values of the selected rows, taken at each row's first update."""
+
+    rows: torch.Tensor
+    """``[k]`` the selected rows of the step batch."""
+    width: int
+    """``L``: the batch's response width."""
+    names: tuple[str, ...]
+    values: torch.Tensor = field(init=False)
+    """``[k, len(names), L]`` float32 (zeros until recorded; on the last pipeline stage)."""
+    pending: set[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.values = torch.zeros(len(self.rows), len(self.names), self.width)
+        self.pending = set(self.rows.tolist())
+
+    def mark(self, mbs: list[PolicyMicroBatch], rows_of: list[torch.Tensor]) -> None:
+        """Ask the loss of each micro-batch holding a row not recorded yet (``rows_of``: each micro-batch's step
+        rows) for its values; those rows count as recorded from now on (every pipeline stage marks alike)."""
+        for mb, rows in zip(mbs, rows_of, strict=True):
+            wanted = self.pending.intersection(rows.tolist())
+            if wanted:
+                mb.record_values = True
+                self.pending -= wanted
+
+    def take(self, outputs: list[dict], slots: list[Any]) -> None:
+        """Move the values out of the last stage's loss ``outputs`` (the metrics must be numbers after) into
+        :attr:`values` (``slots``: :class:`~megatron_hapo.trainer.microbatch.Slots` of each micro-batch)."""
+        position = {int(row): i for i, row in enumerate(self.rows)}
+        for out, where in zip(outputs, slots, strict=False):
+            recorded = out.pop("token_values", None)
+            if recorded is None:
+                continue
+            for j, row in enumerate(where.rows.tolist()):
+                if row not in position:
+                    continue
+                for f, name in enumerate(self.names):
+                    values = where.read(recorded[name])[j]
+                    self.values[position[row], f, : len(values)] = values
+
+    def gather(self, groups: ParallelGroups) -> None:
+        """Every data-parallel rank's rows in each one (call on the last pipeline stage only)."""
+        rows_from_owners(self.values, groups.dp)
+
+
+def recorded_names(h_hat: bool) -> tuple[str, ...]:
+    """The loss's recorded values (``h_hat`` only where a consumer is configured)."""
+    return tuple(name for name in RECORDED_VALUES if h_hat or name != "h_hat")
+
+
+def is_writer(groups: ParallelGroups) -> bool:
+    """The rank that writes: the last pipeline stage's first data- and tensor-parallel rank."""
+    pp_rank, pp_size = group_rank_size(groups.pp)
+    return pp_rank == pp_size - 1 and group_rank_size(groups.dp)[0] == 0 and group_rank_size(groups.tp)[0] == 0
+
+
+def float_list(values: torch.Tensor) -> str:
+    """``[n]`` values -> a JSON list of their float32 values, each the shortest text that reads back exactly
+    (``null`` where non-finite)."""
+    text = values.detach().float().numpy().astype(str)
+    text[~np.isfinite(values.detach().float().numpy())] = "null"
+    return "[" + ",".join(text.tolist()) + "]"
+
+
+@dataclass
+class DumpRecord:
+    """One response's dump line before its text is decoded (host memory)."""
+
+    head: dict[str, Any]
+    """``step``, ``group``, ``sample``, ``reward``, ``correct``, ``finish_reason``, ``answer``, the ids."""
+    values: dict[str, torch.Tensor]
+    """``[len(response)]`` each."""
+
+
+def _json_line(record: DumpRecord, tokenizer: Any) -> str:
+    head = dict(record.head)
+    if tokenizer is not None:
+        prompt, response = head["prompt_ids"], head["response_ids"]
+        head["prompt"] = tokenizer.decode(prompt, skip_special_tokens=False)
+        head["response"] = tokenizer.decode(response, skip_special_tokens=False)
+        head["tokens"] = tokenizer.batch_decode([[t] for t in response], skip_special_tokens=False)
+    body = json.dumps(head, default=str)[:-1]  # an answer of any type
+    values = ", ".join(f'"{name}": {float_list(v)}' for name, v in record.values.items())
+    return f'{body}, "values": {{{values}}}}}\n'
+
+
+class DumpWriter:
+    """A background thread that decodes and writes the dumps, one file per step; at most ``depth`` steps wait."""
+
+    def __init__(self, tokenizer: Any = None, depth: int = 2) -> None:
+        self.tokenizer = tokenizer
+        self.errors = 0
+        self.written: list[Path] = []
+        self._queue: queue.Queue[tuple[Path, list[DumpRecord]] | None] = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._run, name="rollout-dumps", daemon=True)
+        self._thread.start()
+
+    def submit(self, path: Path, records: list[DumpRecord]) -> None:
+        """Queue the dump of one step (waits while ``depth`` are queued)."""
+        self._queue.put((path, records))
+
+    def close(self) -> None:
+        """Write what is queued, then stop the thread."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            path, records = item
+            try:
+                self._write(path, records)
+                self.written.append(path)
+            except Exception as error:  # a dump is never fatal to the run
+                self.errors += 1
+                logger.warning("rollout dump %s not written (%d so far): %s", path, self.errors, error)
+
+    def _write(self, path: Path, records: list[DumpRecord]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        with gzip.open(partial, "wt", encoding="utf-8", compresslevel=6) as out:
+            for record in records:
+                out.write(_json_line(record, self.tokenizer))
+        os.replace(partial, path)
+
+
+@dataclass
+class RolloutDumps:
+    """The run's dumps (``output.save_rollouts_*``): which steps, which rows, and the writer (on one rank)."""
+
+    run_dir: Path
+    every: int
+    """Every this many steps (0: never)."""
+    samples: int = 32
+    """Responses per saved step (whole groups)."""
+    seed: int = 0
+    tokenizer: Any = None
+    """Decodes the text (``None``: ids only)."""
+    writer: DumpWriter | None = None
+
+    def due(self, step: int) -> bool:
+        """Whether ``step`` (0-based, the metrics row's) is saved."""
+        return self.every > 0 and (step + 1) % self.every == 0
+
+    def recorder(self, step: int, keep: torch.Tensor, n: int, width: int, *, h_hat: bool) -> ValueRecorder | None:
+        """The recorder of ``step`` (``None`` when not saved); ``keep``: ``[P * n]`` the trained groups."""
+        if not self.due(step) or not bool(keep.any()):
+            return None
+        rows = select_rows(keep, n, self.samples, self.seed * SELECTION_SEED + step)
+        return ValueRecorder(rows, width, recorded_names(h_hat))
+
+    def save(self, step: int, recorder: ValueRecorder, generated: Any, batch: Any, groups: ParallelGroups) -> None:
+        """Put the recorded rows together and queue their file on the writing rank (every rank calls it).
+        ``generated``: the step's :class:`~megatron_hapo.trainer.generation.Generated`; ``batch``: its
+        :class:`~megatron_hapo.trainer.batch.StepBatch`."""
+        pp_rank, pp_size = group_rank_size(groups.pp)
+        if pp_rank != pp_size - 1:
+            return
+        recorder.gather(groups)
+        if not is_writer(groups):
+            return
+        if self.writer is None:
+            self.writer = DumpWriter(self.tokenizer)
+        self.writer.submit(dump_path(self.run_dir, step), _records(step, recorder, generated, batch))
+
+    def errors(self) -> int:
+        """Failed writes so far (this rank's)."""
+        return 0 if self.writer is None else self.writer.errors
+
+    def close(self) -> None:
+        """Finish the queued writes."""
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _records(step: int, recorder: ValueRecorder, generated: Any, batch: Any) -> list[DumpRecord]:
+    """The dump lines of the recorded rows."""
+    n = len(generated.responses) // len(generated.prompts)
+    base_temperature = generated.sampling.temperature if generated.sampling is not None else 1.0
+    records = []
+    for i, row in enumerate(recorder.rows.tolist()):
+        response = generated.responses[row]
+        length = len(response.token_ids)
+        group = row // n
+        temperatures = response.temperatures
+        if temperatures is None:
+            temperatures = torch.full((length,), float(base_temperature))
+        head = {
+            "step": step,
+            "group": group,
+            "sample": row % n,
+            "reward": float(generated.rewards[row]),
+            "correct": bool(generated.correct[row]),
+            "finish_reason": response.finish_reason,
+            "answer": generated.answers[group],
+            "prompt_ids": list(generated.prompts[response.prompt_index]),
+            "response_ids": list(response.token_ids),
+        }
+        values = {
+            "rollout_log_prob": batch.rollout_log_prob[row, :length],
+            "temperature": temperatures[:length],
+            "group_advantage": batch.advantages[row, :length],
+        }
+        for f, name in enumerate(recorder.names):
+            values["loss_mask" if name == "mask" else name] = recorder.values[i, f, :length]
+        records.append(DumpRecord(head, values))
+    return records
+
+
+__all__ = [
+    "DUMP_DIR",
+    "DumpRecord",
+    "DumpWriter",
+    "RolloutDumps",
+    "ValueRecorder",
+    "dump_path",
+    "float_list",
+    "is_writer",
+    "recorded_names",
+    "select_rows",
+]
