@@ -40,7 +40,15 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["megatron_hapo", "megatron_hapo.*"]),
     package_data={
-        "megatron_hapo": ["py.typed", "configs/*/*.yaml", "configs/*/*.md", "configs/*/*/*.json", "examples/*/*.jsonl"]
+        "megatron_hapo": [
+            "py.typed",
+            "configs/*/*.yaml",
+            "configs/*/*.md",
+            "configs/*/*/*.json",
+            "examples/*/*.jsonl",
+            "viewer/*.js",
+            "viewer/*.css",
+        ]
     },
     # torch is deliberately unpinned above a floor: clusters run newer CUDA builds.
     install_requires=["torch>=2.4", "pyyaml>=6", "pyarrow>=15", "tensorboard>=2.14", "matplotlib>=3.8", "tqdm>=4.66"],

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from megatron_hapo.config import Config, load_config
 from megatron_hapo.config.presets import preset_path
-from megatron_hapo.demos.tasks import Task
+from megatron_hapo.demos.tasks import Task, TokenNames
 
 if TYPE_CHECKING:
     from megatron_hapo.rewards import RewardWorkers
@@ -177,6 +177,9 @@ def _train_preset(
         keep_last=1,
         progress_bar=False,
         eval_settings=EvalSettings.from_config(config),
+        save_rollouts_every=config.output.save_rollouts_every,
+        save_rollouts_samples=config.output.save_rollouts_samples,
+        tokenizer=TokenNames(task.token_names),
         on_step=None if console is None else _ProgressLine(console, preset, config.train.total_steps),
     )
     held_out = EvalSet("held_out", task.eval_prompts, task.eval_answers, score)

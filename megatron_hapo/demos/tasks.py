@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,22 @@ class Task:
     verifier worker processes)."""
     warmup_examples: list[tuple[list[int], list[int]]]
     """``(prompt, reference answer tokens)`` for a supervised warm-up (empty: none)."""
+    token_names: dict[int, str] = field(default_factory=dict)
+    """How the rollout dumps show the task's tokens (others as ``<id>``)."""
+
+
+@dataclass(frozen=True)
+class TokenNames:
+    """Decodes a demo task's token ids for the rollout dumps (the ``decode`` / ``batch_decode`` a tokenizer has)."""
+
+    names: dict[int, str]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        del skip_special_tokens  # the demos have no special tokens to skip
+        return " ".join(self.names.get(int(i), f"<{int(i)}>") for i in ids)
+
+    def batch_decode(self, batch: Sequence[Sequence[int]], skip_special_tokens: bool = False) -> list[str]:
+        return [self.decode(ids, skip_special_tokens) for ids in batch]
 
 
 def write_tiny_llama(path: Path, *, vocab: int, hidden: int, eos: int, seed: int = 0) -> None:
@@ -92,7 +108,8 @@ def count_task(vocab: int, count: int = 256, seed: int = 0) -> Task:
     gen = torch.Generator().manual_seed(seed)
     prompts = [[int(t)] for t in torch.randint(1, vocab, (count,), generator=gen)]
     every = [[t] for t in range(1, vocab)]
-    return Task(prompts, [None] * count, every, [None] * len(every), count_verdict, [])
+    names = {COUNT_EOS: "</s>", TARGET: "*"}
+    return Task(prompts, [None] * count, every, [None] * len(every), count_verdict, [], names)
 
 
 def modular_sum_task(max_addend: int, eos: int, count: int = 256, seed: int = 0) -> Task:
@@ -102,4 +119,5 @@ def modular_sum_task(max_addend: int, eos: int, count: int = 256, seed: int = 0)
     eval_prompts = [[DIGIT_TOKENS[a], PLUS_TOKEN, DIGIT_TOKENS[b], EQUALS_TOKEN] for a, b in pairs]
     eval_answers = [DIGIT_TOKENS[(a + b) % 10] for a, b in pairs]
     examples = [(p, [a, eos]) for p, a in zip(prompts, answers, strict=True)]
-    return Task(prompts, answers, eval_prompts, eval_answers, first_token_equals, examples)
+    names = {eos: "</s>", PLUS_TOKEN: "+", EQUALS_TOKEN: "="} | {t: str(d) for d, t in enumerate(DIGIT_TOKENS)}
+    return Task(prompts, answers, eval_prompts, eval_answers, first_token_equals, examples, names)

@@ -163,6 +163,7 @@ def _run(
 def _assert_same_step(metrics: dict, expected: dict, weights: dict, expected_weights: dict) -> None:
     """Equal metrics (layout and clock metrics aside; relative RELATIVE) and updated weights (relative 1e-6)."""
     compared = [name for name in expected if not name.startswith(LAYOUT_METRICS) and "second" not in name]
+
     # Two metrics are small differences of order-1 terms: the loss (advantage-weighted ratios that nearly cancel)
     # and h_hat_mean (entropies minus the pivot, over their RMS). In the second update the weights differ by the
     # order of the data-parallel gradient sum (measured: <= 1e-7 relative), which they amplify to 1e-5 / 4e-6.

@@ -108,7 +108,11 @@ def test_countdown_reward_and_rows() -> None:
     assert countdown_reward("3 + 4 * 2", "11", {"numbers": [3, 4, 2]}) == {"score": 1.0, "correct": True, "format": 1.0}
     assert countdown_reward("4 * 4 - 5", "11", {"numbers": [3, 4, 5]})["score"] == 0.0  # 4 used twice
     assert countdown_reward("1 2 - 1", "11", {"numbers": [12, 1]})["correct"]  # digits join up
-    assert countdown_reward("__import__('os')", "1", {"numbers": [1]}) == {"score": 0.0, "correct": False, "format": 0.0}
+    assert countdown_reward("__import__('os')", "1", {"numbers": [1]}) == {
+        "score": 0.0,
+        "correct": False,
+        "format": 0.0,
+    }
 
 
 def readme_lines(readme: Path, section: str = "## Extending") -> list[str]:

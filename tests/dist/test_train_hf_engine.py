@@ -208,7 +208,9 @@ def _handover_ranks(rank: int, world: int, model: Path, repo_root: Path, out: Pa
 
 
 @pytest.mark.parametrize("level", [1, 2])
-def test_engines_sleep_while_the_trainer_updates(small_llama: Path, tmp_path: Path, repo_root: Path, level: int) -> None:
+def test_engines_sleep_while_the_trainer_updates(
+    small_llama: Path, tmp_path: Path, repo_root: Path, level: int
+) -> None:
     """The policy engine sleeps at ``engine.sleep_level`` (2 by default: its weights dropped and then replaced by
     the sync before any use), the frozen guide always at level 1."""
     out = tmp_path / "log.json"

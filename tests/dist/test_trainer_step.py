@@ -83,9 +83,7 @@ def _trainer_ranks(rank: int, world: int, hf_dir: Path, preset: Path, out: Path)
     )
     score = worker_scorer(workers)
     sets = [EvalSet("first", prompts[:2], [0, 1], score), EvalSet("second", prompts[2:5], [1, 0, 1], score)]
-    state = train(
-        actor, engine, score, config, settings, prompts=prompts, answers=[0, 1] * 4, eval_sets=sets
-    )
+    state = train(actor, engine, score, config, settings, prompts=prompts, answers=[0, 1] * 4, eval_sets=sets)
     after = next(actor.chunks[0].module.decoder.parameters()).detach()
     changed = float((after - before).abs().max())
     replicas = [torch.zeros_like(after) for _ in range(world)]

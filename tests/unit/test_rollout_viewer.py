@@ -1,0 +1,137 @@
+"""The rollout dumps' pieces and the viewer's reading of them, without a run (the whole path runs in
+tests/dist/test_rollout_dump.py and tests/dist/test_inspect_rollouts.py)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_selection_takes_whole_kept_groups_by_seed() -> None:
+    from megatron_hapo.trainer.rollout_dump import select_rows
+
+    keep = torch.tensor([True] * 4 + [False] * 4 + [True] * 8)  # groups 0, 2, 3 of 4 samples kept
+    rows = select_rows(keep, 4, samples=8, seed=3)
+    assert len(rows) == 8 and torch.equal(rows, rows.sort().values)
+    groups = set((rows // 4).tolist())
+    assert len(groups) == 2 and 1 not in groups  # whole groups, never a dropped one
+    assert torch.equal(rows.view(2, 4) % 4, torch.arange(4).expand(2, 4))
+    assert torch.equal(select_rows(keep, 4, samples=8, seed=3), rows)  # the same on every rank
+    assert len({tuple(select_rows(keep, 4, samples=4, seed=s).tolist()) for s in range(20)}) == 3  # seed chooses
+    assert len(select_rows(keep, 4, samples=100, seed=0)) == 12  # at most what was kept
+    assert len(select_rows(keep, 4, samples=1, seed=0)) == 4  # at least one group
+
+
+def test_float_lists_read_back_exactly() -> None:
+    from megatron_hapo.trainer.rollout_dump import float_list
+
+    values = torch.randn(1000) * torch.logspace(-6, 6, 1000)
+    values[3], values[4] = float("nan"), float("inf")
+    parsed = json.loads(float_list(values))
+    assert parsed[3] is None and parsed[4] is None
+    finite = torch.ones(1000, dtype=torch.bool)
+    finite[3:5] = False
+    back = torch.tensor([0.0 if v is None else v for v in parsed], dtype=torch.float32)
+    assert torch.equal(back[finite], values[finite])  # float32 exactly, from their shortest text
+
+
+def _record(step: int = 0) -> object:
+    from megatron_hapo.trainer.rollout_dump import DumpRecord
+
+    head = {"step": step, "group": 0, "sample": 0, "reward": 1.0, "correct": True, "answer": object()}
+    head |= {"prompt_ids": [1, 2], "response_ids": [3, 4, 5], "finish_reason": "stop"}
+    return DumpRecord(head, {"entropy": torch.tensor([0.5, 1.5, 2.5]), "loss_mask": torch.ones(3)})
+
+
+def test_a_failed_write_is_counted_not_raised(tmp_path: Path) -> None:
+    from megatron_hapo.trainer.rollout_dump import DumpWriter, dump_path
+
+    blocker = tmp_path / "run"
+    blocker.write_text("a file where the run directory should be")
+    writer = DumpWriter()
+    writer.submit(dump_path(blocker, 0), [_record()])  # its folder cannot be made
+    writer.submit(dump_path(tmp_path / "good", 1), [_record(1)])
+    writer.close()
+    assert writer.errors == 1 and writer.written == [dump_path(tmp_path / "good", 1)]
+    with gzip.open(writer.written[0], "rt") as lines:
+        row = json.loads(lines.read())
+    assert row["values"]["entropy"] == [0.5, 1.5, 2.5] and row["answer"].startswith("<object")
+
+
+def _write_dump(run: Path, step: int, rows: list[dict], extra_lines: tuple[str, ...] = ()) -> None:
+    folder = run / "rollouts"
+    folder.mkdir(parents=True, exist_ok=True)
+    with gzip.open(folder / f"step_{step:06d}.jsonl.gz", "wt") as out:
+        for row in rows:
+            out.write(json.dumps(row) + "\n")
+        for line in extra_lines:
+            out.write(line + "\n")
+
+
+def _row(group: int, sample: int, entropy: list[float], tokens: list[str], correct: bool = True) -> dict:
+    n = len(entropy)
+    values = {"entropy": entropy, "temperature": [1.0] * n, "advantage": [0.5] * n, "loss_mask": [1.0] * n}
+    return {
+        "step": 0,
+        "group": group,
+        "sample": sample,
+        "reward": 1.0 if correct else -1.0,
+        "correct": correct,
+        "response_ids": list(range(n)),
+        "tokens": tokens,
+        "values": values,
+    }
+
+
+def test_reading_counts_bad_lines_and_finds_forking_tokens(tmp_path: Path) -> None:
+    from megatron_hapo.viewer.dumps import forking_tokens, read_dump, saved_steps, summary
+
+    rows = [
+        _row(0, 0, [0.1, 3.0, 0.2, 2.9], ["a", "wait", "b", "so"]),
+        _row(0, 1, [0.1, 3.1, 0.1, 0.3], ["a", "wait", "c", "d"], correct=False),
+    ]
+    _write_dump(tmp_path, 4, rows, extra_lines=("{not json", json.dumps({"step": 4})))
+    dump = read_dump(saved_steps(tmp_path)[4], "run")
+    assert dump.step == 4 and len(dump.responses) == 2 and dump.skipped == 2
+    forking = forking_tokens(dump, top_share=0.25)
+    assert forking[0] == {"token": "wait", "count": 2, "share": 1.0, "mean_entropy": pytest.approx(3.05)}
+    row = summary(dump)
+    assert row["accuracy"] == 0.5 and row["length"] == 4 and row["skipped_lines"] == 2
+    assert row["entropy"] == pytest.approx(sum([0.1, 3.0, 0.2, 2.9, 0.1, 3.1, 0.1, 0.3]) / 8)
+
+
+def test_the_tool_names_what_is_missing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("inspect_rollouts", REPO / "tools" / "inspect_rollouts.py")
+    assert spec is not None and spec.loader is not None
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    (tmp_path / "empty").mkdir()
+    assert tool.main([str(tmp_path / "empty")]) == 2
+    assert "no rollout dumps; train with output.save_rollouts_every=N" in capsys.readouterr().err
+    _write_dump(tmp_path / "run", 3, [_row(0, 0, [1.0], ["x"])])
+    assert tool.main([str(tmp_path / "run"), "--step", "5"]) == 2
+    assert "step 5 was not saved; saved steps: [3]" in capsys.readouterr().err
+    out = tmp_path / "page.html"
+    assert tool.main([str(tmp_path / "run"), "--out", str(out)]) == 0
+    page = out.read_text()
+    assert "http" not in page.replace("http://www.w3.org/2000/svg", "")  # nothing fetched
+    assert "<script src" not in page and "</script>" not in page.split("id='data'>")[1].split("</script>")[0]
+
+
+def test_config_keys_are_checked() -> None:
+    from megatron_hapo.config import ConfigError, load_config
+
+    config = load_config(REPO / "configs" / "algo" / "hapo.yaml", ["output.save_rollouts_every=5"], warn=False)
+    assert config.output.save_rollouts_every == 5 and config.output.save_rollouts_samples == 32
+    with pytest.raises(ConfigError, match="output.save_rollouts_samples"):
+        load_config(REPO / "configs" / "algo" / "hapo.yaml", ["output.save_rollouts_samples=0"], warn=False)
+    with pytest.raises(ConfigError, match="output.save_rollouts_every"):
+        load_config(REPO / "configs" / "algo" / "hapo.yaml", ["output.save_rollouts_every=-1"], warn=False)
