@@ -17,19 +17,17 @@ trained ones, chosen by a seed of the run and the step, the same on every rank) 
 
 The loss returns its values only for the micro-batches holding a selected sequence (on the last pipeline stage);
 each data-parallel rank fills the rows it trained and one all-reduce over the data-parallel group puts them
-together; the first rank of that group (tensor-parallel rank 0) hands them to a background thread that decodes
-the text and writes the file (to a temporary name, renamed when complete). A failed write is logged in one line
-and counted (``rollout_dump_errors``), never fatal.
+together; the first rank of that group (tensor-parallel rank 0) hands them to a writer process that decodes the
+text and writes the file (to a temporary name, renamed when complete; :mod:`megatron_hapo.trainer.dump_files`).
+A failed write is logged in one line and counted (``rollout_dump_errors``), never fatal.
 """
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
-import os
+import multiprocessing as mp
 import queue
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,7 @@ import torch
 
 from megatron_hapo.parallel.collectives import group_rank_size, rows_from_owners
 from megatron_hapo.parallel.policy_loss import RECORDED_VALUES, ParallelGroups, PolicyMicroBatch
+from megatron_hapo.trainer.dump_files import serve
 
 logger = logging.getLogger(__name__)
 
@@ -120,14 +119,6 @@ def is_writer(groups: ParallelGroups) -> bool:
     return pp_rank == pp_size - 1 and group_rank_size(groups.dp)[0] == 0 and group_rank_size(groups.tp)[0] == 0
 
 
-def float_list(values: torch.Tensor) -> str:
-    """``[n]`` values -> a JSON list of their float32 values, each the shortest text that reads back exactly
-    (``null`` where non-finite)."""
-    text = values.detach().float().numpy().astype(str)
-    text[~np.isfinite(values.detach().float().numpy())] = "null"
-    return "[" + ",".join(text.tolist()) + "]"
-
-
 @dataclass
 class DumpRecord:
     """One response's dump line before its text is decoded (host memory)."""
@@ -137,56 +128,67 @@ class DumpRecord:
     values: dict[str, torch.Tensor]
     """``[len(response)]`` each."""
 
-
-def _json_line(record: DumpRecord, tokenizer: Any) -> str:
-    head = dict(record.head)
-    if tokenizer is not None:
-        prompt, response = head["prompt_ids"], head["response_ids"]
-        head["prompt"] = tokenizer.decode(prompt, skip_special_tokens=False)
-        head["response"] = tokenizer.decode(response, skip_special_tokens=False)
-        head["tokens"] = tokenizer.batch_decode([[t] for t in response], skip_special_tokens=False)
-    body = json.dumps(head, default=str)[:-1]  # an answer of any type
-    values = ", ".join(f'"{name}": {float_list(v)}' for name, v in record.values.items())
-    return f'{body}, "values": {{{values}}}}}\n'
+    def task_part(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """What the writer process receives: the head (a non-JSON answer as its text) and float32 arrays."""
+        head = dict(self.head)
+        head["answer"] = json.loads(json.dumps(head.get("answer"), default=str))
+        return head, {name: v.detach().float().numpy() for name, v in self.values.items()}
 
 
 class DumpWriter:
-    """A background thread that decodes and writes the dumps, one file per step; at most ``depth`` steps wait."""
+    """A writer process (forkserver, as the verifier workers) that decodes, formats and compresses the dumps, one
+    file per step, so that none of that work holds the training process's interpreter lock. At most ``depth``
+    steps wait; the process stops with :meth:`close`, or by itself once its parent is gone."""
 
     def __init__(self, tokenizer: Any = None, depth: int = 2) -> None:
-        self.tokenizer = tokenizer
-        self.errors = 0
-        self.written: list[Path] = []
-        self._queue: queue.Queue[tuple[Path, list[DumpRecord]] | None] = queue.Queue(maxsize=depth)
-        self._thread = threading.Thread(target=self._run, name="rollout-dumps", daemon=True)
-        self._thread.start()
+        context = mp.get_context("forkserver")
+        self._tasks: Any = context.Queue(maxsize=depth)
+        self._results: Any = context.Queue()
+        self._errors = 0
+        self._written: list[Path] = []
+        self._closed = False
+        self._process = context.Process(
+            target=serve, args=(self._tasks, self._results, tokenizer), name="rollout-dumps", daemon=True
+        )
+        self._process.start()
 
     def submit(self, path: Path, records: list[DumpRecord]) -> None:
         """Queue the dump of one step (waits while ``depth`` are queued)."""
-        self._queue.put((path, records))
+        self._tasks.put((Path(path), [record.task_part() for record in records]))
+
+    @property
+    def errors(self) -> int:
+        """Failed writes reported so far."""
+        self._collect()
+        return self._errors
+
+    @property
+    def written(self) -> list[Path]:
+        """Files written so far."""
+        self._collect()
+        return list(self._written)
 
     def close(self) -> None:
-        """Write what is queued, then stop the thread."""
-        self._queue.put(None)
-        self._thread.join()
+        """Write what is queued, then stop the process."""
+        if self._process.is_alive():
+            self._tasks.put(None)
+        self._process.join()
+        self._collect()
+        self._closed = True
+        self._tasks.close()
+        self._results.close()
 
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            path, records = item
+    def _collect(self) -> None:
+        while not self._closed:
             try:
-                self._write(path, records)
-                self.written.append(path)
-            except Exception as error:  # a dump is never fatal to the run
-                self.errors += 1
-                logger.warning("rollout dump %s not written (%d so far): %s", path, self.errors, error)
-
-    def _write(self, path: Path, records: list[DumpRecord]) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        with gzip.open(partial, "wt", encoding="utf-8", compresslevel=6) as out:
-            for record in records:
-                out.write(_json_line(record, self.tokenizer))
-        os.replace(partial, path)
+                kind, path, *message = self._results.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "written":
+                self._written.append(Path(path))
+            else:
+                self._errors += 1
+                logger.warning("rollout dump %s not written (%d so far): %s", path, self._errors, message[0])
 
 
 @dataclass
@@ -279,7 +281,6 @@ __all__ = [
     "RolloutDumps",
     "ValueRecorder",
     "dump_path",
-    "float_list",
     "is_writer",
     "recorded_names",
     "select_rows",

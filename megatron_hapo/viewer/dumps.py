@@ -151,7 +151,9 @@ def histogram(values: list[float], bins: int = 24) -> dict[str, list[float]]:
     if not values:
         return {"edges": [], "counts": []}
     low, high = min(values), max(values)
-    width = (high - low) / bins or 1.0
+    if high == low:  # one value: one bar at it
+        return {"edges": [low, high], "counts": [float(len(values))]}
+    width = (high - low) / bins
     counts = [0.0] * bins
     for value in values:
         counts[min(bins - 1, int((value - low) / width))] += 1

@@ -2,7 +2,7 @@
 // DATA: {title, quantities: {name: [label, scale]}, centres: {name: value}, summaries: [row], panels: [panel]}.
 "use strict";
 const DATA = JSON.parse(document.getElementById("data").textContent);
-const state = { quantity: "entropy", group: "all", outcome: "all", minLen: 0, maxLen: Infinity };
+const state = { quantity: "entropy", group: "all", outcome: "all", minLen: 0, maxLen: Infinity, prompt: "" };
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
@@ -34,6 +34,7 @@ function shown(response) {
   if (state.group !== "all" && String(response.group) !== state.group) return false;
   if (state.outcome === "correct" && !response.correct) return false;
   if (state.outcome === "wrong" && response.correct) return false;
+  if (state.prompt && !response.prompt.includes(state.prompt)) return false;
   return length >= state.minLen && length <= state.maxLen;
 }
 
@@ -70,7 +71,8 @@ function responseBox(response, colour) {
   const mark = response.correct ? "correct" : "wrong";
   const head = el("div", { class: "rhead" },
     `group ${response.group} \u00b7 sample ${response.sample} \u00b7 reward ${fmt(response.reward)} \u00b7 `,
-    el("span", { class: mark }, mark), ` \u00b7 ${response.tokens.length} tokens \u00b7 ${response.finish_reason}`);
+    el("span", { class: mark }, mark),
+    ` \u00b7 ${response.tokens.length} token${response.tokens.length === 1 ? "" : "s"} \u00b7 ${response.finish_reason}`);
   const values = response.values[state.quantity] || [];
   const mask = response.values.loss_mask || [];
   const tokens = response.tokens.map((text, i) => el("span", {
@@ -139,12 +141,14 @@ function controls() {
   const outcome = el("select", { id: "outcome" }, ...["all", "correct", "wrong"].map((o) => el("option", { value: o }, o)));
   const minLen = el("input", { id: "min-len", type: "number", min: 0, placeholder: "min length" });
   const maxLen = el("input", { id: "max-len", type: "number", min: 0, placeholder: "max length" });
+  const prompt = el("input", { id: "prompt", type: "search", placeholder: "prompt contains" });
   quantity.onchange = () => { state.quantity = quantity.value; renderPanels(); };
   group.onchange = () => { state.group = group.value; renderPanels(); };
   outcome.onchange = () => { state.outcome = outcome.value; renderPanels(); };
   minLen.oninput = () => { state.minLen = Number(minLen.value) || 0; renderPanels(); };
   maxLen.oninput = () => { state.maxLen = maxLen.value === "" ? Infinity : Number(maxLen.value); renderPanels(); };
-  return el("div", { class: "controls" }, "colour by ", quantity, group, outcome, minLen, maxLen,
+  prompt.oninput = () => { state.prompt = prompt.value; renderPanels(); };
+  return el("div", { class: "controls" }, "colour by ", quantity, group, outcome, minLen, maxLen, prompt,
     el("span", { id: "legend" }));
 }
 

@@ -29,11 +29,11 @@ def test_selection_takes_whole_kept_groups_by_seed() -> None:
 
 
 def test_float_lists_read_back_exactly() -> None:
-    from megatron_hapo.trainer.rollout_dump import float_list
+    from megatron_hapo.trainer.dump_files import float_list
 
     values = torch.randn(1000) * torch.logspace(-6, 6, 1000)
     values[3], values[4] = float("nan"), float("inf")
-    parsed = json.loads(float_list(values))
+    parsed = json.loads(float_list(values.numpy()))
     assert parsed[3] is None and parsed[4] is None
     finite = torch.ones(1000, dtype=torch.bool)
     finite[3:5] = False
@@ -135,3 +135,37 @@ def test_config_keys_are_checked() -> None:
         load_config(REPO / "configs" / "algo" / "hapo.yaml", ["output.save_rollouts_samples=0"], warn=False)
     with pytest.raises(ConfigError, match="output.save_rollouts_every"):
         load_config(REPO / "configs" / "algo" / "hapo.yaml", ["output.save_rollouts_every=-1"], warn=False)
+
+
+def test_the_writer_process_does_not_outlive_its_run(tmp_path: Path) -> None:
+    """A run killed outright (SIGKILL: no clean-up runs) leaves no writer process behind: it sees its parent gone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import sys, time\n"
+        "from megatron_hapo.trainer.rollout_dump import DumpWriter\n"
+        "writer = DumpWriter()\n"
+        "print(writer._process.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    run = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    assert run.stdout is not None
+    child = int(run.stdout.readline())
+    os.kill(child, 0)  # running
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    deadline = time.monotonic() + 120  # the writer polls its parent every second
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        with open(f"/proc/{child}/stat") as stat:  # a zombie (exited, not yet reaped by its forkserver) is gone
+            if stat.read().split(")")[-1].split()[0] == "Z":
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"the writer process {child} outlived its run")
