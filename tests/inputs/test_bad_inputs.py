@@ -303,3 +303,47 @@ def test_conversion_back_names_what_it_needs(tiny_model: Path, tmp_path: Path) -
         assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
         assert says in done.stderr.strip().splitlines()[-1], done.stderr[-2000:]
     assert not (tmp_path / "o").exists()
+
+
+def _viewer_run(tmp: Path, name: str, lines: list[str] | None = None, raw: bytes | None = None) -> Path:
+    """A run directory with one dump at step 0 (``lines``, gzip'd, or ``raw`` bytes as the file)."""
+    import gzip
+
+    folder = tmp / name / "rollouts"
+    folder.mkdir(parents=True)
+    path = folder / "step_000000.jsonl.gz"
+    path.write_bytes(raw if raw is not None else gzip.compress("".join(f"{line}\n" for line in lines or []).encode()))
+    return tmp / name
+
+
+_ROW = json.dumps({"step": 0, "group": 0, "sample": 0, "reward": 1, "correct": True, "response_ids": [5], "values": {}})
+#: (case, arguments after the tool given the test directory, what stderr must say; None: it succeeds).
+VIEWER_CASES: list[tuple[str, Callable[[Path], list[str]], str | None]] = [
+    ("viewer: no run directory", lambda t: [str(t / "nowhere")], "nowhere: no such run directory"),
+    ("viewer: no dumps", lambda t: [str(_viewer_run(t, "r").parent / "r" / "rollouts")], "no rollout dumps"),
+    ("viewer: step not saved", lambda t: [str(_viewer_run(t, "r", [_ROW])), "--step", "3"], "step 3 was not saved"),
+    (
+        "viewer: truncated dump",
+        lambda t: [str(_viewer_run(t, "r", raw=__import__("gzip").compress(_ROW.encode() * 50)[:40]))],
+        "step_000000.jsonl.gz: cannot read the dump",
+    ),
+    ("viewer: a bad line is skipped and counted", lambda t: [str(_viewer_run(t, "r", [_ROW, "{oops"]))], None),
+    (
+        "viewer: compared run lacks the step",
+        lambda t: [str(_viewer_run(t, "a", [_ROW])), "--compare", str(_viewer_run(t, "b", [_ROW]).parent / "a2")],
+        "a2: no such run directory",
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "args", "says"), VIEWER_CASES, ids=[c[0] for c in VIEWER_CASES])
+def test_bad_rollout_dumps(case: str, args: Callable[[Path], list[str]], says: str | None, tmp_path: Path) -> None:
+    command = [sys.executable, "tools/inspect_rollouts.py", *args(tmp_path), "--out", str(tmp_path / "page.html")]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    if says is None:
+        assert result.returncode == 0, result.stderr
+        assert '"skipped_lines": 1' in (tmp_path / "page.html").read_text()
+        return
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0], result.stderr
