@@ -4,6 +4,7 @@ until enough groups have mixed outcomes)."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,8 +21,6 @@ from megatron_hapo.trainer.scoring import Scorer
 if TYPE_CHECKING:
     from megatron_hapo.trainer.step import StepState
 
-#: Seed offset between generation rounds of one step (steps are 1 apart; requests add their index).
-ROUND_SEED_OFFSET = 1_000_000_007
 #: ``more_prompts(count) -> (prompts, answers)``: the next prompts of the data order, for extra generation rounds.
 PromptSource = Callable[[int], tuple[list[list[int]], list[Any]]]
 
@@ -73,7 +72,7 @@ def generate_rounds(
             algo.sampling,
             max_tokens=config.rollout.max_response_length,
             min_tokens=config.rollout.min_response_length,
-            seed=config.train.seed * 1_000_003 + state.step + out.rounds * ROUND_SEED_OFFSET,
+            seed=rollout_seed(config.train.seed, state.step, out.rounds),
         )
         out.sampling = out.sampling or sampling
         with clock("generate"):
@@ -100,6 +99,15 @@ def generate_rounds(
     per_group = out.keep.view(-1, n)  # a view: clearing rows clears out.keep
     per_group[kept[target:]] = False  # exactly the step's number of groups, as verl truncates
     return out
+
+
+def rollout_seed(train_seed: int, step: int, round_index: int) -> int:
+    """The base seed of one generation round (request ``i`` samples with ``base + i``): a 62-bit hash of
+    ``(train.seed, step, round)``, so that no two rounds' request seeds overlap. (A base of ``seed + step`` made
+    request ``i + 1`` of step ``k`` and request ``i`` of step ``k + 1`` draw the same random numbers; two rounds
+    of 2^24 requests overlap with probability 2^-37 here.)"""
+    digest = hashlib.blake2b(f"rollout/{train_seed}/{step}/{round_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2
 
 
 #: Weight of the previous steps in the keep rate's moving average.

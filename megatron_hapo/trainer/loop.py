@@ -85,6 +85,12 @@ class LoopSettings:
     """Called on every rank with ``(step, metrics)`` after each step's metrics are written (e.g. a progress
     line of a demo)."""
 
+    def rollout_dumps(self, seed: int) -> RolloutDumps:
+        """The run's rollout dumps (``save_rollouts_every=0``: none are due)."""
+        return RolloutDumps(
+            self.run_dir, self.save_rollouts_every, self.save_rollouts_samples, seed=seed, tokenizer=self.tokenizer
+        )
+
 
 def learning_rate(step: int, *, peak: float, warmup_steps: int) -> float:
     """Linear warm-up to ``peak`` over ``warmup_steps`` optimizer steps of the RL loop, then constant."""
@@ -139,34 +145,38 @@ def _show_step(progress: tqdm, log_line: bool, step: int, total: int, metrics: d
         logger.info(step_line(step, total, metrics))
 
 
-def _step_or_drop(
-    actor: Actor,
-    engines: tuple[RolloutEngine, RolloutEngine | None],
-    score: Scorer,
-    *,
-    config: Config,
-    state: StepState,
-    take: Callable[[int], tuple[list[list[int]], list[Any]]],
-    should_stop: Callable[[], bool] | None,
-    dumps: RolloutDumps | None = None,
-) -> dict | None:
-    """:func:`rl_step` on the next ``train.prompts_per_step`` prompts of ``take`` (``engines``: the policy's and the
-    guide's); ``None`` when a stop came during its rollout: the step is dropped and ``state`` is as before it (its
-    prompts come again on resume)."""
-    engine, guide_engine = engines
-    cursor = state.data_cursor
-    step_prompts, step_answers = take(config.train.prompts_per_step)
+@dataclass
+class _StepInputs:
+    """What every step of a run is made from."""
+
+    actor: Actor
+    engines: tuple[RolloutEngine, RolloutEngine | None]
+    """The policy's engine and the mixed-policy guide's."""
+    score: Scorer
+    config: Config
+    take: Callable[[int], tuple[list[list[int]], list[Any]]]
+    """The next prompts of the seeded order (advancing ``state.data_cursor``)."""
+    should_stop: Callable[[], bool] | None
+    dumps: RolloutDumps | None = None
+
+
+def _step_or_drop(inputs: _StepInputs, state: StepState) -> dict | None:
+    """:func:`rl_step` on the next ``train.prompts_per_step`` prompts; ``None`` when a stop came during its
+    rollout: the step is dropped and ``state`` is as before it (its prompts come again on resume)."""
+    engine, guide_engine = inputs.engines
+    cursor, dumps = state.data_cursor, inputs.dumps
+    step_prompts, step_answers = inputs.take(inputs.config.train.prompts_per_step)
     metrics = rl_step(
-        actor,
+        inputs.actor,
         engine,
-        score,
+        inputs.score,
         prompts=step_prompts,
         answers=step_answers,
-        config=config,
+        config=inputs.config,
         state=state,
         guide_engine=guide_engine,
-        more_prompts=take,
-        should_stop=should_stop,
+        more_prompts=inputs.take,
+        should_stop=inputs.should_stop,
         dumps=dumps,
     )
     if metrics is None:
@@ -268,13 +278,9 @@ def train(
     total = config.train.total_steps
     shown = settings.progress_bar and runtime.rank() == 0
     progress = tqdm(total=total, initial=state.step, desc="RL steps", unit="step", disable=None if shown else True)
-    dumps = RolloutDumps(
-        settings.run_dir,
-        settings.save_rollouts_every,
-        settings.save_rollouts_samples,
-        seed=config.train.seed,
-        tokenizer=settings.tokenizer,
-    )
+    take = partial(_next_prompts, order, prompts, answers, state)
+    dumps = settings.rollout_dumps(config.train.seed)
+    inputs = _StepInputs(actor, (engine, guide_engine), score, config, take, should_stop, dumps)
     try:
         hold_between_steps(state.step, should_stop)  # test pacing only (MEGATRON_HAPO_TEST_HOLD)
         if any_rank(should_stop is not None and should_stop()):  # a stop asked for during start-up
@@ -287,17 +293,7 @@ def train(
         while state.step < total:
             lr = learning_rate(state.step, peak=config.optim.lr, warmup_steps=config.optim.warmup_steps)
             set_learning_rate(actor.optimizer, lr)
-            take = partial(_next_prompts, order, prompts, answers, state)
-            metrics = _step_or_drop(
-                actor,
-                (engine, guide_engine),
-                score,
-                config=config,
-                state=state,
-                take=take,
-                should_stop=should_stop,
-                dumps=dumps,
-            )
+            metrics = _step_or_drop(inputs, state)
             if metrics is None:  # stopped after the rollout: the step is dropped, its prompts come again on resume
                 if state.step != saved_at:
                     _save(actor, state, settings)

@@ -67,7 +67,7 @@ def _tensors(model_dir: Path) -> dict[str, torch.Tensor]:
     return {name: checkpoint[name] for name in checkpoint.names()}
 
 
-def test_round_trips_are_bit_exact_and_reshard(checkpoints: Path, tmp_path: Path) -> None:
+def test_round_trips_are_bit_exact_and_reshard(checkpoints: Path, tmp_path: Path) -> None:  # noqa: F811
     run_on_ranks(partial(_convert, root=checkpoints, tp=1, pp=1), 1, tmp_path / "a")
     run_on_ranks(partial(_convert, root=checkpoints, tp=2, pp=1), 2, tmp_path / "b")
     for layout in ("tp1pp1", "tp2pp1"):
@@ -104,7 +104,7 @@ def _convert_broken(rank: int, world: int, root: Path) -> None:
         assert not out.exists() and not any(out.parent.glob(f".{out.name}*")), kind
 
 
-def test_broken_checkpoints_are_named_and_nothing_is_written(checkpoints: Path, tmp_path: Path) -> None:
+def test_broken_checkpoints_are_named_and_nothing_is_written(checkpoints: Path, tmp_path: Path) -> None:  # noqa: F811
     from safetensors.torch import save_file
 
     for kind in BROKEN:
@@ -122,7 +122,7 @@ def test_broken_checkpoints_are_named_and_nothing_is_written(checkpoints: Path, 
     run_on_ranks(partial(_convert_broken, root=tmp_path), 2, tmp_path / "r")
 
 
-def test_tools_convert_export_and_verify(checkpoints: Path, tmp_path: Path, repo_root: Path) -> None:
+def test_tools_convert_export_and_verify(checkpoints: Path, tmp_path: Path, repo_root: Path) -> None:  # noqa: F811
     import subprocess
     import sys
 
@@ -192,7 +192,7 @@ def _chunked_logits(chunks: list, tokens: torch.Tensor) -> torch.Tensor | None:
 
     seq = tokens.shape[1]
 
-    def step(data_iterator, model):  # noqa: ANN001, ANN202
+    def step(data_iterator, model):
         sample = next(data_iterator)
         output = model(sample, torch.arange(seq)[None], None)
         return output, lambda out: (

@@ -38,7 +38,7 @@ NOISE_METRICS = ("mismatch_",)
 LAYOUT_METRICS = ("rollout_requests_per_engine", "forward_only_sequences", "sync_", "time_")
 
 
-def _config(hf_dir: Path, extra: list[str]):  # noqa: ANN202
+def _config(hf_dir: Path, extra: list[str]):
     from megatron_hapo.config import Config
     from megatron_hapo.config.loader import build_dataclass, resolve_tree
 
@@ -92,7 +92,7 @@ def _step_ranks(
     forward_rows: list[int] = []
     plain = step_module.microbatches
 
-    def recording(batch, rows, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    def recording(batch, rows, *args, **kwargs):
         if not kwargs.get("train"):  # the forward-only pass
             forward_rows.extend(rows.tolist())
         return plain(batch, rows, *args, **kwargs)
@@ -101,7 +101,7 @@ def _step_ranks(
     lengths = [len(PROMPTS[i // 4]) + 6 for i in range(len(PROMPTS) * 4)]  # (overwritten from the step's batch)
     plain_build = step_module.StepBatch.from_responses
 
-    def recording_lengths(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def recording_lengths(*args, **kwargs):
         batch = plain_build(*args, **kwargs)
         if not kwargs.get("guide"):
             lengths[:] = batch.lengths.tolist()

@@ -20,9 +20,9 @@ from gloo import run_on_ranks
 def _placement(rank: int, world: int, out: Path) -> None:
     from megatron_hapo.models import TinyGPTShape, build_tiny_gpt
     from megatron_hapo.parallel import runtime
+    from megatron_hapo.rollout.engine import Response
     from megatron_hapo.trainer.batch import StepBatch
     from megatron_hapo.trainer.microbatch import BatchLayout, microbatches
-    from megatron_hapo.rollout.engine import Response
 
     runtime.quiet_logs()
     runtime.initialize_model_parallel(1, 1)

@@ -22,7 +22,7 @@ FAMILIES = ("llama", "qwen2", "qwen3")
 TOLERANCE = 1e-4
 
 
-def _hf_model(family: str):  # noqa: ANN202
+def _hf_model(family: str):
     import transformers
 
     common = dict(
@@ -70,7 +70,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _megatron_logits(spec, model_dir: Path | None, tokens: torch.Tensor, chunks: list | None = None):  # noqa: ANN001, ANN202
+def _megatron_logits(spec, model_dir: Path | None, tokens: torch.Tensor, chunks: list | None = None):
     """Full-vocabulary logits ``[B, S, V]`` on the last pipeline stage (``None`` elsewhere).
 
     Loads ``model_dir``'s HF weights into a new model unless loaded ``chunks`` are given.
@@ -87,7 +87,7 @@ def _megatron_logits(spec, model_dir: Path | None, tokens: torch.Tensor, chunks:
         tp_rank, tp_size = mpu.get_tensor_model_parallel_rank(), mpu.get_tensor_model_parallel_world_size()
         load_hf_weights(chunks, spec, HFCheckpoint(model_dir).__getitem__, tp_rank=tp_rank, tp_size=tp_size)
 
-    def step(data_iterator, model):  # noqa: ANN001, ANN202
+    def step(data_iterator, model):
         batch = next(data_iterator)
         output = model(batch, torch.arange(SEQ).expand(BATCH, SEQ), None)
         return output, lambda out: (out.sum() * 0, {"logits": gather_vocab_shards(out, tp_group)})

@@ -1,13 +1,14 @@
 """Token-budget micro-batches and packed sequences compute what one sequence per micro-batch computes.
 
-The trainer's own path (``StepBatch`` -> ``microbatches`` -> ``run_schedule`` with the forward-only step, the
-pooled statistics and ``PolicyLossStep``) runs on a float64 tiny GPT three ways: one sequence per micro-batch
-(the reference), a token budget with each micro-batch padded to its own longest sequence, and the same budget
-with the sequences packed into one THD row (the local attention per sequence, rotary positions restarting at
-each), and packed with the fused output layer (log-probs from the hidden states, no logits). Old log-probs, entropies, the loss and every gradient must agree within relative 1e-6 for every
-aggregation mode (``seq-mean-*`` count sequences, not rows), a sequence-level ratio and the mixed-policy guide
-term, on one rank, at PP2 (shapes exchanged between stages), at PP2 x VPP2 (one shape per schedule call) and at
-TP2 with sequence parallelism (the fused layer gathers the sequence-parallel hidden states itself).
+The trainer's own path (``StepBatch`` -> ``microbatches`` -> ``run_schedule`` with the forward-only step, the pooled
+statistics and ``PolicyLossStep``) runs on a float64 tiny GPT three ways: one sequence per micro-batch (the
+reference), a token budget with each micro-batch padded to its own longest sequence, and the same budget with the
+sequences packed into one THD row (the local attention per sequence, rotary positions restarting at each), and
+packed with the fused output layer (log-probs from the hidden states, no logits). Old log-probs, entropies, the loss
+and every gradient must agree within relative 1e-6 for every aggregation mode (``seq-mean-*`` count sequences, not
+rows), a sequence-level ratio and the mixed-policy guide term, on one rank, at PP2 (shapes exchanged between
+stages), at PP2 x VPP2 (one shape per schedule call) and at TP2 with sequence parallelism (the fused layer gathers
+the sequence-parallel hidden states itself).
 """
 
 from __future__ import annotations

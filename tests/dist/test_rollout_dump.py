@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from gloo import run_on_ranks
+from test_skip_noop_pass import actor_and_hf_engine, digit_sum_score
 from test_train_hf_engine import small_llama  # noqa: F401  (the shared fixture)
 
 REPO = Path(__file__).parents[2]
@@ -26,7 +27,6 @@ PROMPTS = [[5, 6, 7], [8, 9], [10, 11, 12], [13, 14]]
 def _dump_rank(rank: int, world: int, model: Path, run_dir: Path) -> None:
     from megatron_hapo.config import load_config
     from megatron_hapo.parallel import runtime
-    from megatron_hapo.trainer.actor import build_actor, build_engine
     from megatron_hapo.trainer.rollout_dump import RolloutDumps
     from megatron_hapo.trainer.step import StepState, rl_step
 
@@ -44,16 +44,10 @@ def _dump_rank(rank: int, world: int, model: Path, run_dir: Path) -> None:
         "optim.warmup_steps=0",
     ]
     config = load_config(REPO / "configs" / "algo" / "hapo.yaml", overrides)
-    actor, engine = build_actor(config), build_engine(config, str(model))
-    actor.probe = [5, 6, 7, 8, 9, 10, 11, 12]
-
-    def score(token_ids: list[list[int]], answers: list) -> tuple[torch.Tensor, torch.Tensor]:
-        correct = torch.tensor([sum(ids) % 3 == 0 for ids in token_ids])
-        return correct.float() * 2 - 1, correct
-
+    actor, engine = actor_and_hf_engine(config, model)
     dumps = RolloutDumps(run_dir, every=1, samples=16, seed=0)
     metrics = rl_step(
-        actor, engine, score, prompts=PROMPTS, answers=[0] * 4, config=config, state=StepState(), dumps=dumps
+        actor, engine, digit_sum_score, prompts=PROMPTS, answers=[0] * 4, config=config, state=StepState(), dumps=dumps
     )
     dumps.close()
     engine.close()

@@ -108,10 +108,24 @@ def test_the_loss_with_its_own_log_probs_equals_the_explicit_pass(tmp_path: Path
     assert report["mismatch"]["mismatch_max_abs_log_ratio"][0] > 0.01  # the rollout's log-probs really differ
 
 
+def digit_sum_score(token_ids: list[list[int]], answers: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """A response is right when its ids sum to a multiple of 3 (+1 / -1): mixed outcomes in every group."""
+    correct = torch.tensor([sum(ids) % 3 == 0 for ids in token_ids])
+    return correct.float() * 2 - 1, correct
+
+
+def actor_and_hf_engine(config: object, model: Path) -> tuple:
+    """The actor of ``config`` and a transformers rollout engine of ``model``, with a fixed sync probe."""
+    from megatron_hapo.trainer.actor import build_actor, build_engine
+
+    actor, engine = build_actor(config), build_engine(config, str(model))
+    actor.probe = [5, 6, 7, 8, 9, 10, 11, 12]
+    return actor, engine
+
+
 def _step_rank(rank: int, world: int, model: Path, out: Path) -> None:
     from megatron_hapo.config import load_config
     from megatron_hapo.parallel import runtime
-    from megatron_hapo.trainer.actor import build_actor, build_engine
     from megatron_hapo.trainer.step import StepState, rl_step
 
     runtime.quiet_logs()
@@ -131,14 +145,10 @@ def _step_rank(rank: int, world: int, model: Path, out: Path) -> None:
             f"train.old_log_prob_pass={mode}",
         ]
         config = load_config(REPO / "configs" / "algo" / "grpo.yaml", overrides)
-        actor, engine = build_actor(config), build_engine(config, str(model))
-        actor.probe = [5, 6, 7, 8, 9, 10, 11, 12]
-
-        def score(token_ids: list[list[int]], answers: list) -> tuple[torch.Tensor, torch.Tensor]:
-            correct = torch.tensor([sum(ids) % 3 == 0 for ids in token_ids])
-            return correct.float() * 2 - 1, correct
-
-        metrics = rl_step(actor, engine, score, prompts=prompts, answers=[0] * 4, config=config, state=StepState())
+        actor, engine = actor_and_hf_engine(config, model)
+        metrics = rl_step(
+            actor, engine, digit_sum_score, prompts=prompts, answers=[0] * 4, config=config, state=StepState()
+        )
         params = torch.cat([p.detach().reshape(-1) for p in actor.chunks[0].parameters()])
         grads = torch.cat([b.grad_data.reshape(-1) for b in actor.chunks[0].buffers])
         report[mode] = {"metrics": metrics, "params": params.tolist(), "grads": grads.tolist()}

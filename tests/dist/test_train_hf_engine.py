@@ -15,8 +15,8 @@ import json
 import math
 import subprocess
 import sys
-from functools import partial
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pytest

@@ -61,8 +61,8 @@ def _train(repo_root: Path, model: Path, data: Path, run_dir: Path, *layout: str
 
 
 def test_rl_steps_with_virtual_pipeline_stages_match_plain_pipeline(
-    tiny_llama: Path,
-    tmp_path: Path,  # noqa: F811
+    tiny_llama: Path,  # noqa: F811
+    tmp_path: Path,
     repo_root: Path,
 ) -> None:
     model = _model_with_tokenizer(tiny_llama, tmp_path / "model")
@@ -109,8 +109,8 @@ def _warmup_rank(rank: int, world: int, model: Path, out: Path) -> None:
 
 
 def test_supervised_warmup_with_virtual_pipeline_stages(
-    tiny_llama: Path,
-    tmp_path: Path,  # noqa: F811
+    tiny_llama: Path,  # noqa: F811
+    tmp_path: Path,
     repo_root: Path,
     monkeypatch,
 ) -> None:

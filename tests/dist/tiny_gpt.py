@@ -33,7 +33,7 @@ def build_model(*, per_token_loss: bool = False, ddp: bool = True, batch_p2p_com
     )
 
 
-def _named_parameters(chunks: list):  # noqa: ANN202
+def _named_parameters(chunks: list):
     """``(global name, parameter)`` of every chunk: the layer index shifted by the chunk's offset."""
     for chunk in chunks:
         for name, param in chunk.named_parameters():
