@@ -24,6 +24,7 @@ A failed write is logged in one line and counted (``rollout_dump_errors``), neve
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing as mp
@@ -43,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 #: Where a run's dumps go, under its directory.
 DUMP_DIR = "rollouts"
+#: How long the end of a run waits for the dumps still being written.
+CLOSE_TIMEOUT_S = 300.0
 #: Seed offset of the selection (a step's choice depends on ``train.seed`` and the step only).
 SELECTION_SEED = 7_919
 
@@ -96,12 +99,12 @@ class ValueRecorder:
             recorded = out.pop("token_values", None)
             if recorded is None:
                 continue
-            for j, row in enumerate(where.rows.tolist()):
-                if row not in position:
-                    continue
-                for f, name in enumerate(self.names):
-                    values = where.read(recorded[name])[j]
-                    self.values[position[row], f, : len(values)] = values
+            mine = [(j, position[row]) for j, row in enumerate(where.rows.tolist()) if row in position]
+            if not mine:
+                continue
+            read = torch.stack([where.read(recorded[name]) for name in self.names], dim=1)  # [n_mb, F, L_mb]
+            local, rows = (torch.tensor(part) for part in zip(*mine, strict=True))
+            self.values[rows, :, : read.shape[2]] = read[local]
 
     def gather(self, groups: ParallelGroups) -> None:
         """Every data-parallel rank's rows in each one (call on the last pipeline stage only)."""
@@ -153,8 +156,13 @@ class DumpWriter:
         self._process.start()
 
     def submit(self, path: Path, records: list[DumpRecord]) -> None:
-        """Queue the dump of one step (waits while ``depth`` are queued)."""
-        self._tasks.put((Path(path), [record.task_part() for record in records]))
+        """Queue the dump of one step; never waits: with ``depth`` dumps still queued this one is dropped (logged
+        and counted as a failed write)."""
+        try:
+            self._tasks.put_nowait((Path(path), [record.task_part() for record in records]))
+        except queue.Full:
+            self._errors += 1
+            logger.warning("rollout dump %s dropped: the writer is still busy with the previous ones", path)
 
     @property
     def errors(self) -> int:
@@ -168,11 +176,18 @@ class DumpWriter:
         self._collect()
         return list(self._written)
 
-    def close(self) -> None:
-        """Write what is queued, then stop the process."""
+    def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+        """Write what is queued, then stop the process; one still writing after ``timeout_s`` (a hung file system)
+        is killed and its dump counted as failed."""
         if self._process.is_alive():
-            self._tasks.put(None)
-        self._process.join()
+            with contextlib.suppress(queue.Full):  # a full queue behind a hung writer: killed below
+                self._tasks.put(None, timeout=timeout_s)
+        self._process.join(timeout_s)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
+            self._errors += 1
+            logger.warning("rollout dump writer still busy after %.0f s at the end of the run: killed", timeout_s)
         self._collect()
         self._closed = True
         self._tasks.close()

@@ -169,3 +169,57 @@ def test_the_writer_process_does_not_outlive_its_run(tmp_path: Path) -> None:
                 return
         time.sleep(0.2)
     raise AssertionError(f"the writer process {child} outlived its run")
+
+
+class BlockingTokenizer:
+    """Decodes once ``release`` exists, after marking ``started`` (a writer busy for as long as the test wants)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.started, self.release = folder / "started", folder / "release"
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        import time
+
+        self.started.touch()
+        while not self.release.exists():
+            time.sleep(0.02)
+        return " ".join(map(str, ids))
+
+    def batch_decode(self, batch: list[list[int]], skip_special_tokens: bool = False) -> list[str]:
+        return [self.decode(ids) for ids in batch]
+
+
+def _wait_for(path: Path) -> None:
+    import time
+
+    deadline = time.monotonic() + 120
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def test_a_busy_writer_drops_a_dump_instead_of_holding_the_step(tmp_path: Path) -> None:
+    from megatron_hapo.trainer.rollout_dump import DumpWriter, dump_path
+
+    tokenizer = BlockingTokenizer(tmp_path)
+    writer = DumpWriter(tokenizer, depth=1)
+    writer.submit(dump_path(tmp_path / "run", 0), [_record(0)])
+    _wait_for(tokenizer.started)  # the writer holds step 0
+    writer.submit(dump_path(tmp_path / "run", 1), [_record(1)])  # queued
+    writer.submit(dump_path(tmp_path / "run", 2), [_record(2)])  # the queue is full: dropped, no wait
+    assert writer.errors == 1
+    tokenizer.release.touch()
+    writer.close()
+    assert writer.written == [dump_path(tmp_path / "run", 0), dump_path(tmp_path / "run", 1)] and writer.errors == 1
+
+
+def test_a_hung_writer_is_killed_at_the_end_of_the_run(tmp_path: Path) -> None:
+    from megatron_hapo.trainer.rollout_dump import DumpWriter, dump_path
+
+    tokenizer = BlockingTokenizer(tmp_path)  # never released: a hung file system
+    writer = DumpWriter(tokenizer)
+    writer.submit(dump_path(tmp_path / "run", 0), [_record(0)])
+    _wait_for(tokenizer.started)
+    writer.close(timeout_s=1.0)
+    assert not writer._process.is_alive() and writer.errors == 1 and writer.written == []
+    assert not dump_path(tmp_path / "run", 0).exists()
