@@ -150,7 +150,9 @@ def token_policy_loss(
 
 def _per_token(value: torch.Tensor | float, mask: torch.Tensor) -> torch.Tensor:
     """A float, ``[B]`` per-sequence or ``[B, L]`` value -> ``[B, L]`` float32 without gradient."""
-    value = torch.as_tensor(value, device=mask.device).detach().float()
+    if not isinstance(value, torch.Tensor):  # no host-to-device copy of a scalar
+        return torch.full(mask.shape, float(value), dtype=torch.float32, device=mask.device)
+    value = value.detach().float()
     if value.dim() == 1:
         value = value[:, None]
     return value.expand(mask.shape).clone()

@@ -273,9 +273,9 @@ class OutputConfig:
     """Per-response verification time limit, from the moment a worker starts the call (its start-up does not
     count); a timeout scores the response as wrong and is counted."""
     save_rollouts_every: int = 0
-    """Dump the responses of every this many steps with every per-token value the step used (temperature,
-    log-probs, entropy, ``h_hat``, advantages, clip bounds, ratio) to ``rollouts/step_*.jsonl.gz``; 0: off.
-    ``tools/inspect_rollouts.py RUN`` shows them."""
+    """Dump the responses of every this many steps with their per-token values (sampling temperature, rollout and
+    old log-probs, entropy, ``h_hat``, advantages before and after redistribution, clip bounds, first ratio, loss
+    mask) to ``rollouts/step_*.jsonl.gz``; 0: off. ``tools/inspect_rollouts.py RUN`` shows them."""
     save_rollouts_samples: int = 32
     """Responses per dumped step: whole groups of the trained ones, chosen by ``train.seed`` and the step."""
     log_interval: int = 1

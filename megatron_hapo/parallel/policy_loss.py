@@ -438,7 +438,9 @@ class PolicyLossStep:
         metrics["num_tokens"] = on_mask.sum()
         if record is not None:  # what this loss used, per position, for the rollout dumps
             record.update(old_log_prob=old_log_prob, entropy=entropy.detach(), mask=on_mask.float())
-            metrics["token_values"] = {name: batch.per_position(v.float()).cpu() for name, v in record.items()}  # type: ignore[assignment]
+            names = list(record)
+            stacked = torch.stack([batch.per_position(record[name].float()) for name in names]).cpu()  # one copy
+            metrics["token_values"] = dict(zip(names, stacked.unbind(), strict=True))  # type: ignore[assignment]
         if self.calculate_per_token_loss:
             loss = sum(
                 weight * per_token_loss_outputs(pt, m, mode, denominator=d, total_tokens=self.plan.total_tokens)[0]

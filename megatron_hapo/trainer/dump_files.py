@@ -1,7 +1,8 @@
 """Writing rollout dump files, in the writer process (:class:`~megatron_hapo.trainer.rollout_dump.DumpWriter`).
 
-Imports only numpy and the standard library: the process that runs :func:`serve` starts light, and its work
-(decoding the text, formatting every float, compressing) never holds the training process's interpreter lock.
+This module uses only numpy and the standard library (the process that runs :func:`serve` touches no CUDA), and
+its work (decoding the text, formatting every float, compressing) never holds the training process's interpreter
+lock. (The forkserver still imports the run's main module once, and unpickling a tokenizer imports its library.)
 """
 
 from __future__ import annotations

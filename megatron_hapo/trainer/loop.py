@@ -246,6 +246,15 @@ def _open_writer(settings: LoopSettings, config: Config, state: StepState) -> Me
     )
 
 
+def _close(progress: tqdm, writer: MetricsWriter, dumps: RolloutDumps) -> None:
+    """Close the run's outputs; the dump writer process stops also when the metrics sinks fail to close."""
+    progress.close()
+    try:
+        writer.close()
+    finally:
+        dumps.close()
+
+
 def train(
     actor: Actor,
     engine: RolloutEngine,
@@ -319,9 +328,7 @@ def train(
                 state.stopped = True
                 break
     finally:
-        progress.close()
-        writer.close()
-        dumps.close()
+        _close(progress, writer, dumps)
     if runtime.rank() == 0:
         tracker.write(settings.run_dir / "eval_summary.json")  # {set: {metric: {best, best_step, final}}}
     return state

@@ -29,6 +29,8 @@ import json
 import logging
 import multiprocessing as mp
 import queue
+import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +76,9 @@ class ValueRecorder:
     width: int
     """``L``: the batch's response width."""
     names: tuple[str, ...]
+    active: bool = True
+    """This rank records (the last pipeline stage's tensor-parallel rank 0; the other ranks of a model replica
+    compute the same values, nobody reads theirs)."""
     values: torch.Tensor = field(init=False)
     """``[k, len(names), L]`` float32 (zeros until recorded; on the last pipeline stage)."""
     pending: set[int] = field(init=False)
@@ -88,14 +93,14 @@ class ValueRecorder:
         for mb, rows in zip(mbs, rows_of, strict=True):
             wanted = self.pending.intersection(rows.tolist())
             if wanted:
-                mb.record_values = True
+                mb.record_values = self.active
                 self.pending -= wanted
 
     def take(self, outputs: list[dict], slots: list[Any]) -> None:
         """Move the values out of the last stage's loss ``outputs`` (the metrics must be numbers after) into
         :attr:`values` (``slots``: :class:`~megatron_hapo.trainer.microbatch.Slots` of each micro-batch)."""
         position = {int(row): i for i, row in enumerate(self.rows)}
-        for out, where in zip(outputs, slots, strict=False):
+        for out, where in zip(outputs, slots, strict=True):  # one output per micro-batch, in order
             recorded = out.pop("token_values", None)
             if recorded is None:
                 continue
@@ -140,35 +145,49 @@ class DumpRecord:
 
 class DumpWriter:
     """A writer process (forkserver, as the verifier workers) that decodes, formats and compresses the dumps, one
-    file per step, so that none of that work holds the training process's interpreter lock. At most ``depth``
-    steps wait; the process stops with :meth:`close`, or by itself once its parent is gone."""
+    file per step, so that none of that work holds the training process's interpreter lock.
+
+    It never holds the run: :meth:`submit` does not wait (a dump finding ``depth`` still queued, or the process
+    dead, is dropped and counted); :meth:`close` waits at most ``timeout_s`` in all, then kills the process and
+    counts what it had not written. The process also stops by itself once its parent is gone, and is killed at
+    interpreter exit if :meth:`close` never ran (it blocks the stop signals, like every helper of a run, so
+    multiprocessing's own SIGTERM at exit would not end it)."""
 
     def __init__(self, tokenizer: Any = None, depth: int = 2) -> None:
         context = mp.get_context("forkserver")
         self._tasks: Any = context.Queue(maxsize=depth)
         self._results: Any = context.Queue()
-        self._errors = 0
+        self._failed = 0
+        """Writes that failed, dumps dropped and dumps lost with the process."""
+        self._reported_failures = 0
+        """Failures the process reported (a subset of ``_failed``)."""
+        self._submitted = 0
         self._written: list[Path] = []
         self._closed = False
         self._process = context.Process(
             target=serve, args=(self._tasks, self._results, tokenizer), name="rollout-dumps", daemon=True
         )
         self._process.start()
+        self._finalizer = weakref.finalize(self, _stop_writer, self._process, self._tasks)
 
     def submit(self, path: Path, records: list[DumpRecord]) -> None:
-        """Queue the dump of one step; never waits: with ``depth`` dumps still queued this one is dropped (logged
-        and counted as a failed write)."""
+        """Queue the dump of one step, or drop it (logged, counted) when the writer is busy or gone."""
+        if self._closed or not self._process.is_alive():
+            self._failed += 1
+            logger.warning("rollout dump %s dropped: the writer process is gone", path)
+            return
         try:
             self._tasks.put_nowait((Path(path), [record.task_part() for record in records]))
+            self._submitted += 1
         except queue.Full:
-            self._errors += 1
+            self._failed += 1
             logger.warning("rollout dump %s dropped: the writer is still busy with the previous ones", path)
 
     @property
     def errors(self) -> int:
-        """Failed writes reported so far."""
+        """Failed, dropped and lost dumps so far."""
         self._collect()
-        return self._errors
+        return self._failed
 
     @property
     def written(self) -> list[Path]:
@@ -177,33 +196,46 @@ class DumpWriter:
         return list(self._written)
 
     def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
-        """Write what is queued, then stop the process; one still writing after ``timeout_s`` (a hung file system)
-        is killed and its dump counted as failed."""
+        """Write what is queued and stop the process, waiting at most ``timeout_s`` (a hung file system): then it is
+        killed and the dumps it had not written are counted."""
+        if self._closed:
+            return
+        deadline = time.monotonic() + timeout_s
         if self._process.is_alive():
             with contextlib.suppress(queue.Full):  # a full queue behind a hung writer: killed below
                 self._tasks.put(None, timeout=timeout_s)
-        self._process.join(timeout_s)
+        self._process.join(max(0.0, deadline - time.monotonic()))
         if self._process.is_alive():
-            self._process.kill()
-            self._process.join()
-            self._errors += 1
             logger.warning("rollout dump writer still busy after %.0f s at the end of the run: killed", timeout_s)
+        self._finalizer()  # kills it if alive; never waits on the queue's pipe
         self._collect()
+        settled = len(self._written) + self._reported_failures
+        self._failed += max(0, self._submitted - settled)  # queued or being written when it stopped: lost
         self._closed = True
-        self._tasks.close()
         self._results.close()
 
     def _collect(self) -> None:
         while not self._closed:
             try:
                 kind, path, *message = self._results.get_nowait()
-            except queue.Empty:
+            except (queue.Empty, OSError, EOFError):
                 return
             if kind == "written":
                 self._written.append(Path(path))
             else:
-                self._errors += 1
-                logger.warning("rollout dump %s not written (%d so far): %s", path, self._errors, message[0])
+                self._failed += 1
+                self._reported_failures += 1
+                logger.warning("rollout dump %s not written (%d so far): %s", path, self._failed, message[0])
+
+
+def _stop_writer(process: Any, tasks: Any) -> None:
+    """Kill the writer process if it still runs (bounded), and let the queue's feeder thread go without flushing
+    into a pipe nobody reads (else interpreter exit would wait on it forever)."""
+    if process.is_alive():
+        process.kill()
+        process.join(5.0)
+    tasks.cancel_join_thread()
+    tasks.close()
 
 
 @dataclass
@@ -219,35 +251,44 @@ class RolloutDumps:
     tokenizer: Any = None
     """Decodes the text (``None``: ids only)."""
     writer: DumpWriter | None = None
+    failures: int = 0
+    """Dumps that failed before reaching the writer."""
 
     def due(self, step: int) -> bool:
         """Whether ``step`` (0-based, the metrics row's) is saved."""
         return self.every > 0 and (step + 1) % self.every == 0
 
-    def recorder(self, step: int, keep: torch.Tensor, n: int, width: int, *, h_hat: bool) -> ValueRecorder | None:
+    def recorder(
+        self, step: int, keep: torch.Tensor, n: int, width: int, *, h_hat: bool, groups: ParallelGroups
+    ) -> ValueRecorder | None:
         """The recorder of ``step`` (``None`` when not saved); ``keep``: ``[P * n]`` the trained groups."""
         if not self.due(step) or not bool(keep.any()):
             return None
         rows = select_rows(keep, n, self.samples, self.seed * SELECTION_SEED + step)
-        return ValueRecorder(rows, width, recorded_names(h_hat))
+        pp_rank, pp_size = group_rank_size(groups.pp)
+        active = pp_rank == pp_size - 1 and group_rank_size(groups.tp)[0] == 0
+        return ValueRecorder(rows, width, recorded_names(h_hat), active=active)
 
     def save(self, step: int, recorder: ValueRecorder, generated: Any, batch: Any, groups: ParallelGroups) -> None:
         """Put the recorded rows together and queue their file on the writing rank (every rank calls it).
         ``generated``: the step's :class:`~megatron_hapo.trainer.generation.Generated`; ``batch``: its
         :class:`~megatron_hapo.trainer.batch.StepBatch`."""
-        pp_rank, pp_size = group_rank_size(groups.pp)
-        if pp_rank != pp_size - 1:
+        if not recorder.active:
             return
-        recorder.gather(groups)
+        recorder.gather(groups)  # over the data-parallel group of the recording ranks
         if not is_writer(groups):
             return
-        if self.writer is None:
-            self.writer = DumpWriter(self.tokenizer)
-        self.writer.submit(dump_path(self.run_dir, step), _records(step, recorder, generated, batch))
+        try:  # this rank only: a failure here is counted, never raised (the other ranks go on to the sync)
+            if self.writer is None:
+                self.writer = DumpWriter(self.tokenizer)
+            self.writer.submit(dump_path(self.run_dir, step), _records(step, recorder, generated, batch))
+        except Exception as error:  # e.g. a tokenizer that cannot be pickled for the writer process
+            self.failures += 1
+            logger.warning("rollout dump of step %d not written: %s: %s", step, type(error).__name__, error)
 
     def errors(self) -> int:
         """Failed writes so far (this rank's)."""
-        return 0 if self.writer is None else self.writer.errors
+        return self.failures + (0 if self.writer is None else self.writer.errors)
 
     def close(self) -> None:
         """Finish the queued writes."""

@@ -319,7 +319,8 @@ def _train(
     recorder = None
     if dumps is not None:
         width, n = batch.response_mask.shape[1], config.rollout.num_samples_per_prompt
-        recorder = dumps.recorder(state.step, generated.keep, n, width, h_hat=needs_entropy(config.algo))
+        h_hat = needs_entropy(config.algo)
+        recorder = dumps.recorder(state.step, generated.keep, n, width, h_hat=h_hat, groups=actor.groups)
     with clock("train"):
         actor.restore_training_state()
         metrics = _updates(actor, config, batch, plan, old.stats, old_is_current=old.is_current, recorder=recorder)

@@ -116,9 +116,10 @@ def summary(dump: StepDump) -> dict[str, Any]:
 
 
 def _token_text(response: dict[str, Any], index: int) -> str:
+    """A token's text as dumped; ``<id>`` where it has none (no tokenizer, or an id it does not know)."""
     tokens = response.get("tokens")
     text = tokens[index] if isinstance(tokens, list) and index < len(tokens) else ""
-    return text if text.strip() else f"<{response['response_ids'][index]}>"
+    return text if text else f"<{response['response_ids'][index]}>"
 
 
 def forking_tokens(dump: StepDump, top_share: float = 0.2, limit: int = 12) -> list[dict[str, Any]]:

@@ -61,6 +61,11 @@ function colourScale() {
   };
 }
 
+// A token as drawn: a newline or tab keeps the layout and gets a visible mark (its exact text is in the hover).
+function shownText(text) {
+  return text.replace(/\n/g, "\u21b5\n").replace(/\t/g, "\u2192\t");
+}
+
 function tokenTitle(response, i) {
   const lines = [`token ${i}: ${JSON.stringify(response.tokens[i])}`];
   for (const [name, values] of Object.entries(response.values)) lines.push(`${name}=${values[i]}`);
@@ -80,7 +85,7 @@ function responseBox(response, colour) {
     style: `background:${colour(values[i])}`,
     title: tokenTitle(response, i),
     "data-i": i,
-  }, text));
+  }, shownText(text)));
   return el("div", { class: "response", "data-group": response.group },
     head, el("div", { class: "prompt" }, response.prompt), el("div", { class: "tokens" }, ...tokens));
 }

@@ -55,6 +55,8 @@ def build_page(runs: list[Path], steps: list[int] | None) -> tuple[str, int]:
     saved = {run: saved_steps(run) for run in runs}
     chosen = pick_steps(saved[runs[0]], steps, runs[0])
     labels = {run: run.name or str(run) for run in runs}
+    if len(set(labels.values())) < len(runs):  # two runs of one name: their paths tell them apart
+        labels = {run: str(run) for run in runs}
     summaries, shown = [], []
     for run in runs:
         for step, path in saved[run].items():

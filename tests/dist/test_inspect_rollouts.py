@@ -54,7 +54,8 @@ def test_the_page_of_a_hapo_run_in_a_browser(tmp_path: Path) -> None:
     names = ("entropy", "h_hat", "temperature", "advantage", "group_advantage", "eps_low", "eps_high", "ratio")
     for (text, title), (row, i) in zip(parsed.tokens, expected, strict=True):
         token = row["tokens"][i]
-        assert text == (token if token.strip() else f"<{row['response_ids'][i]}>")
+        shown_text = token.replace("\n", "\u21b5\n").replace("\t", "\u2192\t")
+        assert text == (shown_text if token else f"<{row['response_ids'][i]}>")
         shown = _title_values(title)
         for name in (*names, "rollout_log_prob", "old_log_prob", "loss_mask"):
             value = row["values"][name][i]

@@ -220,6 +220,38 @@ def test_a_hung_writer_is_killed_at_the_end_of_the_run(tmp_path: Path) -> None:
     writer = DumpWriter(tokenizer)
     writer.submit(dump_path(tmp_path / "run", 0), [_record(0)])
     _wait_for(tokenizer.started)
+    writer.submit(dump_path(tmp_path / "run", 1), [_record(1)])  # queued behind it
     writer.close(timeout_s=1.0)
-    assert not writer._process.is_alive() and writer.errors == 1 and writer.written == []
+    assert not writer._process.is_alive() and writer.errors == 2 and writer.written == []  # both lost, counted
     assert not dump_path(tmp_path / "run", 0).exists()
+
+
+def test_a_dead_writer_drops_dumps_and_the_run_still_exits(tmp_path: Path) -> None:
+    """The writer killed mid-run (the OOM killer): later dumps are dropped and counted, and the process that
+    started it exits even without closing it (nothing waits on a pipe nobody reads)."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from pathlib import Path
+import torch
+from test_rollout_viewer import BlockingTokenizer, _record, _wait_for
+from megatron_hapo.trainer.rollout_dump import DumpWriter, dump_path
+folder = Path({str(tmp_path)!r})
+tokenizer = BlockingTokenizer(folder)
+writer = DumpWriter(tokenizer)
+writer.submit(dump_path(folder / "run", 0), [_record(0)])
+_wait_for(tokenizer.started)
+big = _record(1)
+big.values["entropy"] = torch.randn(1_000_000)  # 4 MB: the queue's feeder thread blocks on the full pipe
+writer.submit(dump_path(folder / "run", 1), [big])
+writer._process.kill()
+writer._process.join()
+writer.submit(dump_path(folder / "run", 2), [_record(2)])
+print("errors", writer.errors, flush=True)
+"""  # exits without close(): the finalizer must not wait on the feeder thread stuck on the dead writer's pipe
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "errors 1" in result.stdout
