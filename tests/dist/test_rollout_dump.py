@@ -1,7 +1,8 @@
 """Rollout dumps hold the values the loss used: a HAPO step at two data-parallel ranks, every response dumped.
 
 The step trains two mini-batches (two optimizer steps), each split over the two ranks, so a row's values come
-from the rank that trained it and the second mini-batch's first-update ratio is not 1. From the dump alone the
+from the rank that trained it and the second mini-batch's first-update ratio is not 1; and at two tensor-parallel
+ranks with packed micro-batches. From the dump alone the
 test recomputes what the loss computed: the clip bounds from ``h_hat`` (the configured clip kind), the
 redistributed advantages from the group advantages, ``h_hat``, ratio and bounds (the configured redistribution
 kind), and each mini-batch's token-mean clipped surrogate, whose mean over the two updates must equal the step's
@@ -15,6 +16,7 @@ import json
 from functools import partial
 from pathlib import Path
 
+import pytest
 import torch
 from gloo import run_on_ranks
 from test_skip_noop_pass import actor_and_hf_engine, digit_sum_score
@@ -24,16 +26,28 @@ REPO = Path(__file__).parents[2]
 PROMPTS = [[5, 6, 7], [8, 9], [10, 11, 12], [13, 14]]
 
 
-def _dump_rank(rank: int, world: int, model: Path, run_dir: Path) -> None:
+#: ``(tensor parallel, extra overrides)``: two data-parallel ranks, padded micro-batches; and two tensor-parallel
+#: ranks (one replica: only TP rank 0 records) with packed micro-batches (the loss's values read back through
+#: ``PolicyMicroBatch.sequences``).
+LAYOUTS = {
+    "dp2": (1, []),
+    "tp2-packed": (2, ["train.max_tokens_per_microbatch=48", "train.pack_sequences=true"]),
+}
+
+
+def _dump_rank(rank: int, world: int, model: Path, run_dir: Path, layout: str) -> None:
     from megatron_hapo.config import load_config
     from megatron_hapo.parallel import runtime
     from megatron_hapo.trainer.rollout_dump import RolloutDumps
     from megatron_hapo.trainer.step import StepState, rl_step
 
     runtime.quiet_logs()
-    runtime.initialize_model_parallel(1, 1)  # two data-parallel ranks
+    tp, extra = LAYOUTS[layout]
+    runtime.initialize_model_parallel(tp, 1)
     overrides = [
+        *extra,
         f"model.path={model}",
+        f"model.tensor_parallel={tp}",
         "engine.kind=hf",
         "rollout.num_samples_per_prompt=4",
         "rollout.max_response_length=6",
@@ -68,13 +82,14 @@ def _tensor(rows: list[dict], name: str) -> torch.Tensor:
     return out
 
 
-def test_the_dump_holds_what_the_loss_used(small_llama: Path, tmp_path: Path) -> None:  # noqa: F811
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_the_dump_holds_what_the_loss_used(layout: str, small_llama: Path, tmp_path: Path) -> None:  # noqa: F811
     from megatron_hapo.algos import CLIP, REDISTRIBUTION
     from megatron_hapo.algos.surrogate import clipped_surrogate_from_ratio
     from megatron_hapo.config import load_config
 
     run_dir = tmp_path / "run"
-    run_on_ranks(partial(_dump_rank, model=small_llama, run_dir=run_dir), 2, tmp_path / "ranks")
+    run_on_ranks(partial(_dump_rank, model=small_llama, run_dir=run_dir, layout=layout), 2, tmp_path / "ranks")
     reports = [json.loads((run_dir / f"metrics_{rank}.json").read_text()) for rank in (0, 1)]
     assert [r["writer"] for r in reports] == [True, False]  # one rank writes
     assert [p.name for p in (run_dir / "rollouts").iterdir()] == ["step_000000.jsonl.gz"]  # no partial file left
