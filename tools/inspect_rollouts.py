@@ -37,8 +37,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     out = args.out or args.run / "rollouts.html"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page, encoding="utf-8")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(page, encoding="utf-8")
+    except OSError as error:
+        print(f"error: --out {out}: cannot write the page ({error.strerror}); pass a writable path", file=sys.stderr)
+        return 2
     print(f"wrote {out} ({tokens} tokens; open it in a browser)")
     return 0
 

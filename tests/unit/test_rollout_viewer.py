@@ -119,6 +119,11 @@ def test_the_tool_names_what_is_missing(tmp_path: Path, capsys: pytest.CaptureFi
     _write_dump(tmp_path / "run", 3, [_row(0, 0, [1.0], ["x"])])
     assert tool.main([str(tmp_path / "run"), "--step", "5"]) == 2
     assert "step 5 was not saved; saved steps: [3]" in capsys.readouterr().err
+    assert (
+        tool.main([str(tmp_path / "run"), "--out", str(tmp_path / "run" / "rollouts" / "step_000003.jsonl.gz" / "p")])
+        == 2
+    )
+    assert "cannot write the page" in capsys.readouterr().err
     out = tmp_path / "page.html"
     assert tool.main([str(tmp_path / "run"), "--out", str(out)]) == 0
     page = out.read_text()
